@@ -1,0 +1,60 @@
+# qabuse: `make demo` runs the whole spine, `make test` the test suite. Both install
+# into .venv first when it is missing or older than pyproject.toml / constraints.txt.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export QABUSE_HOME ?= $(CURDIR)/.qabuse
+# Artifact download bars and Feast/Dagster telemetry are noise on a terminal.
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
+export FEAST_USAGE ?= False
+export BENTOML_DO_NOT_TRACK ?= true
+
+.PHONY: install demo test test-fast lint format bench up lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24.2"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip check
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/qabuse demo
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install
+	$(PY) -m benchmarks
+
+up: install
+	$(VENV)/bin/qabuse up
+
+# Re-resolve from pyproject.toml's lower bounds and pin the result.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade "pip>=24.2"
+	.lock-venv/bin/pip install --quiet "torch==2.13.0" -e ".[dev]"
+	.lock-venv/bin/pip check
+	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
+
+clean:
+	rm -rf $(QABUSE_HOME) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,198 @@
+"""The ``qabuse`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from qabuse_dagster import settings
+
+
+def _quiet_libraries() -> None:
+    # Beta/deprecation notices of the stack are for us, not for a user's terminal.
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _hasher(demo_key: bool):  # type: ignore[no-untyped-def]
+    from qabuse_dagster.telemetry.hashing import KeyedHasher, MissingHashKeyError
+
+    if demo_key:
+        return KeyedHasher.demo()
+    try:
+        return KeyedHasher.from_env()
+    except (MissingHashKeyError, ValueError) as exc:
+        raise click.UsageError(f"{exc}\n(or pass --demo-key for synthetic data)") from None
+
+
+@click.group()
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=settings.HOME_ENV,
+    help="State directory (default ./.qabuse; env QABUSE_HOME).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(home: Path | None, verbose: bool) -> None:
+    """qabuse: predictive abuse detection for quantum cloud APIs."""
+    _quiet_libraries()
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    settings.export_home(home)
+
+
+@main.command()
+@click.option(
+    "--hours",
+    type=click.FloatRange(min=0, min_open=True),
+    default=48.0,
+    show_default=True,
+    help="Simulated horizon.",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for telemetry.jsonl and incidents.jsonl.",
+)
+@click.option(
+    "--start",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"]),
+    default=None,
+    help="First instant (UTC if no offset); default 2026-11-02.",
+)
+@click.option(
+    "--demo-key",
+    is_flag=True,
+    help="Hash identifiers with the public demo key instead of QABUSE_HASH_KEY.",
+)
+def simulate(hours: float, seed: int, out: Path, start: datetime | None, demo_key: bool) -> None:
+    """Write contract telemetry and incident labels of a simulated shared backend."""
+    from qabuse_dagster.simulation import simulate as run_simulation
+    from qabuse_dagster.simulation.twin import DEFAULT_START
+
+    begin = (
+        DEFAULT_START if start is None else (start if start.tzinfo else start.replace(tzinfo=UTC))
+    )
+    result = run_simulation(
+        hours=hours,
+        seed=seed,
+        out=out,
+        hasher=_hasher(demo_key),
+        start=begin,
+        progress=sys.stderr.isatty(),
+    )
+    click.echo(
+        f"{result.n_records} records ({result.n_jobs} jobs, {len(result.api_keys)} api keys)"
+        f" -> {result.telemetry_path}"
+    )
+    click.echo(f"{len(result.incident_api_key_ids)} incident key(s) -> {result.labels_path}")
+
+
+@main.command()
+@click.argument(
+    "paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Incident labels (JSONL) to keep beside the telemetry.",
+)
+def ingest(paths: tuple[Path, ...], labels: Path | None) -> None:
+    """Validate telemetry JSONL files and stage them for the raw partitions.
+
+    Exits 1 when any record was rejected (they are kept in the quarantine).
+    """
+    from qabuse_dagster.evaluation.labels import LabelsError
+    from qabuse_dagster.ingest.files import ingest_labels, ingest_telemetry
+
+    report = ingest_telemetry(paths, settings.paths())
+    click.echo(
+        f"{report.lines} lines: {report.accepted} accepted, {report.duplicates} duplicates,"
+        f" {report.rejected} rejected"
+    )
+    for rejection in report.rejections[:10]:
+        click.echo(f"  {rejection.source}:{rejection.line}: {rejection.reason}", err=True)
+    if report.quarantine_file:
+        click.echo(f"rejected lines kept in {report.quarantine_file}", err=True)
+    if labels is not None:
+        try:
+            stored = ingest_labels(labels, settings.paths())
+        except LabelsError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{len(stored)} incident label(s) stored in {settings.paths().labels}")
+    if report.rejected:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--no-train", is_flag=True, help="Only compact telemetry and compute features.")
+def materialize(no_train: bool) -> None:
+    """Materialise the asset graph over every hour waiting in the landing area."""
+    from qabuse_dagster.ingest.partitions import HOUR, landing_hours
+    from qabuse_dagster.pipeline import run_pipeline
+
+    hours = landing_hours(settings.paths().landing)
+    if not hours:
+        raise click.ClickException("nothing to materialise: run `qabuse ingest` first")
+    result = run_pipeline(hours[0], hours[-1] + HOUR, train=not no_train)
+    click.echo(f"partitions {result.partitions[0]} .. {result.partitions[1]} materialised")
+    if result.trained is not None:
+        click.echo(
+            f"model {result.trained.ref.name} v{result.trained.ref.version}; "
+            f"@champion {'promoted' if result.champion_promoted else 'NOT promoted'}"
+        )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=3001, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Serve POST /score with BentoML (foreground)."""
+    from qabuse_dagster.serving.server import serve_forever
+
+    sys.exit(serve_forever(host, port))
+
+
+@main.command()
+@click.option(
+    "--hours",
+    type=click.FloatRange(min=24),
+    default=48.0,
+    show_default=True,
+    help="Simulated horizon (at least a day, so training sees a daily cycle).",
+)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option(
+    "--calls",
+    type=click.IntRange(min=10),
+    default=200,
+    show_default=True,
+    help="/score calls timed for the latency figures.",
+)
+def demo(hours: float, seed: int, calls: int) -> None:
+    """Simulate, ingest, materialise through Dagster, serve, score and report."""
+    from qabuse_dagster.demo import run_demo
+
+    sys.exit(run_demo(hours=hours, seed=seed, calls=calls))
+
+
+@main.command()
+@click.option("--dagster-port", type=int, default=3000, show_default=True)
+@click.option("--mlflow-port", type=int, default=5000, show_default=True)
+@click.option("--serve-port", type=int, default=3001, show_default=True)
+def up(dagster_port: int, mlflow_port: int, serve_port: int) -> None:
+    """Start the Dagster UI, the MLflow UI and the scoring endpoint until Ctrl-C."""
+    from qabuse_dagster.serving.server import run_stack
+
+    sys.exit(run_stack(dagster_port, mlflow_port, serve_port))
+
+
+if __name__ == "__main__":
+    main()

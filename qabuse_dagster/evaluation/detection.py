@@ -1,0 +1,131 @@
+"""Detection metrics over scored feature rows: did each incident raise an alert, and when.
+
+A scored row says "at instant ``event_timestamp``, key ``api_key_id`` scored ``score``
+and alerted or not". Labels say which keys were abusive over which interval. A row
+describes the window *before* its instant, so a row of an incident key counts as part
+of the incident from just after its start until ``WINDOW_TAIL`` past its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+
+from qabuse_dagster.evaluation.labels import IncidentLabel
+
+#: How long after an incident's end its records still fill a (5-minute) window.
+WINDOW_TAIL = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class IncidentOutcome:
+    """Whether one labelled incident was detected, and how fast."""
+
+    incident_id: str
+    kind: str
+    detected: bool
+    time_to_detect_s: float | None
+    first_alert: datetime | None
+
+
+@dataclass(frozen=True)
+class DetectionReport:
+    """Per-incident outcomes and the overall figures of one evaluation window."""
+
+    incidents: list[IncidentOutcome]
+    recall: float | None
+    precision_at_k: float | None
+    k: int
+    benign_alert_rate: float
+    benign_keys: int
+    benign_keys_alerted: int
+    rows: int
+    alerts: int
+    ranked_keys: list[tuple[str, float, bool]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for incident in out["incidents"]:
+            first = incident["first_alert"]
+            incident["first_alert"] = first.isoformat() if first is not None else None
+        return out
+
+
+def precision_at_k(ranked_keys: Sequence[str], positives: set[str], k: int) -> float:
+    """Share of the ``k`` highest-ranked keys that are positives.
+
+    >>> precision_at_k(["a", "b", "c"], {"a", "c"}, 2)
+    0.5
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    top = list(ranked_keys)[:k]
+    return sum(key in positives for key in top) / k
+
+
+def evaluate_detections(
+    scored: pd.DataFrame,
+    labels: Sequence[IncidentLabel],
+    *,
+    start: datetime,
+    end: datetime,
+) -> DetectionReport:
+    """Score the alerts of ``scored`` rows in ``[start, end)`` against ``labels``.
+
+    Args:
+        scored: columns ``api_key_id``, ``event_timestamp`` (tz-aware), ``score``, ``alert``.
+        labels: incidents; only their ``api_key_ids`` are matched (feature rows are per key).
+        start: first instant of the evaluation window.
+        end: end of the evaluation window (exclusive).
+
+    Returns:
+        Per-incident detection and time to detect; recall over incidents; precision@k
+        over keys ranked by their highest score, with k the number of incident keys;
+        the alert rate on rows of keys in no incident.
+    """
+    rows = scored[(scored["event_timestamp"] >= start) & (scored["event_timestamp"] < end)]
+    active = [label for label in labels if label.start < end and label.end + WINDOW_TAIL > start]
+    incident_keys = {key for label in labels for key in (label.api_key_ids or [])}
+    outcomes = []
+    for label in active:
+        keys = set(label.api_key_ids or [])
+        during = rows[
+            rows["api_key_id"].isin(keys)
+            & (rows["event_timestamp"] > label.start)
+            & (rows["event_timestamp"] <= label.end + WINDOW_TAIL)
+            & rows["alert"]
+        ]
+        first = during["event_timestamp"].min() if not during.empty else None
+        outcomes.append(
+            IncidentOutcome(
+                incident_id=label.incident_id,
+                kind=label.kind,
+                detected=first is not None,
+                time_to_detect_s=(first - label.start).total_seconds()
+                if first is not None
+                else None,
+                first_alert=first.to_pydatetime() if first is not None else None,
+            )
+        )
+    benign = rows[~rows["api_key_id"].isin(incident_keys)]
+    by_key = rows.groupby("api_key_id")["score"].max().sort_values(ascending=False)
+    active_keys = {key for label in active for key in (label.api_key_ids or [])} & set(by_key.index)
+    k = max(len(active_keys), 1)
+    return DetectionReport(
+        incidents=outcomes,
+        recall=(sum(o.detected for o in outcomes) / len(outcomes)) if outcomes else None,
+        precision_at_k=precision_at_k(list(by_key.index), active_keys, k) if active_keys else None,
+        k=k,
+        benign_alert_rate=float(benign["alert"].mean()) if len(benign) else 0.0,
+        benign_keys=int(benign["api_key_id"].nunique()),
+        benign_keys_alerted=int(benign.loc[benign["alert"], "api_key_id"].nunique()),
+        rows=len(rows),
+        alerts=int(rows["alert"].sum()),
+        ranked_keys=[
+            (str(key), float(score), key in incident_keys) for key, score in by_key.head(10).items()
+        ],
+    )

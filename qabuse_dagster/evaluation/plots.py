@@ -1,0 +1,62 @@
+"""Figures a person reads after a run: score timelines against the alert threshold."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Collection
+from pathlib import Path
+
+import pandas as pd
+
+
+def score_timeline_png(
+    scored: pd.DataFrame,
+    threshold: float,
+    incident_keys: Collection[str],
+    path: Path,
+    *,
+    benign_keys_shown: int = 5,
+) -> Path:
+    """Plot incident keys' and the top benign keys' scores over time to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+    benign = scored[~scored["api_key_id"].isin(incident_keys)]
+    top_benign = (
+        benign.groupby("api_key_id")["score"].max().nlargest(benign_keys_shown).index.tolist()
+    )
+    for key in top_benign:
+        rows = benign[benign["api_key_id"] == key].sort_values("event_timestamp")
+        ax.plot(
+            rows["event_timestamp"], rows["score"], lw=0.8, alpha=0.6, label=f"benign {key[:8]}"
+        )
+    for key in incident_keys:
+        rows = scored[scored["api_key_id"] == key].sort_values("event_timestamp")
+        if not rows.empty:
+            ax.plot(
+                rows["event_timestamp"],
+                rows["score"],
+                lw=1.6,
+                color="crimson",
+                label=f"incident {key[:8]}",
+            )
+    ax.axhline(threshold, color="black", ls="--", lw=1, label="alert threshold")
+    ax.set_xlabel("time (UTC)")
+    ax.set_ylabel("anomaly score (higher = more anomalous)")
+    ax.set_title("Detector scores per api key, evaluation window")
+    ax.legend(loc="upper left", fontsize=7, ncol=2)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def png_markdown(path: Path, alt: str) -> str:
+    """Markdown that embeds a PNG inline (how Dagster's UI shows a plot in metadata)."""
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return f"![{alt}](data:image/png;base64,{encoded})"

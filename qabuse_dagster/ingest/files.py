@@ -1,0 +1,206 @@
+"""``qabuse ingest``: validate telemetry files record by record and stage what is valid.
+
+Valid records go to the hourly landing area (compacted into raw partitions by the
+``raw_telemetry`` asset); each rejected line goes to the quarantine with its file,
+line number and reason. A bad line never costs the good lines around it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from qabuse_dagster.evaluation.labels import IncidentLabel, LabelsError, read_labels, write_labels
+from qabuse_dagster.ingest.partitions import records_to_table, stage_landing
+from qabuse_dagster.settings import Paths
+from qabuse_dagster.telemetry.contract import ContractViolation, TelemetryRecord, validate_record
+
+logger = logging.getLogger(__name__)
+
+#: Records staged per landing write: bounds memory for files of any size.
+BATCH_SIZE = 100_000
+#: A line longer than this is rejected unparsed (no record comes near it).
+MAX_LINE_BYTES = 64 * 1024
+#: The contract sets no maximum on some integers; Parquet stores them as int64.
+INT64_MAX = 2**63 - 1
+
+
+@dataclass
+class Rejection:
+    """One line the contract refused, as kept in the quarantine."""
+
+    source: str
+    line: int
+    reason: str
+    raw: str
+
+
+@dataclass
+class IngestReport:
+    """Counts of one ingest run; ``rejections`` holds the first few for display."""
+
+    files: int = 0
+    lines: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    landing_files: list[Path] = field(default_factory=list)
+    quarantine_file: Path | None = None
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as handle:
+        yield from enumerate(handle, start=1)
+
+
+def _parse(raw: bytes) -> TelemetryRecord:
+    if len(raw) > MAX_LINE_BYTES:
+        raise ContractViolation([("<line>", f"longer than {MAX_LINE_BYTES} bytes")])
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ContractViolation(
+            [("<line>", f"not UTF-8 ({exc.reason} at byte {exc.start})")]
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ContractViolation(
+            [("<line>", f"not JSON: {exc.msg} at column {exc.colno}")]
+        ) from None
+    except RecursionError:
+        raise ContractViolation([("<line>", "JSON nested too deeply")]) from None
+    record = validate_record(obj)
+    too_large = _beyond_int64(record)
+    if too_large:
+        raise ContractViolation(
+            [(name, f"exceeds the largest storable integer {INT64_MAX}") for name in too_large]
+        )
+    return record
+
+
+def _beyond_int64(record: TelemetryRecord) -> list[str]:
+    # Valid under the contract (no maximum), but no int64 column can hold them: refuse the
+    # one record here rather than fail the whole batch when it is written.
+    fields = [
+        name
+        for name in ("depth", "two_qubit_gates", "retry_count")
+        if (getattr(record, name) or 0) > INT64_MAX
+    ]
+    fields += [
+        f"gate_counts.{gate}"
+        for gate, count in (record.gate_counts or {}).items()
+        if count > INT64_MAX
+    ]
+    return fields
+
+
+def ingest_telemetry(
+    files: Iterable[Path],
+    paths: Paths,
+    *,
+    on_progress: Callable[[int], None] | None = None,
+) -> IngestReport:
+    """Validate JSONL telemetry files and stage their valid records for compaction.
+
+    Args:
+        files: JSONL files, one contract record per line (blank lines are skipped).
+        paths: where landing files and the quarantine live.
+        on_progress: called with the number of lines read since the last call.
+
+    Returns:
+        Counts, the landing files written and the quarantine file (if any line was rejected).
+    """
+    report = IngestReport()
+    seen: set[tuple[str, str]] = set()
+    batch: list[TelemetryRecord] = []
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    quarantine_file = paths.quarantine / f"rejected-{stamp}.jsonl"
+    quarantine = None
+
+    def flush() -> None:
+        if batch:
+            report.landing_files.extend(stage_landing(records_to_table(batch), paths.landing))
+            batch.clear()
+
+    try:
+        for path in files:
+            report.files += 1
+            read_since_progress = 0
+            for number, raw in _read_lines(Path(path)):
+                if not raw.strip():
+                    continue
+                report.lines += 1
+                read_since_progress += 1
+                if on_progress and read_since_progress >= 10_000:
+                    on_progress(read_since_progress)
+                    read_since_progress = 0
+                try:
+                    record = _parse(raw)
+                except ContractViolation as exc:
+                    report.rejected += 1
+                    rejection = Rejection(
+                        str(path), number, str(exc), raw[:MAX_LINE_BYTES].decode(errors="replace")
+                    )
+                    if len(report.rejections) < 20:
+                        report.rejections.append(rejection)
+                    if quarantine is None:
+                        paths.quarantine.mkdir(parents=True, exist_ok=True)
+                        quarantine = quarantine_file.open("a", encoding="utf-8")
+                        report.quarantine_file = quarantine_file
+                    quarantine.write(json.dumps(rejection.__dict__) + "\n")
+                    continue
+                identity = (record.job_id, record.status)
+                if identity in seen:
+                    report.duplicates += 1
+                    continue
+                seen.add(identity)
+                batch.append(record)
+                report.accepted += 1
+                if len(batch) >= BATCH_SIZE:
+                    flush()
+            if on_progress and read_since_progress:
+                on_progress(read_since_progress)
+        flush()
+    finally:
+        if quarantine is not None:
+            quarantine.close()
+    logger.info(
+        "ingested %d lines: %d accepted, %d duplicates, %d rejected",
+        report.lines,
+        report.accepted,
+        report.duplicates,
+        report.rejected,
+    )
+    return report
+
+
+def ingest_labels(source: Path, paths: Paths) -> list[IncidentLabel]:
+    """Merge a labels file into ``$QABUSE_HOME/labels/incidents.jsonl``.
+
+    A label whose ``incident_id`` is already known replaces nothing: it must be
+    identical, else the merge fails and the stored labels stay as they were.
+
+    Returns:
+        Every stored label after the merge.
+    """
+    incoming = read_labels(source)
+    stored = read_labels(paths.labels) if paths.labels.exists() else []
+    by_id = {label.incident_id: label for label in stored}
+    for number, label in enumerate(incoming, start=1):
+        known = by_id.get(label.incident_id)
+        if known is not None and known != label:
+            raise LabelsError(
+                source,
+                None,
+                f"incident {label.incident_id!r} (label {number}) differs from the stored one "
+                f"in {paths.labels}; give it a new incident_id",
+            )
+        by_id[label.incident_id] = label
+    paths.labels.parent.mkdir(parents=True, exist_ok=True)
+    merged = list(by_id.values())
+    write_labels(merged, paths.labels)
+    return merged

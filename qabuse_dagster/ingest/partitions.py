@@ -1,0 +1,241 @@
+"""Hourly raw-telemetry partitions: Arrow schema, landing files, atomic compaction, reads.
+
+Layout under ``QABUSE_HOME``::
+
+    landing/telemetry/date=2026-11-02/hour=13/batch-<digest>.parquet   validated, not compacted
+    raw/telemetry/date=2026-11-02/hour=13/part-0.parquet                 one file per hour
+
+A raw partition is rewritten whole and moved into place with ``os.replace``, so a
+reader sees the old file or the new one, never a torn one. Compaction merges the
+existing partition with its landing files, drops duplicates on (job_id, status)
+keeping the record accepted first, and only then deletes the landing files: a crash
+in between leaves landing files that the next compaction de-duplicates away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from qabuse_dagster.telemetry.contract import CONTRACT_COLUMNS, TelemetryRecord
+
+logger = logging.getLogger(__name__)
+
+HOUR = timedelta(hours=1)
+
+#: The telemetry contract (v1) as Arrow columns, in the contract's order.
+TELEMETRY_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.int8(), nullable=False),
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("user", pa.string(), nullable=False),
+        pa.field("api_key_id", pa.string(), nullable=False),
+        pa.field("provider", pa.string(), nullable=False),
+        pa.field("region", pa.string()),
+        pa.field("backend", pa.string(), nullable=False),
+        pa.field("sdk", pa.string(), nullable=False),
+        pa.field("sdk_version", pa.string()),
+        pa.field("num_circuits", pa.int64(), nullable=False),
+        pa.field("shots", pa.int64()),
+        pa.field("num_qubits", pa.int64()),
+        pa.field("depth", pa.int64()),
+        pa.field("gate_counts", pa.map_(pa.string(), pa.int64())),
+        pa.field("two_qubit_gates", pa.int64()),
+        pa.field("submit_latency_s", pa.float64()),
+        pa.field("queue_time_s", pa.float64()),
+        pa.field("runtime_s", pa.float64()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_code", pa.string()),
+        pa.field("retry_count", pa.int64(), nullable=False),
+        pa.field("client_agent", pa.string(), nullable=False),
+        pa.field("code_hash", pa.string(), nullable=False),
+        pa.field("source_ip_hash", pa.string()),
+        pa.field("country", pa.string()),
+        pa.field("tags", pa.map_(pa.string(), pa.string())),
+    ]
+)
+assert tuple(TELEMETRY_SCHEMA.names) == CONTRACT_COLUMNS, "Arrow schema drifted from the contract"
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    """What one hourly compaction did."""
+
+    hour: datetime
+    rows: int
+    new_rows: int
+    duplicates_dropped: int
+    landing_files: int
+
+
+def records_to_table(records: Sequence[TelemetryRecord]) -> pa.Table:
+    """Validated records as an Arrow table with ``TELEMETRY_SCHEMA``."""
+    columns: dict[str, list[object]] = {name: [] for name in CONTRACT_COLUMNS}
+    for record in records:
+        for name in CONTRACT_COLUMNS:
+            value = getattr(record, name)
+            if isinstance(value, dict):
+                value = list(value.items())
+            columns[name].append(value)
+    return pa.table(columns, schema=TELEMETRY_SCHEMA)
+
+
+def hour_of(instant: datetime) -> datetime:
+    """The UTC hour that holds ``instant``."""
+    return instant.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def partition_dir(root: Path, hour: datetime) -> Path:
+    """Hive-style folder of one hour: ``date=YYYY-MM-DD/hour=HH``."""
+    hour = hour_of(hour)
+    return root / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}"
+
+
+def hours_between(start: datetime, end: datetime) -> list[datetime]:
+    """Every UTC hour overlapping ``[start, end)``."""
+    hours, hour = [], hour_of(start)
+    while hour < end:
+        hours.append(hour)
+        hour += HOUR
+    return hours
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` via a fsynced temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stage_landing(table: pa.Table, landing_root: Path) -> list[Path]:
+    """Split validated records by hour into landing files named by their content digest.
+
+    Staging the same batch twice writes the same file names, so a replayed batch
+    adds nothing new.
+    """
+    written: list[Path] = []
+    if table.num_rows == 0:
+        return written
+    hours = pc.floor_temporal(table["timestamp"], unit="hour")
+    for hour_value in pc.unique(hours).to_pylist():
+        part = table.filter(pc.equal(hours, pa.scalar(hour_value, hours.type)))
+        digest = hashlib.sha256()
+        for job_id, status in zip(
+            part["job_id"].to_pylist(), part["status"].to_pylist(), strict=True
+        ):
+            digest.update(f"{job_id}\x00{status}\x01".encode())
+        path = partition_dir(landing_root, hour_value) / f"batch-{digest.hexdigest()[:24]}.parquet"
+        write_parquet_atomic(part, path)
+        written.append(path)
+    return written
+
+
+def landing_hours(landing_root: Path) -> list[datetime]:
+    """Hours that have landing files waiting to be compacted."""
+    hours = set()
+    for path in landing_root.glob("date=*/hour=*/batch-*.parquet"):
+        day = path.parent.parent.name.removeprefix("date=")
+        hour = path.parent.name.removeprefix("hour=")
+        hours.add(datetime.strptime(f"{day} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC))
+    return sorted(hours)
+
+
+def compact_hour(hour: datetime, landing_root: Path, raw_root: Path) -> CompactionReport:
+    """Merge an hour's landing files into its raw partition, exactly once per (job_id, status)."""
+    hour = hour_of(hour)
+    target = partition_dir(raw_root, hour) / "part-0.parquet"
+    landing = sorted(partition_dir(landing_root, hour).glob("batch-*.parquet"))
+    existing = pq.read_table(target, schema=TELEMETRY_SCHEMA) if target.exists() else None
+    tables = ([existing] if existing is not None else []) + [
+        pq.read_table(p, schema=TELEMETRY_SCHEMA) for p in landing
+    ]
+    previous_rows = existing.num_rows if existing is not None else 0
+    if not tables:
+        return CompactionReport(hour, 0, 0, 0, 0)
+    merged = pa.concat_tables(tables)
+    deduped = _drop_duplicate_identities(merged)
+    in_hour = pc.equal(pc.floor_temporal(deduped["timestamp"], unit="hour"), pa.scalar(hour))
+    if not pc.all(in_hour).as_py():
+        raise ValueError(f"landing files for {hour:%Y-%m-%d %H}:00 hold records of other hours")
+    ordered = deduped.sort_by([("timestamp", "ascending"), ("job_id", "ascending")])
+    if landing:
+        write_parquet_atomic(ordered, target)
+        for path in landing:
+            path.unlink(missing_ok=True)
+    report = CompactionReport(
+        hour=hour,
+        rows=ordered.num_rows,
+        new_rows=ordered.num_rows - previous_rows,
+        duplicates_dropped=merged.num_rows - ordered.num_rows,
+        landing_files=len(landing),
+    )
+    logger.info("compacted %s: %s", f"{hour:%Y-%m-%d %H}:00", report)
+    return report
+
+
+def _drop_duplicate_identities(table: pa.Table) -> pa.Table:
+    # Keep the first occurrence: rows of the existing partition come first, so an
+    # accepted record is never replaced by a later copy.
+    indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    first = indexed.group_by(["job_id", "status"], use_threads=False).aggregate([("_row", "min")])
+    keep = pc.sort_indices(first["_row_min"])
+    return table.take(pc.take(first["_row_min"], keep))
+
+
+def read_raw(
+    raw_root: Path, start: datetime | None = None, end: datetime | None = None
+) -> pa.Table:
+    """Raw telemetry with ``start <= timestamp < end`` as one table (contract columns only).
+
+    The same data reads as one Hive-partitioned dataset from any Arrow tool:
+    ``pyarrow.dataset.dataset(raw_root, partitioning="hive")``.
+    """
+    files = sorted(raw_root.glob("date=*/hour=*/part-0.parquet"))
+    if start is not None and end is not None:
+        # Prune partitions by their folder names before touching any file.
+        wanted = {partition_dir(raw_root, h) for h in hours_between(start, end)}
+        files = [f for f in files if f.parent in wanted]
+    if not files:
+        return TELEMETRY_SCHEMA.empty_table()
+    expression = None
+    if start is not None:
+        expression = ds.field("timestamp") >= pa.scalar(start, pa.timestamp("us", tz="UTC"))
+    if end is not None:
+        upper = ds.field("timestamp") < pa.scalar(end, pa.timestamp("us", tz="UTC"))
+        expression = upper if expression is None else expression & upper
+    dataset = ds.dataset([str(f) for f in files], format="parquet", schema=TELEMETRY_SCHEMA)
+    return dataset.to_table(filter=expression)
+
+
+def partition_files(raw_root: Path, hours: Iterable[datetime]) -> list[Path]:
+    """The raw partition files that exist for ``hours``."""
+    return [p for p in (partition_dir(raw_root, h) / "part-0.parquet" for h in hours) if p.exists()]

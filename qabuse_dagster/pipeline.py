@@ -1,0 +1,122 @@
+"""Run qabuse's Dagster jobs in process against the persistent instance the UI reads.
+
+``qabuse demo`` and ``qabuse materialize`` go through here, so their runs, asset
+materialisations and checks show up in ``dagster dev`` afterwards, exactly as if they
+had been launched from the UI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from qabuse_dagster import settings
+
+logger = logging.getLogger(__name__)
+
+#: Keep Dagster's per-event console log for the UI; the CLI shows its own progress.
+QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What one pass through both jobs produced."""
+
+    telemetry_run_id: str
+    training_run_id: str
+    partitions: tuple[str, str]
+    evaluation: Any
+    trained: Any
+    champion_promoted: bool
+    checks: dict[str, bool]
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return sorted(name for name, passed in self.checks.items() if not passed)
+
+
+def export_dagster_home() -> str:
+    """Point ``DAGSTER_HOME`` at ``$QABUSE_HOME/dagster`` (SQLite run and event storage)."""
+    home = settings.paths().dagster_home
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        # Telemetry off: this machine reaches no network, and a user's runs are their own.
+        config.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return str(home)
+
+
+def partition_range(start: datetime, end: datetime) -> tuple[str, str]:
+    """First and last hourly partition keys covering ``[start, end)``."""
+    from qabuse_dagster.defs.partitions import HOURLY_PARTITIONS
+
+    first = HOURLY_PARTITIONS.get_partition_key_for_timestamp(start.timestamp())
+    last = HOURLY_PARTITIONS.get_partition_key_for_timestamp(end.timestamp() - 1e-6)
+    return first, last
+
+
+def run_pipeline(start: datetime, end: datetime, *, train: bool = True) -> PipelineResult:
+    """Materialise raw telemetry and features for ``[start, end)``, then train and promote.
+
+    Raw telemetry and features run as one single-run backfill over the whole range;
+    the training job then applies Feast, builds the training set, trains, registers,
+    evaluates and, if the blocking check passes, promotes the model to @champion.
+    """
+    from dagster import DagsterInstance
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+    )
+
+    from qabuse_dagster.definitions import build_definitions
+
+    export_dagster_home()
+    defs = build_definitions()
+    instance = DagsterInstance.get()
+    first, last = partition_range(start, end)
+    telemetry = defs.resolve_job_def("telemetry_job").execute_in_process(
+        instance=instance,
+        run_config=QUIET_RUN_CONFIG,
+        tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
+    )
+    checks = _checks(telemetry)
+    if not train:
+        return PipelineResult(telemetry.run_id, "", (first, last), None, None, False, checks)
+    training = defs.resolve_job_def("training_job").execute_in_process(
+        instance=instance, run_config=QUIET_RUN_CONFIG, raise_on_error=False
+    )
+    evaluation = _output(training, "detector_evaluation")
+    trained = _output(training, "detector_model")
+    promoted = any(
+        event.asset_key is not None and event.asset_key.to_user_string() == "champion_model"
+        for event in training.get_asset_materialization_events()
+    )
+    if not training.success and evaluation is None:
+        failure = next(iter(training.get_step_failure_events()), None)
+        raise RuntimeError(
+            f"training_job failed at {failure.step_key if failure else '?'}: "
+            f"{failure.event_specific_data.error.message if failure else 'see the Dagster UI'}"
+        )
+    checks.update(_checks(training))
+    return PipelineResult(
+        telemetry.run_id, training.run_id, (first, last), evaluation, trained, promoted, checks
+    )
+
+
+def _checks(result: Any) -> dict[str, bool]:
+    """Each asset check's verdict in a run, as ``asset:check`` → passed."""
+    return {
+        f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed
+        for e in result.get_asset_check_evaluations()
+    }
+
+
+def _output(result: Any, node: str) -> Any:
+    try:
+        return result.output_for_node(node)
+    except Exception:  # the step failed or was skipped: no output to show
+        return None

@@ -1,0 +1,168 @@
+"""Start and stop qabuse's servers as subprocesses bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from qabuse_dagster import settings
+from qabuse_dagster.serving.client import ScoringClient
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "qabuse_dagster.serving.service:Scorer"
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (beside the running interpreter)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def server_env() -> dict[str, str]:
+    """The environment every server gets: one QABUSE_HOME, DAGSTER_HOME and BentoML home."""
+    env = dict(os.environ)
+    paths = settings.paths()
+    env[settings.HOME_ENV] = str(paths.home)
+    env["DAGSTER_HOME"] = str(paths.dagster_home)
+    env.setdefault("BENTOML_HOME", str(paths.home / "bentoml"))
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def bentoml_command(host: str, port: int) -> list[str]:
+    return [_bin("bentoml"), "serve", SERVICE, "--host", host, "--port", str(port)]
+
+
+def _start(command: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = log.open("ab")
+    # A session of its own, so stopping it also stops the workers it forks.
+    return subprocess.Popen(
+        list(command),
+        cwd=settings.PROJECT_ROOT,
+        env=server_env(),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def scoring_server(
+    host: str = "127.0.0.1", port: int | None = None, ready_timeout: float = 180.0
+) -> Iterator[ScoringClient]:
+    """Run ``bentoml serve`` for the block; yields a client once ``/readyz`` answers."""
+    port = port or free_port(host)
+    log = settings.paths().run / "bentoml.log"
+    process = _start(bentoml_command(host, port), log)
+    client = ScoringClient(f"http://{host}:{port}")
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not client.ready():
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"bentoml serve exited with {process.returncode}; see {log}:\n" + _tail(log)
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"endpoint not ready after {ready_timeout:.0f} s; see {log}")
+            time.sleep(0.5)
+        yield client
+    finally:
+        client.close()
+        _stop(process)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def serve_forever(host: str, port: int) -> int:
+    """``qabuse serve``: BentoML in the foreground until it exits or Ctrl-C."""
+    process = subprocess.Popen(
+        bentoml_command(host, port), cwd=settings.PROJECT_ROOT, env=server_env()
+    )
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        return process.wait()
+
+
+def run_stack(dagster_port: int, mlflow_port: int, serve_port: int) -> int:
+    """``qabuse up``: Dagster UI, MLflow UI and the endpoint, until Ctrl-C or one exits."""
+    from qabuse_dagster.pipeline import export_dagster_home
+
+    export_dagster_home()
+    run_dir = settings.paths().run
+    commands = {
+        "dagster": [
+            _bin("dagster"),
+            "dev",
+            "-w",
+            str(settings.PROJECT_ROOT / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(dagster_port),
+        ],
+        "mlflow": [
+            _bin("mlflow"),
+            "ui",
+            "--backend-store-uri",
+            settings.mlflow_tracking_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+        ],
+        "bentoml": bentoml_command("127.0.0.1", serve_port),
+    }
+    processes = {name: _start(cmd, run_dir / f"{name}.log") for name, cmd in commands.items()}
+    print(f"Dagster UI      http://127.0.0.1:{dagster_port}")
+    print(f"MLflow UI       http://127.0.0.1:{mlflow_port}")
+    print(f"Scoring API     http://127.0.0.1:{serve_port}/score   (docs: /docs)")
+    print(f"logs in {run_dir}; Ctrl-C stops all three")
+    try:
+        while True:
+            for name, process in processes.items():
+                if process.poll() is not None:
+                    print(f"{name} exited with {process.returncode}; see {run_dir / name}.log")
+                    return 1
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for process in processes.values():
+            _stop(process)

@@ -1,0 +1,110 @@
+"""The scoring endpoint: one BentoML service that scores an api key in milliseconds.
+
+``POST /score {"api_key_id": "<hash>"}`` reads the key's online features from Feast,
+scores them with the ``@champion`` detector from the MLflow registry and answers with
+the score, the decision, the exact model version and the features it used.
+
+Run it with ``qabuse serve`` (``bentoml serve qabuse_dagster.serving.service:Scorer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from typing import Annotated, Any
+
+import bentoml
+from bentoml.exceptions import NotFound, ServiceUnavailable
+from pydantic import Field
+
+from qabuse_dagster import settings
+from qabuse_dagster.serving.schemas import HEX_ID_PATTERN, ScoreResponse
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_KEY = "0123456789abcdef" * 4
+
+
+class _Champion:
+    """The @champion detector and Feast store, loaded once and reloaded on demand."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.loaded: Any = None
+        self.store: Any = None
+        self.error: str | None = None
+
+    def get(self) -> tuple[Any, Any]:
+        with self._lock:
+            if self.loaded is None:
+                self._load()
+            if self.loaded is None:
+                raise ServiceUnavailable(f"no model to score with: {self.error}")
+            return self.loaded, self.store
+
+    def _load(self) -> None:
+        from qabuse_dagster.features.store import open_store
+        from qabuse_dagster.model_registry import ModelNotFoundError, load_detector
+
+        try:
+            self.loaded = load_detector(settings.CHAMPION_ALIAS)
+            self.store = open_store()
+            self.error = None
+            logger.info("serving %s v%s", self.loaded.ref.name, self.loaded.ref.version)
+        except ModelNotFoundError as exc:
+            self.error = str(exc)
+            logger.error("%s", exc)
+
+
+@bentoml.service(name="qabuse_scorer", workers=1, traffic={"timeout": 10})
+class Scorer:
+    """Scores api keys from their Feast online features with the @champion detector."""
+
+    def __init__(self) -> None:
+        settings.export_home()
+        self.champion = _Champion()
+        # Start anyway without a champion: /score answers 503 with the reason until one exists.
+        with contextlib.suppress(ServiceUnavailable):
+            self.champion.get()
+
+    @bentoml.api(route="/score")
+    def score(
+        self,
+        api_key_id: Annotated[
+            str,
+            Field(
+                pattern=HEX_ID_PATTERN,
+                description="Keyed hash of the API key's id, as in the telemetry contract.",
+                examples=[EXAMPLE_KEY],
+            ),
+        ],
+    ) -> ScoreResponse:
+        """Score one api key's current behaviour; higher scores are more anomalous."""
+        from qabuse_dagster.features.store import online_features
+
+        loaded, store = self.champion.get()
+        ref = loaded.ref
+        row = online_features(store, [api_key_id], ref.feature_service)[0]
+        values = [row.get(name) for name in ref.feature_names]
+        if all(value is None for value in values):
+            raise NotFound(
+                f"api key {api_key_id} has no online features: it is unknown, or has not "
+                "submitted since the last materialisation"
+            )
+        features = {
+            name: (float(v) if v is not None and math.isfinite(float(v)) else 0.0)
+            for name, v in zip(ref.feature_names, values, strict=True)
+        }
+        score = float(loaded.detector.decision_function([list(features.values())])[0])
+        return ScoreResponse(
+            api_key_id=api_key_id,
+            score=score,
+            anomalous=score > ref.threshold,
+            threshold=ref.threshold,
+            model_name=ref.name,
+            model_version=ref.version,
+            feature_service=ref.feature_service,
+            features=features,
+        )

@@ -1,0 +1,122 @@
+"""Paths, endpoints and secrets: every environment variable qabuse reads, in one place.
+
+State lives under ``QABUSE_HOME`` (default ``./.qabuse``): raw telemetry partitions,
+features, the Feast registry and online store, the MLflow store and the Dagster instance.
+Nothing here imports a heavy library, so the telemetry client and the CLI stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+HOME_ENV = "QABUSE_HOME"
+HASH_KEY_ENV = "QABUSE_HASH_KEY"
+FEATURE_REPO_ENV = "QABUSE_FEATURE_REPO"
+MLFLOW_URI_ENV = "QABUSE_MLFLOW_TRACKING_URI"
+MODEL_NAME_ENV = "QABUSE_MODEL_NAME"
+
+DEFAULT_MODEL_NAME = "qabuse-api-key-detector"
+CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each embedded store lives under one ``QABUSE_HOME``."""
+
+    home: Path
+
+    @property
+    def landing(self) -> Path:
+        """Validated, not yet compacted telemetry (hourly staging files)."""
+        return self.home / "landing" / "telemetry"
+
+    @property
+    def quarantine(self) -> Path:
+        """Rejected records with their reasons."""
+        return self.home / "quarantine"
+
+    @property
+    def raw_telemetry(self) -> Path:
+        """Hive-style hourly partitions: ``date=YYYY-MM-DD/hour=HH/part-0.parquet``."""
+        return self.home / "raw" / "telemetry"
+
+    @property
+    def labels(self) -> Path:
+        """Incident labels (JSONL, the incident-labels contract) known for the telemetry."""
+        return self.home / "labels" / "incidents.jsonl"
+
+    @property
+    def features(self) -> Path:
+        return self.home / "features"
+
+    @property
+    def api_key_windows(self) -> Path:
+        """One Parquet file per hourly partition: the Feast offline source."""
+        return self.features / "api_key_windows"
+
+    @property
+    def feast(self) -> Path:
+        return self.home / "feast"
+
+    @property
+    def mlflow(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def reports(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def run(self) -> Path:
+        """Pid files and logs of the servers ``qabuse up`` starts."""
+        return self.home / "run"
+
+
+def qabuse_home() -> Path:
+    """The absolute state directory, from ``QABUSE_HOME`` or ``./.qabuse``."""
+    return Path(os.environ.get(HOME_ENV, ".qabuse")).expanduser().resolve()
+
+
+def paths() -> Paths:
+    return Paths(qabuse_home())
+
+
+def export_home(home: Path | None = None) -> Path:
+    """Pin ``QABUSE_HOME`` (absolute) in this process's environment.
+
+    Feast's ``feature_store.yaml`` and the servers qabuse starts read it from the
+    environment, so it must be set, and absolute, before either is touched.
+    """
+    resolved = (home or qabuse_home()).expanduser().resolve()
+    os.environ[HOME_ENV] = str(resolved)
+    return resolved
+
+
+def feature_repo_dir() -> Path:
+    """The Feast repository (``feature_repo/``), overridable for a deployed copy."""
+    return Path(os.environ.get(FEATURE_REPO_ENV, PROJECT_ROOT / "feature_repo")).resolve()
+
+
+def mlflow_tracking_uri() -> str:
+    """MLflow tracking + registry store: SQLite under ``QABUSE_HOME`` unless overridden."""
+    override = os.environ.get(MLFLOW_URI_ENV)
+    if override:
+        return override
+    return f"sqlite:///{paths().mlflow / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    return (paths().mlflow / "artifacts").as_uri()
+
+
+def model_name() -> str:
+    return os.environ.get(MODEL_NAME_ENV, DEFAULT_MODEL_NAME)

@@ -1,0 +1,5 @@
+"""Workload twin: simulated tenants and abuse scenarios that write telemetry and labels."""
+
+from qabuse_dagster.simulation.twin import SimulationResult, simulate
+
+__all__ = ["SimulationResult", "simulate"]

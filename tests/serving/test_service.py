@@ -1,0 +1,73 @@
+"""The scoring endpoint as a real ``bentoml serve`` subprocess on 127.0.0.1."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from qabuse_dagster import model_registry, settings
+from qabuse_dagster.serving.client import ScoringError
+from qabuse_dagster.serving.server import scoring_server
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(pipeline_run):
+    with scoring_server() as client:
+        yield client
+
+
+def test_incident_key_scores_above_every_benign_key(pipeline_run, client) -> None:
+    sim = pipeline_run.simulation
+    (incident_key,) = sim.incident_api_key_ids
+    incident = client.score(incident_key)
+    benign = [client.score(key) for key in sim.api_keys if key != incident_key]
+    assert incident.anomalous
+    assert incident.score > max(b.score for b in benign)
+    assert sum(b.anomalous for b in benign) <= 2
+
+
+def test_response_names_the_exact_champion_version_and_features(pipeline_run, client) -> None:
+    (incident_key,) = pipeline_run.simulation.incident_api_key_ids
+    champion = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
+    response = client.score(incident_key)
+    assert response.model_name == champion.name
+    assert response.model_version == champion.version
+    assert response.feature_service == champion.feature_service
+    assert list(response.features) == list(champion.feature_names)
+    assert response.threshold == pytest.approx(champion.threshold)
+
+
+def test_unknown_key_is_404_with_a_reason(client) -> None:
+    with pytest.raises(ScoringError) as caught:
+        client.score("ab" * 32)
+    assert caught.value.status == 404
+    assert "no online features" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b'{"api_key_id": "not-a-hash"}', "application/json"),
+        (b'{"api_key_id": 12345678901234567890}', "application/json"),
+        (b"{}", "application/json"),
+        (b'{"api_key_id": ', "application/json"),
+        (b"[]", "application/json"),
+        (b"\xff\xfe\x00garbage", "application/json"),
+        (b'{"api_key_id": "' + b"a" * 100_000 + b'"}', "application/json"),
+        (b"[" * 50_000, "application/json"),
+    ],
+    ids=["bad-pattern", "number", "missing", "truncated", "array", "not-utf8", "huge", "deep"],
+)
+def test_malformed_requests_get_a_4xx_never_a_500(client, body: bytes, content_type: str) -> None:
+    response = httpx.post(
+        f"{client.url}/score", content=body, headers={"content-type": content_type}, timeout=30
+    )
+    assert 400 <= response.status_code < 500, response.text[:300]
+    assert response.text  # says what is wrong
+
+
+def test_server_still_scores_after_hostile_requests(pipeline_run, client) -> None:
+    (incident_key,) = pipeline_run.simulation.incident_api_key_ids
+    assert client.score(incident_key).anomalous
