@@ -191,7 +191,7 @@ def up(dagster_port: int, mlflow_port: int, serve_port: int) -> None:
     """Start the Dagster UI, the MLflow UI and the scoring endpoint until Ctrl-C."""
     from qabuse_dagster.serving.server import run_stack
 
-    sys.exit(run_stack(dagster_port, mlflow_port, serve_port))
+    sys.exit(run_stack(dagster_port, mlflow_port, serve_port, click.echo))
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ def run_pipeline(start: datetime, end: datetime, *, train: bool = True) -> Pipel
     )
     if not training.success and evaluation is None:
         failure = next(iter(training.get_step_failure_events()), None)
+        error = failure.step_failure_data.error if failure is not None else None
         raise RuntimeError(
             f"training_job failed at {failure.step_key if failure else '?'}: "
-            f"{failure.event_specific_data.error.message if failure else 'see the Dagster UI'}"
+            f"{error.message if error is not None else 'see the Dagster UI'}"
         )
     checks.update(_checks(training))
     return PipelineResult(

@@ -73,6 +73,9 @@ def _parse(raw: bytes) -> TelemetryRecord:
         ) from None
     except RecursionError:
         raise ContractViolation([("<line>", "JSON nested too deeply")]) from None
+    except ValueError as exc:
+        # json.loads refuses integers of more than 4300 digits with a plain ValueError.
+        raise ContractViolation([("<line>", f"not parseable: {exc}")]) from None
     record = validate_record(obj)
     too_large = _beyond_int64(record)
     if too_large:

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -137,10 +138,11 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def stage_landing(table: pa.Table, landing_root: Path) -> list[Path]:
-    """Split validated records by hour into landing files named by their content digest.
+    """Split validated records by hour into landing files, named in staging order.
 
-    Staging the same batch twice writes the same file names, so a replayed batch
-    adds nothing new.
+    A name starts with the staging instant (nanoseconds, zero-padded), so compaction
+    reads batches in the order they were accepted and keeps the first copy of a
+    duplicate; a digest of the batch's identities follows, for tracing.
     """
     written: list[Path] = []
     if table.num_rows == 0:
@@ -153,7 +155,9 @@ def stage_landing(table: pa.Table, landing_root: Path) -> list[Path]:
             part["job_id"].to_pylist(), part["status"].to_pylist(), strict=True
         ):
             digest.update(f"{job_id}\x00{status}\x01".encode())
-        path = partition_dir(landing_root, hour_value) / f"batch-{digest.hexdigest()[:24]}.parquet"
+        staged = f"{time.time_ns():020d}"
+        name = f"batch-{staged}-{digest.hexdigest()[:16]}.parquet"
+        path = partition_dir(landing_root, hour_value) / name
         write_parquet_atomic(part, path)
         written.append(path)
     return written

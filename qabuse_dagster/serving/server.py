@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from qabuse_dagster import settings
@@ -120,11 +120,22 @@ def serve_forever(host: str, port: int) -> int:
         return process.wait()
 
 
-def run_stack(dagster_port: int, mlflow_port: int, serve_port: int) -> int:
-    """``qabuse up``: Dagster UI, MLflow UI and the endpoint, until Ctrl-C or one exits."""
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_stack(
+    dagster_port: int, mlflow_port: int, serve_port: int, say: Callable[[str], None]
+) -> int:
+    """``qabuse up``: Dagster UI, MLflow UI and the endpoint, until Ctrl-C, SIGTERM or one exits.
+
+    ``say`` shows the URLs and what happened (the CLI passes ``click.echo``).
+    """
     from qabuse_dagster.pipeline import export_dagster_home
 
     export_dagster_home()
+    # SIGTERM (from `timeout`, systemd, a CI runner) must stop the servers too.
+    signal.signal(signal.SIGTERM, _interrupt)
     run_dir = settings.paths().run
     commands = {
         "dagster": [
@@ -146,19 +157,21 @@ def run_stack(dagster_port: int, mlflow_port: int, serve_port: int) -> int:
             "127.0.0.1",
             "--port",
             str(mlflow_port),
+            "--workers",
+            "1",
         ],
         "bentoml": bentoml_command("127.0.0.1", serve_port),
     }
     processes = {name: _start(cmd, run_dir / f"{name}.log") for name, cmd in commands.items()}
-    print(f"Dagster UI      http://127.0.0.1:{dagster_port}")
-    print(f"MLflow UI       http://127.0.0.1:{mlflow_port}")
-    print(f"Scoring API     http://127.0.0.1:{serve_port}/score   (docs: /docs)")
-    print(f"logs in {run_dir}; Ctrl-C stops all three")
+    say(f"Dagster UI      http://127.0.0.1:{dagster_port}")
+    say(f"MLflow UI       http://127.0.0.1:{mlflow_port}")
+    say(f"Scoring API     http://127.0.0.1:{serve_port}/score   (OpenAPI docs at /)")
+    say(f"logs in {run_dir}; the UIs take up to a minute to start; Ctrl-C stops all three")
     try:
         while True:
             for name, process in processes.items():
                 if process.poll() is not None:
-                    print(f"{name} exited with {process.returncode}; see {run_dir / name}.log")
+                    say(f"{name} exited with {process.returncode}; see {run_dir / name}.log")
                     return 1
             time.sleep(1.0)
     except KeyboardInterrupt:

@@ -19,6 +19,9 @@ module follows the specification. These are the only verdicts that differ from
 * ``"number"`` fields must be finite IEEE-754 doubles. ``jsonschema`` accepts ``NaN`` and
   ``Infinity`` (which only Python's lenient ``json.loads`` produces; they are not JSON) and
   integers too large for a double: neither fits a float64 column, and NaN breaks equality.
+* Strings (and object keys) must be Unicode text. JSON lets a string hold a lone
+  surrogate escape such as ``"\\ud800"``, which ``jsonschema`` accepts, but no UTF-8 file,
+  Parquet column or database can store it; we reject it.
 * A ``date-time`` whose UTC instant falls outside years 1 to 9999, e.g.
   ``0001-01-01T00:30:00+01:00``, is valid RFC 3339 but cannot be held as a ``datetime``;
   we reject it.
@@ -215,6 +218,17 @@ def json_number(
     return check
 
 
+def _check_unicode(value: str) -> None:
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"holds a lone surrogate at character {exc.start} (\\u{ord(value[exc.start]):04x}):"
+                " not Unicode text"
+            ) from None
+
+
 def json_string(
     *,
     min_length: int = 0,
@@ -244,6 +258,7 @@ def json_string(
             return None
         if not isinstance(value, str):
             raise _type_error("a string", value, nullable)
+        _check_unicode(value)
         if len(value) < min_length:
             if min_length == 1:
                 raise ValueError("must not be empty")
@@ -295,6 +310,8 @@ def json_object(*, max_properties: int | None = None, nullable: bool = False) ->
             raise _type_error("an object", value, nullable)
         if max_properties is not None and len(value) > max_properties:
             raise ValueError(f"must have at most {max_properties} entries (got {len(value)})")
+        for key in value:
+            _check_unicode(key)
         return value
 
     return check

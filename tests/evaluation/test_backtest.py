@@ -1,0 +1,91 @@
+"""Train-then-replay helpers: the time cutoff, fitting and scoring feature rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models import IsolationForestDetector
+from qabuse_dagster.evaluation.backtest import (
+    DetectorParams,
+    fit_detector,
+    score_rows,
+    time_cutoff,
+)
+
+FEATURES = ("f1", "f2", "f3")
+PARAMS = DetectorParams(n_estimators=30, contamination=0.05, random_state=0)
+
+
+def _rows(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(np.abs(rng.normal(5.0, 1.0, size=(n, len(FEATURES)))), columns=FEATURES)
+    frame.insert(0, "api_key_id", [f"{i % 7:016x}" for i in range(n)])
+    frame.insert(1, "event_timestamp", pd.date_range("2026-03-02", periods=n, freq="min", tz="UTC"))
+    frame["unused"] = 1e9  # a column the detector must not see
+    return frame
+
+
+def test_time_cutoff_splits_first_to_last() -> None:
+    ts = pd.Series(pd.date_range("2026-01-01", periods=11, freq="h", tz="UTC"))
+    assert time_cutoff(ts, 0.5) == datetime(2026, 1, 1, 5, tzinfo=UTC)
+    assert time_cutoff(ts, 0.25) == datetime(2026, 1, 1, 2, 30, tzinfo=UTC)
+    # Order does not matter: first and last are min and max.
+    assert time_cutoff(ts.iloc[::-1], 0.5) == datetime(2026, 1, 1, 5, tzinfo=UTC)
+    cutoff = time_cutoff(ts, 0.7)
+    assert isinstance(cutoff, datetime) and cutoff.tzinfo is not None
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5, 1.5])
+def test_time_cutoff_rejects_fraction_outside_open_unit_interval(fraction: float) -> None:
+    ts = pd.Series(pd.date_range("2026-01-01", periods=3, freq="h", tz="UTC"))
+    with pytest.raises(ValueError, match="train_fraction"):
+        time_cutoff(ts, fraction)
+
+
+def test_time_cutoff_rejects_no_rows() -> None:
+    with pytest.raises(ValueError, match="no feature rows"):
+        time_cutoff(pd.Series([], dtype="datetime64[ns, UTC]"), 0.5)
+
+
+def test_fit_detector_raises_on_empty_rows() -> None:
+    with pytest.raises(ValueError, match="no training rows"):
+        fit_detector(_rows().iloc[:0], FEATURES, PARAMS)
+
+
+def test_fit_detector_uses_params_and_only_the_named_features() -> None:
+    detector = fit_detector(_rows(), FEATURES, PARAMS)
+
+    assert isinstance(detector, IsolationForestDetector)
+    assert detector.n_features_in_ == len(FEATURES)
+    assert (detector.n_estimators, detector.contamination, detector.random_state) == (
+        PARAMS.n_estimators,
+        PARAMS.contamination,
+        PARAMS.random_state,
+    )
+    assert np.isfinite(detector.threshold_)
+
+
+def test_score_rows_adds_score_and_alert() -> None:
+    train = _rows(seed=0)
+    detector = fit_detector(train, FEATURES, PARAMS)
+    new = _rows(50, seed=1)
+    new.loc[7, list(FEATURES)] = [60.0, 60.0, 60.0]  # a planted outlier
+    before = new.copy()
+
+    scored = score_rows(detector, new, FEATURES)
+
+    pd.testing.assert_frame_equal(new, before)  # the input is left alone
+    assert list(scored.columns) == [*new.columns, "score", "alert"]
+    pd.testing.assert_frame_equal(scored[list(new.columns)], new)
+    assert scored["alert"].dtype == bool
+    np.testing.assert_array_equal(
+        scored["score"].to_numpy(), detector.decision_function(new[list(FEATURES)].to_numpy())
+    )
+    np.testing.assert_array_equal(scored["alert"], scored["score"] > detector.threshold_)
+    assert scored.loc[7, "alert"]
+    assert scored["score"].idxmax() == 7
+    assert scored["alert"].mean() <= 0.3
