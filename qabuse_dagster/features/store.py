@@ -103,11 +103,18 @@ def historical_features(
 
 
 def online_features(
-    store: FeatureStore, api_key_ids: Sequence[str], service: str = FEATURE_SERVICE
+    store: FeatureStore,
+    api_key_ids: Sequence[str],
+    service: str | FeatureService = FEATURE_SERVICE,
 ) -> list[dict[str, Any]]:
-    """The online feature vector of each key; a key unknown to the store has only ``None``."""
+    """The online feature vector of each key; a key unknown to the store has only ``None``.
+
+    Pass the ``FeatureService`` object itself on hot paths: resolving it by name reads
+    the registry, which costs more than the online lookup.
+    """
+    resolved = feature_service(store, service) if isinstance(service, str) else service
     response = store.get_online_features(
-        features=feature_service(store, service),
+        features=resolved,
         entity_rows=[{"api_key_id": k} for k in api_key_ids],
     ).to_dict()
     return [{name: values[i] for name, values in response.items()} for i in range(len(api_key_ids))]

@@ -14,6 +14,10 @@ Counting conventions (the same in every window):
   and a *failure* a ``failed`` or ``rejected`` one;
 * ratios over an empty denominator are 0, so the models never see NaN.
 
+Every window is a frame over per-minute aggregates (``RANGE`` windows in DuckDB), so
+the cost grows linearly with the records, not with the square of a key's records as a
+time-range join would; distinct code hashes join on exact (key, minute) pairs.
+
 The z-score compares the last minute's submissions with the key's own previous
 59 minutes, zero minutes included; the standard deviation is floored at
 ``ZSCORE_STD_FLOOR`` submissions per minute so a key with a flat history does not
@@ -76,11 +80,8 @@ FEATURES_5M: tuple[str, ...] = tuple(n for n in FEATURE_NAMES if not n.endswith(
 
 _SQL = """
 WITH events AS (
-    SELECT api_key_id,
-           "timestamp"::TIMESTAMP AS ts,
-           status,
-           shots,
-           code_hash,
+    SELECT api_key_id, "timestamp"::TIMESTAMP AS ts, shots, code_hash,
+           date_trunc('minute', "timestamp"::TIMESTAMP) AS minute,
            status IN ('submitted', 'rejected') AS is_submission,
            status IN ('completed', 'failed', 'cancelled', 'rejected') AS is_outcome,
            status IN ('failed', 'rejected') AS is_failure
@@ -88,69 +89,75 @@ WITH events AS (
     WHERE "timestamp"::TIMESTAMP >= $lookback_start AND "timestamp"::TIMESTAMP < $end
 ),
 per_minute AS (
-    SELECT api_key_id, date_trunc('minute', ts) AS minute,
-           count(*) FILTER (WHERE is_submission) AS submissions
+    SELECT api_key_id, minute,
+           count(*) FILTER (WHERE is_submission) AS submissions,
+           sum(shots) FILTER (WHERE is_submission) AS shots_sum,
+           count(shots) FILTER (WHERE is_submission) AS shots_n,
+           count(*) FILTER (WHERE is_outcome) AS outcomes,
+           count(*) FILTER (WHERE is_failure) AS failures
     FROM events GROUP BY ALL
 ),
 grid AS (
     SELECT DISTINCT api_key_id, minute + to_minutes(k + 1) AS event_timestamp
     FROM per_minute, range(0, 5) AS r(k)
 ),
-joined AS (
-    SELECT g.api_key_id, g.event_timestamp, e.shots, e.code_hash,
-           e.is_submission, e.is_outcome, e.is_failure,
-           e.ts >= g.event_timestamp - INTERVAL 1 MINUTE AS in_1m
-    FROM grid g
-    JOIN events e
-      ON e.api_key_id = g.api_key_id
-     AND e.ts >= g.event_timestamp - INTERVAL 5 MINUTE
-     AND e.ts < g.event_timestamp
-    WHERE g.event_timestamp >= $start AND g.event_timestamp < $end
+-- Every minute a row or a window needs; silent minutes become zeros below.
+dense AS (
+    SELECT api_key_id, event_timestamp - INTERVAL 1 MINUTE AS minute FROM grid
+    UNION SELECT api_key_id, minute FROM per_minute
 ),
-window_rows AS (
-    SELECT api_key_id, event_timestamp,
-           count(*) FILTER (WHERE is_submission AND in_1m) AS submissions_1m,
-           avg(shots) FILTER (WHERE is_submission AND in_1m) AS mean_shots_1m,
-           count(*) FILTER (WHERE is_outcome AND in_1m) AS outcomes_1m,
-           count(*) FILTER (WHERE is_failure AND in_1m) AS failures_1m,
-           count(DISTINCT code_hash) FILTER (WHERE is_submission AND in_1m)
-               AS distinct_code_hashes_1m,
-           count(*) FILTER (WHERE is_submission) AS submissions_5m,
-           avg(shots) FILTER (WHERE is_submission) AS mean_shots_5m,
-           count(*) FILTER (WHERE is_outcome) AS outcomes_5m,
-           count(*) FILTER (WHERE is_failure) AS failures_5m,
-           count(DISTINCT code_hash) FILTER (WHERE is_submission) AS distinct_code_hashes_5m
-    FROM joined
-    GROUP BY ALL
+rolled AS (
+    SELECT d.api_key_id, d.minute + INTERVAL 1 MINUTE AS event_timestamp,
+           coalesce(p.submissions, 0) AS submissions_1m,
+           p.shots_sum AS shots_1m, p.shots_n AS shots_n_1m,
+           coalesce(p.outcomes, 0) AS outcomes_1m,
+           coalesce(p.failures, 0) AS failures_1m,
+           sum(coalesce(p.submissions, 0)) OVER w5 AS submissions_5m,
+           sum(p.shots_sum) OVER w5 AS shots_5m,
+           sum(p.shots_n) OVER w5 AS shots_n_5m,
+           sum(coalesce(p.outcomes, 0)) OVER w5 AS outcomes_5m,
+           sum(coalesce(p.failures, 0)) OVER w5 AS failures_5m,
+           sum(coalesce(p.submissions, 0)) OVER h AS hist_sum,
+           sum(coalesce(p.submissions, 0) * coalesce(p.submissions, 0)) OVER h AS hist_sumsq
+    FROM dense d LEFT JOIN per_minute p USING (api_key_id, minute)
+    WINDOW w5 AS (PARTITION BY d.api_key_id ORDER BY d.minute
+                  RANGE BETWEEN INTERVAL 4 MINUTE PRECEDING AND CURRENT ROW),
+           h AS (PARTITION BY d.api_key_id ORDER BY d.minute
+                 RANGE BETWEEN INTERVAL 59 MINUTE PRECEDING AND INTERVAL 1 MINUTE PRECEDING)
 ),
-history AS (
-    SELECT g.api_key_id, g.event_timestamp,
-           coalesce(sum(p.submissions), 0) AS hist_sum,
-           coalesce(sum(p.submissions * p.submissions), 0) AS hist_sumsq
-    FROM window_rows g
-    LEFT JOIN per_minute p
-      ON p.api_key_id = g.api_key_id
-     AND p.minute >= g.event_timestamp - INTERVAL 60 MINUTE
-     AND p.minute < g.event_timestamp - INTERVAL 1 MINUTE
+grid_minutes AS (
+    SELECT api_key_id, event_timestamp, event_timestamp - to_minutes(k) AS minute, k
+    FROM grid, range(1, 6) AS r(k)
+    WHERE event_timestamp >= $start AND event_timestamp < $end
+),
+distinct_hashes AS (
+    SELECT gm.api_key_id, gm.event_timestamp,
+           count(DISTINCT e.code_hash) FILTER (WHERE gm.k = 1) AS distinct_code_hashes_1m,
+           count(DISTINCT e.code_hash) AS distinct_code_hashes_5m
+    FROM grid_minutes gm
+    JOIN events e ON e.api_key_id = gm.api_key_id AND e.minute = gm.minute
+    WHERE e.is_submission
     GROUP BY ALL
 )
-SELECT w.api_key_id,
-       timezone('UTC', w.event_timestamp) AS event_timestamp,
-       w.submissions_1m::BIGINT AS submissions_1m,
-       coalesce(w.mean_shots_1m, 0.0)::DOUBLE AS mean_shots_1m,
-       CASE WHEN w.outcomes_1m > 0 THEN w.failures_1m / w.outcomes_1m ELSE 0.0 END::DOUBLE
-           AS fail_rate_1m,
-       w.distinct_code_hashes_1m::BIGINT AS distinct_code_hashes_1m,
-       (w.submissions_5m / 5.0)::DOUBLE AS submissions_per_min_5m,
-       coalesce(w.mean_shots_5m, 0.0)::DOUBLE AS mean_shots_5m,
-       CASE WHEN w.outcomes_5m > 0 THEN w.failures_5m / w.outcomes_5m ELSE 0.0 END::DOUBLE
-           AS fail_rate_5m,
-       w.distinct_code_hashes_5m::BIGINT AS distinct_code_hashes_5m,
-       ((w.submissions_1m - h.hist_sum / 59.0)
-         / greatest(sqrt(greatest(h.hist_sumsq / 59.0 - (h.hist_sum / 59.0) ** 2, 0.0)),
-                    $std_floor))::DOUBLE AS submissions_1m_zscore
-FROM window_rows w
-JOIN history h USING (api_key_id, event_timestamp)
+SELECT r.api_key_id,
+       timezone('UTC', r.event_timestamp) AS event_timestamp,
+       r.submissions_1m::BIGINT AS submissions_1m,
+       coalesce(r.shots_1m / nullif(r.shots_n_1m, 0), 0.0)::DOUBLE AS mean_shots_1m,
+       coalesce(r.failures_1m / nullif(r.outcomes_1m, 0), 0.0)::DOUBLE AS fail_rate_1m,
+       coalesce(d.distinct_code_hashes_1m, 0)::BIGINT AS distinct_code_hashes_1m,
+       (r.submissions_5m / 5.0)::DOUBLE AS submissions_per_min_5m,
+       coalesce(r.shots_5m / nullif(r.shots_n_5m, 0), 0.0)::DOUBLE AS mean_shots_5m,
+       coalesce(r.failures_5m / nullif(r.outcomes_5m, 0), 0.0)::DOUBLE AS fail_rate_5m,
+       coalesce(d.distinct_code_hashes_5m, 0)::BIGINT AS distinct_code_hashes_5m,
+       ((r.submissions_1m - r.hist_mean)
+         / greatest(sqrt(greatest(r.hist_meansq - r.hist_mean ** 2, 0.0)), $std_floor))::DOUBLE
+           AS submissions_1m_zscore
+FROM (SELECT *, coalesce(hist_sum, 0) / 59.0 AS hist_mean,
+                coalesce(hist_sumsq, 0) / 59.0 AS hist_meansq
+      FROM rolled) r
+SEMI JOIN grid g USING (api_key_id, event_timestamp)
+LEFT JOIN distinct_hashes d USING (api_key_id, event_timestamp)
+WHERE r.event_timestamp >= $start AND r.event_timestamp < $end
 ORDER BY event_timestamp, api_key_id
 """
 

@@ -34,15 +34,16 @@ class _Champion:
         self._lock = threading.Lock()
         self.loaded: Any = None
         self.store: Any = None
+        self.service: Any = None
         self.error: str | None = None
 
-    def get(self) -> tuple[Any, Any]:
+    def get(self) -> tuple[Any, Any, Any]:
         with self._lock:
             if self.loaded is None:
                 self._load()
             if self.loaded is None:
                 raise ServiceUnavailable(f"no model to score with: {self.error}")
-            return self.loaded, self.store
+            return self.loaded, self.store, self.service
 
     def _load(self) -> None:
         from qabuse_dagster.features.store import open_store
@@ -51,6 +52,7 @@ class _Champion:
         try:
             self.loaded = load_detector(settings.CHAMPION_ALIAS)
             self.store = open_store()
+            self.service = self.store.get_feature_service(self.loaded.ref.feature_service)
             self.error = None
             logger.info("serving %s v%s", self.loaded.ref.name, self.loaded.ref.version)
         except ModelNotFoundError as exc:
@@ -84,9 +86,9 @@ class Scorer:
         """Score one api key's current behaviour; higher scores are more anomalous."""
         from qabuse_dagster.features.store import online_features
 
-        loaded, store = self.champion.get()
+        loaded, store, service = self.champion.get()
         ref = loaded.ref
-        row = online_features(store, [api_key_id], ref.feature_service)[0]
+        row = online_features(store, [api_key_id], service)[0]
         values = [row.get(name) for name in ref.feature_names]
         if all(value is None for value in values):
             raise NotFound(

@@ -1,0 +1,143 @@
+"""``python -m benchmarks``: run the benchmarks, print ratio tables, write JSON results.
+
+Exits 1 when a correctness cross-check fails (ours and the baseline disagree), so a
+benchmark run can never report a speed-up for a wrong answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import contract_validation, feature_windows
+from benchmarks.report import RESULTS_DIR, BenchmarkResult, comparison_table, write_json
+
+BENCHMARKS = (feature_windows.NAME, contract_validation.NAME)
+
+#: ``--quick``: sizes for the smoke test, seconds rather than minutes.
+QUICK_FEATURE_WINDOWS = feature_windows.Settings(
+    records=20_000, api_keys=20, days=1.0, repeats_ours=1, repeats_baseline=1
+)
+QUICK_CONTRACT_VALIDATION = contract_validation.Settings(records=2_000, repeats=1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure qabuse against its baselines; print ratios, write JSON.",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument(
+        "--records", type=int, help="telemetry records for feature_windows (default 1,000,000)"
+    )
+    parser.add_argument("--api-keys", type=int, help="api keys for feature_windows (default 500)")
+    parser.add_argument(
+        "--validation-records",
+        type=int,
+        help="records for contract_validation (default 20,000)",
+    )
+    parser.add_argument("--repeats", type=int, help="timed repeats of ours (best is reported)")
+    parser.add_argument(
+        "--baseline-repeats", type=int, help="timed repeats of the baseline (best is reported)"
+    )
+    parser.add_argument(
+        "--repeat-budget",
+        type=float,
+        help="feature_windows: seconds per side after which no further repeat starts "
+        "(default 60; a side that takes minutes runs once)",
+    )
+    parser.add_argument("--only", choices=BENCHMARKS, help="run one benchmark")
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS_DIR, help=f"default {RESULTS_DIR}"
+    )
+    args = parser.parse_args(argv)
+    for name in (
+        "records",
+        "api_keys",
+        "validation_records",
+        "repeats",
+        "baseline_repeats",
+        "repeat_budget",
+    ):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def feature_windows_settings(args: argparse.Namespace) -> feature_windows.Settings:
+    """The feature-window sizes: quick or default, then any explicit option."""
+    settings = QUICK_FEATURE_WINDOWS if args.quick else feature_windows.Settings()
+    overrides = {
+        "records": args.records,
+        "api_keys": args.api_keys,
+        "repeats_ours": args.repeats,
+        "repeats_baseline": args.baseline_repeats,
+        "repeat_budget_s": args.repeat_budget,
+    }
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def contract_validation_settings(args: argparse.Namespace) -> contract_validation.Settings:
+    """The contract-validation sizes: quick or default, then any explicit option."""
+    settings = QUICK_CONTRACT_VALIDATION if args.quick else contract_validation.Settings()
+    overrides = {"records": args.validation_records, "repeats": args.repeats}
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def summary_table(results: list[BenchmarkResult]) -> Table:
+    """Every ratio of every benchmark, and whether its correctness cross-check passed."""
+    table = Table(title="Summary (ratio > 1 favours ours)", title_justify="left")
+    table.add_column("benchmark")
+    table.add_column("metric")
+    table.add_column("ratio", justify="right")
+    table.add_column("cross-check")
+    for result in results:
+        verdict = "[green]pass[/green]" if result.ok else "[red]FAIL[/red]"
+        for i, c in enumerate(result.comparisons):
+            table.add_row(
+                result.name if i == 0 else "",
+                c.metric,
+                f"[bold]{c.ratio:.2f}x[/bold]",
+                verdict if i == 0 else "",
+            )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected benchmarks; return the process exit status."""
+    args = parse_args(argv)
+    console = Console()
+    runs = {
+        feature_windows.NAME: lambda: feature_windows.run(feature_windows_settings(args), console),
+        contract_validation.NAME: lambda: contract_validation.run(
+            contract_validation_settings(args), console
+        ),
+    }
+    results = []
+    for name in BENCHMARKS:
+        if args.only and name != args.only:
+            continue
+        console.rule(name)
+        result = runs[name]()
+        results.append(result)
+        console.print(comparison_table(result))
+        for note in result.notes:
+            console.print(f"note: {note}")
+        for problem in result.problems:
+            console.print(f"[red]cross-check failed:[/red] {problem}")
+        path = write_json(result, args.results_dir)
+        console.print(f"wrote {path}")
+    console.rule("summary")
+    console.print(summary_table(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The performance harness runs end to end and its correctness cross-checks pass.
+
+The quick run takes seconds but starts several interpreters, so it is marked slow. Only
+shape is asserted (the keys of the JSON results, positive ratios), never a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    results = tmp_path_factory.mktemp("bench-results")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(results)],
+        cwd=_REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done, results
+
+
+def _result(results: Path, name: str) -> dict:
+    path = results / f"{name}.json"
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _assert_ratios(result: dict) -> None:
+    assert result["ok"] is True and result["problems"] == []
+    assert result["comparisons"], "no comparison reported"
+    for metric, c in result["comparisons"].items():
+        assert {"unit", "ours", "baseline", "ratio", "ratio_meaning"} <= c.keys(), metric
+        for key in ("ours", "baseline", "ratio"):
+            assert math.isfinite(c[key]) and c[key] > 0, (metric, key, c[key])
+
+
+@pytest.mark.slow
+def test_quick_run_exits_zero(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    done, _ = quick_run
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "summary" in done.stdout.lower()
+
+
+@pytest.mark.slow
+def test_feature_windows_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, results = quick_run
+    result = _result(results, "feature_windows")
+    _assert_ratios(result)
+    assert {"compute time (best)", "peak RSS"} <= result["comparisons"].keys()
+    assert result["speedup"] > 0 and result["peak_rss_ratio_baseline_over_ours"] > 0
+    assert result["rows_ours"] > 0 and result["rows_baseline"] > 0
+    assert result["overlap_rows"] > 0
+    assert set(result["max_abs_diff"]) == set(result["compared_features"])
+    assert result["max_abs_diff_overall"] <= result["tolerance"]
+
+
+@pytest.mark.slow
+def test_contract_validation_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, results = quick_run
+    result = _result(results, "contract_validation")
+    _assert_ratios(result)
+    assert result["throughput_ratio"] > 0
+    assert result["verdict_disagreements"] == 0
+    assert result["valid_ours"] == result["valid_baseline"] == result["records"]
+
+
+def test_failed_cross_check_exits_nonzero(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A disagreement between ours and the baseline fails the run, whatever the speed."""
+    monkeypatch.syspath_prepend(str(_REPO))
+    from benchmarks import __main__ as harness
+    from benchmarks import feature_windows
+    from benchmarks.report import BenchmarkResult, comparison
+
+    def disagreeing_run(settings: object, console: object) -> BenchmarkResult:
+        result = BenchmarkResult(name=feature_windows.NAME, title="t", baseline="b")
+        result.comparisons = [comparison("compute", "s", 1.0, 2.0, higher_is_better=False)]
+        result.problems.append("mean_shots_1m: 3 rows differ")
+        return result
+
+    monkeypatch.setattr(feature_windows, "run", disagreeing_run)
+    status = harness.main(["--only", feature_windows.NAME, "--results-dir", str(tmp_path)])
+    assert status == 1
+    written = json.loads((tmp_path / "feature_windows.json").read_text(encoding="utf-8"))
+    assert written["ok"] is False and written["problems"]
