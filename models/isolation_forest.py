@@ -82,15 +82,16 @@ class IsolationForestDetector(BaseDetector):
                 ),
             ]
         ).fit(self.transform(X))
-        self._compiled = None
+        self._compiled: CompiledForest | None = None
 
     def _score(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
         scaled = self.estimator_["range"].transform(self.transform(X))
-        if getattr(self, "_compiled", None) is None:
+        compiled = getattr(self, "_compiled", None)
+        if compiled is None:
             # A cache of estimator_, rebuilt after fit or load; equals sklearn's scores.
-            self._compiled = CompiledForest(self.estimator_["forest"])
+            compiled = self._compiled = CompiledForest(self.estimator_["forest"])
         # score_samples is higher for normal rows; negate so higher means anomalous.
-        forest = -self._compiled.score_samples(scaled)
+        forest = -compiled.score_samples(scaled)
         beyond = np.clip(scaled - 1.0, 0.0, None) + np.clip(-scaled, 0.0, None)
         return forest + self.extrapolation_weight * beyond.sum(axis=1)
 
