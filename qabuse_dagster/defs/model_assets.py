@@ -193,6 +193,7 @@ def detector_evaluation(
             ),
             "top_keys": MetadataValue.md(ranked.to_markdown(index=False, floatfmt=".4f")),
             "scores": MetadataValue.md(png_markdown(png, "scores over time")),
+            "scores_png": MetadataValue.path(str(png)),
         },
     )
     if not report.incidents:
