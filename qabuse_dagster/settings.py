@@ -18,6 +18,7 @@ HASH_KEY_ENV = "QABUSE_HASH_KEY"
 FEATURE_REPO_ENV = "QABUSE_FEATURE_REPO"
 MLFLOW_URI_ENV = "QABUSE_MLFLOW_TRACKING_URI"
 MODEL_NAME_ENV = "QABUSE_MODEL_NAME"
+MODEL_REFRESH_ENV = "QABUSE_MODEL_REFRESH_S"
 
 DEFAULT_MODEL_NAME = "qabuse-api-key-detector"
 CHAMPION_ALIAS = "champion"
@@ -120,3 +121,8 @@ def mlflow_artifact_root() -> str:
 
 def model_name() -> str:
     return os.environ.get(MODEL_NAME_ENV, DEFAULT_MODEL_NAME)
+
+
+def model_refresh_seconds() -> float:
+    """How often the scoring endpoint asks the registry whether @champion moved."""
+    return float(os.environ.get(MODEL_REFRESH_ENV, "30"))

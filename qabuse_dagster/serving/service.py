@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from typing import Annotated, Any
 
 import bentoml
@@ -28,18 +29,27 @@ EXAMPLE_KEY = "0123456789abcdef" * 4
 
 
 class _Champion:
-    """The @champion detector and Feast store, loaded once and reloaded on demand."""
+    """The @champion detector and Feast store, loaded once, followed when @champion moves.
 
-    def __init__(self) -> None:
+    Every ``refresh_s`` seconds a request asks the registry which version @champion
+    names (one small query); when it changed, that version is loaded before scoring, so
+    a promotion reaches the endpoint without a restart and every answer names the
+    version that produced it.
+    """
+
+    def __init__(self, refresh_s: float) -> None:
         self._lock = threading.Lock()
+        self.refresh_s = refresh_s
         self.loaded: Any = None
         self.store: Any = None
         self.service: Any = None
         self.error: str | None = None
+        self._checked = 0.0
 
     def get(self) -> tuple[Any, Any, Any]:
         with self._lock:
-            if self.loaded is None:
+            stale = time.monotonic() - self._checked > self.refresh_s
+            if self.loaded is None or stale:
                 self._load()
             if self.loaded is None:
                 raise ServiceUnavailable(f"no model to score with: {self.error}")
@@ -47,15 +57,23 @@ class _Champion:
 
     def _load(self) -> None:
         from qabuse_dagster.features.store import open_store
-        from qabuse_dagster.model_registry import ModelNotFoundError, load_detector
+        from qabuse_dagster.model_registry import ModelNotFoundError, load_detector, resolve_alias
 
+        self._checked = time.monotonic()
         try:
-            self.loaded = load_detector(settings.CHAMPION_ALIAS)
-            self.store = open_store()
-            self.service = self.store.get_feature_service(self.loaded.ref.feature_service)
-            self.error = None
-            logger.info("serving %s v%s", self.loaded.ref.name, self.loaded.ref.version)
+            current = self.loaded.ref.version if self.loaded is not None else None
+            if current is not None and resolve_alias(settings.CHAMPION_ALIAS).version == current:
+                return
+            loaded = load_detector(settings.CHAMPION_ALIAS)
+            if self.store is None:
+                self.store = open_store()
+            # Registry changes (a new feature service) are picked up with the new model.
+            self.store.refresh_registry()
+            self.service = self.store.get_feature_service(loaded.ref.feature_service)
+            self.loaded, self.error = loaded, None
+            logger.info("serving %s v%s", loaded.ref.name, loaded.ref.version)
         except ModelNotFoundError as exc:
+            # Keep serving the model in hand, if any; report why there is none otherwise.
             self.error = str(exc)
             logger.error("%s", exc)
 
@@ -66,7 +84,7 @@ class Scorer:
 
     def __init__(self) -> None:
         settings.export_home()
-        self.champion = _Champion()
+        self.champion = _Champion(settings.model_refresh_seconds())
         # Start anyway without a champion: /score answers 503 with the reason until one exists.
         with contextlib.suppress(ServiceUnavailable):
             self.champion.get()

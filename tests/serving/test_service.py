@@ -14,8 +14,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def client(pipeline_run):
-    with scoring_server() as client:
-        yield client
+    with pytest.MonkeyPatch.context() as patch:
+        # Ask the registry about @champion every second, so promotion is testable.
+        patch.setenv(settings.MODEL_REFRESH_ENV, "1")
+        with scoring_server() as client:
+            yield client
 
 
 def test_incident_key_scores_above_every_benign_key(pipeline_run, client) -> None:
@@ -71,3 +74,33 @@ def test_malformed_requests_get_a_4xx_never_a_500(client, body: bytes, content_t
 def test_server_still_scores_after_hostile_requests(pipeline_run, client) -> None:
     (incident_key,) = pipeline_run.simulation.incident_api_key_ids
     assert client.score(incident_key).anomalous
+
+
+def test_a_promotion_reaches_the_running_endpoint(pipeline_run, client) -> None:
+    import time
+
+    import pandas as pd
+
+    from qabuse_dagster.features.windows import FEATURE_NAMES
+
+    (incident_key,) = pipeline_run.simulation.incident_api_key_ids
+    before = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
+    loaded = model_registry.load_detector(settings.CHAMPION_ALIAS)
+    example = pd.DataFrame([[0.0] * len(FEATURE_NAMES)], columns=list(FEATURE_NAMES))
+    promoted, _ = model_registry.log_detector(
+        loaded.detector,
+        feature_names=loaded.ref.feature_names,
+        feature_service=loaded.ref.feature_service,
+        input_example=example,
+        params={"purpose": "promotion test"},
+        metrics={},
+        run_name="promotion-test",
+    )
+    model_registry.set_alias(promoted, settings.CHAMPION_ALIAS)
+    try:
+        deadline = time.monotonic() + 30
+        while client.score(incident_key).model_version != promoted.version:
+            assert time.monotonic() < deadline, "endpoint still serves the old @champion"
+            time.sleep(0.5)
+    finally:
+        model_registry.set_alias(before, settings.CHAMPION_ALIAS)
