@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -71,24 +72,19 @@ def run_demo(*, hours: float = 48.0, seed: int = 7, calls: int = 200) -> int:
     evaluation, trained = result.evaluation, result.trained
     incident_keys = list(sim.incident_api_key_ids)
     benign_keys = [k for k, kind in sim.api_keys.items() if k not in incident_keys]
-    with console.status("[bold]start the scoring endpoint[/bold] (bentoml serve) …"):
-        started = time.perf_counter()
-        server = scoring_server()
-        client = server.__enter__()
-    console.print(
-        f"[green]✓[/green] scoring endpoint up at {client.url} "
-        f"[dim]({time.perf_counter() - started:.1f} s)[/dim]"
-    )
-    try:
-        scored = {key: client.score(key) for key in incident_keys + benign_keys}
+    targets = incident_keys + benign_keys
+    with contextlib.ExitStack() as running:
+        client = _step(
+            console,
+            "start the scoring endpoint (bentoml serve on 127.0.0.1)",
+            lambda: running.enter_context(scoring_server()),
+        )
+        scored = {key: client.score(key) for key in targets}
         latencies = []
-        targets = incident_keys + benign_keys
         for i in range(calls):
             t0 = time.perf_counter()
             client.score(targets[i % len(targets)])
             latencies.append((time.perf_counter() - t0) * 1000)
-    finally:
-        server.__exit__(None, None, None)
     console.print("[green]✓[/green] scored every key over HTTP, endpoint stopped")
 
     _print_report(
