@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.records import HEX_KEY, HEX_USER, record_dict
 
 from qabuse_dagster.evaluation.labels import LabelsError, read_labels
 from qabuse_dagster.ingest.files import MAX_LINE_BYTES, ingest_labels, ingest_telemetry
@@ -15,30 +16,6 @@ from qabuse_dagster.ingest.partitions import compact_hour, landing_hours, read_r
 from qabuse_dagster.settings import Paths
 
 H0 = datetime(2026, 3, 2, 13, 0, tzinfo=UTC)
-HEX_USER = "1" * 64
-HEX_KEY = "2" * 64
-HEX_CODE = "3" * 64
-
-
-def record_dict(job_id: str, at: datetime, status: str = "submitted", **extra: Any) -> dict:
-    """A valid contract record as decoded JSON."""
-    rec = {
-        "schema_version": 1,
-        "job_id": job_id,
-        "timestamp": at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "user": HEX_USER,
-        "api_key_id": HEX_KEY,
-        "provider": "ibm_quantum",
-        "backend": "ibm_torino",
-        "sdk": "qiskit",
-        "num_circuits": 1,
-        "shots": 1024,
-        "status": status,
-        "client_agent": "qabuse-qiskit/0.1 qiskit/2.6.1",
-        "code_hash": HEX_CODE,
-    }
-    rec.update(extra)
-    return rec
 
 
 def _line(obj: object) -> bytes:

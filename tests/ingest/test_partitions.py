@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from support.records import record
 
 from qabuse_dagster.ingest import partitions
 from qabuse_dagster.ingest.partitions import (
@@ -26,42 +26,10 @@ from qabuse_dagster.ingest.partitions import (
     write_parquet_atomic,
 )
 from qabuse_dagster.settings import Paths
-from qabuse_dagster.telemetry.contract import CONTRACT_COLUMNS, TelemetryRecord, validate_record
+from qabuse_dagster.telemetry.contract import CONTRACT_COLUMNS
 
 H0 = datetime(2026, 3, 2, 13, 0, tzinfo=UTC)
 H1 = H0 + timedelta(hours=1)
-HEX_USER = "1" * 64
-HEX_KEY = "2" * 64
-HEX_CODE = "3" * 64
-
-
-def _rfc3339(instant: datetime) -> str:
-    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def record_dict(job_id: str, at: datetime, status: str = "submitted", **extra: Any) -> dict:
-    """A valid contract record as decoded JSON."""
-    rec = {
-        "schema_version": 1,
-        "job_id": job_id,
-        "timestamp": _rfc3339(at),
-        "user": HEX_USER,
-        "api_key_id": HEX_KEY,
-        "provider": "ibm_quantum",
-        "backend": "ibm_torino",
-        "sdk": "qiskit",
-        "num_circuits": 1,
-        "shots": 1024,
-        "status": status,
-        "client_agent": "qabuse-qiskit/0.1 qiskit/2.6.1",
-        "code_hash": HEX_CODE,
-    }
-    rec.update(extra)
-    return rec
-
-
-def record(job_id: str, at: datetime, status: str = "submitted", **extra: Any) -> TelemetryRecord:
-    return validate_record(record_dict(job_id, at, status, **extra))
 
 
 @pytest.fixture

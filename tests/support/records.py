@@ -1,0 +1,42 @@
+"""Valid telemetry records for tests, as decoded JSON or as validated models."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from qabuse_dagster.telemetry.contract import TelemetryRecord, validate_record
+
+HEX_USER = "1" * 64
+HEX_KEY = "2" * 64
+HEX_CODE = "3" * 64
+
+
+def rfc3339(instant: datetime) -> str:
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def record_dict(job_id: str, at: datetime, status: str = "submitted", **extra: Any) -> dict:
+    """A valid contract record as decoded JSON; ``extra`` overrides or adds fields."""
+    rec = {
+        "schema_version": 1,
+        "job_id": job_id,
+        "timestamp": rfc3339(at),
+        "user": HEX_USER,
+        "api_key_id": HEX_KEY,
+        "provider": "ibm_quantum",
+        "backend": "ibm_torino",
+        "sdk": "qiskit",
+        "num_circuits": 1,
+        "shots": 1024,
+        "status": status,
+        "client_agent": "qabuse-qiskit/0.1 qiskit/2.6.1",
+        "code_hash": HEX_CODE,
+    }
+    rec.update(extra)
+    return rec
+
+
+def record(job_id: str, at: datetime, status: str = "submitted", **extra: Any) -> TelemetryRecord:
+    """The same record, validated."""
+    return validate_record(record_dict(job_id, at, status, **extra))
