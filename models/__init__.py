@@ -5,6 +5,7 @@ higher score means more anomalous, ``threshold_`` separates alerts from the rest
 """
 
 from models.base import BaseDetector
+from models.baseline import TutorialBaselineDetector
 from models.isolation_forest import IsolationForestDetector
 
-__all__ = ["BaseDetector", "IsolationForestDetector"]
+__all__ = ["BaseDetector", "IsolationForestDetector", "TutorialBaselineDetector"]

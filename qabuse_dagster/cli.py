@@ -7,6 +7,7 @@ import sys
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import click
 
@@ -192,6 +193,118 @@ def up(dagster_port: int, mlflow_port: int, serve_port: int) -> None:
     from qabuse_dagster.serving.server import run_stack
 
     sys.exit(run_stack(dagster_port, mlflow_port, serve_port, click.echo))
+
+
+@main.command()
+@click.option(
+    "--telemetry",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Contract telemetry (JSONL).",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Incident labels (JSONL).",
+)
+@click.option(
+    "--train-until",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"]),
+    default=None,
+    help="End of the training part (UTC if no offset); default the middle of the span.",
+)
+@click.option(
+    "--detector",
+    type=click.Choice(["qabuse", "baseline", "both"]),
+    default="both",
+    show_default=True,
+    help="Detector to backtest; both puts the tutorial baseline beside qabuse.",
+)
+@click.option(
+    "--key-kinds",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON object api_key_id -> tenant kind, to report benign look-alikes per kind.",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Report JSON; with both detectors, the baseline's report sits under 'baseline'.",
+)
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def evaluate(
+    telemetry: Path,
+    labels: Path,
+    train_until: datetime | None,
+    detector: str,
+    key_kinds: Path | None,
+    json_out: Path,
+    html_out: Path | None,
+) -> None:
+    """Backtest detectors on labelled telemetry: train on the past, replay the rest."""
+    import json
+    import os
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from qabuse_dagster.evaluation.html_report import write_html
+    from qabuse_dagster.evaluation.labels import LabelsError, read_labels
+    from qabuse_dagster.evaluation.report import (
+        KIND_TABLE_COLUMNS,
+        BacktestError,
+        DetectorName,
+        TelemetryFileError,
+        kind_table_rows,
+        log_to_mlflow,
+        read_telemetry_jsonl,
+        run_backtest,
+    )
+
+    try:
+        table = read_telemetry_jsonl(telemetry)
+        incidents = read_labels(labels)
+    except (TelemetryFileError, LabelsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    kinds = None
+    if key_kinds is not None:
+        kinds = json.loads(key_kinds.read_text(encoding="utf-8"))
+        if not isinstance(kinds, dict):
+            raise click.ClickException(f"{key_kinds}: expected a JSON object key -> kind")
+    cutoff = None
+    if train_until is not None:
+        cutoff = train_until if train_until.tzinfo else train_until.replace(tzinfo=UTC)
+    names: list[DetectorName] = (
+        ["qabuse", "baseline"] if detector == "both" else [cast(DetectorName, detector)]
+    )
+    try:
+        reports = [
+            run_backtest(table, incidents, train_until=cutoff, detector=name, key_kinds=kinds)
+            for name in names
+        ]
+    except BacktestError as exc:
+        raise click.ClickException(f"{labels}: {exc}") from None
+    out = reports[0].to_dict()
+    if len(reports) > 1:
+        out["baseline"] = reports[1].to_dict()
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    view = Table(title=f"Backtest from {reports[0].train_until:%Y-%m-%d %H:%M} UTC")
+    for column in KIND_TABLE_COLUMNS:
+        view.add_column(column, justify="left" if column in ("kind", "detector") else "right")
+    for row in kind_table_rows(reports):
+        view.add_row(*row)
+    Console(width=160).print(view)
+    click.echo(f"report -> {json_out}")
+    if html_out is not None:
+        click.echo(f"html -> {write_html(reports, html_out)}")
+    tracking_uri = os.environ.get(settings.MLFLOW_URI_ENV)
+    if tracking_uri:
+        run_ids = log_to_mlflow(reports, tracking_uri)
+        click.echo(f"metrics logged to MLflow runs {', '.join(run_ids)}")
 
 
 if __name__ == "__main__":

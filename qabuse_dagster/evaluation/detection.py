@@ -8,7 +8,7 @@ of the incident from just after its start until ``WINDOW_TAIL`` past its end.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -67,20 +67,47 @@ def precision_at_k(ranked_keys: Sequence[str], positives: set[str], k: int) -> f
     return sum(key in positives for key in top) / k
 
 
+def label_keys(
+    label: IncidentLabel, user_keys: Mapping[str, Collection[str]] | None = None
+) -> set[str]:
+    """The api keys an incident covers: its ``api_key_ids``, plus its users' keys.
+
+    Args:
+        label: the incident.
+        user_keys: user to the api keys it used (from the telemetry); without it a
+            label's ``users`` cover no key.
+
+    >>> label = IncidentLabel.model_validate({"incident_id": "i", "kind": "k",
+    ...     "start": "2026-01-01T00:00:00Z", "end": "2026-01-01T01:00:00Z",
+    ...     "users": ["00000000000000aa"]})
+    >>> sorted(label_keys(label, {"00000000000000aa": ["k1", "k2"]}))
+    ['k1', 'k2']
+    """
+    keys = set(label.api_key_ids or ())
+    if user_keys is not None:
+        for user in label.users or ():
+            keys.update(user_keys.get(user, ()))
+    return keys
+
+
 def evaluate_detections(
     scored: pd.DataFrame,
     labels: Sequence[IncidentLabel],
     *,
     start: datetime,
     end: datetime,
+    user_keys: Mapping[str, Collection[str]] | None = None,
 ) -> DetectionReport:
     """Score the alerts of ``scored`` rows in ``[start, end)`` against ``labels``.
 
     Args:
         scored: columns ``api_key_id``, ``event_timestamp`` (tz-aware), ``score``, ``alert``.
-        labels: incidents; only their ``api_key_ids`` are matched (feature rows are per key).
+        labels: incidents; their ``api_key_ids`` are matched (feature rows are per key),
+            and their ``users`` too when ``user_keys`` is given.
         start: first instant of the evaluation window.
         end: end of the evaluation window (exclusive).
+        user_keys: user to the api keys it used, so that labels naming ``users`` cover
+            those users' keys (see `label_keys`).
 
     Returns:
         Per-incident detection and time to detect; recall over incidents; precision@k
@@ -89,10 +116,11 @@ def evaluate_detections(
     """
     rows = scored[(scored["event_timestamp"] >= start) & (scored["event_timestamp"] < end)]
     active = [label for label in labels if label.start < end and label.end + WINDOW_TAIL > start]
-    incident_keys = {key for label in labels for key in (label.api_key_ids or [])}
+    keys_of = {label.incident_id: label_keys(label, user_keys) for label in labels}
+    incident_keys = set().union(*keys_of.values())
     outcomes = []
     for label in active:
-        keys = set(label.api_key_ids or [])
+        keys = keys_of[label.incident_id]
         during = rows[
             rows["api_key_id"].isin(keys)
             & (rows["event_timestamp"] > label.start)
@@ -113,7 +141,7 @@ def evaluate_detections(
         )
     benign = rows[~rows["api_key_id"].isin(incident_keys)]
     by_key = rows.groupby("api_key_id")["score"].max().sort_values(ascending=False)
-    active_keys = {key for label in active for key in (label.api_key_ids or [])} & set(by_key.index)
+    active_keys = set().union(*(keys_of[label.incident_id] for label in active)) & set(by_key.index)
     k = max(len(active_keys), 1)
     return DetectionReport(
         incidents=outcomes,

@@ -58,7 +58,13 @@ def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         yield from enumerate(handle, start=1)
 
 
-def _parse(raw: bytes) -> TelemetryRecord:
+def parse_line(raw: bytes) -> TelemetryRecord:
+    """Decode and validate one JSONL line of telemetry.
+
+    Raises:
+        ContractViolation: the line is too long, not UTF-8, not JSON, or not a valid
+            record, or holds an integer no storage column can hold; names the field.
+    """
     if len(raw) > MAX_LINE_BYTES:
         raise ContractViolation([("<line>", f"longer than {MAX_LINE_BYTES} bytes")])
     try:
@@ -142,7 +148,7 @@ def ingest_telemetry(
                     on_progress(read_since_progress)
                     read_since_progress = 0
                 try:
-                    record = _parse(raw)
+                    record = parse_line(raw)
                 except ContractViolation as exc:
                     report.rejected += 1
                     rejection = Rejection(

@@ -1,0 +1,514 @@
+"""Backtest report: replay telemetry through a detector and judge it on labelled incidents.
+
+`run_backtest` splits contract telemetry by time (the first half trains by default),
+fits a detector on the history and scores the rest, then judges the alerts per api key
+against incident labels:
+
+* ``qabuse``: `window_features` over the whole span, `fit_detector` on the rows before
+  the cutoff and `score_rows` on the rows after it, the functions production uses;
+* ``baseline``: `TutorialBaselineDetector`, the reference tutorial's pipeline, which
+  scores users; a user's score is given to each api key the user submitted with, so
+  both detectors are judged per key.
+
+Metrics, per abuse kind and overall, over the evaluation window:
+
+* recall: share of incidents with an alert on one of their keys after their start;
+* precision@k: share of incident keys among the k keys with the highest score, k the
+  number of incident keys (keys of other kinds' incidents are left out of a kind's row);
+* PR-AUC: average precision of the keys ranked by their highest score;
+* benign alert rate: share of benign key-days (a key in no incident, a UTC day with a
+  scored row of it) with at least one alert. With a ``key_kinds`` mapping, benign keys
+  are also reported per tenant kind, so legitimate look-alikes (variational loops, CI
+  suites, classrooms) show on their own rows.
+
+`qabuse_dagster.evaluation.html_report.write_html` renders reports as a page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import pyarrow as pa
+from sklearn.metrics import average_precision_score
+
+from models import TutorialBaselineDetector
+from qabuse_dagster.evaluation.backtest import DetectorParams, fit_detector, score_rows, time_cutoff
+from qabuse_dagster.evaluation.detection import IncidentOutcome, evaluate_detections, label_keys
+from qabuse_dagster.evaluation.labels import IncidentLabel
+from qabuse_dagster.features.windows import FEATURE_NAMES, window_features
+from qabuse_dagster.ingest.files import parse_line as parse_telemetry_line
+from qabuse_dagster.ingest.partitions import records_to_table
+from qabuse_dagster.telemetry.contract import ContractViolation
+
+__all__ = [
+    "BACKTEST_EXPERIMENT",
+    "BacktestError",
+    "BacktestReport",
+    "KindMetrics",
+    "LookalikeMetrics",
+    "TelemetryFileError",
+    "log_to_mlflow",
+    "read_telemetry_jsonl",
+    "run_backtest",
+]
+
+logger = logging.getLogger(__name__)
+
+DetectorName = Literal["qabuse", "baseline"]
+#: MLflow experiment that holds one run per backtest.
+BACKTEST_EXPERIMENT = "qabuse-backtests"
+_SCORED_COLUMNS = ["api_key_id", "event_timestamp", "score", "alert"]
+
+
+class BacktestError(ValueError):
+    """Telemetry and labels that cannot be backtested (the message says why)."""
+
+
+class TelemetryFileError(ValueError):
+    """A telemetry file that cannot be read, naming the file and 1-based line."""
+
+    def __init__(self, path: Path, line: int | None, detail: str) -> None:
+        self.path = path
+        self.line = line
+        self.detail = detail
+        super().__init__(path, line, detail)
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
+        return f"{where}: {self.detail}"
+
+
+def read_telemetry_jsonl(path: Path) -> pa.Table:
+    """Read a telemetry JSONL file whole, validating each line as ``qabuse ingest`` does.
+
+    Unlike ingest, which quarantines bad lines, a backtest stops at the first one: a
+    replay on silently partial data would report figures for data it never saw.
+
+    Raises:
+        TelemetryFileError: a line violates the contract (the message names the line and
+            why), or the file holds no record.
+    """
+    path = Path(path)
+    records = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                records.append(parse_telemetry_line(raw))
+            except ContractViolation as exc:
+                raise TelemetryFileError(path, number, str(exc)) from None
+    if not records:
+        raise TelemetryFileError(path, None, "no telemetry records (the file is empty)")
+    return records_to_table(records)
+
+
+@dataclass(frozen=True)
+class KindMetrics:
+    """Detection figures of one abuse kind, or of all incidents (``overall``)."""
+
+    incidents: int
+    detected: int
+    recall: float | None
+    precision_at_k: float | None
+    k: int
+    pr_auc: float | None
+    median_time_to_detect_s: float | None
+    benign_alert_rate: float
+    benign_key_days: int
+    benign_key_days_alerted: int
+
+
+@dataclass(frozen=True)
+class LookalikeMetrics:
+    """Alerts on the benign keys of one tenant kind (a legitimate look-alike)."""
+
+    keys: int
+    key_days: int
+    key_days_alerted: int
+    benign_alert_rate: float
+
+
+@dataclass(frozen=True)
+class BacktestReport:
+    """What one detector did on the evaluation part of a telemetry set.
+
+    ``scored`` holds every evaluated row (``api_key_id``, ``event_timestamp``, ``score``,
+    ``alert``) for plots; it is not part of the JSON.
+    """
+
+    detector: str
+    train_until: datetime
+    eval_start: datetime
+    eval_end: datetime
+    threshold: float
+    train_rows: int
+    eval_rows: int
+    incidents: list[IncidentOutcome]
+    overall: KindMetrics
+    per_kind: dict[str, KindMetrics]
+    lookalikes: dict[str, LookalikeMetrics]
+    incident_keys: dict[str, list[str]]
+    incident_windows: dict[str, tuple[datetime, datetime]]
+    scored: pd.DataFrame = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (ISO 8601 instants, ``None`` for undefined)."""
+        return {
+            "detector": self.detector,
+            "train_until": self.train_until.isoformat(),
+            "eval_start": self.eval_start.isoformat(),
+            "eval_end": self.eval_end.isoformat(),
+            "threshold": self.threshold,
+            "train_rows": self.train_rows,
+            "eval_rows": self.eval_rows,
+            "incidents": [
+                {
+                    "incident_id": o.incident_id,
+                    "kind": o.kind,
+                    "detected": o.detected,
+                    "time_to_detect_s": o.time_to_detect_s,
+                    "first_alert": o.first_alert.isoformat() if o.first_alert else None,
+                    "api_key_ids": self.incident_keys[o.incident_id],
+                }
+                for o in self.incidents
+            ],
+            "overall": asdict(self.overall),
+            "per_kind": {kind: asdict(m) for kind, m in self.per_kind.items()},
+            "lookalikes": {kind: asdict(m) for kind, m in self.lookalikes.items()},
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """`to_dict` as JSON text."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def run_backtest(
+    telemetry: pa.Table,
+    labels: Sequence[IncidentLabel],
+    *,
+    train_until: datetime | None = None,
+    detector: DetectorName = "qabuse",
+    key_kinds: Mapping[str, str] | None = None,
+    params: DetectorParams | None = None,
+) -> BacktestReport:
+    """Fit ``detector`` on telemetry before ``train_until``, score the rest, judge the alerts.
+
+    Args:
+        telemetry: contract records (``TELEMETRY_SCHEMA`` columns; at least ``user``,
+            ``api_key_id``, ``timestamp``, ``status``, ``shots``, ``code_hash``).
+        labels: incidents; those naming ``users`` cover every key those users used.
+        train_until: end of the training part (tz-aware); default: the middle of the
+            telemetry's span.
+        detector: ``"qabuse"`` (production's window features and Isolation Forest) or
+            ``"baseline"`` (`TutorialBaselineDetector`).
+        key_kinds: optional api key to tenant kind, e.g. from the simulator; benign keys
+            are then also reported per kind.
+        params: the qabuse detector's knobs (default `DetectorParams()`).
+
+    Returns:
+        The report over the evaluation window ``[train_until, end of telemetry]``.
+
+    Raises:
+        BacktestError: no telemetry, a cutoff outside the span, or a label naming keys
+            or users absent from the telemetry (the message names the incident).
+    """
+    if telemetry.num_rows == 0:
+        raise BacktestError("no telemetry records to backtest")
+    frame = telemetry.select(["user", "api_key_id", "timestamp", "status"]).to_pandas()
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
+    first, last = frame["timestamp"].min(), frame["timestamp"].max()
+    cutoff = (
+        time_cutoff(frame["timestamp"], 0.5)
+        if train_until is None
+        else pd.Timestamp(train_until).tz_convert("UTC").to_pydatetime()
+    )
+    if train_until is not None and train_until.tzinfo is None:
+        raise BacktestError("train_until must be timezone-aware")
+    if not first < cutoff <= last:
+        raise BacktestError(
+            f"train_until {cutoff.isoformat()} leaves no training or no evaluation data: "
+            f"the telemetry spans {first.isoformat()} .. {last.isoformat()}"
+        )
+    pairs = frame[["user", "api_key_id"]].drop_duplicates()
+    user_keys: dict[str, list[str]] = pairs.groupby("user")["api_key_id"].agg(list).to_dict()
+    _check_labels(labels, set(pairs["api_key_id"]), set(user_keys))
+
+    if detector == "qabuse":
+        scored, threshold, train_rows = _score_qabuse(telemetry, first, last, cutoff, params)
+    elif detector == "baseline":
+        scored, threshold, train_rows = _score_baseline(frame, pairs, cutoff)
+    else:
+        raise BacktestError(f"unknown detector {detector!r}: use 'qabuse' or 'baseline'")
+    eval_end = (
+        scored["event_timestamp"].max().to_pydatetime() + timedelta(seconds=1)
+        if not scored.empty
+        else last.to_pydatetime()
+    )
+    overall_report = evaluate_detections(
+        scored, labels, start=cutoff, end=eval_end, user_keys=user_keys
+    )
+    keys_of = {label.incident_id: sorted(label_keys(label, user_keys)) for label in labels}
+    all_incident_keys = {key for keys in keys_of.values() for key in keys}
+    benign = _key_days(scored[~scored["api_key_id"].isin(all_incident_keys)])
+    active = {o.incident_id for o in overall_report.incidents}
+    active_labels = [label for label in labels if label.incident_id in active]
+    kinds = sorted({label.kind for label in active_labels})
+    per_kind = {
+        kind: _kind_metrics(
+            scored,
+            [label for label in active_labels if label.kind == kind],
+            labels,
+            keys_of,
+            user_keys,
+            benign,
+            cutoff,
+            eval_end,
+        )
+        for kind in kinds
+    }
+    return BacktestReport(
+        detector=detector,
+        train_until=cutoff,
+        eval_start=cutoff,
+        eval_end=eval_end,
+        threshold=float(threshold),
+        train_rows=train_rows,
+        eval_rows=len(scored),
+        incidents=overall_report.incidents,
+        overall=_kind_metrics(
+            scored, active_labels, labels, keys_of, user_keys, benign, cutoff, eval_end
+        ),
+        per_kind=per_kind,
+        lookalikes=_lookalikes(scored, all_incident_keys, key_kinds) if key_kinds else {},
+        incident_keys={o.incident_id: keys_of[o.incident_id] for o in overall_report.incidents},
+        incident_windows={label.incident_id: (label.start, label.end) for label in active_labels},
+        scored=scored,
+    )
+
+
+def _check_labels(labels: Sequence[IncidentLabel], keys: set[str], users: set[str]) -> None:
+    for label in labels:
+        missing_keys = sorted(set(label.api_key_ids or ()) - keys)
+        missing_users = sorted(set(label.users or ()) - users)
+        problems = []
+        if missing_keys:
+            problems.append(f"api_key_ids {', '.join(missing_keys)}")
+        if missing_users:
+            problems.append(f"users {', '.join(missing_users)}")
+        if problems:
+            raise BacktestError(
+                f"incident {label.incident_id!r} names {' and '.join(problems)} absent from "
+                "the telemetry: are these labels for another telemetry set (or hash key)?"
+            )
+
+
+def _score_qabuse(
+    telemetry: pa.Table,
+    first: pd.Timestamp,
+    last: pd.Timestamp,
+    cutoff: datetime,
+    params: DetectorParams | None,
+) -> tuple[pd.DataFrame, float, int]:
+    # Rows exist up to 5 minutes after a key's last record (its windows still hold it).
+    start = first.floor("min").to_pydatetime()
+    end = (last.floor("min") + pd.Timedelta(minutes=6)).to_pydatetime()
+    rows = window_features(telemetry, start, end).to_pandas()
+    rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
+    history = rows[rows["event_timestamp"] < cutoff]
+    future = rows[rows["event_timestamp"] >= cutoff]
+    fitted = fit_detector(history, FEATURE_NAMES, params or DetectorParams())
+    scored = score_rows(fitted, future, FEATURE_NAMES)
+    return scored[_SCORED_COLUMNS].reset_index(drop=True), fitted.threshold_, len(history)
+
+
+def _score_baseline(
+    frame: pd.DataFrame, pairs: pd.DataFrame, cutoff: datetime
+) -> tuple[pd.DataFrame, float, int]:
+    history = frame[frame["timestamp"] < cutoff]
+    fitted = TutorialBaselineDetector().fit_frame(history)
+    # Score the whole span so the 5-minute rolling mean at the cutoff sees the minutes
+    # before it, as a live deployment would; only rows after the cutoff are judged.
+    per_user = fitted.score_frame(frame)
+    per_user = per_user[per_user["event_timestamp"] >= cutoff]
+    train_rows = int((fitted.score_frame(history)["event_timestamp"] < cutoff).sum())
+    scored = per_user.merge(pairs, on="user", how="inner")
+    scored = scored.sort_values(["event_timestamp", "api_key_id"], kind="stable")
+    return scored[_SCORED_COLUMNS].reset_index(drop=True), fitted.threshold_, train_rows
+
+
+@dataclass(frozen=True)
+class _KeyDays:
+    key_days: int
+    alerted: int
+
+    @property
+    def rate(self) -> float:
+        return self.alerted / self.key_days if self.key_days else 0.0
+
+
+def _key_days(rows: pd.DataFrame) -> _KeyDays:
+    if rows.empty:
+        return _KeyDays(0, 0)
+    days = pd.DataFrame(
+        {
+            "key": rows["api_key_id"].to_numpy(),
+            "day": rows["event_timestamp"].dt.floor("D").to_numpy(),
+            "alert": rows["alert"].to_numpy(dtype=bool),
+        }
+    )
+    per_day = days.groupby(["key", "day"])["alert"].any()
+    return _KeyDays(len(per_day), int(per_day.sum()))
+
+
+def _kind_metrics(
+    scored: pd.DataFrame,
+    group: Sequence[IncidentLabel],
+    labels: Sequence[IncidentLabel],
+    keys_of: Mapping[str, Sequence[str]],
+    user_keys: Mapping[str, Sequence[str]],
+    benign: _KeyDays,
+    start: datetime,
+    end: datetime,
+) -> KindMetrics:
+    group_ids = {label.incident_id for label in group}
+    group_keys = {key for i in group_ids for key in keys_of[i]}
+    # Another kind's incident keys are neither positives nor benign for this kind.
+    others = {
+        key
+        for label in labels
+        if label.incident_id not in group_ids
+        for key in keys_of[label.incident_id]
+    } - group_keys
+    rows = scored[~scored["api_key_id"].isin(others)]
+    outcome = evaluate_detections(rows, group, start=start, end=end, user_keys=user_keys)
+    by_key = rows.groupby("api_key_id")["score"].max()
+    positive = by_key.index.isin(list(group_keys))
+    pr_auc = (
+        float(average_precision_score(positive, by_key.to_numpy()))
+        if positive.any() and not positive.all()
+        else None
+    )
+    ttd = [o.time_to_detect_s for o in outcome.incidents if o.time_to_detect_s is not None]
+    return KindMetrics(
+        incidents=len(outcome.incidents),
+        detected=sum(o.detected for o in outcome.incidents),
+        recall=outcome.recall,
+        precision_at_k=outcome.precision_at_k,
+        k=outcome.k if group_keys else 0,
+        pr_auc=pr_auc,
+        median_time_to_detect_s=float(pd.Series(ttd).median()) if ttd else None,
+        benign_alert_rate=benign.rate,
+        benign_key_days=benign.key_days,
+        benign_key_days_alerted=benign.alerted,
+    )
+
+
+def _lookalikes(
+    scored: pd.DataFrame, incident_keys: set[str], key_kinds: Mapping[str, str]
+) -> dict[str, LookalikeMetrics]:
+    benign = scored[~scored["api_key_id"].isin(incident_keys)]
+    kinds = benign["api_key_id"].map(key_kinds).fillna("unknown")
+    out = {}
+    for kind, rows in benign.groupby(kinds):
+        days = _key_days(rows)
+        out[str(kind)] = LookalikeMetrics(
+            keys=int(rows["api_key_id"].nunique()),
+            key_days=days.key_days,
+            key_days_alerted=days.alerted,
+            benign_alert_rate=days.rate,
+        )
+    return dict(sorted(out.items()))
+
+
+def log_to_mlflow(reports: Sequence[BacktestReport], tracking_uri: str) -> list[str]:
+    """Log each report's overall and per-kind metrics as a run in `BACKTEST_EXPERIMENT`.
+
+    Returns:
+        The run ids, one per report.
+    """
+    import mlflow
+
+    from qabuse_dagster import model_registry
+
+    client = model_registry.configure(tracking_uri)
+    experiment_id = model_registry.ensure_experiment(client, BACKTEST_EXPERIMENT)
+    run_ids = []
+    for report in reports:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"backtest-{report.detector}"
+        ) as run:
+            mlflow.log_params(
+                {
+                    "detector": report.detector,
+                    "train_until": report.train_until.isoformat(),
+                    "eval_end": report.eval_end.isoformat(),
+                }
+            )
+            metrics = _numeric(asdict(report.overall))
+            for kind, kind_metrics in report.per_kind.items():
+                metrics.update(
+                    {f"{kind}.{k}": v for k, v in _numeric(asdict(kind_metrics)).items()}
+                )
+            mlflow.log_metrics(metrics)
+            run_ids.append(run.info.run_id)
+    return run_ids
+
+
+def _numeric(values: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float)}
+
+
+#: Columns of the per-kind comparison (the CLI prints the same rows).
+KIND_TABLE_COLUMNS = [
+    "kind",
+    "detector",
+    "incidents",
+    "recall",
+    "median TTD (s)",
+    "precision@k",
+    "PR-AUC",
+    "benign alert rate (key-days)",
+]
+
+
+def kind_table_rows(reports: Sequence[BacktestReport]) -> list[list[str]]:
+    """Rows of the per-kind table: each kind, then overall, then look-alikes, per detector."""
+    rows: list[list[str]] = []
+    kinds = sorted({kind for r in reports for kind in r.per_kind})
+    for kind, pick in [(k, k) for k in kinds] + [("overall", None)]:
+        for r in reports:
+            m = r.overall if pick is None else r.per_kind.get(pick)
+            if m is None:
+                continue
+            rows.append(
+                [
+                    kind,
+                    r.detector,
+                    str(m.incidents),
+                    format_metric(m.recall),
+                    format_metric(m.median_time_to_detect_s, digits=0),
+                    format_metric(m.precision_at_k),
+                    format_metric(m.pr_auc),
+                    f"{m.benign_alert_rate:.3f} ({m.benign_key_days_alerted}/{m.benign_key_days})",
+                ]
+            )
+    lookalike_kinds = sorted({kind for r in reports for kind in r.lookalikes})
+    for kind in lookalike_kinds:
+        for r in reports:
+            lm = r.lookalikes.get(kind)
+            if lm is not None:
+                rate = f"{lm.benign_alert_rate:.3f} ({lm.key_days_alerted}/{lm.key_days})"
+                rows.append([f"benign: {kind}", r.detector, "-", "-", "-", "-", "-", rate])
+    return rows
+
+
+def format_metric(value: float | None, missing: str = "-", digits: int = 3) -> str:
+    return missing if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,134 @@
+"""``qabuse evaluate``: the report written and printed, and clear failures naming the line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qabuse_dagster import settings
+from qabuse_dagster.cli import main
+from qabuse_dagster.simulation import SimulationResult, simulate
+from qabuse_dagster.telemetry.hashing import KeyedHasher
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory: pytest.TempPathFactory) -> SimulationResult:
+    out = tmp_path_factory.mktemp("twin")
+    return simulate(hours=8, seed=5, out=out, hasher=KeyedHasher.demo())
+
+
+def _evaluate(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["evaluate", *args])
+    return result.exit_code, result.output
+
+
+def test_happy_path_writes_json_html_and_prints_both_rows(
+    twin: SimulationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(settings.MLFLOW_URI_ENV, raising=False)
+    out_json, out_html = tmp_path / "r.json", tmp_path / "r.html"
+    code, output = _evaluate(
+        "--telemetry",
+        str(twin.telemetry_path),
+        "--labels",
+        str(twin.labels_path),
+        "--json",
+        str(out_json),
+        "--html",
+        str(out_html),
+    )
+    assert code == 0, output
+    report = json.loads(out_json.read_text())
+    assert report["detector"] == "qabuse" and report["baseline"]["detector"] == "baseline"
+    assert {"recall", "precision_at_k", "pr_auc", "benign_alert_rate"} <= set(report["overall"])
+    assert report["incidents"][0]["kind"] == "runaway_ci"
+    assert "runaway_ci" in report["per_kind"]
+    rows = [line for line in output.splitlines() if "runaway_ci" in line]
+    assert any("qabuse" in r for r in rows) and any("baseline" in r for r in rows)
+    assert "data:image/png;base64," in out_html.read_text()
+
+
+def _fail(args: list[str]) -> str:
+    code, output = _evaluate(*args)
+    assert code != 0
+    return output
+
+
+def test_labels_naming_an_absent_key_fail(twin: SimulationResult, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(
+        json.dumps(
+            {
+                "incident_id": "ghost-7",
+                "kind": "key_leak",
+                "start": "2026-11-02T05:00:00Z",
+                "end": "2026-11-02T06:00:00Z",
+                "api_key_ids": ["ab" * 8],
+            }
+        )
+        + "\n"
+    )
+    output = _fail(
+        [
+            "--telemetry",
+            str(twin.telemetry_path),
+            "--labels",
+            str(labels),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert "ghost-7" in output and "absent from the telemetry" in output
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_empty_telemetry_fails(twin: SimulationResult, tmp_path: Path) -> None:
+    empty = tmp_path / "telemetry.jsonl"
+    empty.write_text("")
+    output = _fail(
+        [
+            "--telemetry",
+            str(empty),
+            "--labels",
+            str(twin.labels_path),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert "telemetry.jsonl" in output and "empty" in output
+
+
+def test_malformed_telemetry_line_names_the_line(twin: SimulationResult, tmp_path: Path) -> None:
+    bad = tmp_path / "telemetry.jsonl"
+    lines = twin.telemetry_path.read_text().splitlines()[:3]
+    bad.write_text("\n".join([*lines, '{"schema_version": 1,', lines[0]]) + "\n")
+    output = _fail(
+        [
+            "--telemetry",
+            str(bad),
+            "--labels",
+            str(twin.labels_path),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert f"{bad}:4:" in output and "not JSON" in output
+
+
+def test_malformed_labels_line_names_the_line(twin: SimulationResult, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(twin.labels_path.read_text() + "{oops\n")
+    output = _fail(
+        [
+            "--telemetry",
+            str(twin.telemetry_path),
+            "--labels",
+            str(labels),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert f"{labels}:2:" in output and "malformed JSON" in output
