@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import warnings
@@ -51,9 +52,22 @@ def main(home: Path | None, verbose: bool) -> None:
 @click.option(
     "--hours",
     type=click.FloatRange(min=0, min_open=True),
-    default=48.0,
-    show_default=True,
-    help="Simulated horizon.",
+    default=None,
+    help="Simulated horizon in hours (default 48 unless --days is given).",
+)
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Simulated horizon in days (instead of --hours).",
+)
+@click.option(
+    "--scenarios",
+    default=None,
+    metavar="NAMES",
+    help="Comma-separated abuse scenarios, or 'all', placed in the second half of the "
+    "horizon with the legitimate look-alikes (classrooms, benchmarking). Default: the "
+    "runaway-CI reference incident only.",
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option(
@@ -73,16 +87,40 @@ def main(home: Path | None, verbose: bool) -> None:
     is_flag=True,
     help="Hash identifiers with the public demo key instead of QABUSE_HASH_KEY.",
 )
-def simulate(hours: float, seed: int, out: Path, start: datetime | None, demo_key: bool) -> None:
+def simulate(
+    hours: float | None,
+    days: float | None,
+    scenarios: str | None,
+    seed: int,
+    out: Path,
+    start: datetime | None,
+    demo_key: bool,
+) -> None:
     """Write contract telemetry and incident labels of a simulated shared backend."""
+    from qabuse_dagster.simulation import SCENARIOS
     from qabuse_dagster.simulation import simulate as run_simulation
     from qabuse_dagster.simulation.twin import DEFAULT_START
 
+    if hours is not None and days is not None:
+        raise click.UsageError("give --hours or --days, not both")
+    if hours is None and days is None:
+        hours = 48.0
+    names = None
+    if scenarios is not None:
+        names = [n.strip() for n in scenarios.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(SCENARIOS) - {"all"})
+        if unknown or not names:
+            raise click.BadParameter(
+                f"unknown scenario(s) {unknown}; known: all, {', '.join(sorted(SCENARIOS))}",
+                param_hint="--scenarios",
+            )
     begin = (
         DEFAULT_START if start is None else (start if start.tzinfo else start.replace(tzinfo=UTC))
     )
     result = run_simulation(
         hours=hours,
+        days=days,
+        scenarios=names,
         seed=seed,
         out=out,
         hasher=_hasher(demo_key),
@@ -93,7 +131,15 @@ def simulate(hours: float, seed: int, out: Path, start: datetime | None, demo_ke
         f"{result.n_records} records ({result.n_jobs} jobs, {len(result.api_keys)} api keys)"
         f" -> {result.telemetry_path}"
     )
-    click.echo(f"{len(result.incident_api_key_ids)} incident key(s) -> {result.labels_path}")
+    # The twin's ground truth of who each key is, for `qabuse evaluate --key-kinds`.
+    key_kinds = out / "key_kinds.json"
+    key_kinds.write_text(json.dumps(result.api_keys, indent=1, sort_keys=True))
+    click.echo(f"tenant kind of each key -> {key_kinds}")
+    kinds = sorted({label.kind for label in result.incidents})
+    click.echo(
+        f"{len(result.incidents)} incident(s) ({', '.join(kinds)}) on "
+        f"{len(result.incident_api_key_ids)} key(s) -> {result.labels_path}"
+    )
 
 
 @main.command()

@@ -117,3 +117,50 @@ def test_materialize_with_nothing_landed_says_so(runner: CliRunner, tmp_path: Pa
     result = runner.invoke(main, ["--home", str(tmp_path), "materialize"])
     assert result.exit_code == 1
     assert "run `qabuse ingest` first" in result.output
+
+
+def test_simulate_with_scenarios_writes_every_kind_and_the_key_kinds(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    out = tmp_path / "sim"
+    result = runner.invoke(
+        main,
+        [
+            "--home",
+            str(tmp_path),
+            "simulate",
+            "--days",
+            "1",
+            "--seed",
+            "2",
+            "--scenarios",
+            "credit_drain,key_leak",
+            "--out",
+            str(out),
+            "--demo-key",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    kinds = {
+        json.loads(line)["kind"] for line in (out / "incidents.jsonl").read_text().splitlines()
+    }
+    assert kinds == {"credit_drain", "key_leak"}
+    key_kinds = json.loads((out / "key_kinds.json").read_text())
+    assert "classroom" in set(key_kinds.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--scenarios", "nope"], "unknown scenario(s) ['nope']"),
+        (["--hours", "2", "--days", "1"], "not both"),
+    ],
+)
+def test_simulate_refuses_bad_options(
+    runner: CliRunner, tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = runner.invoke(
+        main, ["--home", str(tmp_path), "simulate", "--out", str(tmp_path), "--demo-key", *args]
+    )
+    assert result.exit_code == 2
+    assert message in result.output

@@ -8,6 +8,7 @@ numpy columns, so tens of thousands of jobs cost a few array operations, not a l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -23,7 +24,10 @@ __all__ = [
     "Horizon",
     "JobBatch",
     "TenantIdentity",
+    "constant_column",
     "epoch_ms",
+    "pick_column",
+    "reject",
     "sample_jobs",
     "submit_times",
 ]
@@ -127,7 +131,9 @@ class TenantIdentity:
 class JobBatch:
     """Simulated jobs, one array element per job, all arrays the same length.
 
-    String columns are ``object`` arrays; times are ``int64`` milliseconds.
+    String columns are ``object`` arrays; times are ``int64`` milliseconds. A job with
+    ``rejected`` set was refused by the API: it is one ``rejected`` record at its
+    submission instant (with its ``error_code``), and never ran.
     """
 
     submit_ms: np.ndarray
@@ -149,6 +155,7 @@ class JobBatch:
     submit_latency_ms: np.ndarray
     queue_ms: np.ndarray
     runtime_ms: np.ndarray
+    rejected: np.ndarray
 
     def __len__(self) -> int:
         return int(self.submit_ms.shape[0])
@@ -172,13 +179,37 @@ class JobBatch:
         )
 
 
-def _constant(value: object, n: int) -> np.ndarray:
+def reject(jobs: JobBatch, mask: np.ndarray, error_code: str) -> JobBatch:
+    """Turn the jobs at ``mask`` into API refusals: one ``rejected`` record, no run.
+
+    Args:
+        jobs: Jobs as drawn by :func:`sample_jobs`.
+        mask: Boolean mask of the jobs the API refuses.
+        error_code: Why, e.g. ``auth_failed``.
+
+    Returns:
+        The same jobs; refused ones carry ``error_code`` and no queue or run time.
+    """
+    error = jobs.error_code.copy()
+    error[mask] = error_code
+    return dataclasses.replace(
+        jobs,
+        error_code=error,
+        queue_ms=np.where(mask, 0, jobs.queue_ms),
+        runtime_ms=np.where(mask, 0, jobs.runtime_ms),
+        rejected=jobs.rejected | mask,
+    )
+
+
+def constant_column(value: object, n: int) -> np.ndarray:
+    """An ``object`` column holding ``value`` ``n`` times."""
     column = np.empty(n, dtype=object)
     column[:] = [value] * n
     return column
 
 
-def _pick(values: Sequence[str], index: np.ndarray) -> np.ndarray:
+def pick_column(values: Sequence[str], index: np.ndarray) -> np.ndarray:
+    """An ``object`` column of ``values[index[i]]``."""
     table = np.empty(len(values), dtype=object)
     table[:] = list(values)
     return table[index]
@@ -234,7 +265,7 @@ def sample_jobs(
 
     failed = rng.random(n) < failure_rate
     error_index = rng.integers(0, len(error_codes), size=n)
-    error_code = _pick(error_codes, error_index)
+    error_code = pick_column(error_codes, error_index)
     error_code[~failed] = None
 
     # Timing model: seconds, like a busy cloud simulator or a lightly loaded QPU queue.
@@ -253,20 +284,20 @@ def sample_jobs(
 
     return JobBatch(
         submit_ms=submit_ms.astype(np.int64),
-        api_key_id=_constant(identity.api_key_id, n),
-        user=_pick(identity.users, rng.integers(0, len(identity.users), size=n)),
-        provider=_constant(identity.provider, n),
-        region=_constant(identity.region, n),
-        backend=_pick(identity.backends, rng.integers(0, len(identity.backends), size=n)),
-        sdk=_constant(identity.sdk, n),
-        sdk_version=_constant(identity.sdk_version, n),
-        client_agent=_constant(identity.client_agent, n),
-        code_hash=_pick(identity.code_hashes, code_index),
-        source_ip_hash=_pick(
+        api_key_id=constant_column(identity.api_key_id, n),
+        user=pick_column(identity.users, rng.integers(0, len(identity.users), size=n)),
+        provider=constant_column(identity.provider, n),
+        region=constant_column(identity.region, n),
+        backend=pick_column(identity.backends, rng.integers(0, len(identity.backends), size=n)),
+        sdk=constant_column(identity.sdk, n),
+        sdk_version=constant_column(identity.sdk_version, n),
+        client_agent=constant_column(identity.client_agent, n),
+        code_hash=pick_column(identity.code_hashes, code_index),
+        source_ip_hash=pick_column(
             identity.source_ip_hashes,
             rng.integers(0, len(identity.source_ip_hashes), size=n),
         ),
-        country=_constant(identity.country, n),
+        country=constant_column(identity.country, n),
         circuit=circuit.astype(np.int64),
         num_circuits=num_circuits.astype(np.int64),
         shots=shots.astype(np.int64),
@@ -274,4 +305,5 @@ def sample_jobs(
         submit_latency_ms=np.round(submit_latency_s * 1000).astype(np.int64),
         queue_ms=np.round(queue_s * 1000).astype(np.int64),
         runtime_ms=np.round(runtime_s * 1000).astype(np.int64),
+        rejected=np.zeros(n, dtype=bool),
     )

@@ -8,6 +8,13 @@ Three kinds, each one API key:
   small jobs from one script for tens of minutes, then silence.
 - ``ci_suite``: a test suite run every hour: a short burst of small circuits.
 
+Two more kinds look like abuse at first sight and are drawn only on request
+(:func:`lookalike_roster`), so the default deployment stays as it was:
+
+- ``classroom``: dozens of new student keys running one notebook (one ``code_hash``
+  across many keys) from a campus network, in lessons of an hour or two.
+- ``benchmarking``: a few keys running campaigns of deep circuits at large shot counts.
+
 Every benign key stays within :data:`MAX_BENIGN_JOBS_PER_MINUTE`; that ceiling is what
 the abuse scenarios are measured against.
 """
@@ -15,7 +22,7 @@ the abuse scenarios are measured against.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -32,12 +39,17 @@ from qabuse_dagster.simulation.jobs import (
 from qabuse_dagster.telemetry.hashing import KeyedHasher
 
 __all__ = [
+    "BENCHMARK_SHOTS",
     "MAX_BENIGN_JOBS_PER_MINUTE",
+    "SDK_VERSIONS",
+    "Benchmarking",
     "CiSuite",
+    "ClassroomStudent",
     "ResearchGroup",
     "Tenant",
     "VariationalLoop",
     "benign_roster",
+    "lookalike_roster",
     "make_identity",
     "working_hours_activity",
 ]
@@ -46,7 +58,7 @@ __all__ = [
 MAX_BENIGN_JOBS_PER_MINUTE = 6
 
 # Where each SDK submits: (provider, region, backends), and the SDK versions in use.
-_SDK_VERSIONS: dict[str, tuple[str, ...]] = {
+SDK_VERSIONS: dict[str, tuple[str, ...]] = {
     "qiskit": ("2.6.2", "2.5.1", "1.4.3"),
     "cirq": ("1.5.0", "1.4.1"),
     "pennylane": ("0.42.1", "0.41.1"),
@@ -66,6 +78,8 @@ _SDK_WEIGHTS = np.array([0.6, 0.15, 0.25])
 _COUNTRIES = ("US", "DE", "GB", "JP", "CA", "FR", "NL", "CH", "AU", "IN", "KR", "ES")
 _RESEARCH_SHOTS = np.array([100, 256, 500, 1000, 1024, 2000, 4000, 4096, 8000])
 _RESEARCH_SHOT_WEIGHTS = np.array([4, 3, 6, 12, 10, 6, 5, 3, 3], dtype=np.float64)
+#: Shot counts of benchmarking campaigns, the largest any benign key uses.
+BENCHMARK_SHOTS = np.array([10_000, 20_000, 50_000, 100_000])
 
 
 class Tenant(Protocol):
@@ -141,7 +155,7 @@ def make_identity(
     """
     if sdk is None:
         sdk = _SDKS[int(rng.choice(len(_SDKS), p=_SDK_WEIGHTS))]
-    versions = _SDK_VERSIONS[sdk]
+    versions = SDK_VERSIONS[sdk]
     version = versions[int(rng.integers(0, len(versions)))]
     endpoints = _SDK_ENDPOINTS[sdk]
     provider, region, all_backends = endpoints[int(rng.integers(0, len(endpoints)))]
@@ -382,6 +396,165 @@ def benign_roster(hasher: KeyedHasher, rng: np.random.Generator, *, seed: int) -
                 minute_of_hour=int(rng.integers(0, 60)),
                 burst_minutes=int(rng.integers(2, 5)),
                 burst_rate=float(rng.uniform(3.0, 5.0)),
+            )
+        )
+    return roster
+
+
+@dataclass(frozen=True)
+class ClassroomStudent:
+    """One student of a class: the shared notebook, run cell by cell during lessons.
+
+    Attributes:
+        identity: The student's own new key; the notebook's script and the campus network
+            are the class's, shared by every student.
+        weekdays: Days the class meets (Monday is 0).
+        lesson_start_minute: Minute of the UTC day the lesson starts.
+        lesson_minutes: Length of a lesson.
+        join_delay_minutes: How late this student starts running cells.
+        rate: Jobs per minute while working through the notebook.
+    """
+
+    kind: ClassVar[str] = "classroom"
+    identity: TenantIdentity
+    weekdays: tuple[int, ...]
+    lesson_start_minute: int
+    lesson_minutes: int
+    join_delay_minutes: int
+    rate: float
+
+    def generate(self, horizon: Horizon, rng: np.random.Generator) -> JobBatch:
+        minute = horizon.minute_ms() // 60_000
+        # 1970-01-01 was a Thursday: weekday 3 with Monday as 0.
+        weekday = (minute // 1440 + 3) % 7
+        into_lesson = minute % 1440 - self.lesson_start_minute
+        in_lesson = (
+            np.isin(weekday, self.weekdays)
+            & (into_lesson >= self.join_delay_minutes)
+            & (into_lesson < self.lesson_minutes)
+        )
+        rate = np.where(in_lesson, self.rate, 0.0)
+        submit_ms = submit_times(_poisson_per_minute(rate, rng), horizon, rng)
+        n = len(submit_ms)
+        return sample_jobs(
+            self.identity,
+            rng,
+            submit_ms=submit_ms,
+            circuit=rng.choice(select_circuits(["ghz", "qft", "hea"], max_qubits=5), size=n),
+            shots=np.full(n, 1024, dtype=np.int64),
+            num_circuits=np.ones(n, dtype=np.int64),
+            code_index=np.zeros(n, dtype=np.int64),
+            # Students make mistakes.
+            failure_rate=0.08,
+        )
+
+
+@dataclass(frozen=True)
+class Benchmarking:
+    """A benchmarking campaign key: hours of deep, wide circuits at large shot counts.
+
+    Attributes:
+        identity: The key, its team and environment.
+        campaigns_per_day: Campaigns started per day, at any hour.
+        campaign_hours: Length of a campaign.
+        rate: Jobs per minute during a campaign.
+    """
+
+    kind: ClassVar[str] = "benchmarking"
+    identity: TenantIdentity
+    campaigns_per_day: float
+    campaign_hours: float
+    rate: float
+
+    def generate(self, horizon: Horizon, rng: np.random.Generator) -> JobBatch:
+        n_minutes = horizon.n_minutes
+        starts = np.flatnonzero(rng.random(n_minutes) < self.campaigns_per_day / 1440)
+        active = np.zeros(n_minutes, dtype=bool)
+        length = round(self.campaign_hours * 60)
+        for start in starts.tolist():
+            active[start : start + length] = True
+        rate = np.where(active, self.rate, 0.0)
+        submit_ms = submit_times(_poisson_per_minute(rate, rng), horizon, rng)
+        n = len(submit_ms)
+        return sample_jobs(
+            self.identity,
+            rng,
+            submit_ms=submit_ms,
+            circuit=rng.choice(select_circuits(min_qubits=12), size=n),
+            shots=rng.choice(BENCHMARK_SHOTS, size=n),
+            num_circuits=rng.integers(1, 11, size=n),
+            code_index=rng.integers(0, len(self.identity.code_hashes), size=n),
+            failure_rate=0.02,
+        )
+
+
+def lookalike_roster(hasher: KeyedHasher, rng: np.random.Generator, *, seed: int) -> list[Tenant]:
+    """Draw the benign look-alikes: two classes of 20-45 students and 2-3 benchmark keys.
+
+    The first class meets every weekday, the second on two weekdays; lessons last one
+    to two hours in the (European) working day.
+
+    Args:
+        hasher: Keyed hasher for every identifier.
+        rng: Source of randomness (the roster depends only on it).
+        seed: The simulation seed; part of the synthetic raw ids.
+
+    Returns:
+        Classroom students, then benchmarking keys.
+    """
+    roster: list[Tenant] = []
+    for c in range(2):
+        weekdays = (
+            (0, 1, 2, 3, 4)
+            if c == 0
+            else tuple(sorted(int(d) for d in rng.choice(5, size=2, replace=False)))
+        )
+        notebook = hasher.hash(f"course{c}.uni{seed}.example.edu/lesson.ipynb", domain="code")
+        campus = make_identity(
+            hasher,
+            rng,
+            raw_api_key=f"key-{seed}-course{c}-teacher",
+            raw_users=[f"teacher@course{c}.uni{seed}.example.edu"],
+            n_scripts=1,
+            n_networks=1,
+            sdk="qiskit",
+            n_backends=1,
+        )
+        lesson_start_minute = int(rng.integers(8 * 60, 15 * 60))
+        lesson_minutes = int(rng.integers(60, 121))
+        for s in range(int(rng.integers(20, 46))):
+            raw_key = f"key-{seed}-course{c}-student{s:02d}"
+            student = replace(
+                campus,
+                api_key_id=hasher.hash(raw_key, domain="api_key"),
+                users=(
+                    hasher.hash(f"student{s:02d}@course{c}.uni{seed}.example.edu", domain="user"),
+                ),
+                code_hashes=(notebook,),
+            )
+            roster.append(
+                ClassroomStudent(
+                    identity=student,
+                    weekdays=weekdays,
+                    lesson_start_minute=lesson_start_minute,
+                    lesson_minutes=lesson_minutes,
+                    join_delay_minutes=int(rng.integers(0, 11)),
+                    rate=float(rng.uniform(0.3, 1.2)),
+                )
+            )
+    for b in range(int(rng.integers(2, 4))):
+        roster.append(
+            Benchmarking(
+                identity=make_identity(
+                    hasher,
+                    rng,
+                    raw_api_key=f"key-{seed}-bench-{b:02d}",
+                    raw_users=[f"bench{b}@hpc{seed}.example.org"],
+                    n_scripts=int(rng.integers(1, 4)),
+                ),
+                campaigns_per_day=float(rng.uniform(1.0, 3.0)),
+                campaign_hours=float(rng.uniform(1.0, 4.0)),
+                rate=float(rng.uniform(0.5, 2.0)),
             )
         )
     return roster
