@@ -5,8 +5,8 @@ from pathlib import Path
 from dagster import Definitions, FilesystemIOManager, load_assets_from_modules
 
 from qabuse_dagster import settings
-from qabuse_dagster.defs import feature_assets, model_assets, telemetry_assets
-from qabuse_dagster.defs.jobs import telemetry_job, training_job
+from qabuse_dagster.defs import backtest_assets, feature_assets, model_assets, telemetry_assets
+from qabuse_dagster.defs.jobs import backtest_job, telemetry_job, training_job
 from qabuse_dagster.defs.resources import FeastResource, MlflowResource, QabuseStorage
 
 
@@ -15,8 +15,10 @@ def build_definitions(home: Path | None = None) -> Definitions:
     home = settings.export_home(home)
     paths = settings.Paths(home)
     return Definitions(
-        assets=load_assets_from_modules([telemetry_assets, feature_assets, model_assets]),
-        jobs=[telemetry_job, training_job],
+        assets=load_assets_from_modules(
+            [telemetry_assets, feature_assets, model_assets, backtest_assets]
+        ),
+        jobs=[telemetry_job, training_job, backtest_job],
         resources={
             "storage": QabuseStorage(home=str(home)),
             "feast": FeastResource(repo_path=str(settings.feature_repo_dir()), home=str(home)),

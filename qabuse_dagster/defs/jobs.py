@@ -19,3 +19,9 @@ training_job = define_asset_job(
     description="Apply and materialise Feast, build the training set, train, register, "
     "evaluate and promote the detector.",
 )
+
+backtest_job = define_asset_job(
+    "backtest_job",
+    selection=AssetSelection.groups("evaluation"),
+    description="Backtest qabuse against the tutorial baseline on all stored telemetry.",
+)

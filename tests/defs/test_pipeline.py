@@ -149,3 +149,28 @@ def test_a_second_pass_on_the_same_home_dedups_and_registers_a_new_version(
         model_registry.resolve_alias(settings.CHAMPION_ALIAS).version == result.trained.ref.version
     )
     assert result.failed_checks == []
+
+
+def test_backtest_job_reports_qabuse_beside_the_baseline(pipeline_run) -> None:
+    import json
+
+    from dagster import DagsterInstance
+
+    from qabuse_dagster.definitions import build_definitions
+    from qabuse_dagster.pipeline import QUIET_RUN_CONFIG
+
+    result = (
+        build_definitions()
+        .resolve_job_def("backtest_job")
+        .execute_in_process(instance=DagsterInstance.get(), run_config=QUIET_RUN_CONFIG)
+    )
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert "runaway_ci" in metadata["per_kind"].value
+    assert "baseline" in metadata["per_kind"].value
+    report = json.loads((settings.paths().reports / "backtest.json").read_text())
+    assert report["detector"] == "qabuse" and report["baseline"]["detector"] == "baseline"
+    assert report["overall"]["recall"] >= 1.0
+    assert {i["kind"] for i in report["incidents"]} == {"runaway_ci"}
+    assert (settings.paths().reports / "backtest.html").stat().st_size > 10_000
