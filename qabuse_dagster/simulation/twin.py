@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ import numpy as np
 
 from qabuse_dagster.evaluation.labels import IncidentLabel, write_labels
 from qabuse_dagster.simulation.jobs import Horizon, JobBatch
+from qabuse_dagster.simulation.queue import Backend, schedule
 from qabuse_dagster.simulation.records import write_telemetry
 from qabuse_dagster.simulation.scenarios import (
     SCENARIOS,
@@ -185,7 +187,7 @@ def simulate(
             )
             scenario_batches, labels = _run_scenarios(names, context, api_keys, advance)
             batches.extend(scenario_batches)
-        jobs = JobBatch.concat(batches)
+        jobs = _shared_queue(JobBatch.concat(batches))
         # Every record, terminal ones included, must lie in [start, end).
         jobs = jobs.take((jobs.submit_ms >= horizon.start_ms) & (jobs.end_ms < horizon.end_ms))
         n_jobs = len(jobs)
@@ -217,6 +219,38 @@ def simulate(
         end=horizon.end,
         incidents=labels,
     )
+
+
+#: Parallel job slots per backend: cloud simulators run many jobs at once, QPUs few.
+BACKEND_SLOTS: dict[str, int] = {"sv1": 16, "ibm_kingston": 3, "ibm_fez": 3}
+DEFAULT_BACKEND_SLOTS = 2
+
+
+def _shared_queue(jobs: JobBatch) -> JobBatch:
+    """Queue times from the load: every backend's jobs share its slots, fair-share.
+
+    A job's run time is the tenant model's (its service time); its wait is what the
+    other tenants' jobs on the same backend leave it, so a flood on one backend shows
+    as longer queues for everyone on it. Refused jobs never reach a queue.
+    """
+    queued = ~jobs.rejected
+    names, backend_idx = np.unique(jobs.backend[queued], return_inverse=True)
+    _, tenant_idx = np.unique(jobs.api_key_id[queued], return_inverse=True)
+    backends = [
+        Backend(str(name), BACKEND_SLOTS.get(str(name), DEFAULT_BACKEND_SLOTS), 1.0)
+        for name in names
+    ]
+    result = schedule(
+        (jobs.submit_ms[queued] + jobs.submit_latency_ms[queued]) / 1000.0,
+        jobs.runtime_ms[queued] / 1000.0,
+        backend_idx,
+        tenant_idx,
+        backends,
+        policy="fair_share",
+    )
+    queue_ms = np.zeros(len(jobs), dtype=np.int64)
+    queue_ms[queued] = np.round(result.queue_s * 1000.0).astype(np.int64)
+    return dataclasses.replace(jobs, queue_ms=queue_ms)
 
 
 def _run_scenarios(
