@@ -40,14 +40,21 @@ from qabuse_dagster.telemetry.contract import (
     show_value,
 )
 
-__all__ = ["IncidentLabel", "LabelsError", "label_to_json", "read_labels", "write_labels"]
+__all__ = [
+    "FileLineError",
+    "IncidentLabel",
+    "LabelsError",
+    "label_to_json",
+    "read_labels",
+    "write_labels",
+]
 
 
-class LabelsError(ValueError):
-    """A labels file that cannot be read or written, naming the file and 1-based line.
+class FileLineError(ValueError):
+    """A file that cannot be read, naming the file and the 1-based line at fault.
 
     Attributes:
-        path: The labels file.
+        path: The file.
         line: The 1-based line number, or ``None`` when the problem is not on one line.
         detail: What is wrong.
     """
@@ -61,6 +68,10 @@ class LabelsError(ValueError):
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
         return f"{where}: {self.detail}"
+
+
+class LabelsError(FileLineError):
+    """A labels file that cannot be read or written, naming the file and 1-based line."""
 
 
 class IncidentLabel(BaseModel):

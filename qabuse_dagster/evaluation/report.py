@@ -41,7 +41,7 @@ from sklearn.metrics import average_precision_score
 from models import TutorialBaselineDetector
 from qabuse_dagster.evaluation.backtest import DetectorParams, fit_detector, score_rows, time_cutoff
 from qabuse_dagster.evaluation.detection import IncidentOutcome, evaluate_detections, label_keys
-from qabuse_dagster.evaluation.labels import IncidentLabel
+from qabuse_dagster.evaluation.labels import FileLineError, IncidentLabel
 from qabuse_dagster.features.windows import FEATURE_NAMES, window_features
 from qabuse_dagster.ingest.files import parse_line as parse_telemetry_line
 from qabuse_dagster.ingest.partitions import records_to_table
@@ -71,18 +71,8 @@ class BacktestError(ValueError):
     """Telemetry and labels that cannot be backtested (the message says why)."""
 
 
-class TelemetryFileError(ValueError):
+class TelemetryFileError(FileLineError):
     """A telemetry file that cannot be read, naming the file and 1-based line."""
-
-    def __init__(self, path: Path, line: int | None, detail: str) -> None:
-        self.path = path
-        self.line = line
-        self.detail = detail
-        super().__init__(path, line, detail)
-
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
-        return f"{where}: {self.detail}"
 
 
 def read_telemetry_jsonl(path: Path) -> pa.Table:
