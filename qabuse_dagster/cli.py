@@ -8,11 +8,16 @@ import sys
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import click
 
 from qabuse_dagster import settings
+
+if TYPE_CHECKING:  # heavy imports stay out of `qabuse --help`
+    import pyarrow as pa
+
+    from qabuse_dagster.evaluation.closed_loop import ClosedLoopReport
 
 
 def _quiet_libraries() -> None:
@@ -281,6 +286,20 @@ def up(dagster_port: int, mlflow_port: int, serve_port: int) -> None:
     help="Report JSON; with both detectors, the baseline's report sits under 'baseline'.",
 )
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--alert-budget",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=0.02,
+    show_default=True,
+    help="Share of training key-days the qabuse threshold lets alert.",
+)
+@click.option(
+    "--closed-loop/--no-closed-loop",
+    default=None,
+    help="Rerun the twin with qabuse mitigating and compare legitimate users' queue wait "
+    "(needs the twin.json that `qabuse simulate` writes beside the telemetry, and the "
+    "hash key it used). Default: on when that file is there.",
+)
 def evaluate(
     telemetry: Path,
     labels: Path,
@@ -289,14 +308,22 @@ def evaluate(
     key_kinds: Path | None,
     json_out: Path,
     html_out: Path | None,
+    alert_budget: float,
+    closed_loop: bool | None,
 ) -> None:
-    """Backtest detectors on labelled telemetry: train on the past, replay the rest."""
+    """Backtest detectors on labelled telemetry: train on the past, replay the rest.
+
+    On the twin's own output it also closes the loop: the twin runs again with qabuse
+    throttling, challenging and revoking keys as it goes, and the report compares
+    legitimate users' queue wait with and without it.
+    """
     import json
     import os
 
     from rich.console import Console
     from rich.table import Table
 
+    from qabuse_dagster.evaluation.backtest import DetectorParams
     from qabuse_dagster.evaluation.html_report import write_html
     from qabuse_dagster.evaluation.labels import LabelsError, read_labels
     from qabuse_dagster.evaluation.report import (
@@ -309,6 +336,7 @@ def evaluate(
         read_telemetry_jsonl,
         run_backtest,
     )
+    from qabuse_dagster.simulation.twin import MANIFEST_FILE
 
     try:
         table = read_telemetry_jsonl(telemetry)
@@ -328,14 +356,32 @@ def evaluate(
     )
     try:
         reports = [
-            run_backtest(table, incidents, train_until=cutoff, detector=name, key_kinds=kinds)
+            run_backtest(
+                table,
+                incidents,
+                train_until=cutoff,
+                detector=name,
+                key_kinds=kinds,
+                params=DetectorParams(alert_budget=alert_budget),
+            )
             for name in names
         ]
     except BacktestError as exc:
         raise click.ClickException(f"{labels}: {exc}") from None
+    manifest_path = telemetry.parent / MANIFEST_FILE
+    loop = None
+    if closed_loop or (closed_loop is None and manifest_path.exists()):
+        try:
+            loop = _closed_loop(manifest_path, table, reports[0].train_until, alert_budget)
+        except click.ClickException as exc:
+            if closed_loop:
+                raise
+            click.echo(f"closed loop skipped: {exc.message}", err=True)
     out = reports[0].to_dict()
     if len(reports) > 1:
         out["baseline"] = reports[1].to_dict()
+    if loop is not None:
+        out["closed_loop"] = loop.to_dict()
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     view = Table(title=f"Backtest from {reports[0].train_until:%Y-%m-%d %H:%M} UTC")
@@ -343,14 +389,54 @@ def evaluate(
         view.add_column(column, justify="left" if column in ("kind", "detector") else "right")
     for row in kind_table_rows(reports):
         view.add_row(*row)
-    Console(width=160).print(view)
+    console = Console(width=160)
+    console.print(view)
+    if loop is not None:
+        from qabuse_dagster.evaluation.closed_loop import (
+            CLOSED_LOOP_COLUMNS,
+            closed_loop_rows,
+            closed_loop_summary,
+        )
+
+        loop_view = Table(title="Closed loop: the twin without -> with qabuse mitigating")
+        for column in CLOSED_LOOP_COLUMNS:
+            loop_view.add_column(column, justify="left" if column == "scope" else "right")
+        for row in closed_loop_rows(loop):
+            loop_view.add_row(*row)
+        console.print(loop_view)
+        click.echo(closed_loop_summary(loop))
     click.echo(f"report -> {json_out}")
     if html_out is not None:
-        click.echo(f"html -> {write_html(reports, html_out)}")
+        click.echo(f"html -> {write_html(reports, html_out, closed_loop=loop)}")
     tracking_uri = os.environ.get(settings.MLFLOW_URI_ENV)
     if tracking_uri:
-        run_ids = log_to_mlflow(reports, tracking_uri)
+        run_ids = log_to_mlflow(reports, tracking_uri, closed_loop=loop)
         click.echo(f"metrics logged to MLflow runs {', '.join(run_ids)}")
+
+
+def _closed_loop(
+    manifest_path: Path,
+    telemetry: pa.Table,
+    train_until: datetime,
+    alert_budget: float,
+) -> ClosedLoopReport:
+    """Rerun the twin of ``manifest_path`` with and without qabuse; click errors on misuse."""
+    from qabuse_dagster.evaluation.backtest import DetectorParams
+    from qabuse_dagster.evaluation.closed_loop import closed_loop_backtest
+    from qabuse_dagster.simulation.twin import TwinManifest
+
+    try:
+        manifest = TwinManifest.read(manifest_path)
+        return closed_loop_backtest(
+            manifest,
+            _hasher(manifest.demo_key),
+            train_until=train_until,
+            params=DetectorParams(alert_budget=alert_budget),
+            expected_keys=set(telemetry.column("api_key_id").to_pylist()),
+            progress=True,
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -48,7 +48,74 @@ def test_happy_path_writes_json_html_and_prints_both_rows(
     assert "runaway_ci" in report["per_kind"]
     rows = [line for line in output.splitlines() if "runaway_ci" in line]
     assert any("qabuse" in r for r in rows) and any("baseline" in r for r in rows)
-    assert "data:image/png;base64," in out_html.read_text()
+    page = out_html.read_text()
+    assert "data:image/png;base64," in page
+    # twin.json sits beside the telemetry: the twin is rerun with qabuse mitigating.
+    loop = report["closed_loop"]
+    assert loop["legit_wait_with"]["jobs"] > 0 and loop["legit_wait_without"]["jobs"] > 0
+    assert [i["kind"] for i in loop["incidents"]] == ["runaway_ci"]
+    assert loop["incidents"][0]["mitigated_after_s"] is not None
+    assert "Closed loop" in output and "legitimate keys mitigated" in output
+    assert "Closed loop" in page
+
+
+def test_no_closed_loop_skips_the_rerun(twin: SimulationResult, tmp_path: Path) -> None:
+    out_json = tmp_path / "r.json"
+    code, output = _evaluate(
+        "--telemetry",
+        str(twin.telemetry_path),
+        "--labels",
+        str(twin.labels_path),
+        "--json",
+        str(out_json),
+        "--detector",
+        "qabuse",
+        "--no-closed-loop",
+    )
+    assert code == 0, output
+    assert "closed_loop" not in json.loads(out_json.read_text())
+
+
+def test_closed_loop_without_a_twin_manifest_says_what_is_missing(
+    twin: SimulationResult, tmp_path: Path
+) -> None:
+    telemetry = tmp_path / "telemetry.jsonl"
+    telemetry.write_bytes(twin.telemetry_path.read_bytes())
+    output = _fail(
+        [
+            "--telemetry",
+            str(telemetry),
+            "--labels",
+            str(twin.labels_path),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--closed-loop",
+        ]
+    )
+    assert "twin.json" in output and "qabuse simulate" in output
+
+
+def test_a_twin_whose_hash_key_is_not_set_skips_the_closed_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private = simulate(
+        hours=4, seed=6, out=tmp_path, hasher=KeyedHasher(b"a-private-key-0123456789abcdef")
+    )
+    monkeypatch.delenv("QABUSE_HASH_KEY", raising=False)
+    out_json = tmp_path / "r.json"
+    code, output = _evaluate(
+        "--telemetry",
+        str(private.telemetry_path),
+        "--labels",
+        str(private.labels_path),
+        "--json",
+        str(out_json),
+        "--detector",
+        "qabuse",
+    )
+    assert code == 0, output
+    assert "closed loop skipped" in output and "QABUSE_HASH_KEY" in output
+    assert "closed_loop" not in json.loads(out_json.read_text())
 
 
 def _fail(args: list[str]) -> str:

@@ -47,6 +47,7 @@ class DetectorConfig(Config):
     n_estimators: int = 200
     contamination: float = 0.01
     random_state: int = 0
+    alert_budget: float = 0.02
 
 
 @asset(
@@ -63,7 +64,9 @@ def detector_model(
 ) -> Output[TrainedDetector]:
     cutoff = time_cutoff(training_set["event_timestamp"], config.train_fraction)
     history = training_set[training_set["event_timestamp"] < cutoff]
-    params = DetectorParams(config.n_estimators, config.contamination, config.random_state)
+    params = DetectorParams(
+        config.n_estimators, config.contamination, config.random_state, config.alert_budget
+    )
     detector = fit_detector(history, FEATURE_NAMES, params)
     ref, experiment_id = model_registry.log_detector(
         detector,

@@ -12,6 +12,12 @@ from typing import Any
 
 from sklearn.metrics import precision_recall_curve
 
+from qabuse_dagster.evaluation.closed_loop import (
+    CLOSED_LOOP_COLUMNS,
+    ClosedLoopReport,
+    closed_loop_rows,
+    closed_loop_summary,
+)
 from qabuse_dagster.evaluation.detection import IncidentOutcome
 from qabuse_dagster.evaluation.report import (
     KIND_TABLE_COLUMNS,
@@ -23,12 +29,17 @@ from qabuse_dagster.evaluation.report import (
 __all__ = ["write_html"]
 
 
-def write_html(reports: BacktestReport | Sequence[BacktestReport], path: Path) -> Path:
+def write_html(
+    reports: BacktestReport | Sequence[BacktestReport],
+    path: Path,
+    closed_loop: ClosedLoopReport | None = None,
+) -> Path:
     """Write a self-contained HTML page: tables and inline PNG plots, detectors side by side.
 
     The page holds the per-kind table, the per-incident table, the look-alike rows, a
-    precision-recall curve over keys, time to detect per kind, and one score timeline per
-    incident and detector.
+    precision-recall curve over keys, time to detect per kind, one score timeline per
+    incident and detector, and with ``closed_loop`` the twin rerun with qabuse
+    mitigating: legitimate users' queue wait without and with it.
     """
     group = [reports] if isinstance(reports, BacktestReport) else list(reports)
     if not group:
@@ -73,6 +84,13 @@ def write_html(reports: BacktestReport | Sequence[BacktestReport], path: Path) -
         _img(_time_to_detect_png(group), "time to detect per kind"),
         "</div>",
     ]
+    if closed_loop is not None:
+        parts += [
+            "<h2>Closed loop: the twin with and without qabuse mitigating</h2>",
+            f"<p>{html.escape(closed_loop_summary(closed_loop))}</p>",
+            _html_table(CLOSED_LOOP_COLUMNS, closed_loop_rows(closed_loop)),
+            _img(_legit_wait_png(closed_loop), "legitimate queue wait"),
+        ]
     for outcome in group[0].incidents:
         parts.append(f"<h3>Incident {html.escape(outcome.incident_id)}</h3><div class='row'>")
         parts.extend(
@@ -188,4 +206,19 @@ def _timeline_png(report: BacktestReport, incident_id: str) -> bytes:
     ax.set_ylabel("score (higher = more anomalous)")
     ax.legend(fontsize=6, loc="upper left")
     fig.autofmt_xdate()
+    return _png(plt, fig)
+
+
+def _legit_wait_png(report: ClosedLoopReport) -> bytes:
+    plt, fig, ax = _figure()
+    scopes = [("all", report.legit_wait_without, report.legit_wait_with)] + [
+        (i.kind, i.legit_wait_without, i.legit_wait_with) for i in report.incidents
+    ]
+    xs = range(len(scopes))
+    ax.bar([x - 0.2 for x in xs], [w.p95_s or 0.0 for _, w, _ in scopes], 0.4, label="without")
+    ax.bar([x + 0.2 for x in xs], [w.p95_s or 0.0 for _, _, w in scopes], 0.4, label="with qabuse")
+    ax.set_xticks(list(xs), [name for name, _, _ in scopes], rotation=20, fontsize=8)
+    ax.set_ylabel("p95 queue wait (s)")
+    ax.set_title("Legitimate users' queue wait during each incident")
+    ax.legend(fontsize=8)
     return _png(plt, fig)

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -46,6 +46,9 @@ from qabuse_dagster.features.windows import FEATURE_NAMES, window_features
 from qabuse_dagster.ingest.files import parse_line as parse_telemetry_line
 from qabuse_dagster.ingest.partitions import records_to_table
 from qabuse_dagster.telemetry.contract import ContractViolation
+
+if TYPE_CHECKING:  # the closed loop imports the twin; only its report type is named here
+    from qabuse_dagster.evaluation.closed_loop import ClosedLoopReport
 
 __all__ = [
     "BACKTEST_EXPERIMENT",
@@ -418,8 +421,15 @@ def _lookalikes(
     return dict(sorted(out.items()))
 
 
-def log_to_mlflow(reports: Sequence[BacktestReport], tracking_uri: str) -> list[str]:
+def log_to_mlflow(
+    reports: Sequence[BacktestReport],
+    tracking_uri: str,
+    closed_loop: ClosedLoopReport | None = None,
+) -> list[str]:
     """Log each report's overall and per-kind metrics as a run in `BACKTEST_EXPERIMENT`.
+
+    With ``closed_loop``, the qabuse run also gets its figures (``closed_loop.*``) and
+    its JSON as an artifact.
 
     Returns:
         The run ids, one per report.
@@ -447,6 +457,11 @@ def log_to_mlflow(reports: Sequence[BacktestReport], tracking_uri: str) -> list[
                 metrics.update(
                     {f"{kind}.{k}": v for k, v in _numeric(asdict(kind_metrics)).items()}
                 )
+            if closed_loop is not None and report.detector == "qabuse":
+                from qabuse_dagster.evaluation.closed_loop import closed_loop_metrics
+
+                metrics.update(closed_loop_metrics(closed_loop))
+                mlflow.log_dict(closed_loop.to_dict(), "closed_loop.json")
             mlflow.log_metrics(metrics)
             run_ids.append(run.info.run_id)
     return run_ids

@@ -133,7 +133,8 @@ class JobBatch:
 
     String columns are ``object`` arrays; times are ``int64`` milliseconds. A job with
     ``rejected`` set was refused by the API: it is one ``rejected`` record at its
-    submission instant (with its ``error_code``), and never ran.
+    submission instant (with its ``error_code``), and never ran. ``retry_count`` says
+    how many refused attempts of the same job came before this one.
     """
 
     submit_ms: np.ndarray
@@ -156,6 +157,7 @@ class JobBatch:
     queue_ms: np.ndarray
     runtime_ms: np.ndarray
     rejected: np.ndarray
+    retry_count: np.ndarray
 
     def __len__(self) -> int:
         return int(self.submit_ms.shape[0])
@@ -306,4 +308,5 @@ def sample_jobs(
         queue_ms=np.round(queue_s * 1000).astype(np.int64),
         runtime_ms=np.round(runtime_s * 1000).astype(np.int64),
         rejected=np.zeros(n, dtype=bool),
+        retry_count=np.zeros(n, dtype=np.int64),
     )

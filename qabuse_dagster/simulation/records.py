@@ -52,6 +52,7 @@ def write_telemetry(
     *,
     job_id_prefix: str,
     on_progress: Callable[[int], None] | None = None,
+    until_ms: int | None = None,
 ) -> int:
     """Write two records per job (one per refused job) to ``path``, sorted by timestamp.
 
@@ -64,13 +65,19 @@ def write_telemetry(
         path: The JSONL file to (over)write.
         job_id_prefix: Prefix of every job id, e.g. ``job-42-``.
         on_progress: Called with the number of records written since the last call.
+        until_ms: When the telemetry ends: a job that ends at or after it is still in
+            flight, so it has its ``submitted`` record and no terminal one.
 
     Returns:
-        The number of records written: twice the number of jobs, less the refused ones.
+        The number of records written: twice the number of jobs, less the refused ones
+        and those still in flight.
     """
     jobs = jobs.take(np.argsort(jobs.submit_ms, kind="stable"))
     n = len(jobs)
-    ran = np.flatnonzero(~jobs.rejected)
+    finished = ~jobs.rejected
+    if until_ms is not None:
+        finished &= jobs.end_ms < until_ms
+    ran = np.flatnonzero(finished)
     n_records = n + len(ran)
     record_ms = np.concatenate([jobs.submit_ms, jobs.end_ms[ran]])
     job_of_record = np.concatenate([np.arange(n), ran])
@@ -78,7 +85,8 @@ def write_telemetry(
     order = np.lexsort((is_terminal, job_of_record, record_ms))
     timestamps = _rfc3339_utc(record_ms[order])
 
-    catalogue = circuit_catalogue()
+    sdk_names = jobs.sdk.tolist()
+    catalogues = {name: circuit_catalogue(name) for name in sorted(set(sdk_names))}
     dumps = json.JSONEncoder(separators=(",", ":")).encode
 
     # The records are built as text, in exactly the bytes ``dumps(record)`` would give
@@ -90,12 +98,12 @@ def write_telemetry(
         memo = {value: dumps(value) for value in set(values)}
         return [memo[value] for value in values]
 
-    gate_counts_memo: dict[tuple[int, int], str] = {}
+    gate_counts_memo: dict[tuple[str, int, int], str] = {}
 
-    def gate_counts(circuit: int, copies: int) -> str:
-        key = (circuit, copies)
+    def gate_counts(sdk_name: str, circuit: int, copies: int) -> str:
+        key = (sdk_name, circuit, copies)
         if key not in gate_counts_memo:
-            counts = catalogue[circuit].gate_counts.items()
+            counts = catalogues[sdk_name][circuit].gate_counts.items()
             gate_counts_memo[key] = dumps({name: count * copies for name, count in counts})
         return gate_counts_memo[key]
 
@@ -113,20 +121,21 @@ def write_telemetry(
     )
     country, shots = encoded(jobs.country), encoded(jobs.shots)
     circuit, copies = jobs.circuit.tolist(), jobs.num_circuits.tolist()
+    retries = jobs.retry_count.tolist()
 
     def shared_fields(j: int) -> tuple[str, str]:
         """The fields before and after the timing fields, the same in both records."""
-        stats = catalogue[circuit[j]]
+        stats = catalogues[sdk_names[j]][circuit[j]]
         before = (
             f'"user":{user[j]},"api_key_id":{key[j]},"provider":{provider[j]},'
             f'"region":{region[j]},"backend":{backend[j]},"sdk":{sdk[j]},'
             f'"sdk_version":{sdk_version[j]},"num_circuits":{copies[j]},"shots":{shots[j]},'
             f'"num_qubits":{stats.num_qubits},"depth":{stats.depth},'
-            f'"gate_counts":{gate_counts(circuit[j], copies[j])},'
+            f'"gate_counts":{gate_counts(sdk_names[j], circuit[j], copies[j])},'
             f'"two_qubit_gates":{stats.two_qubit_gates * copies[j]}'
         )
         after = (
-            f'"retry_count":0,"client_agent":{agent[j]},"code_hash":{code[j]},'
+            f'"retry_count":{retries[j]},"client_agent":{agent[j]},"code_hash":{code[j]},'
             f'"source_ip_hash":{network[j]},"country":{country[j]}}}'
         )
         return before, after

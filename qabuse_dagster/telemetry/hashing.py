@@ -136,6 +136,11 @@ class KeyedHasher:
             )
         return cls(DEMO_HASH_KEY)
 
+    @property
+    def is_demo(self) -> bool:
+        """Whether this hasher uses the public demo key (whose hashes protect nothing)."""
+        return hmac.compare_digest(self._key, DEMO_HASH_KEY)
+
     def hash(self, value: str, *, domain: str) -> str:
         """Hash one identifier.
 

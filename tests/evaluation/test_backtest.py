@@ -11,6 +11,7 @@ import pytest
 from models import IsolationForestDetector
 from qabuse_dagster.evaluation.backtest import (
     DetectorParams,
+    calibrate_threshold,
     fit_detector,
     score_rows,
     time_cutoff,
@@ -89,3 +90,43 @@ def test_score_rows_adds_score_and_alert() -> None:
     assert scored.loc[7, "alert"]
     assert scored["score"].idxmax() == 7
     assert scored["alert"].mean() <= 0.3
+
+
+def _key_day_alert_share(rows: pd.DataFrame, scores: np.ndarray, threshold: float) -> float:
+    days = rows["event_timestamp"].dt.floor("D")
+    alerted = pd.Series(scores > threshold).groupby([rows["api_key_id"], days]).any()
+    return float(alerted.mean())
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.5])
+def test_calibrated_threshold_keeps_training_key_days_within_the_budget(budget: float) -> None:
+    rows = _rows(n=7 * 24 * 60, seed=4)  # 7 keys over 7 days: 49 key-days
+    scores = np.random.default_rng(5).gamma(2.0, size=len(rows))
+
+    threshold = calibrate_threshold(scores, rows["api_key_id"], rows["event_timestamp"], budget)
+
+    share = _key_day_alert_share(rows, scores, threshold)
+    assert share <= budget
+    # The tightest such threshold: one step lower would overrun the budget.
+    lower = np.max(scores[scores < threshold])
+    assert _key_day_alert_share(rows, scores, lower) > budget or share == 0.0
+
+
+def test_fit_detector_sets_the_threshold_from_the_key_day_budget() -> None:
+    rows = _rows(n=7 * 24 * 60, seed=6)
+    params = DetectorParams(n_estimators=30, random_state=0, alert_budget=0.1)
+
+    detector = fit_detector(rows, FEATURES, params)
+
+    scores = detector.decision_function(rows[list(FEATURES)].to_numpy())
+    assert _key_day_alert_share(rows, scores, detector.threshold_) <= 0.1
+    # A row quantile (the forest's own 1% contamination) alerts on nearly every key-day.
+    row_quantile = float(np.quantile(scores, 0.99))
+    assert detector.threshold_ > row_quantile
+    assert _key_day_alert_share(rows, scores, row_quantile) > 0.5
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.0, -0.1])
+def test_alert_budget_outside_the_open_unit_interval_is_refused(budget: float) -> None:
+    with pytest.raises(ValueError, match="alert_budget"):
+        DetectorParams(alert_budget=budget)

@@ -78,7 +78,9 @@ def label(run: SimulationResult) -> dict[str, Any]:
 def test_every_record_satisfies_the_telemetry_contract(run: SimulationResult) -> None:
     validator = _validator("telemetry-record.v1.schema.json", "telemetry-record.schema.json")
     records = _lines(run.telemetry_path)
-    assert len(records) == run.n_records == 2 * run.n_jobs
+    # Two records a job, but a job still running when the horizon ends has only one.
+    assert len(records) == run.n_records
+    assert run.n_jobs < run.n_records <= 2 * run.n_jobs
     for record in records:
         errors = sorted(validator.iter_errors(record), key=str)
         assert not errors, f"{record['job_id']}/{record['status']}: {errors[0].message}"
@@ -139,12 +141,22 @@ def test_identifiers_come_from_the_hasher(tmp_path: Path) -> None:
     assert sorted(a.api_keys.values()) == sorted(b.api_keys.values())
 
 
-def test_each_job_has_one_submitted_then_one_terminal_record(frame: pd.DataFrame) -> None:
+def test_each_job_has_one_submitted_then_at_most_one_terminal_record(
+    frame: pd.DataFrame, run: SimulationResult
+) -> None:
     assert not frame.duplicated(["job_id", "status"]).any()
     per_job = frame.groupby("job_id")["status"].agg(list)
-    assert per_job.map(len).eq(2).all()
-    assert per_job.map(lambda s: s[0] == "submitted" and s[1] in {"completed", "failed"}).all()
+    assert per_job.map(len).isin([1, 2]).all()
+    assert per_job.map(lambda s: s[0] == "submitted").all()
+    assert per_job.map(lambda s: len(s) == 1 or s[1] in {"completed", "failed"}).all()
     assert frame["job_id"].str.fullmatch(rf"job-{SEED}-\d{{9}}").all()
+    # Only jobs still in flight at the end lack a terminal record: the runaway CI's
+    # backlog on its QPU, and a few others' last jobs.
+    in_flight = per_job.index[per_job.map(len) == 1]
+    submitted_at = frame[frame["status"] == "submitted"].set_index("job_id")
+    assert len(in_flight) < 0.5 * len(per_job)
+    runaway = {key for key, kind in run.api_keys.items() if kind == "runaway_ci"}
+    assert submitted_at.loc[in_flight, "api_key_id"].isin(runaway).mean() > 0.9
 
     terminal = frame[frame["status"] != "submitted"]
     assert terminal["queue_time_s"].notna().all()
@@ -153,14 +165,18 @@ def test_each_job_has_one_submitted_then_one_terminal_record(frame: pd.DataFrame
     assert terminal.loc[failed, "error_code"].notna().all()
     assert terminal.loc[~failed, "error_code"].isna().all()
     submitted = frame[frame["status"] == "submitted"].set_index("job_id")
-    delay = (terminal.set_index("job_id")["ts"] - submitted["ts"]).dt.total_seconds()
+    delay = (terminal.set_index("job_id")["ts"] - submitted["ts"]).dt.total_seconds().dropna()
     assert (delay >= 0).all()
-    assert delay.median() < 10
+    # The runaway CI overloads its QPU and waits behind its own backlog; under fair
+    # share, the benign tenants' jobs mostly finish within seconds.
+    benign = {key for key, kind in run.api_keys.items() if kind != "runaway_ci"}
+    benign_jobs = submitted.index[submitted["api_key_id"].isin(benign)].intersection(delay.index)
+    assert delay[benign_jobs].median() < 10
 
 
 def test_fixed_fields(frame: pd.DataFrame) -> None:
     assert (frame["schema_version"] == 1).all()
-    assert (frame["retry_count"] == 0).all()
+    assert (frame["retry_count"] == 0).all()  # nobody mitigates in the open loop
     assert set(frame["sdk"]) <= {"qiskit", "cirq", "pennylane"}
     assert frame["client_agent"].str.fullmatch(r"qabuse-(\w+)/0\.1\.0 \1/[\d.]+").all()
     for counts in frame["gate_counts"]:
