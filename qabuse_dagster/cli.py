@@ -68,11 +68,13 @@ def main(home: Path | None, verbose: bool) -> None:
 )
 @click.option(
     "--scenarios",
-    default=None,
+    default="all",
+    show_default=True,
     metavar="NAMES",
     help="Comma-separated abuse scenarios, or 'all', placed in the second half of the "
-    "horizon with the legitimate look-alikes (classrooms, benchmarking). Default: the "
-    "runaway-CI reference incident only.",
+    "horizon with the legitimate look-alikes (classrooms, benchmarking); or 'reference' "
+    "for the reference deployment: benign tenants and one runaway CI from 70% of the "
+    "horizon (what `qabuse demo` runs).",
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option(
@@ -95,7 +97,7 @@ def main(home: Path | None, verbose: bool) -> None:
 def simulate(
     hours: float | None,
     days: float | None,
-    scenarios: str | None,
+    scenarios: str,
     seed: int,
     out: Path,
     start: datetime | None,
@@ -111,12 +113,13 @@ def simulate(
     if hours is None and days is None:
         hours = 48.0
     names = None
-    if scenarios is not None:
+    if scenarios.strip() != "reference":
         names = [n.strip() for n in scenarios.split(",") if n.strip()]
         unknown = sorted(set(names) - set(SCENARIOS) - {"all"})
         if unknown or not names:
             raise click.BadParameter(
-                f"unknown scenario(s) {unknown}; known: all, {', '.join(sorted(SCENARIOS))}",
+                f"unknown scenario(s) {unknown}; known: all, reference, "
+                f"{', '.join(sorted(SCENARIOS))}",
                 param_hint="--scenarios",
             )
     begin = (

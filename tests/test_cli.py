@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from qabuse_dagster import settings
 from qabuse_dagster.cli import main
+from qabuse_dagster.simulation import SCENARIOS
 from qabuse_dagster.telemetry.hashing import HASH_KEY_ENV
 
 
@@ -147,6 +148,36 @@ def test_simulate_with_scenarios_writes_every_kind_and_the_key_kinds(
     assert kinds == {"credit_drain", "key_leak"}
     key_kinds = json.loads((out / "key_kinds.json").read_text())
     assert "classroom" in set(key_kinds.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], set(SCENARIOS)),  # the default: the whole library
+        (["--scenarios", "reference"], {"runaway_ci"}),
+    ],
+)
+def test_simulate_runs_every_scenario_by_default_or_the_reference_deployment(
+    runner: CliRunner, tmp_path: Path, args: list[str], expected: set[str]
+) -> None:
+    out = tmp_path / "sim"
+    result = runner.invoke(
+        main,
+        [
+            "--home",
+            str(tmp_path),
+            "simulate",
+            "--hours",
+            "6",
+            "--out",
+            str(out),
+            "--demo-key",
+            *args,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = (out / "incidents.jsonl").read_text().splitlines()
+    assert {json.loads(line)["kind"] for line in lines} == expected
 
 
 @pytest.mark.parametrize(
