@@ -1,8 +1,9 @@
 """Window features per hour, the Feast store they feed, and the point-in-time training set."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import (
@@ -22,7 +23,13 @@ from dagster import (
 from qabuse_dagster.defs.partitions import HOURLY_PARTITIONS
 from qabuse_dagster.defs.resources import FeastResource, QabuseStorage
 from qabuse_dagster.features import store as feast_ops
-from qabuse_dagster.features.windows import FEATURE_NAMES, FEATURES, LOOKBACK, window_features
+from qabuse_dagster.features.windows import (
+    FEATURE_NAMES,
+    FEATURE_SCHEMA,
+    FEATURES,
+    LOOKBACK,
+    window_features,
+)
 from qabuse_dagster.ingest.partitions import hours_between, read_raw, write_parquet_atomic
 
 _RATIOS = [n for n in FEATURE_NAMES if n.startswith("fail_rate")]
@@ -52,9 +59,20 @@ _NON_NEGATIVE = [n for n in FEATURE_NAMES if not n.endswith("zscore")]
             asset="api_key_window_features",
             description="Ratios lie in [0, 1]; counts, rates and shots are >= 0.",
         ),
+        AssetCheckSpec(
+            "schema",
+            asset="api_key_window_features",
+            description="Columns and types are the Feast source's: key, instant, every feature.",
+        ),
+        AssetCheckSpec(
+            "freshness",
+            asset="api_key_window_features",
+            description="The newest row is at the minute boundary after the newest raw "
+            "record of the hour (features never lag the telemetry they were computed from).",
+        ),
     ],
     group_name="features",
-    kinds={"duckdb", "parquet"},
+    kinds={"numpy", "parquet"},
     description="Per-api-key 1- and 5-minute window features, one row per key and minute, "
     "one Parquet file per hour: the Feast offline source.",
 )
@@ -76,6 +94,8 @@ def api_key_window_features(
         else:
             target.unlink(missing_ok=True)
     frame = rows.to_pandas()
+    schema_problems = _schema_problems(rows.schema)
+    lag_s = _lag_behind_raw_s(telemetry, rows, window.start, window.end)
     nulls = int(frame[list(FEATURE_NAMES)].isna().sum().sum())
     bad_ratio = int(((frame[_RATIOS] < 0) | (frame[_RATIOS] > 1)).sum().sum())
     negative = int((frame[_NON_NEGATIVE] < 0).sum().sum())
@@ -98,8 +118,51 @@ def api_key_window_features(
                 passed=bad_ratio == 0 and negative == 0,
                 metadata={"ratios_out_of_range": bad_ratio, "negative_values": negative},
             ),
+            AssetCheckResult(
+                check_name="schema",
+                passed=not schema_problems,
+                metadata={"problems": MetadataValue.json(schema_problems)},
+            ),
+            AssetCheckResult(
+                check_name="freshness",
+                passed=lag_s is None or lag_s <= 0,
+                metadata={"lag_behind_raw_s": MetadataValue.float(float(lag_s or 0.0))},
+            ),
         ],
     )
+
+
+def _schema_problems(schema: pa.Schema) -> list[str]:
+    """What differs from the columns and types the Feast source expects."""
+    expected = {field.name: field.type for field in FEATURE_SCHEMA}
+    problems = [f"missing column {n}" for n in expected if n not in schema.names]
+    problems += [f"unexpected column {n}" for n in schema.names if n not in expected]
+    problems += [
+        f"{n} is {schema.field(n).type}, expected {t}"
+        for n, t in expected.items()
+        if n in schema.names and schema.field(n).type != t
+    ]
+    return problems
+
+
+def _lag_behind_raw_s(
+    telemetry: pa.Table, rows: pa.Table, start: datetime, end: datetime
+) -> float | None:
+    """Seconds by which the newest row falls short of covering the newest raw record.
+
+    A record at ``t`` is first seen by the row at the next minute boundary, so records of
+    the hour's last minute are first seen by the next hour's rows and are left out. None
+    when the hour has no other raw record.
+    """
+    stamps = telemetry["timestamp"]
+    last_minute = end - timedelta(minutes=1)
+    inside = pc.and_(pc.greater_equal(stamps, start), pc.less(stamps, last_minute))
+    newest_raw = pc.max(stamps.filter(inside)).as_py()
+    if newest_raw is None:
+        return None
+    due = newest_raw.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    newest_row = pc.max(rows["event_timestamp"]).as_py() if rows.num_rows else start
+    return (due - newest_row).total_seconds()
 
 
 @asset(

@@ -80,6 +80,15 @@ FEATURES: tuple[FeatureSpec, ...] = (
     ),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+_COUNT_FEATURES = {"submissions_1m", "distinct_code_hashes_1m", "distinct_code_hashes_5m"}
+#: Columns and types of `window_features` rows (the Feast offline source's).
+FEATURE_SCHEMA = pa.schema(
+    [
+        (ENTITY_COLUMN, pa.string()),
+        (TIMESTAMP_COLUMN, pa.timestamp("us", tz="UTC")),
+        *((n, pa.int64() if n in _COUNT_FEATURES else pa.float64()) for n in FEATURE_NAMES),
+    ]
+)
 FEATURES_1M: tuple[str, ...] = tuple(n for n in FEATURE_NAMES if n.endswith("_1m"))
 FEATURES_5M: tuple[str, ...] = tuple(n for n in FEATURE_NAMES if not n.endswith("_1m"))
 
@@ -163,8 +172,10 @@ def window_features(telemetry: pa.Table, start: datetime, end: datetime) -> pa.T
 
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
-_COUNTS = {"submissions_1m", "distinct_code_hashes_1m", "distinct_code_hashes_5m"}
-_DTYPES = {name: np.int64 if name in _COUNTS else np.float64 for name in FEATURE_NAMES}
+_DTYPES = {
+    name: np.int64 if pa.types.is_integer(FEATURE_SCHEMA.field(name).type) else np.float64
+    for name in FEATURE_NAMES
+}
 
 
 @dataclass(frozen=True)
