@@ -19,6 +19,9 @@ FEATURE_REPO_ENV = "QABUSE_FEATURE_REPO"
 MLFLOW_URI_ENV = "QABUSE_MLFLOW_TRACKING_URI"
 MODEL_NAME_ENV = "QABUSE_MODEL_NAME"
 MODEL_REFRESH_ENV = "QABUSE_MODEL_REFRESH_S"
+ONLINE_STORE_ENV = "QABUSE_ONLINE_STORE"
+REDIS_ENV = "QABUSE_REDIS"
+ONLINE_MAX_AGE_ENV = "QABUSE_ONLINE_MAX_AGE_S"
 
 DEFAULT_MODEL_NAME = "qabuse-api-key-detector"
 CHAMPION_ALIAS = "champion"
@@ -126,3 +129,25 @@ def model_name() -> str:
 def model_refresh_seconds() -> float:
     """How often the scoring endpoint asks the registry whether @champion moved."""
     return float(os.environ.get(MODEL_REFRESH_ENV, "30"))
+
+
+#: The Feast online stores qabuse ships a configuration for; the first is the default.
+ONLINE_STORES = ("sqlite", "redis")
+
+
+def online_store() -> str:
+    """Which Feast online store to use: ``sqlite`` (embedded, default) or ``redis``."""
+    chosen = os.environ.get(ONLINE_STORE_ENV, ONLINE_STORES[0]).strip().lower()
+    if chosen not in ONLINE_STORES:
+        raise ValueError(f"{ONLINE_STORE_ENV}={chosen!r}: expected one of {ONLINE_STORES}")
+    return chosen
+
+
+def redis_connection_string() -> str:
+    """Feast's Redis ``connection_string``: ``host:port[,db=0,password=...,ssl=true]``."""
+    return os.environ.get(REDIS_ENV, "localhost:6379")
+
+
+def online_max_age_seconds() -> float:
+    """Oldest online feature vector still served as fresh; older ones are flagged stale."""
+    return float(os.environ.get(ONLINE_MAX_AGE_ENV, "300"))

@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,13 +39,38 @@ class ApplyReport:
     plan: str
 
 
-def open_store(repo_dir: Path | None = None) -> FeatureStore:
-    """The Feast store of ``feature_repo/`` with its state under ``QABUSE_HOME``."""
+def feature_store_yaml(repo_dir: Path, online_store: str | None = None) -> Path:
+    """The repository's Feast configuration for ``online_store`` (default: the chosen one).
+
+    ``feature_store.yaml`` keeps the embedded SQLite online store; ``feature_store.redis.yaml``
+    is the same repository with its online store on Redis.
+    """
+    chosen = online_store or settings.online_store()
+    if chosen not in settings.ONLINE_STORES:
+        raise ValueError(f"online store {chosen!r}: expected one of {settings.ONLINE_STORES}")
+    name = "feature_store.yaml" if chosen == "sqlite" else f"feature_store.{chosen}.yaml"
+    return repo_dir / name
+
+
+def open_store(repo_dir: Path | None = None, online_store: str | None = None) -> FeatureStore:
+    """The Feast store of ``feature_repo/`` with its state under ``QABUSE_HOME``.
+
+    Args:
+        repo_dir: The Feast repository; default ``settings.feature_repo_dir()``.
+        online_store: ``sqlite`` or ``redis``; default ``QABUSE_ONLINE_STORE`` (``sqlite``).
+            Redis is reached at ``QABUSE_REDIS`` (default ``localhost:6379``).
+    """
     from feast import FeatureStore
 
     settings.export_home()
     settings.paths().feast.mkdir(parents=True, exist_ok=True)
-    return FeatureStore(repo_path=str(repo_dir or settings.feature_repo_dir()))
+    repo = (repo_dir or settings.feature_repo_dir()).resolve()
+    chosen = online_store or settings.online_store()
+    yaml_file = feature_store_yaml(repo, chosen)
+    if chosen == "redis":
+        # Feast expands ${QABUSE_REDIS} in the yaml, and leaves an unset variable as text.
+        os.environ[settings.REDIS_ENV] = settings.redis_connection_string()
+    return FeatureStore(repo_path=str(repo), fs_yaml_file=yaml_file)
 
 
 @contextlib.contextmanager
@@ -53,6 +78,12 @@ def _inside_repo(repo_dir: Path) -> Iterator[None]:
     # Feast's repo parser imports the definition modules by path relative to the working
     # directory, and they import each other as top-level modules (the `feast apply` layout).
     with _REPO_LOCK:
+        # The modules read QABUSE_HOME when imported (data_sources.py builds its paths then),
+        # so a cached import from an earlier apply would register another home's paths.
+        for name, module in list(sys.modules.items()):
+            source = getattr(module, "__file__", None)
+            if source and Path(source).resolve().parent == repo_dir:
+                del sys.modules[name]
         old_cwd = Path.cwd()
         sys.path.insert(0, str(repo_dir))
         os.chdir(repo_dir)
@@ -118,3 +149,65 @@ def online_features(
         entity_rows=[{"api_key_id": k} for k in api_key_ids],
     ).to_dict()
     return [{name: values[i] for name, values in response.items()} for i in range(len(api_key_ids))]
+
+
+@dataclass(frozen=True)
+class OnlineVector:
+    """One key's online feature vector, how old it is, and whether that is too old."""
+
+    api_key_id: str
+    values: dict[str, Any]
+    #: Event time of the oldest feature present; None when the store has none for the key.
+    event_timestamp: datetime | None
+    #: Seconds between ``event_timestamp`` and the read; None when there is no feature.
+    age_s: float | None
+    #: True when older than the bound, or when there is nothing to date: never fresh by default.
+    stale: bool
+
+
+def online_vectors(
+    store: FeatureStore,
+    api_key_ids: Sequence[str],
+    service: str | FeatureService = FEATURE_SERVICE,
+    *,
+    max_age: timedelta | None = None,
+    now: datetime | None = None,
+) -> list[OnlineVector]:
+    """The online feature vector of each key with its event time and a staleness flag.
+
+    Feast applies no TTL to online reads: a key that stopped submitting keeps its last
+    vector in the online store for ever. A vector is as old as its oldest feature (the
+    feature views are written separately); one older than ``max_age`` is ``stale``.
+
+    Args:
+        store: An open store (``open_store``).
+        api_key_ids: The keys to read, in order.
+        service: The feature service, by name or as the object (faster on hot paths).
+        max_age: Staleness bound; default ``QABUSE_ONLINE_MAX_AGE_S`` (300 seconds).
+        now: The instant ages are measured from; default the current UTC time.
+    """
+    from feast.online_response import TIMESTAMP_POSTFIX
+
+    resolved = feature_service(store, service) if isinstance(service, str) else service
+    bound = max_age if max_age is not None else timedelta(seconds=settings.online_max_age_seconds())
+    read_at = now or datetime.now(UTC)
+    names = [f.name for p in resolved.feature_view_projections for f in p.features]
+    response = store.get_online_features(
+        features=resolved,
+        entity_rows=[{"api_key_id": k} for k in api_key_ids],
+    ).to_dict(include_event_timestamps=True)
+    vectors = []
+    for i, key in enumerate(api_key_ids):
+        values = {name: response[name][i] for name in names}
+        # Feast reports whole seconds, and 0 for a feature it has no row for. Truncation
+        # can only make a vector look older, never fresher.
+        stamps = {name: response[f"{name}{TIMESTAMP_POSTFIX}"][i] for name in names}
+        seconds = [s for name, s in stamps.items() if values[name] is not None and s > 0]
+        if not seconds:
+            vectors.append(OnlineVector(key, values, None, None, stale=True))
+            continue
+        oldest = datetime.fromtimestamp(min(seconds), UTC)
+        age_s = (read_at - oldest).total_seconds()
+        stale = age_s > bound.total_seconds()
+        vectors.append(OnlineVector(key, values, oldest, age_s, stale=stale))
+    return vectors

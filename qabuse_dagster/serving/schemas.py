@@ -20,3 +20,11 @@ class ScoreResponse(BaseModel):
     model_version: str = Field(description="The exact registry version that scored.")
     feature_service: str
     features: dict[str, float] = Field(description="The online feature values used.")
+    stale: bool = Field(
+        description="The features are older than the staleness bound (QABUSE_ONLINE_MAX_AGE_S): "
+        "the key was scored anyway, on what it did then, not now."
+    )
+    feature_age_s: float | None = Field(
+        description="Seconds since the event time of the oldest feature used; null when "
+        "the store gave no event time."
+    )

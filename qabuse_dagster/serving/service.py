@@ -2,7 +2,9 @@
 
 ``POST /score {"api_key_id": "<hash>"}`` reads the key's online features from Feast,
 scores them with the ``@champion`` detector from the MLflow registry and answers with
-the score, the decision, the exact model version and the features it used.
+the score, the decision, the exact model version and the features it used, and how old
+those features are: a vector older than ``QABUSE_ONLINE_MAX_AGE_S`` is scored but
+answered with ``stale: true``.
 
 Run it with ``qabuse serve`` (``bentoml serve qabuse_dagster.serving.service:Scorer``).
 """
@@ -14,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from datetime import timedelta
 from typing import Annotated, Any
 
 import bentoml
@@ -85,6 +88,7 @@ class Scorer:
     def __init__(self) -> None:
         settings.export_home()
         self.champion = _Champion(settings.model_refresh_seconds())
+        self.max_age = timedelta(seconds=settings.online_max_age_seconds())
         # Start anyway without a champion: /score answers 503 with the reason until one exists.
         with contextlib.suppress(ServiceUnavailable):
             self.champion.get()
@@ -102,12 +106,12 @@ class Scorer:
         ],
     ) -> ScoreResponse:
         """Score one api key's current behaviour; higher scores are more anomalous."""
-        from qabuse_dagster.features.store import online_features
+        from qabuse_dagster.features.store import online_vectors
 
         loaded, store, service = self.champion.get()
         ref = loaded.ref
-        row = online_features(store, [api_key_id], service)[0]
-        values = [row.get(name) for name in ref.feature_names]
+        vector = online_vectors(store, [api_key_id], service, max_age=self.max_age)[0]
+        values = [vector.values.get(name) for name in ref.feature_names]
         if all(value is None for value in values):
             raise NotFound(
                 f"api key {api_key_id} has no online features: it is unknown, or has not "
@@ -127,4 +131,7 @@ class Scorer:
             model_version=ref.version,
             feature_service=ref.feature_service,
             features=features,
+            # Fails open: a vector older than the bound is still scored, and flagged.
+            stale=vector.stale,
+            feature_age_s=vector.age_s,
         )

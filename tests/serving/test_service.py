@@ -104,3 +104,43 @@ def test_a_promotion_reaches_the_running_endpoint(pipeline_run, client) -> None:
             time.sleep(0.5)
     finally:
         model_registry.set_alias(before, settings.CHAMPION_ALIAS)
+
+
+def test_stale_features_are_scored_and_flagged(pipeline_run, client) -> None:
+    """The twin's hours lie in the past, so every pipeline vector is older than the bound."""
+    from qabuse_dagster.features.store import online_vectors, open_store
+
+    (incident_key,) = pipeline_run.simulation.incident_api_key_ids
+    response = client.score(incident_key)
+    (vector,) = online_vectors(open_store(), [incident_key])
+    assert vector.stale and vector.age_s is not None
+    # Fails open: scored as usual, flagged, with the age the store gives.
+    assert response.anomalous
+    assert response.stale is True
+    assert response.feature_age_s is not None
+    assert response.feature_age_s > settings.online_max_age_seconds()
+    assert response.feature_age_s == pytest.approx(vector.age_s, abs=60)
+
+
+def test_fresh_features_are_not_flagged(pipeline_run, client) -> None:
+    """A key pushed online just now is fresh; its score is what its values give."""
+    from datetime import UTC, datetime
+
+    import pandas as pd
+
+    from qabuse_dagster.features.store import online_features, open_store
+
+    (incident_key,) = pipeline_run.simulation.incident_api_key_ids
+    fresh_key = "fe" * 32
+    store = open_store()
+    (row,) = online_features(store, [incident_key])
+    written = pd.DataFrame([{**row, "api_key_id": fresh_key, "event_timestamp": datetime.now(UTC)}])
+    for view in store.list_feature_views():
+        names = ["api_key_id", "event_timestamp", *(f.name for f in view.features)]
+        store.write_to_online_store(view.name, written[names])
+    fresh, stale = client.score(fresh_key), client.score(incident_key)
+    assert fresh.stale is False
+    assert fresh.feature_age_s is not None and 0 <= fresh.feature_age_s < 60
+    assert fresh.features == stale.features
+    assert fresh.score == pytest.approx(stale.score)
+    assert stale.stale is True

@@ -1,0 +1,81 @@
+"""A throwaway ``redis-server`` on 127.0.0.1 for the Redis online store's tests and benchmark.
+
+Nothing is persisted (no RDB snapshot, no append-only file): the server holds only what
+one test or benchmark run writes, and it is gone when the context exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+from qabuse_dagster.serving.server import free_port
+
+logger = logging.getLogger(__name__)
+
+REDIS_SERVER = "redis-server"
+
+
+class RedisServerMissing(RuntimeError):
+    """``redis-server`` is not on PATH."""
+
+
+def redis_server_binary() -> str | None:
+    """The path of ``redis-server``, or None when it is not installed."""
+    return shutil.which(REDIS_SERVER)
+
+
+def _answers_ping(host: str, port: int) -> bool:
+    # The inline protocol: no client library needed to know the server is up.
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def local_redis(host: str = "127.0.0.1", startup_timeout_s: float = 10.0) -> Iterator[str]:
+    """Run ``redis-server`` on a free port; yield Feast's ``connection_string`` for it.
+
+    Raises:
+        RedisServerMissing: ``redis-server`` is not installed.
+        RuntimeError: it exited, or did not answer PING within ``startup_timeout_s``.
+    """
+    binary = redis_server_binary()
+    if binary is None:
+        raise RedisServerMissing(
+            f"{REDIS_SERVER} is not on PATH; install it (Debian: apt-get install redis-server)"
+        )
+    port = free_port(host)
+    command = [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
+    command += ["--loglevel", "warning"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not _answers_ping(host, port):
+            if process.poll() is not None:
+                output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+                raise RuntimeError(f"{REDIS_SERVER} exited with {process.returncode}: {output}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{REDIS_SERVER} gave no PONG within {startup_timeout_s}s")
+            time.sleep(0.05)
+        logger.info("redis-server pid %s on %s:%s", process.pid, host, port)
+        yield f"{host}:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()

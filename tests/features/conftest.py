@@ -1,0 +1,109 @@
+"""Feast repositories applied in a home of their own, with known rows materialised online.
+
+The session-wide ``QABUSE_HOME`` (tests/conftest.py) holds what the pipeline wrote; these
+tests need a store whose every online row they chose, so they apply the repository again
+elsewhere, once per module (``apply_repo`` imports the repo modules afresh, so the
+registered source paths are this home's).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pandas as pd
+import pytest
+
+from qabuse_dagster import settings
+from qabuse_dagster.features.local_redis import local_redis, redis_server_binary
+from qabuse_dagster.features.store import apply_repo, materialize, open_store
+from qabuse_dagster.features.windows import ENTITY_COLUMN, TIMESTAMP_COLUMN
+
+FRESH_KEY = "a1" * 32
+STALE_KEY = "b2" * 32
+UNKNOWN_KEY = "c3" * 32
+#: How long before ``written_at`` each seeded key last submitted.
+AGES = {FRESH_KEY: timedelta(seconds=30), STALE_KEY: timedelta(hours=1)}
+
+
+@dataclass(frozen=True)
+class SeededStore:
+    """An applied store and exactly what was materialised into its online store."""
+
+    fresh_key: ClassVar[str] = FRESH_KEY
+    stale_key: ClassVar[str] = STALE_KEY
+    #: Never written: the store has nothing for it.
+    unknown_key: ClassVar[str] = UNKNOWN_KEY
+
+    store: Any
+    home: Path
+    online_store: str
+    #: The instant the rows' ages are measured from (whole seconds, UTC).
+    written_at: datetime
+    #: Feature values per key, as written.
+    values: dict[str, dict[str, float | int]]
+    event_times: dict[str, datetime]
+    #: Feast's connection string of the Redis server; None for SQLite.
+    redis: str | None = None
+
+
+def _feature_values(store: Any, seed: int) -> dict[str, float | int]:
+    """Distinct, exactly representable values; integers where the view's field is Int64."""
+    from feast.types import Int64
+
+    fields = [f for view in store.list_feature_views() for f in view.features]
+    return {
+        f.name: (seed * 10 + i if f.dtype == Int64 else seed + i / 4)
+        for i, f in enumerate(sorted(fields, key=lambda f: f.name))
+    }
+
+
+def seed_store(home: Path, online_store: str, redis: str | None = None) -> SeededStore:
+    """Apply the repository under ``home`` and materialise one row per seeded key."""
+    written_at = datetime.now(UTC).replace(microsecond=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(settings.HOME_ENV, str(home))
+        patch.setenv("FEAST_USAGE", "False")
+        if redis is not None:
+            patch.setenv(settings.REDIS_ENV, redis)
+        store = open_store(online_store=online_store)
+        apply_repo(store)
+        values = {key: _feature_values(store, seed) for seed, key in enumerate(AGES, start=1)}
+        event_times = {key: written_at - age for key, age in AGES.items()}
+        rows = pd.DataFrame(
+            [
+                {ENTITY_COLUMN: key, TIMESTAMP_COLUMN: event_times[key], **values[key]}
+                for key in AGES
+            ]
+        )
+        source = settings.paths().api_key_windows
+        source.mkdir(parents=True, exist_ok=True)
+        rows.to_parquet(source / "seed.parquet", index=False)
+        materialize(store, written_at - timedelta(days=1), written_at + timedelta(minutes=1))
+    return SeededStore(store, home, online_store, written_at, values, event_times, redis)
+
+
+def require_redis_server() -> None:
+    """Skip without ``redis-server``; under CI (``CI`` set) fail instead: CI installs it."""
+    if redis_server_binary() is not None:
+        return
+    reason = "redis-server is not installed (Debian: apt-get install redis-server)"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must test the Redis online store, but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def seeded_sqlite(tmp_path_factory: pytest.TempPathFactory) -> SeededStore:
+    return seed_store(tmp_path_factory.mktemp("qabuse-sqlite-home"), "sqlite")
+
+
+@pytest.fixture(scope="module")
+def seeded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededStore]:
+    require_redis_server()
+    with local_redis() as connection:
+        yield seed_store(tmp_path_factory.mktemp("qabuse-redis-home"), "redis", connection)
