@@ -14,16 +14,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import contract_validation, feature_windows
+from benchmarks import contract_validation, feature_windows, online_lookup, streaming
 from benchmarks.report import RESULTS_DIR, BenchmarkResult, comparison_table, write_json
 
-BENCHMARKS = (feature_windows.NAME, contract_validation.NAME)
+BENCHMARKS = (feature_windows.NAME, contract_validation.NAME, streaming.NAME, online_lookup.NAME)
 
 #: ``--quick``: sizes for the smoke test, seconds rather than minutes.
 QUICK_FEATURE_WINDOWS = feature_windows.Settings(
     records=20_000, api_keys=20, days=1.0, repeats_ours=1, repeats_baseline=1
 )
 QUICK_CONTRACT_VALIDATION = contract_validation.Settings(records=2_000, repeats=1)
+QUICK_STREAMING = streaming.Settings(records=20_000, api_keys=20, days=1.0, pushes=10)
+QUICK_ONLINE_LOOKUP = online_lookup.Settings(api_keys=50, lookups=200, warmup=20)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--validation-records",
         type=int,
         help="records for contract_validation (default 20,000)",
+    )
+    parser.add_argument(
+        "--stream-records", type=int, help="records for streaming (default 1,000,000)"
     )
     parser.add_argument("--repeats", type=int, help="timed repeats of ours (best is reported)")
     parser.add_argument(
@@ -61,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "records",
         "api_keys",
         "validation_records",
+        "stream_records",
         "repeats",
         "baseline_repeats",
         "repeat_budget",
@@ -91,6 +97,14 @@ def contract_validation_settings(args: argparse.Namespace) -> contract_validatio
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def streaming_settings(args: argparse.Namespace) -> streaming.Settings:
+    """The streaming sizes: quick or default, then any explicit option."""
+    settings = QUICK_STREAMING if args.quick else streaming.Settings()
+    return (
+        settings if args.stream_records is None else replace(settings, records=args.stream_records)
+    )
+
+
 def summary_table(results: list[BenchmarkResult]) -> Table:
     """Every ratio of every benchmark, and whether its correctness cross-check passed."""
     table = Table(title="Summary (ratio > 1 favours ours)", title_justify="left")
@@ -118,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         feature_windows.NAME: lambda: feature_windows.run(feature_windows_settings(args), console),
         contract_validation.NAME: lambda: contract_validation.run(
             contract_validation_settings(args), console
+        ),
+        streaming.NAME: lambda: streaming.run(streaming_settings(args), console),
+        online_lookup.NAME: lambda: online_lookup.run(
+            QUICK_ONLINE_LOOKUP if args.quick else online_lookup.Settings(), console
         ),
     }
     results = []

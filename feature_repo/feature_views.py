@@ -1,8 +1,12 @@
-"""Feast feature views: one per window length, both over the api-key window source."""
+"""Feast feature views: one per window length, both over the api-key window source.
+
+Both read the push source: pushed streaming rows go online directly, and its batch
+source (the Parquet window tables) serves materialisation and training sets.
+"""
 
 from datetime import timedelta
 
-from data_sources import api_key_windows_source
+from data_sources import api_key_windows_push_source
 from entities import api_key
 from feast import FeatureView, Field
 from feast.types import Float64, Int64
@@ -29,7 +33,7 @@ api_key_1m_fv = FeatureView(
     # Historical retrieval ignores rows older than this; a 1-minute window is stale fast.
     ttl=timedelta(minutes=10),
     schema=_fields(FEATURES_1M),
-    source=api_key_windows_source,
+    source=api_key_windows_push_source,
     online=True,
     description="What an api key did in the last minute.",
     tags={"window": "1m"},
@@ -40,7 +44,7 @@ api_key_5m_fv = FeatureView(
     entities=[api_key],
     ttl=timedelta(minutes=10),
     schema=_fields(FEATURES_5M),
-    source=api_key_windows_source,
+    source=api_key_windows_push_source,
     online=True,
     description="What an api key did in the last five minutes, and its z-score.",
     tags={"window": "5m"},

@@ -287,6 +287,8 @@ class _MinuteGrid:
         cover_from = np.where(same_pair, np.maximum(minute + 1, previous + minutes + 1), minute + 1)
         edges = np.concatenate([base + cover_from, base + minute + minutes + 1])
         steps = np.concatenate([np.ones(len(minute), np.int64), -np.ones(len(minute), np.int64)])
+        if len(edges) == 0:  # no submission carries a code hash
+            return np.zeros(len(rows), dtype=np.int64)
         by_edge = np.argsort(edges, kind="stable")
         edges, running = edges[by_edge], np.cumsum(steps[by_edge])
         at = np.searchsorted(edges, rows, side="right") - 1

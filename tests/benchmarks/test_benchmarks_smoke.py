@@ -93,3 +93,21 @@ def test_failed_cross_check_exits_nonzero(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert status == 1
     written = json.loads((tmp_path / "feature_windows.json").read_text(encoding="utf-8"))
     assert written["ok"] is False and written["problems"]
+
+
+@pytest.mark.slow
+def test_online_lookup_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    import os
+    import shutil
+
+    _, results = quick_run
+    result = _result(results, "online_lookup")
+    if shutil.which("redis-server") is None and not os.environ.get("CI"):
+        assert result["ok"] is True and result["notes"], "a missing redis-server is noted"
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    _assert_ratios(result)
+    assert {"p50 latency", "p99 latency"} <= result["comparisons"].keys()
+    assert result["vector_disagreements"] == 0
+    for store in ("redis", "sqlite"):
+        latency = result["latency_ms"][store]
+        assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"], store
