@@ -21,7 +21,7 @@ BENCHMARKS = (feature_windows.NAME, contract_validation.NAME, streaming.NAME, on
 
 #: ``--quick``: sizes for the smoke test, seconds rather than minutes.
 QUICK_FEATURE_WINDOWS = feature_windows.Settings(
-    records=20_000, api_keys=20, days=1.0, repeats_ours=1, repeats_baseline=1
+    records=20_000, api_keys=20, days=1.0, repeats_ours=1, repeats_baseline=1, scale_records=0
 )
 QUICK_CONTRACT_VALIDATION = contract_validation.Settings(records=2_000, repeats=1)
 QUICK_STREAMING = streaming.Settings(records=20_000, api_keys=20, days=1.0, pushes=10)

@@ -84,6 +84,8 @@ class Settings:
     #: A side starts no further repeat once its runs so far plus one more would pass this
     #: many seconds, so a side that takes minutes runs once and a full run stays short.
     repeat_budget_s: float = 60.0
+    #: Records of the scale run, ours alone (0 skips it): does it fit, how does it scale.
+    scale_records: int = 10_000_000
 
 
 def generate_telemetry(records: int, api_keys: int, days: float, seed: int) -> pa.Table:
@@ -382,6 +384,19 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
         check = cross_check(Path(sides["ours"]["output"]), Path(sides["baseline"]["output"]))
         progress.update(step, completed=1)
 
+        scale = None
+        if settings.scale_records:
+            step = progress.add_task(
+                f"scale: {settings.scale_records:,} records, ours alone, one run", total=1
+            )
+            big = generate_telemetry(
+                settings.scale_records, settings.api_keys, settings.days, settings.seed
+            )
+            pq.write_table(big, data)
+            del big
+            scale = _measure("ours", data, workdir, 1, 0.0, (span_start, span_end))
+            progress.update(step, completed=1)
+
     ours, base, sql = sides["ours"], sides["baseline"], sides["duckdb"]
     mib = 1024 * 1024
     result.comparisons = [
@@ -425,6 +440,18 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
             higher_is_better=False,
         ),
     ]
+    if scale is not None:
+        # Per-record cost at scale against the 1M run's: below 1 means superlinear.
+        result.comparisons.append(
+            comparison(
+                f"µs per record at {settings.scale_records:,} records "
+                f"(baseline column = ours at {settings.records:,})",
+                "µs",
+                scale["best_s"] / settings.scale_records * 1e6,
+                ours["best_s"] / settings.records * 1e6,
+                higher_is_better=False,
+            )
+        )
     max_abs_diff = {f: check[f"max_diff_{f}"] for f in COMPARED_FEATURES}
     result.facts = {
         "records": settings.records,
@@ -450,6 +477,10 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
         "ours": {k: v for k, v in ours.items() if k != "output"},
         "baseline_run": {k: v for k, v in base.items() if k != "output"},
         "duckdb_run": {k: v for k, v in sql.items() if k != "output"},
+        "scale_run": None
+        if scale is None
+        else {"records": settings.scale_records}
+        | {k: v for k, v in scale.items() if k != "output"},
         "speedup_over_duckdb_sql": result.comparisons[4].ratio,
         "repeats": {
             "ours": len(ours["times_s"]),
@@ -467,6 +498,11 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
         "overlap_rows",
         "max_abs_diff_overall",
     )
+    if scale is not None:
+        result.notes.append(
+            f"scale run, ours alone: {settings.scale_records:,} records -> {scale['rows']:,} rows "
+            f"in {scale['best_s']:.1f} s, peak RSS {scale['peak_rss_bytes'] / mib:,.0f} MiB"
+        )
     result.notes.append(
         f"timed runs (best reported): ours {len(ours['times_s'])}, baseline {len(base['times_s'])}"
     )
