@@ -26,6 +26,17 @@ def _step(console: Console, title: str, action: Callable[[], T]) -> T:
     return value
 
 
+def _age(age_s: float | None, stale: bool) -> str:
+    """How old the scored features were: ``"stale 3.2d"``, ``"fresh 12s"``."""
+    if age_s is None:
+        return "missing"
+    state = "stale" if stale else "fresh"
+    for unit, seconds in (("d", 86_400.0), ("h", 3_600.0), ("m", 60.0)):
+        if age_s >= seconds:
+            return f"{state} {age_s / seconds:.1f}{unit}"
+    return f"{state} {age_s:.0f}s"
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -167,6 +178,7 @@ def _print_report(
     keys = Table(title="POST /score, now", title_justify="left")
     for column in ("api key", "tenant", "score", "anomalous", "model", "submissions/min (5m)"):
         keys.add_column(column)
+    keys.add_column("age", no_wrap=True)
     ranked = sorted(scored.items(), key=lambda item: item[1].score, reverse=True)
     for key, response in ranked[:8]:
         keys.add_row(
@@ -176,5 +188,11 @@ def _print_report(
             "yes" if response.anomalous else "no",
             f"v{response.model_version}",
             f"{response.features.get('submissions_per_min_5m', 0.0):.1f}",
+            _age(response.feature_age_s, response.stale),
         )
     console.print(keys)
+    if any(response.stale for response in scored.values()):
+        console.print(
+            "Simulated telemetry lies in the past, so every online vector is older than "
+            "QABUSE_ONLINE_MAX_AGE_S: /score still scores it (fail open) and flags it stale."
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ def test_demo_detects_the_incident_and_leaves_a_champion(tmp_path: Path) -> None
     assert "DETECTED" in output
     assert "/score latency" in output
     assert "ranks the incident key above every benign key" in output
+    # The simulated days lie in the past: every online vector is flagged, not hidden.
+    assert re.search(r"stale \d+\.\dd", output) and "flags it stale" in output
 
     uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     champion = model_registry.resolve_alias(settings.CHAMPION_ALIAS, tracking_uri=uri)
