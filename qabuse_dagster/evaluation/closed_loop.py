@@ -309,8 +309,16 @@ def _run_both(
     logger.info(
         "closed loop: %d decisions, %d keys rescored", len(loop.decisions), controller.rescored_keys
     )
-    report = _compare(plan, planned, mitigated, loop.actor, loop.decisions, cutoff, horizon.end)
-    return dataclasses.replace(report, threshold=float(detector.threshold_))
+    return _compare(
+        plan,
+        planned,
+        mitigated,
+        loop.actor,
+        loop.decisions,
+        cutoff,
+        horizon.end,
+        threshold=float(detector.threshold_),
+    )
 
 
 def _compare(
@@ -321,6 +329,8 @@ def _compare(
     decisions: list[Decision],
     cutoff: datetime,
     end: datetime,
+    *,
+    threshold: float,
 ) -> ClosedLoopReport:
     abusive_kinds = set(SCENARIOS) | {label.kind for label in plan.labels}
     abusive_actor = np.array([kind in abusive_kinds for kind in plan.actor_kinds], dtype=bool)
@@ -366,7 +376,7 @@ def _compare(
     return ClosedLoopReport(
         train_until=cutoff,
         eval_end=end,
-        threshold=float("nan"),
+        threshold=threshold,
         legit_wait_without=legit_waits(planned, plan.actor, start_ms, end_ms),
         legit_wait_with=legit_waits(mitigated, mitigated_actor, start_ms, end_ms),
         incidents=impacts,
