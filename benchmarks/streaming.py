@@ -38,7 +38,6 @@ from benchmarks.report import BenchmarkResult, busy_machine_note, comparison, lo
 NAME = "streaming"
 BASELINE = "window_features (batch, numpy) over the same records, wall time per record"
 TOLERANCE = 1e-9
-_FIELDS = ("api_key_id", "timestamp", "status", "shots", "code_hash")
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,10 @@ class Settings:
 
 def measure_updates(table: pa.Table, chunk: int) -> dict[str, Any]:
     """Feed ``table`` record by record; time each update and each advance."""
-    from qabuse_dagster.features.streaming import StreamingWindows
+    from qabuse_dagster.features.streaming import StreamingWindows, StreamRecord
 
     stream = StreamingWindows(allowed_lateness=timedelta(seconds=30))
+    fields = StreamRecord._fields
     update_ns: list[int] = []
     advance_ns = 0
     parts = []
@@ -67,7 +67,10 @@ def measure_updates(table: pa.Table, chunk: int) -> dict[str, Any]:
     started = time.perf_counter()
     for offset in range(0, table.num_rows, chunk):
         piece = table.slice(offset, chunk)
-        records = list(zip(*(piece[f].to_pylist() for f in _FIELDS), strict=True))
+        records = [
+            StreamRecord(*values)
+            for values in zip(*(piece[f].to_pylist() for f in fields), strict=True)
+        ]
         for record in records:
             t0 = clock()
             stream.update(record)

@@ -1,10 +1,11 @@
-"""Per-api-key window features computed incrementally, record by record.
+"""Window features of one entity kind computed incrementally, record by record.
 
-`StreamingWindows` keeps, per api key, one bucket per minute that holds records and
-emits the rows `window_features` computes over the same records: the same
-``(api_key_id, event_timestamp)`` pairs, the same values, the same column types. The
-counting conventions and window bounds are those documented in
-`qabuse_dagster.features.windows`; the tests replay simulator output through both.
+`StreamingWindows` keeps, per entity (api key or user), one bucket per minute that holds
+records and emits the rows `window_features` computes over the same records: the same
+``(entity, event_timestamp)`` pairs, the same values, the same column types. Both engines
+compute the aggregates of `qabuse_dagster.features.definitions` under its conventions and
+turn them into features with the same `definitions.derive`; the tests replay simulator
+output through both.
 
 Event time and lateness: the *watermark* is the latest record timestamp seen minus
 ``allowed_lateness`` (or ``now - allowed_lateness`` from `StreamingWindows.advance`,
@@ -15,101 +16,233 @@ counted in `StreamingWindows.late_records` and handed to ``on_late`` (or logged)
 emitted row never changes and a late record is never lost without a trace. Records
 within the lateness bound may arrive in any order.
 
-State per key (amortised constant work per record and per emitted row):
-
-* ``buckets``: minute -> ``[submissions, shots_sum, shots_n, outcomes, failures,
-  code hashes]``; a record touches exactly one bucket;
-* a 5-minute sliding window of buckets with running sums and a count per code hash
-  (how many of its minutes saw it), so distinct hashes over 5 minutes is a ``len``;
-* a 60-minute sliding history of per-minute submissions with a running sum and sum of
-  squares for the z-score. Buckets leave the history, and memory, 60 minutes after
-  their minute; keys silent for an hour are dropped.
+Cost: a record touches one bucket (constant work). When the watermark closes a minute,
+its buckets get the cross-entity aggregates (backend load, code-hash sharing) from two
+global indexes, in constant work per record. Each emitted row moves the window edges by
+one minute: running sums and per-value counts are updated per bucket entering or leaving
+(amortised constant per record), runtimes go through a sorted list (logarithmic), and the
+hour's maxima and cost are read from its at most 60 buckets. Buckets leave memory two hours
+after their minute; an entity's state is dropped after a day of silence.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from sortedcontainers import SortedList
 
-from qabuse_dagster.features.windows import (
-    ENTITY_COLUMN,
-    FEATURE_SCHEMA,
+from qabuse_dagster.features.definitions import (
+    ACTIVITY_LOOKBACK_MINUTES,
+    AGGREGATES,
+    ENTITY_COLUMNS,
+    FEATURE_NAMES,
+    RATE_PERCENTILE_RANK,
+    SHARING_MINUTES,
     TIMESTAMP_COLUMN,
-    ZSCORE_STD_FLOOR,
+    WINDOW_INT_AGGREGATES,
+    WINDOWS,
+    backend_cost_weight,
+    derive,
+    feature_schema,
 )
 
 logger = logging.getLogger(__name__)
 
-# Status -> bit set; the conventions of `windows`: a rejected record is a submission,
+# Status -> bit set; the conventions of `definitions`: a rejected record is a submission,
 # an outcome and a failure at once. Other statuses only make the minute active.
-_SUBMISSION, _OUTCOME, _FAILURE = 1, 2, 4
+_SUBMISSION, _OUTCOME, _FAILURE, _REJECTED, _SUBMITTED, _COMPLETED = 1, 2, 4, 8, 16, 32
 _STATUS_BITS = {
-    "submitted": _SUBMISSION,
-    "rejected": _SUBMISSION | _OUTCOME | _FAILURE,
-    "completed": _OUTCOME,
+    "submitted": _SUBMISSION | _SUBMITTED,
+    "rejected": _SUBMISSION | _OUTCOME | _FAILURE | _REJECTED,
+    "completed": _OUTCOME | _COMPLETED,
     "cancelled": _OUTCOME,
     "failed": _OUTCOME | _FAILURE,
 }
 # Bucket slots (a list, not an object: attribute access costs on the per-record path).
-_SUBS, _SHOTS, _SHOTS_N, _OUTCOMES, _FAILURES, _HASHES = range(6)
-_HISTORY_MINUTES = 59
-_WINDOW_MINUTES = 5
+# Slots 0 .. _N_SUMS - 1 are integers summed over windows (the cost too: a whole number
+# of hundredths, exact as a Python int); _LOAD, the squares and _SHARE are filled in when
+# the minute closes.
+_SUBS, _SHOTS, _SHOTS_N, _OUTCOMES, _FAILURES, _REJ, _AUTH, _LOAD, _SUBS_SQ, _FAIL_SQ, _COST = (
+    range(11)
+)
+_N_SUMS = 11
+_SHOTS_MAX, _SHARE, _CODES, _NETWORKS, _AGENTS, _RUNTIMES, _BACKENDS = range(11, 18)
+_MAXED = (_SHOTS_MAX, _SUBS, _SHARE)  # slots whose window maximum is a feature
+_DISTINCT = (_CODES, _NETWORKS, _AGENTS)
+_FULL = tuple(WINDOWS.values())  # windows with every aggregate: 1, 5, 60 minutes
+_PREVIOUS = tuple(2 * w for w in _FULL)  # windows whose sums give the previous window's
+_HOUR = 60
 _MINUTE_US = 60_000_000
 _MICROSECOND = timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NEVER = -(2**62)  # the watermark before any record: nothing is late
+_COST_WEIGHTS: dict[str | None, int] = {}  # backend -> `backend_cost_weight`, cached
+_EXTRA_FIELDS = (
+    "num_circuits",
+    "depth",
+    "backend",
+    "runtime_s",
+    "error_code",
+    "source_ip_hash",
+    "client_agent",
+)
 
 
 class StreamRecord(NamedTuple):
     """The fields of a telemetry record the window features read.
 
-    ``timestamp`` must be timezone-aware. A plain tuple in this order, or a mapping with
-    these keys (a decoded contract record), is accepted as well.
+    ``timestamp`` must be timezone-aware. A mapping with these keys (a decoded contract
+    record) is accepted as well; absent optional fields read as None.
     """
 
     api_key_id: str
     timestamp: datetime
     status: str
-    shots: int | None
-    code_hash: str | None
+    shots: int | None = None
+    code_hash: str | None = None
+    user: str | None = None
+    num_circuits: int | None = None
+    depth: int | None = None
+    backend: str | None = None
+    runtime_s: float | None = None
+    error_code: str | None = None
+    source_ip_hash: str | None = None
+    client_agent: str | None = None
 
 
-class _KeyState:
-    """Everything one api key needs to produce its next rows."""
+def _new_bucket() -> list[Any]:
+    return [0] * _N_SUMS + [0, 0, set(), set(), set(), [], {}]
 
-    __slots__ = (
-        "buckets",
-        "hash_counts",
-        "hist",
-        "hist_sum",
-        "hist_sumsq",
-        "last_minute",
-        "next_row",
-        "pending",
-        "sums5",
-        "window",
-    )
+
+class _Window:
+    """The buckets of one entity's last ``length`` minutes, with running aggregates."""
+
+    __slots__ = ("buckets", "counts", "full", "length", "maxima", "runtimes", "sums")
+
+    def __init__(self, length: int, full: bool) -> None:
+        self.length = length
+        self.full = full
+        self.buckets: deque[tuple[int, list[Any]]] = deque()
+        self.sums = [0] * _N_SUMS
+        self.counts: tuple[dict[Any, int], ...] = ({}, {}, {}) if full else ()
+        self.runtimes: SortedList | None = SortedList() if full else None
+        # Per maxed slot, (minute, value) with values decreasing: the front is the maximum.
+        self.maxima: tuple[deque[tuple[int, int]], ...] = (
+            (deque(), deque(), deque()) if full else ()
+        )
+
+    def add(self, minute: int, bucket: list[Any]) -> None:
+        self.buckets.append((minute, bucket))
+        # zip stops at the shorter: the first _N_SUMS slots.
+        self.sums = [a + b for a, b in zip(self.sums, bucket, strict=False)]
+        if self.full:
+            for counts, slot in zip(self.counts, _DISTINCT, strict=True):
+                for value in bucket[slot]:
+                    counts[value] = counts.get(value, 0) + 1
+            if bucket[_RUNTIMES]:
+                self.runtimes.update(bucket[_RUNTIMES])  # type: ignore[union-attr]
+            for maxima, slot in zip(self.maxima, _MAXED, strict=True):
+                value = bucket[slot]
+                while maxima and maxima[-1][1] <= value:
+                    maxima.pop()
+                maxima.append((minute, value))
+
+    def maximum(self, i: int) -> int:
+        """The window's maximum of the ``i``-th of `_MAXED` (0 when empty)."""
+        maxima = self.maxima[i]
+        return maxima[0][1] if maxima else 0
+
+    def expire(self, t: int) -> None:
+        """Drop the buckets before minute ``t - length``."""
+        buckets = self.buckets
+        oldest = t - self.length
+        while buckets and buckets[0][0] < oldest:
+            _, old = buckets.popleft()
+            self.sums = [a - b for a, b in zip(self.sums, old, strict=False)]
+            if self.full:
+                for maxima in self.maxima:
+                    if maxima and maxima[0][0] < oldest:
+                        maxima.popleft()
+                for counts, slot in zip(self.counts, _DISTINCT, strict=True):
+                    for value in old[slot]:
+                        left = counts[value] - 1
+                        if left:
+                            counts[value] = left
+                        else:
+                            del counts[value]
+                for runtime in old[_RUNTIMES]:
+                    self.runtimes.remove(runtime)  # type: ignore[union-attr]
+
+    def median_runtime(self) -> float:
+        runtimes = self.runtimes
+        n = len(runtimes)  # type: ignore[arg-type]
+        if not n:
+            return 0.0
+        return (runtimes[(n - 1) // 2] + runtimes[n // 2]) / 2  # type: ignore[index]
+
+
+class _EntityState:
+    """Everything one entity needs to produce its next rows."""
+
+    __slots__ = ("activity", "buckets", "last_minute", "next_row", "pending", "windows")
 
     def __init__(self) -> None:
+        # Buckets no row has read yet (they may arrive out of order), by minute; the
+        # windows hold the ones read.
         self.buckets: dict[int, list[Any]] = {}
-        # Minutes with a bucket that no row has read yet (arrive out of order).
         self.pending: list[int] = []
-        self.window: deque[tuple[int, list[Any]]] = deque()
-        self.sums5 = [0, 0, 0, 0, 0]
-        self.hash_counts: dict[str, int] = {}
-        self.hist: deque[tuple[int, int]] = deque()
-        self.hist_sum = 0
-        self.hist_sumsq = 0
+        self.windows = {w: _Window(w, full=w in _FULL) for w in sorted({*_FULL, *_PREVIOUS})}
+        self.activity: deque[int] = deque()  # active minutes of the last day, read so far
         self.next_row = 0
         self.last_minute = 0
+
+
+class _SharingIndex:
+    """Per code hash, the entities that submitted it in the last hour (closed minutes)."""
+
+    def __init__(self) -> None:
+        self.last_seen: dict[str, dict[str, int]] = {}  # hash -> entity -> latest minute
+        self.log: dict[str, deque[tuple[int, str]]] = {}  # hash -> (minute, entity) in order
+        self.touched: deque[tuple[int, str]] = deque()  # (minute, hash), to forget old hashes
+
+    def close_minute(self, minute: int, buckets: list[tuple[str, list[Any]]]) -> None:
+        """Record the minute's submissions, then set each bucket's ``_SHARE``."""
+        for entity, bucket in buckets:
+            for code in bucket[_CODES]:
+                seen = self.last_seen.get(code)
+                if seen is None:
+                    seen = self.last_seen[code] = {}
+                    self.log[code] = deque()
+                if seen.get(entity) != minute:
+                    seen[entity] = minute
+                    self.log[code].append((minute, entity))
+                    self.touched.append((minute, code))
+        horizon = minute - SHARING_MINUTES + 1  # the hour ending with this minute
+        for _, bucket in buckets:
+            share = 0
+            for code in bucket[_CODES]:
+                share = max(share, self._entities(code, horizon) - 1)
+            bucket[_SHARE] = share
+        while self.touched and self.touched[0][0] < horizon:
+            _, code = self.touched.popleft()
+            if code in self.last_seen and not self._entities(code, horizon):
+                del self.last_seen[code], self.log[code]
+
+    def _entities(self, code: str, horizon: int) -> int:
+        seen, log = self.last_seen[code], self.log[code]
+        while log and log[0][0] < horizon:
+            old_minute, entity = log.popleft()
+            if seen.get(entity) == old_minute:
+                del seen[entity]
+        return len(seen)
 
 
 class StreamingWindows:
@@ -120,8 +253,10 @@ class StreamingWindows:
             still count. Rows wait this long (in event time) before they are emitted.
         on_late: Called with each record that arrived too late to count; without it,
             late records are logged. Either way `late_records` counts them.
+        entity_column: ``api_key_id`` or ``user``: whose rows to compute.
 
-    One consumer feeds an instance (it is not thread-safe); shard by api key to scale.
+    One consumer feeds an instance (it is not thread-safe); shard by entity to scale
+    (the cross-entity features, backend load and code-hash sharing, then see one shard).
 
     Example:
         >>> from datetime import UTC, datetime, timedelta
@@ -130,19 +265,27 @@ class StreamingWindows:
         >>> stream.update(StreamRecord("k", t0, "submitted", 100, "c"))
         True
         >>> rows = stream.flush()
-        >>> rows.num_rows, rows["submissions_1m"][0].as_py()
-        (5, 1)
+        >>> rows.num_rows, rows["submissions_1m"][0].as_py(), rows["max_shots_1h"][0].as_py()
+        (5, 1, 100)
     """
 
     def __init__(
         self,
         allowed_lateness: timedelta = timedelta(seconds=30),
         on_late: Callable[[Any], None] | None = None,
+        entity_column: str = ENTITY_COLUMNS["api_key"],
     ) -> None:
         if allowed_lateness < timedelta(0):
             raise ValueError("allowed_lateness must not be negative")
+        if entity_column not in ENTITY_COLUMNS.values():
+            raise ValueError(
+                f"entity_column {entity_column!r}: expected one of "
+                f"{sorted(ENTITY_COLUMNS.values())}"
+            )
         self.allowed_lateness = allowed_lateness
         self.on_late = on_late
+        self.entity_column = entity_column
+        self.schema = feature_schema(entity_column)
         self.late_records = 0
         # Event time in integer microseconds: float seconds would round a watermark
         # across a record a microsecond away from it.
@@ -150,9 +293,12 @@ class StreamingWindows:
         self._max_us = _NEVER
         self._watermark = _NEVER
         self._emitted_until: int | None = None  # minute index of the last final instant
-        self._keys: dict[str, _KeyState] = {}
-        self._active: set[str] = set()  # keys with rows still to emit
-        self._idle: list[tuple[int, str]] = []  # (minute its history expires, key)
+        self._entities: dict[str, _EntityState] = {}
+        self._active: set[str] = set()  # entities with rows still to emit
+        self._idle: list[tuple[int, str]] = []  # (minute its state expires, entity)
+        self._open: dict[int, list[tuple[str, list[Any]]]] = {}  # minute -> its buckets
+        self._open_minutes: list[int] = []  # heap of the keys of _open
+        self._sharing = _SharingIndex()
         self._late_reported = 0
 
     @property
@@ -164,19 +310,31 @@ class StreamingWindows:
 
     @property
     def keys(self) -> int:
-        """Api keys with state held (active within the last hour)."""
-        return len(self._keys)
+        """Entities with state held (active within the last day)."""
+        return len(self._entities)
 
-    def update(self, record: StreamRecord | tuple[Any, ...] | Mapping[str, Any]) -> bool:
+    def update(self, record: StreamRecord | Mapping[str, Any]) -> bool:
         """Add one record; return False (and report it) when it is too late to count."""
         if isinstance(record, tuple):
-            key, ts, status, shots, code_hash = record
+            if not isinstance(record, StreamRecord):
+                record = StreamRecord(*record)
+            entity = getattr(record, self.entity_column)
+            ts, status, shots, code_hash = (
+                record.timestamp,
+                record.status,
+                record.shots,
+                record.code_hash,
+            )
+            extra: tuple[Any, ...] = record[6:]
         else:
-            key = record["api_key_id"]
+            entity = record.get(self.entity_column)
             ts = record["timestamp"]
             status = record["status"]
             shots = record.get("shots")
             code_hash = record.get("code_hash")
+            extra = tuple(record.get(name) for name in _EXTRA_FIELDS)
+        if entity is None:
+            raise ValueError(f"record has no {self.entity_column}: {record!r}")
         if ts.tzinfo is None:
             raise ValueError(f"record timestamp {ts!r} is not timezone-aware")
         # Exact: timestamp() is within half a float step (< 1 µs) of the true instant.
@@ -188,29 +346,60 @@ class StreamingWindows:
             self._max_us = t
             self._watermark = t - self._lateness_us
         minute = t // _MINUTE_US
-        state = self._keys.get(key)
+        state = self._entities.get(entity)
         if state is None:
-            state = self._keys[key] = _KeyState()
+            state = self._entities[entity] = _EntityState()
         bucket = state.buckets.get(minute)
         if bucket is None:
-            bucket = state.buckets[minute] = [0, 0, 0, 0, 0, set()]
+            bucket = state.buckets[minute] = _new_bucket()
             heapq.heappush(state.pending, minute)
             if minute > state.last_minute:
                 state.last_minute = minute
-            self._active.add(key)
+            self._active.add(entity)
+            at_minute = self._open.get(minute)
+            if at_minute is None:
+                at_minute = self._open[minute] = []
+                heapq.heappush(self._open_minutes, minute)
+            at_minute.append((entity, bucket))
+        circuits, depth, backend, runtime, error_code, network, agent = extra
+        if error_code == "auth_failed":
+            bucket[_AUTH] += 1
         bits = _STATUS_BITS.get(status, 0)
-        if bits:
-            if bits & _SUBMISSION:
-                bucket[_SUBS] += 1
-                if shots is not None:
-                    bucket[_SHOTS] += shots
-                    bucket[_SHOTS_N] += 1
-                if code_hash is not None:
-                    bucket[_HASHES].add(code_hash)
-            if bits & _OUTCOME:
-                bucket[_OUTCOMES] += 1
-                if bits & _FAILURE:
-                    bucket[_FAILURES] += 1
+        if not bits:
+            return True
+        if bits & _SUBMISSION:
+            bucket[_SUBS] += 1
+            if shots is not None:
+                bucket[_SHOTS] += shots
+                bucket[_SHOTS_N] += 1
+                if shots > bucket[_SHOTS_MAX]:
+                    bucket[_SHOTS_MAX] = shots
+            if code_hash is not None:
+                bucket[_CODES].add(code_hash)
+            if network is not None:
+                bucket[_NETWORKS].add(network)
+            if agent is not None:
+                bucket[_AGENTS].add(agent)
+            backends = bucket[_BACKENDS]
+            backends[backend] = backends.get(backend, 0) + 1
+            if bits & _SUBMITTED:
+                weight = _COST_WEIGHTS.get(backend)
+                if weight is None:
+                    weight = _COST_WEIGHTS[backend] = backend_cost_weight(backend)
+                bucket[_COST] += (
+                    (shots if shots is not None else 1)
+                    * (circuits if circuits is not None else 1)
+                    * max(depth if depth is not None else 1, 1)
+                    * weight
+                )
+        if bits & _OUTCOME:
+            bucket[_OUTCOMES] += 1
+            if bits & _FAILURE:
+                bucket[_FAILURES] += 1
+                if bits & _REJECTED:
+                    bucket[_REJ] += 1
+            elif bits & _COMPLETED and runtime is not None:
+                bucket[_RUNTIMES].append(float(runtime))
         return True
 
     def advance(self, now: datetime | None = None) -> pa.Table:
@@ -221,8 +410,8 @@ class StreamingWindows:
                 watermark moves to at least ``now - allowed_lateness``.
 
         Returns:
-            Rows with `FEATURE_SCHEMA` (the columns of `window_features`), ordered by time
-            then key.
+            Rows with `feature_schema` (the columns of `window_features`), ordered by
+            time then entity.
         """
         if now is not None:
             if now.tzinfo is None:
@@ -230,14 +419,14 @@ class StreamingWindows:
             now_us = (now - _EPOCH) // _MICROSECOND
             self._watermark = max(self._watermark, now_us - self._lateness_us)
         if self._watermark == _NEVER:
-            return FEATURE_SCHEMA.empty_table()
+            return self.schema.empty_table()
         return self._emit(self._watermark // _MINUTE_US)
 
     def flush(self) -> pa.Table:
         """End of stream: emit every remaining row; later records before them are late."""
         if not self._active:
-            return FEATURE_SCHEMA.empty_table()
-        until = max(self._keys[k].last_minute for k in self._active) + _WINDOW_MINUTES
+            return self.schema.empty_table()
+        until = max(self._entities[k].last_minute for k in self._active) + WINDOWS["5m"]
         self._watermark = max(self._watermark, until * _MINUTE_US)
         return self._emit(until)
 
@@ -253,28 +442,45 @@ class StreamingWindows:
                 record,
             )
 
+    def _close_minutes(self, until: int) -> None:
+        """Give the buckets of every minute before ``until`` their cross-entity aggregates."""
+        while self._open_minutes and self._open_minutes[0] < until:
+            minute = heapq.heappop(self._open_minutes)
+            buckets = self._open.pop(minute)
+            load: dict[str | None, int] = {}
+            for _, bucket in buckets:
+                for backend, n in bucket[_BACKENDS].items():
+                    load[backend] = load.get(backend, 0) + n
+            for _, bucket in buckets:
+                bucket[_LOAD] = sum(n * load[b] for b, n in bucket[_BACKENDS].items())
+                bucket[_SUBS_SQ] = bucket[_SUBS] * bucket[_SUBS]
+                bucket[_FAIL_SQ] = bucket[_FAILURES] * bucket[_FAILURES]
+            self._sharing.close_minute(minute, buckets)
+
     def _emit(self, until: int) -> pa.Table:
-        """Rows of every active key at instants up to minute ``until``, then cleanup."""
+        """Rows of every active entity at instants up to minute ``until``, then cleanup."""
         if self._emitted_until is not None and until <= self._emitted_until:
-            return FEATURE_SCHEMA.empty_table()
+            return self.schema.empty_table()
         self._emitted_until = until
+        self._close_minutes(until)
         rows: list[tuple[Any, ...]] = []
-        for key in list(self._active):
-            state = self._keys[key]
-            _emit_key(key, state, until, rows)
-            if not state.window and not state.pending:
-                self._active.discard(key)
-                heapq.heappush(self._idle, (state.last_minute + _HISTORY_MINUTES + 2, key))
+        for entity in list(self._active):
+            state = self._entities[entity]
+            _emit_entity(entity, state, until, rows)
+            if not state.windows[5].buckets and not state.pending:
+                self._active.discard(entity)
+                expiry = state.last_minute + ACTIVITY_LOOKBACK_MINUTES + 2
+                heapq.heappush(self._idle, (expiry, entity))
         while self._idle and self._idle[0][0] <= until:
-            _, key = heapq.heappop(self._idle)
-            idle = self._keys.get(key)
-            # The key may have come back since it went idle; it may have gone idle again.
+            _, entity = heapq.heappop(self._idle)
+            idle = self._entities.get(entity)
+            # The entity may have come back since it went idle; it may have gone idle again.
             if (
-                key not in self._active
+                entity not in self._active
                 and idle is not None
-                and idle.last_minute + _HISTORY_MINUTES + 2 <= until
+                and idle.last_minute + ACTIVITY_LOOKBACK_MINUTES + 2 <= until
             ):
-                del self._keys[key]
+                del self._entities[entity]
         if self.late_records > self._late_reported:
             logger.warning(
                 "%d late records not counted since the last advance (%d in all)",
@@ -282,16 +488,85 @@ class StreamingWindows:
                 self.late_records,
             )
             self._late_reported = self.late_records
-        return _to_table(rows)
+        return self._to_table(rows)
+
+    def _to_table(self, rows: list[tuple[Any, ...]]) -> pa.Table:
+        """Rows of (entity, minute, *AGGREGATES) as feature rows, by time then entity."""
+        if not rows:
+            return self.schema.empty_table()
+        columns = list(zip(*rows, strict=True))
+        aggregates = {
+            name: np.asarray(values) for name, values in zip(AGGREGATES, columns[2:], strict=True)
+        }
+        features = derive(aggregates)
+        minutes = pa.array(columns[1], pa.int64())
+        table = pa.Table.from_arrays(
+            [
+                pa.array(columns[0], pa.string()),
+                pc.multiply(minutes, _MINUTE_US).cast(self.schema.field(TIMESTAMP_COLUMN).type),
+                *(pa.array(features[name]) for name in FEATURE_NAMES),
+            ],
+            schema=self.schema,
+        )
+        return table.sort_by([(TIMESTAMP_COLUMN, "ascending"), (self.entity_column, "ascending")])
 
 
-def _emit_key(key: str, state: _KeyState, until: int, rows: list[tuple[Any, ...]]) -> None:
-    """Append the rows of one key at instants ``state.next_row ..= until``."""
-    window, hist, sums5, counts = state.window, state.hist, state.sums5, state.hash_counts
-    pending, buckets = state.pending, state.buckets
+# The per-window integer aggregates in the order `_window_values` produces them.
+_WINDOW_VALUES = (
+    "subs",
+    "shots_sum",
+    "shots_n",
+    "outcomes",
+    "failures",
+    "rejected",
+    "auth",
+    "load",
+    "prev_subs",
+    "prev_outcomes",
+    "prev_failures",
+    "shots_max",
+    "peak_subs",
+    "share_max",
+    "codes",
+    "networks",
+    "agents",
+)
+assert _WINDOW_VALUES == WINDOW_INT_AGGREGATES, "keep _window_values in AGGREGATES order"
+
+
+def _window_values(window: _Window, double: _Window) -> tuple[int, ...]:
+    """A window's `_WINDOW_VALUES`; ``double`` is the window twice as long."""
+    s, d, counts = window.sums, double.sums, window.counts
+    return (
+        s[_SUBS],
+        s[_SHOTS],
+        s[_SHOTS_N],
+        s[_OUTCOMES],
+        s[_FAILURES],
+        s[_REJ],
+        s[_AUTH],
+        s[_LOAD],
+        d[_SUBS] - s[_SUBS],
+        d[_OUTCOMES] - s[_OUTCOMES],
+        d[_FAILURES] - s[_FAILURES],
+        window.maximum(0),
+        window.maximum(1),
+        window.maximum(2),
+        len(counts[0]),
+        len(counts[1]),
+        len(counts[2]),
+    )
+
+
+def _emit_entity(entity: str, state: _EntityState, until: int, rows: list[tuple[Any, ...]]) -> None:
+    """Append the rows of one entity at instants ``state.next_row ..= until``."""
+    windows = state.windows
+    all_windows = tuple(windows.values())
+    five = windows[5]
+    pending, buckets, activity = state.pending, state.buckets, state.activity
     t = state.next_row
     while True:
-        if not window:
+        if not five.buckets:
             # No activity in the last 5 minutes: the next row follows the next active minute.
             if not pending:
                 break
@@ -302,93 +577,55 @@ def _emit_key(key: str, state: _KeyState, until: int, rows: list[tuple[Any, ...]
         b1: list[Any] | None = None
         if pending and pending[0] == minute:
             heapq.heappop(pending)
-            b1 = buckets[minute]
-            window.append((minute, b1))
-            sums5[0] += b1[_SUBS]
-            sums5[1] += b1[_SHOTS]
-            sums5[2] += b1[_SHOTS_N]
-            sums5[3] += b1[_OUTCOMES]
-            sums5[4] += b1[_FAILURES]
-            for h in b1[_HASHES]:
-                counts[h] = counts.get(h, 0) + 1
-            subs = b1[_SUBS]
-            hist.append((minute, subs))
-            state.hist_sum += subs
-            state.hist_sumsq += subs * subs
-        while window and window[0][0] < t - _WINDOW_MINUTES:
-            _, old = window.popleft()
-            sums5[0] -= old[_SUBS]
-            sums5[1] -= old[_SHOTS]
-            sums5[2] -= old[_SHOTS_N]
-            sums5[3] -= old[_OUTCOMES]
-            sums5[4] -= old[_FAILURES]
-            for h in old[_HASHES]:
-                left = counts[h] - 1
-                if left:
-                    counts[h] = left
-                else:
-                    del counts[h]
-        while hist and hist[0][0] < t - 1 - _HISTORY_MINUTES:
-            old_minute, subs = hist.popleft()
-            state.hist_sum -= subs
-            state.hist_sumsq -= subs * subs
-            del buckets[old_minute]
-        if window:
-            rows.append(_row(key, t, b1, sums5, len(counts), state.hist_sum, state.hist_sumsq))
+            b1 = buckets.pop(minute)  # later records of its minute are late: forget it
+            for window in all_windows:
+                window.add(minute, b1)
+            activity.append(minute)
+        for window in all_windows:
+            if window.buckets and window.buckets[0][0] < t - window.length:
+                window.expire(t)
+        while activity and activity[0] < t - ACTIVITY_LOOKBACK_MINUTES:
+            activity.popleft()
+        if five.buckets:
+            rows.append(_row(entity, t, b1, windows, activity))
         t += 1
     state.next_row = t
 
 
 def _row(
-    key: str,
+    entity: str,
     t: int,
     b1: list[Any] | None,
-    sums5: list[int],
-    distinct_5m: int,
-    hist_sum: int,
-    hist_sumsq: int,
+    windows: dict[int, _Window],
+    activity: deque[int],
 ) -> tuple[Any, ...]:
-    """One feature row; arithmetic in the order `window_features`' SQL does it."""
-    if b1 is None:
-        subs_1m, mean_shots_1m, fail_rate_1m, distinct_1m = 0, 0.0, 0.0, 0
-    else:
-        subs_1m = b1[_SUBS]
-        mean_shots_1m = b1[_SHOTS] / b1[_SHOTS_N] if b1[_SHOTS_N] else 0.0
-        fail_rate_1m = b1[_FAILURES] / b1[_OUTCOMES] if b1[_OUTCOMES] else 0.0
-        distinct_1m = len(b1[_HASHES])
-    subs_5m, shots_5m, shots_n_5m, outcomes_5m, failures_5m = sums5
-    # History: the previous 59 minutes, i.e. the 60-minute deque without minute t - 1.
-    hist_mean = (hist_sum - subs_1m) / 59.0
-    hist_meansq = (hist_sumsq - subs_1m * subs_1m) / 59.0
-    std = max(math.sqrt(max(hist_meansq - hist_mean**2, 0.0)), ZSCORE_STD_FLOOR)
-    return (
-        key,
-        t,
-        subs_1m,
-        mean_shots_1m,
-        fail_rate_1m,
-        distinct_1m,
-        subs_5m / 5.0,
-        shots_5m / shots_n_5m if shots_n_5m else 0.0,
-        failures_5m / outcomes_5m if outcomes_5m else 0.0,
-        distinct_5m,
-        (subs_1m - hist_mean) / std,
+    """(entity, minute, *AGGREGATES) of the row at minute ``t``."""
+    values: list[Any] = [entity, t]
+    for w in _FULL:
+        values += _window_values(windows[w], windows[2 * w])
+    for w in _FULL:
+        window = windows[w]
+        values.append(float(window.sums[_COST]))  # exact int, rounded once
+        values.append(window.median_runtime())
+    hour = windows[_HOUR]
+    last_subs = b1[_SUBS] if b1 is not None else 0
+    last_failures = b1[_FAILURES] if b1 is not None else 0
+    # Idle minutes are zeros below every busy minute: the percentile is a busy minute's
+    # count only when its rank reaches past the idle ones, and then it is the
+    # (busy - rank)-th largest.
+    top = len(hour.buckets) - (RATE_PERCENTILE_RANK - (_HOUR - len(hour.buckets)))
+    percentile = (
+        heapq.nlargest(top, (b[_SUBS] for _, b in hour.buckets))[-1]
+        if top <= len(hour.buckets)
+        else 0
     )
-
-
-def _to_table(rows: list[tuple[Any, ...]]) -> pa.Table:
-    """Rows (minute index in place of the instant) as a table ordered by time, then key."""
-    if not rows:
-        return FEATURE_SCHEMA.empty_table()
-    columns = list(zip(*rows, strict=True))
-    minutes = pa.array(columns[1], pa.int64())
-    arrays = [
-        pa.array(columns[0], pa.string()),
-        pc.multiply(minutes, _MINUTE_US).cast(FEATURE_SCHEMA.field(TIMESTAMP_COLUMN).type),
-        *(
-            pa.array(col, field.type)
-            for col, field in zip(columns[2:], list(FEATURE_SCHEMA)[2:], strict=True)
-        ),
+    values += [
+        hour.sums[_SUBS] - last_subs,  # the previous 59 minutes: the hour without t - 1
+        hour.sums[_SUBS_SQ] - last_subs * last_subs,
+        hour.sums[_FAILURES] - last_failures,
+        hour.sums[_FAIL_SQ] - last_failures * last_failures,
+        percentile,
+        t - activity[0],
+        activity[-1] - activity[-2] if len(activity) > 1 else ACTIVITY_LOOKBACK_MINUTES,
     ]
-    table = pa.Table.from_arrays(arrays, schema=FEATURE_SCHEMA)
-    return table.sort_by([(TIMESTAMP_COLUMN, "ascending"), (ENTITY_COLUMN, "ascending")])
+    return tuple(values)

@@ -1,31 +1,26 @@
-"""Per-api-key sliding-window features over raw telemetry, computed with numpy.
+"""Window features of one entity kind over a whole telemetry table, computed with numpy.
 
-A feature row describes one api key at one instant ``event_timestamp`` (always a
-minute boundary) from the records strictly before it: the 1-minute window is
-``[t - 1 min, t)``, the 5-minute window ``[t - 5 min, t)``. A key gets a row at every
-minute boundary whose 5-minute window holds at least one of its records, so the
-latest row of a key is also its current state once the key falls silent.
+The features, their windows and counting conventions are defined in
+`qabuse_dagster.features.definitions`; this module computes the definition's aggregates
+for every row at once, and `definitions.derive` turns them into features (the streaming
+engine, `qabuse_dagster.features.streaming`, feeds the same `derive`).
 
-Counting conventions (the same in every window):
+How: records are summed per (entity, minute) *cell* once. Cells sorted by entity, then
+minute, put the cells of one entity's window in one contiguous run, found by binary
+search, so
 
-* a *submission* is a ``submitted`` or ``rejected`` record (a rejected request
-  is a submission the API refused, so no ``submitted`` record exists for it);
-* an *outcome* is a ``completed``, ``failed``, ``cancelled`` or ``rejected`` record,
-  and a *failure* a ``failed`` or ``rejected`` one;
-* ratios over an empty denominator are 0, so the models never see NaN.
+* sums are differences of two prefix sums (integers, exact);
+* maxima are sparse-table range-maximum queries (a window holds at most 60 cells);
+* the estimated cost is a whole number of hundredths, so its float prefix sums are exact
+  below 2**53 (beyond, cells are summed in time order, at most 60 per window);
+* distinct counts use disjoint per-value covers and a running sum;
+* medians and percentiles are range k-th-smallest queries on a wavelet matrix, all rows
+  descending one bit level at a time.
 
-Records are summed per (key, minute) cell once; every window is then a difference of
-two prefix sums over a key's sorted cells, found by binary search, so the cost is
-O(n log n) in the records and independent of window length. Distinct code hashes use
-disjoint per-hash covers and a running sum. The engine was chosen by measurement: the
-DuckDB ``RANGE``-window SQL it replaced (kept as ``benchmarks/duckdb_windows.py``, and
-checked to give the same rows, ratios to the last bits of a double) is several times
-slower (``python -m benchmarks``).
-
-The z-score compares the last minute's submissions with the key's own previous
-59 minutes, zero minutes included; the standard deviation is floored at
-``ZSCORE_STD_FLOOR`` submissions per minute so a key with a flat history does not
-produce infinite scores.
+The cost is O(n log n) in the records, independent of window length. The engine was
+chosen by measurement: the DuckDB ``RANGE``-window SQL it replaced (kept as
+``benchmarks/duckdb_windows.py``, checked to give the same rows for the features it has)
+and a pandas resample/rolling pipeline are both slower (``python -m benchmarks``).
 """
 
 from __future__ import annotations
@@ -38,79 +33,86 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qabuse_dagster.features.definitions import (
+    ACTIVITY_LOOKBACK_MINUTES,
+    AGGREGATES,
+    DETECTOR_FEATURES,
+    ENTITY_COLUMNS,
+    FEATURE_NAMES,
+    FEATURES,
+    FEATURES_BY_WINDOW,
+    RATE_PERCENTILE_RANK,
+    SHARING_MINUTES,
+    TIMESTAMP_COLUMN,
+    WINDOWS,
+    ZSCORE_STD_FLOOR,
+    FeatureSpec,
+    backend_cost_weight,
+    derive,
+    feature_schema,
+)
+
+__all__ = [
+    "DETECTOR_FEATURES",
+    "ENTITY_COLUMN",
+    "FEATURES",
+    "FEATURES_BY_WINDOW",
+    "FEATURE_NAMES",
+    "FEATURE_SCHEMA",
+    "LOOKBACK",
+    "TIMESTAMP_COLUMN",
+    "ZSCORE_STD_FLOOR",
+    "FeatureSpec",
+    "feature_schema",
+    "window_features",
+]
+
 logger = logging.getLogger(__name__)
 
-ENTITY_COLUMN = "api_key_id"
-TIMESTAMP_COLUMN = "event_timestamp"
-ZSCORE_STD_FLOOR = 1.0
-#: History a row needs beyond its own instant: the z-score's hour.
-LOOKBACK = timedelta(minutes=60)
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """One feature column: its name, unit and meaning (shown in Feast and the UI)."""
-
-    name: str
-    unit: str
-    description: str
-
-
-FEATURES: tuple[FeatureSpec, ...] = (
-    FeatureSpec(
-        "submissions_1m", "jobs", "Submissions (submitted or rejected) in the last minute."
-    ),
-    FeatureSpec("mean_shots_1m", "shots", "Mean shots per submission in the last minute."),
-    FeatureSpec(
-        "fail_rate_1m", "ratio", "Failed or rejected outcomes over all outcomes, last minute."
-    ),
-    FeatureSpec("distinct_code_hashes_1m", "count", "Distinct code hashes submitted, last minute."),
-    FeatureSpec(
-        "submissions_per_min_5m", "jobs/min", "Mean submissions per minute over 5 minutes."
-    ),
-    FeatureSpec("mean_shots_5m", "shots", "Mean shots per submission over 5 minutes."),
-    FeatureSpec(
-        "fail_rate_5m", "ratio", "Failed or rejected outcomes over all outcomes, 5 minutes."
-    ),
-    FeatureSpec("distinct_code_hashes_5m", "count", "Distinct code hashes submitted, 5 minutes."),
-    FeatureSpec(
-        "submissions_1m_zscore",
-        "std devs",
-        "Last minute's submissions against the key's previous 59 minutes (std floored at 1).",
-    ),
-)
-FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
-_COUNT_FEATURES = {"submissions_1m", "distinct_code_hashes_1m", "distinct_code_hashes_5m"}
-#: Columns and types of `window_features` rows (the Feast offline source's).
-FEATURE_SCHEMA = pa.schema(
-    [
-        (ENTITY_COLUMN, pa.string()),
-        (TIMESTAMP_COLUMN, pa.timestamp("us", tz="UTC")),
-        *((n, pa.int64() if n in _COUNT_FEATURES else pa.float64()) for n in FEATURE_NAMES),
-    ]
-)
-FEATURES_1M: tuple[str, ...] = tuple(n for n in FEATURE_NAMES if n.endswith("_1m"))
-FEATURES_5M: tuple[str, ...] = tuple(n for n in FEATURE_NAMES if not n.endswith("_1m"))
+ENTITY_COLUMN = ENTITY_COLUMNS["api_key"]
+#: History a row needs beyond its own instant: the entity-age and gap features' day.
+LOOKBACK = timedelta(minutes=ACTIVITY_LOOKBACK_MINUTES)
+#: Columns and types of the api-key feature rows (the Feast offline source's).
+FEATURE_SCHEMA = feature_schema(ENTITY_COLUMN)
 
 _MINUTE_US = 60_000_000
+# Cells get this many spare minutes on each side, so a window never reaches the cells
+# of the previous entity.
+_PAD = ACTIVITY_LOOKBACK_MINUTES + 10
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
 _SUBMISSION = pa.array(["submitted", "rejected"])
 _OUTCOME = pa.array(["completed", "failed", "cancelled", "rejected"])
 _FAILURE = pa.array(["failed", "rejected"])
+#: Columns read when present; a table without one reads as all null.
+_OPTIONAL = {
+    "shots": pa.int64(),
+    "code_hash": pa.string(),
+    "num_circuits": pa.int64(),
+    "depth": pa.int64(),
+    "backend": pa.string(),
+    "runtime_s": pa.float64(),
+    "error_code": pa.string(),
+    "source_ip_hash": pa.string(),
+    "client_agent": pa.string(),
+}
 
 
-def window_features(telemetry: pa.Table, start: datetime, end: datetime) -> pa.Table:
-    """Compute feature rows with ``start <= event_timestamp < end``.
+def window_features(
+    telemetry: pa.Table, start: datetime, end: datetime, entity_column: str = ENTITY_COLUMN
+) -> pa.Table:
+    """Compute the feature rows of one entity kind with ``start <= event_timestamp < end``.
 
     Args:
-        telemetry: contract records (at least ``api_key_id``, ``timestamp``, ``status``,
-            ``shots``, ``code_hash``) covering ``[start - LOOKBACK, end)``; records
-            outside that span are ignored.
+        telemetry: contract records covering ``[start - LOOKBACK, end)`` (records outside
+            it are ignored). ``timestamp``, ``status`` and the entity column are required;
+            the other columns the features read are optional and read as null when absent.
         start: first instant (inclusive, tz-aware) whose row is wanted.
         end: last instant (exclusive, tz-aware).
+        entity_column: ``api_key_id`` or ``user`` (`ENTITY_COLUMNS`).
 
     Returns:
-        One row per (api key, minute boundary) with ``api_key_id``, ``event_timestamp``
-        (UTC) and every column of ``FEATURE_NAMES``, ordered by time then key.
+        One row per (entity, minute boundary) with columns `feature_schema(entity_column)`,
+        ordered by time then entity.
 
     Example:
         >>> import pyarrow as pa
@@ -119,196 +121,451 @@ def window_features(telemetry: pa.Table, start: datetime, end: datetime) -> pa.T
         >>> records = pa.table({"api_key_id": ["k"], "timestamp": [t0], "status": ["submitted"],
         ...                     "shots": [100], "code_hash": ["c"]})
         >>> rows = window_features(records, t0, t0.replace(hour=1))
-        >>> rows.num_rows, rows["submissions_1m"][0].as_py()
-        (5, 1)
+        >>> rows.num_rows, rows["submissions_1m"][0].as_py(), rows["max_shots_1h"][0].as_py()
+        (5, 1, 100)
     """
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("window_features needs tz-aware start and end instants")
+    if entity_column not in ENTITY_COLUMNS.values():
+        raise ValueError(
+            f"entity_column {entity_column!r}: expected one of {sorted(ENTITY_COLUMNS.values())}"
+        )
+    missing = {entity_column, "timestamp", "status"} - set(telemetry.column_names)
+    if missing:
+        raise ValueError(f"telemetry lacks the column(s) {sorted(missing)}")
     start_us, end_us = _us(start), _us(end)
-    events = _Events.read(telemetry, start_us - _us_span(LOOKBACK), end_us)
-    grid = _MinuteGrid(events)
-    rows = grid.rows(start_us, end_us)
-
-    sub_1m = grid.window_sum(grid.submissions, rows, 1, 1)
-    sub_5m = grid.window_sum(grid.submissions, rows, 5, 1)
-    columns: dict[str, object] = {
-        "submissions_1m": sub_1m,
-        "mean_shots_1m": _ratio(
-            grid.window_sum(grid.shots_sum, rows, 1, 1), grid.window_sum(grid.shots_n, rows, 1, 1)
-        ),
-        "fail_rate_1m": _ratio(
-            grid.window_sum(grid.failures, rows, 1, 1), grid.window_sum(grid.outcomes, rows, 1, 1)
-        ),
-        "distinct_code_hashes_1m": grid.distinct_code_hashes(rows, minutes=1),
-        "submissions_per_min_5m": sub_5m / 5.0,
-        "mean_shots_5m": _ratio(
-            grid.window_sum(grid.shots_sum, rows, 5, 1), grid.window_sum(grid.shots_n, rows, 5, 1)
-        ),
-        "fail_rate_5m": _ratio(
-            grid.window_sum(grid.failures, rows, 5, 1), grid.window_sum(grid.outcomes, rows, 5, 1)
-        ),
-        "distinct_code_hashes_5m": grid.distinct_code_hashes(rows, minutes=5),
-    }
-    # The previous 59 minutes (zeros included): minutes t-60 .. t-2 of the row at t.
-    hist_mean = grid.window_sum(grid.submissions, rows, 60, 2) / 59.0
-    hist_meansq = grid.window_sum(grid.submissions_sq, rows, 60, 2) / 59.0
-    std = np.maximum(np.sqrt(np.maximum(hist_meansq - hist_mean**2, 0.0)), ZSCORE_STD_FLOOR)
-    columns["submissions_1m_zscore"] = (sub_1m - hist_mean) / std
-
-    row_key, row_minute = rows // grid.n_minutes, rows % grid.n_minutes + grid.first_minute
-    order = np.lexsort((row_key, row_minute))  # by time, then key name (keys rank by name)
-    result = pa.table(
-        {
-            ENTITY_COLUMN: events.key_names.take(pa.array(row_key[order])),
-            TIMESTAMP_COLUMN: pa.array(row_minute[order] * _MINUTE_US, type=_TIMESTAMP),
-            **{
-                name: pa.array(np.asarray(values)[order].astype(_DTYPES[name]))
-                for name, values in columns.items()
-            },
-        }
+    events = _Events.read(
+        telemetry, entity_column, start_us - LOOKBACK // timedelta(microseconds=1), end_us
     )
-    logger.debug("window_features: %d rows for [%s, %s)", result.num_rows, start, end)
+    grid = _Grid(events)
+    rows = grid.rows(start_us, end_us)
+    features = derive(grid.aggregates(rows))
+
+    row_entity, row_minute = rows // grid.n_minutes, rows % grid.n_minutes + grid.minute0
+    # Rows were computed in cell order (entity, then time: binary searches run fastest
+    # on sorted queries); the output is by time, then entity (entities rank by name).
+    order = np.lexsort((row_entity, row_minute))
+    result = pa.Table.from_arrays(
+        [
+            events.entity_names.take(pa.array(row_entity)),
+            pa.array(row_minute * _MINUTE_US, type=_TIMESTAMP),
+            *(pa.array(features[name]) for name in FEATURE_NAMES),
+        ],
+        schema=feature_schema(entity_column),
+    ).take(pa.array(order))
+    logger.debug("window_features(%s): %d rows for [%s, %s)", entity_column, len(rows), start, end)
     return result
-
-
-_TIMESTAMP = pa.timestamp("us", tz="UTC")
-_DTYPES = {
-    name: np.int64 if pa.types.is_integer(FEATURE_SCHEMA.field(name).type) else np.float64
-    for name in FEATURE_NAMES
-}
 
 
 @dataclass(frozen=True)
 class _Events:
-    """The records in a time span as numpy columns; keys numbered in name order."""
+    """The records in a time span as numpy columns; entities numbered in name order."""
 
-    key: np.ndarray
-    key_names: pa.Array
+    entity: np.ndarray
+    entity_names: pa.Array
     minute: np.ndarray
     is_submission: np.ndarray
+    is_submitted: np.ndarray
     is_outcome: np.ndarray
     is_failure: np.ndarray
+    is_rejected: np.ndarray
+    is_auth_failure: np.ndarray
     shots: np.ndarray
     has_shots: np.ndarray
-    code: np.ndarray
-    has_code: np.ndarray
+    cost: np.ndarray
+    runtime: np.ndarray  # NaN unless a completed record with a runtime
+    backend: np.ndarray  # dictionary codes, -1 when null
+    codes: np.ndarray
+    networks: np.ndarray
+    agents: np.ndarray
 
     @classmethod
-    def read(cls, telemetry: pa.Table, from_us: int, to_us: int) -> _Events:
+    def read(cls, telemetry: pa.Table, entity_column: str, from_us: int, to_us: int) -> _Events:
         ts = pc.cast(pc.cast(telemetry["timestamp"], _TIMESTAMP), pa.int64())
         keep = pc.and_(pc.greater_equal(ts, from_us), pc.less(ts, to_us))
-        table = telemetry.select(["api_key_id", "status", "shots", "code_hash"]).filter(keep)
-        keys = pc.dictionary_encode(table["api_key_id"].combine_chunks())
-        # Number the keys in name order, so ordering by number orders by name.
-        by_name = pc.sort_indices(keys.dictionary).to_numpy()
+        table = telemetry.filter(keep)
+        n = table.num_rows
+
+        def column(name: str) -> pa.Array:
+            if name in table.column_names:
+                return table[name].combine_chunks()
+            return pa.nulls(n, _OPTIONAL[name])
+
+        entities = pc.dictionary_encode(table[entity_column].combine_chunks())
+        # Number the entities in name order, so ordering by number orders by name.
+        by_name = pc.sort_indices(entities.dictionary).to_numpy()
         rank = np.empty(len(by_name), dtype=np.int64)
         rank[by_name] = np.arange(len(by_name))
         status = table["status"]
-        shots = table["shots"].combine_chunks()
-        codes = pc.dictionary_encode(table["code_hash"].combine_chunks())
+        shots = column("shots")
+        shots_np = _numpy(pc.fill_null(shots, 0)).astype(np.int64)
+        has_shots = _numpy(pc.is_valid(shots))
+        is_submitted = _numpy(pc.equal(status, "submitted").fill_null(False))
+        backend = pc.dictionary_encode(column("backend"))
+        weights = np.array(
+            [backend_cost_weight(b) for b in backend.dictionary.to_pylist()]
+            + [backend_cost_weight(None)],
+            dtype=np.float64,
+        )
+        backend_code = _codes(backend)
+        circuits = _numpy(pc.fill_null(column("num_circuits"), 1)).astype(np.float64)
+        depth = _numpy(pc.fill_null(column("depth"), 1)).astype(np.float64)
+        cost = (
+            np.where(has_shots, shots_np, 1).astype(np.float64)
+            * circuits
+            * np.maximum(depth, 1.0)
+            * weights[backend_code]  # -1 (no backend) reads the trailing weight
+        )
+        runtime = _numpy(pc.fill_null(pc.cast(column("runtime_s"), pa.float64()), np.nan))
+        completed = _numpy(pc.equal(status, "completed").fill_null(False))
         return cls(
-            key=rank[_numpy(keys.indices)],
-            key_names=keys.dictionary.take(pa.array(by_name)),
+            entity=rank[_numpy(entities.indices)],
+            entity_names=entities.dictionary.take(pa.array(by_name)),
             minute=_numpy(ts.filter(keep)) // _MINUTE_US,
             is_submission=_numpy(pc.is_in(status, _SUBMISSION)),
+            is_submitted=is_submitted,
             is_outcome=_numpy(pc.is_in(status, _OUTCOME)),
             is_failure=_numpy(pc.is_in(status, _FAILURE)),
-            shots=_numpy(pc.fill_null(shots, 0)).astype(np.int64),
-            has_shots=_numpy(pc.is_valid(shots)),
-            code=_numpy(pc.fill_null(codes.indices, 0)).astype(np.int64),
-            has_code=_numpy(pc.is_valid(codes)),
+            is_rejected=_numpy(pc.equal(status, "rejected").fill_null(False)),
+            is_auth_failure=_numpy(pc.equal(column("error_code"), "auth_failed").fill_null(False)),
+            shots=shots_np,
+            has_shots=has_shots,
+            cost=np.where(is_submitted, cost, 0.0),
+            runtime=np.where(completed, runtime, np.nan),
+            backend=backend_code,
+            codes=_codes(pc.dictionary_encode(column("code_hash"))),
+            networks=_codes(pc.dictionary_encode(column("source_ip_hash"))),
+            agents=_codes(pc.dictionary_encode(column("client_agent"))),
         )
 
 
-class _MinuteGrid:
-    """Per (key, minute) sums over the active minutes, as prefix sums in cell order.
+class _Grid:
+    """Per (entity, minute) cells of the records, and every window aggregate over them.
 
-    A cell is ``key * n_minutes + minute offset``: sorting cells sorts by key, then
-    time, so the cells of one key's window are one contiguous run, found by binary search,
-    and a window sum is a difference of two prefix sums.
+    A cell is ``entity * n_minutes + minute offset``: sorting cells sorts by entity, then
+    time, so the cells of one entity's window are one contiguous run.
     """
 
     def __init__(self, events: _Events) -> None:
-        self.events = events
-        self.first_minute = int(events.minute.min()) if len(events.minute) else 0
-        last = int(events.minute.max()) if len(events.minute) else 0
-        # Room for the rows and windows past the last minute, so cells never wrap.
-        self.n_minutes = last - self.first_minute + 70
-        cell = events.key * self.n_minutes + (events.minute - self.first_minute)
-        self.cells, inverse = _unique_inverse(cell)
-
-        def per_cell(values: np.ndarray) -> np.ndarray:
-            sums = np.bincount(inverse, weights=values, minlength=len(self.cells))
-            return np.concatenate([[0], np.cumsum(sums.astype(np.int64))])
-
-        counted_shots = events.is_submission & events.has_shots
-        self.submissions = per_cell(events.is_submission)
-        per_minute = np.diff(self.submissions)
-        self.submissions_sq = np.concatenate([[0], np.cumsum(per_minute * per_minute)])
-        self.shots_sum = per_cell(np.where(counted_shots, events.shots, 0))
-        self.shots_n = per_cell(counted_shots)
-        self.outcomes = per_cell(events.is_outcome)
-        self.failures = per_cell(events.is_failure)
+        self.events = e = events
+        self.minute0 = (int(e.minute.min()) if len(e.minute) else 0) - _PAD
+        last = int(e.minute.max()) if len(e.minute) else 0
+        self.n_minutes = last - self.minute0 + _PAD
+        self.offset = e.minute - self.minute0
+        self.event_cell = e.entity * self.n_minutes + self.offset
+        self.cells, self.inverse = _unique_inverse(self.event_cell)
+        self.n_cells = len(self.cells)
+        sub = e.is_submission
+        counted_shots = sub & e.has_shots
+        self.subs = self._per_cell(sub)
+        self.failures = self._per_cell(e.is_failure)
+        self.prefix = {
+            "subs": _prefix(self.subs),
+            "shots_sum": _prefix(self._per_cell(np.where(counted_shots, e.shots, 0))),
+            "shots_n": _prefix(self._per_cell(counted_shots)),
+            "outcomes": _prefix(self._per_cell(e.is_outcome)),
+            "failures": _prefix(self.failures),
+            "rejected": _prefix(self._per_cell(e.is_rejected)),
+            "auth": _prefix(self._per_cell(e.is_auth_failure)),
+            "load": _prefix(self._per_cell(np.where(sub, self._backend_load(), 0))),
+            "subs_sq": _prefix(self.subs * self.subs),
+            "failures_sq": _prefix(self.failures * self.failures),
+        }
+        self.cost = np.bincount(self.inverse, weights=e.cost, minlength=self.n_cells)
+        self.max_tables = {
+            "shots_max": _SparseMax(self._cell_max(counted_shots, e.shots)),
+            "peak_subs": _SparseMax(self.subs),
+            "share_max": _SparseMax(self._code_sharing()),
+        }
+        has_runtime = ~np.isnan(e.runtime)
+        self.runtime_cells = self.event_cell[has_runtime]
+        self.runtime_values = e.runtime[has_runtime]
         self._bounds: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._cost_prefix: np.ndarray | None = None
+
+    def _per_cell(self, values: np.ndarray) -> np.ndarray:
+        return np.bincount(self.inverse, weights=values, minlength=self.n_cells).astype(np.int64)
+
+    def _cell_max(self, mask: np.ndarray, values: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.n_cells, dtype=np.int64)
+        np.maximum.at(out, self.inverse[mask], values[mask])
+        return out
+
+    def _backend_load(self) -> np.ndarray:
+        """Per record, the submissions (every entity) to its backend in its minute."""
+        e = self.events
+        pair = (e.backend + 1) * self.n_minutes + self.offset
+        pair = np.where(e.is_submission, pair, -1)
+        _, inverse = _unique_inverse(pair)
+        counts = np.bincount(inverse, weights=e.is_submission).astype(np.int64)
+        return counts[inverse]
+
+    def _code_sharing(self) -> np.ndarray:
+        """Per cell, the largest number of other entities sharing one of its code hashes.
+
+        For a submission of hash ``h`` in minute ``m``: the distinct entities that
+        submitted ``h`` in minutes ``m - 59 .. m``, itself excluded.
+        """
+        e = self.events
+        mask = e.is_submission & (e.codes >= 0)
+        out = np.zeros(self.n_cells, dtype=np.int64)
+        if not mask.any():
+            return out
+        code, entity, offset = e.codes[mask], e.entity[mask], self.offset[mask]
+        sharing = _distinct_in_window(
+            group=code,
+            value=entity,
+            offset=offset,
+            window=SHARING_MINUTES,
+            n_minutes=self.n_minutes,
+            queries=code * self.n_minutes + offset + 1,  # the row after m reads m - 59 .. m
+        )
+        np.maximum.at(out, self.inverse[mask], sharing - 1)
+        return out
 
     def rows(self, start_us: int, end_us: int) -> np.ndarray:
         """Cells of the rows: the 5 minute boundaries after each active minute, in span."""
         rows = _unique_sorted((self.cells[:, None] + np.arange(1, 6)).ravel())
-        instant = (rows % self.n_minutes + self.first_minute) * _MINUTE_US
+        instant = (rows % self.n_minutes + self.minute0) * _MINUTE_US
         return rows[(instant >= start_us) & (instant < end_us)]
 
-    def window_sum(self, prefix: np.ndarray, rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """Per row at minute t, the sum over its key's minutes ``t - lo .. t - hi``."""
+    def bounds(self, rows: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per row at minute t, the cell index range of its minutes ``t - lo .. t - hi``."""
         if (lo, hi) not in self._bounds:
             self._bounds[lo, hi] = (
                 np.searchsorted(self.cells, rows - lo, side="left"),
                 np.searchsorted(self.cells, rows - hi, side="right"),
             )
-        first, last = self._bounds[lo, hi]
+        return self._bounds[lo, hi]
+
+    def window_sum(self, name: str, rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        first, last = self.bounds(rows, lo, hi)
+        prefix = self.prefix[name]
         return prefix[last] - prefix[first]
 
-    def distinct_code_hashes(self, rows: np.ndarray, *, minutes: int) -> np.ndarray:
-        """Per row, the distinct code hashes submitted in its last ``minutes`` minutes.
-
-        Each (key, hash, minute) occurrence covers the rows ``minute + 1 .. minute +
-        minutes``; an occurrence's cover starts after the previous occurrence's of the
-        same (key, hash) ends, so the covers are disjoint and the count at a row is the
-        running sum of +1 at each cover's start and -1 past its end.
-        """
+    def aggregates(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Every aggregate of `definitions.AGGREGATES`, one value per row."""
         e = self.events
-        mask = e.is_submission & e.has_code
-        n_codes = int(e.code.max()) + 1 if mask.any() else 1
-        offset = e.minute[mask] - self.first_minute
-        triples = _unique_sorted((e.key[mask] * n_codes + e.code[mask]) * self.n_minutes + offset)
-        pair, minute = triples // self.n_minutes, triples % self.n_minutes
-        base = (pair // n_codes) * self.n_minutes
-        same_pair = np.concatenate([[False], pair[1:] == pair[:-1]])
-        previous = np.concatenate([[0], minute[:-1]])
-        cover_from = np.where(same_pair, np.maximum(minute + 1, previous + minutes + 1), minute + 1)
-        edges = np.concatenate([base + cover_from, base + minute + minutes + 1])
-        steps = np.concatenate([np.ones(len(minute), np.int64), -np.ones(len(minute), np.int64)])
-        if len(edges) == 0:  # no submission carries a code hash
-            return np.zeros(len(rows), dtype=np.int64)
-        by_edge = np.argsort(edges, kind="stable")
-        edges, running = edges[by_edge], np.cumsum(steps[by_edge])
-        at = np.searchsorted(edges, rows, side="right") - 1
-        return np.where(at >= 0, running[np.maximum(at, 0)], 0)
+        agg: dict[str, np.ndarray] = {}
+        medians = self._median_runtimes(rows)
+        for w in WINDOWS.values():
+            first, last = self.bounds(rows, w, 1)
+            for name in ("subs", "shots_sum", "shots_n", "outcomes", "failures"):
+                agg[f"{name}_{w}"] = self.window_sum(name, rows, w, 1)
+                if name in ("subs", "outcomes", "failures"):
+                    agg[f"prev_{name}_{w}"] = self.window_sum(name, rows, 2 * w, w + 1)
+            for name in ("rejected", "auth", "load"):
+                agg[f"{name}_{w}"] = self.window_sum(name, rows, w, 1)
+            for name, table in self.max_tables.items():
+                agg[f"{name}_{w}"] = table.query(first, last)
+            submitted = e.is_submission
+            for name, values in (
+                ("codes", e.codes),
+                ("networks", e.networks),
+                ("agents", e.agents),
+            ):
+                mask = submitted & (values >= 0)
+                agg[f"{name}_{w}"] = _distinct_in_window(
+                    group=e.entity[mask],
+                    value=values[mask],
+                    offset=self.offset[mask],
+                    window=w,
+                    n_minutes=self.n_minutes,
+                    queries=rows,
+                )
+            agg[f"cost_{w}"] = self._cost_sum(first, last)
+            agg[f"median_runtime_{w}"] = medians[w]
+        agg["hist_subs"] = self.window_sum("subs", rows, 60, 2)
+        agg["hist_subs_sq"] = self.window_sum("subs_sq", rows, 60, 2)
+        agg["hist_failures"] = self.window_sum("failures", rows, 60, 2)
+        agg["hist_failures_sq"] = self.window_sum("failures_sq", rows, 60, 2)
+        agg["p95_subs"] = self._rate_percentile(rows)
+        first, last = self.bounds(rows, ACTIVITY_LOOKBACK_MINUTES, 1)
+        agg["first_seen_min"] = rows - self.cells[first]
+        latest, previous = last - 1, last - 2
+        has_previous = previous >= first
+        agg["gap_min"] = np.where(
+            has_previous,
+            self.cells[latest] - self.cells[np.maximum(previous, 0)],
+            ACTIVITY_LOOKBACK_MINUTES,
+        )
+        assert set(agg) == set(AGGREGATES), set(agg) ^ set(AGGREGATES)
+        return agg
+
+    def _median_runtimes(self, rows: np.ndarray) -> dict[int, np.ndarray]:
+        """Per window length, the median runtime of each row's window (0 when empty).
+
+        Runtimes are sorted by cell, then value: a 1-minute window is one cell, so its
+        middle values are read directly; longer windows span cells and go through one
+        wavelet matrix together.
+        """
+        values, cells = self.runtime_values, self.runtime_cells
+        order = np.lexsort((values, cells))
+        values, cells = values[order], cells[order]
+        rank = np.empty(len(values), dtype=np.int64)
+        rank[np.argsort(values, kind="stable")] = np.arange(len(values))
+        by_rank = np.sort(values)
+        out: dict[int, np.ndarray] = {}
+        queries: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        for w in WINDOWS.values():
+            first = np.searchsorted(cells, rows - w, side="left")
+            last = np.searchsorted(cells, rows - 1, side="right")
+            n = last - first
+            out[w] = np.zeros(len(rows), dtype=np.float64)
+            some = np.flatnonzero(n)
+            f, m = first[some], n[some]
+            if w == 1:
+                out[w][some] = (values[f + (m - 1) // 2] + values[f + m // 2]) / 2
+            else:
+                queries.append((w, some, f, m))
+        if queries and len(values):
+            f = np.concatenate([q[2] for q in queries])
+            m = np.concatenate([q[3] for q in queries])
+            # Consecutive rows of an entity mostly see the same runtimes: ask once per range.
+            ranges, inverse = _unique_inverse(f * (len(values) + 1) + m)
+            f, m = ranges // (len(values) + 1), ranges % (len(values) + 1)
+            lower, upper = _range_kth(
+                rank, np.tile(f, 2), np.tile(f + m, 2), np.concatenate([(m - 1) // 2, m // 2])
+            ).reshape(2, -1)
+            medians = ((by_rank[lower] + by_rank[upper]) / 2)[inverse]
+            at = 0
+            for w, some, _, _ in queries:
+                out[w][some] = medians[at : at + len(some)]
+                at += len(some)
+        return out
+
+    def _cost_sum(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+        """Per row, the cost of cells ``first .. last - 1``, exactly as summed one by one.
+
+        Costs are whole numbers (integer weights): while their grand total stays below
+        2**53 every float partial sum is exact, so a prefix-sum difference is the exact
+        window sum. Past that (hostile shot counts), sum the cells in time order.
+        """
+        if self._cost_prefix is None:
+            exact = float(self.cost.sum()) < 2.0**53
+            self._cost_prefix = _prefix(self.cost) if exact else np.array([])
+        if len(self._cost_prefix):
+            return self._cost_prefix[last] - self._cost_prefix[first]
+        return _ordered_sum(self.cost, first, last)
+
+    def _rate_percentile(self, rows: np.ndarray) -> np.ndarray:
+        """Nearest-rank percentile of per-minute submissions over ``t - 60 .. t - 1``."""
+        first, last = self.bounds(rows, 60, 1)
+        idle = 60 - (last - first)  # minutes without a record count as zero submissions
+        rank = RATE_PERCENTILE_RANK - idle
+        out = np.zeros(len(rows), dtype=np.int64)
+        busy = rank >= 0
+        if busy.any():
+            out[busy] = _range_kth(self.subs, first[busy], last[busy], rank[busy])
+        return out
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """``numerator / denominator`` as float64, 0 where the denominator is 0."""
-    out = np.zeros(len(numerator), dtype=np.float64)
-    nonzero = denominator != 0
-    out[nonzero] = numerator[nonzero].astype(np.float64) / denominator[nonzero]
+class _SparseMax:
+    """Range maxima over at most 64 consecutive values, by a sparse table (0 when empty)."""
+
+    LEVELS = 7  # spans 1 .. 64
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.levels = [values]
+        for level in range(1, self.LEVELS):
+            prev, half = self.levels[-1], 1 << (level - 1)
+            shifted = np.zeros_like(prev)
+            shifted[: max(len(prev) - half, 0)] = prev[half:]
+            self.levels.append(np.maximum(prev, shifted))
+
+    def query(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+        length = last - first
+        out = np.zeros(len(first), dtype=self.levels[0].dtype)
+        level = np.frexp(np.maximum(length, 1))[1] - 1  # floor(log2(length))
+        for k in np.unique(level[length > 0]):
+            at = (level == k) & (length > 0)
+            table = self.levels[int(k)]
+            out[at] = np.maximum(table[first[at]], table[last[at] - (1 << int(k))])
+        return out
+
+
+def _distinct_in_window(
+    *,
+    group: np.ndarray,
+    value: np.ndarray,
+    offset: np.ndarray,
+    window: int,
+    n_minutes: int,
+    queries: np.ndarray,
+) -> np.ndarray:
+    """Per query ``g * n_minutes + t``: distinct values of group ``g`` in ``t - window .. t - 1``.
+
+    Each (group, value, minute) occurrence covers the instants ``minute + 1 .. minute +
+    window``; an occurrence's cover starts after the previous occurrence's of the same
+    (group, value) ends, so the covers are disjoint and the count at an instant is the
+    running sum of +1 at each cover's start and -1 past its end.
+    """
+    if len(value) == 0:
+        return np.zeros(len(queries), dtype=np.int64)
+    n_values = int(value.max()) + 1
+    triples = _unique_sorted((group * n_values + value) * n_minutes + offset)
+    pair, minute = triples // n_minutes, triples % n_minutes
+    base = (pair // n_values) * n_minutes
+    same_pair = np.concatenate([[False], pair[1:] == pair[:-1]])
+    previous = np.concatenate([[0], minute[:-1]])
+    cover_from = np.where(same_pair, np.maximum(minute + 1, previous + window + 1), minute + 1)
+    edges = np.concatenate([base + cover_from, base + minute + window + 1])
+    steps = np.concatenate([np.ones(len(minute), np.int64), -np.ones(len(minute), np.int64)])
+    by_edge = np.argsort(edges, kind="stable")
+    edges, running = edges[by_edge], np.cumsum(steps[by_edge])
+    at = np.searchsorted(edges, queries, side="right") - 1
+    return np.where(at >= 0, running[np.maximum(at, 0)], 0)
+
+
+def _ordered_sum(values: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Per row, ``sum(values[first:last])`` added left to right from 0.0 (Python's order)."""
+    out = np.zeros(len(first), dtype=np.float64)
+    if len(values) == 0:
+        return out
+    length = last - first
+    for step in range(int(length.max()) if len(length) else 0):
+        at = np.minimum(first + step, len(values) - 1)
+        out += np.where(step < length, values[at], 0.0)
     return out
+
+
+def _range_kth(
+    values: np.ndarray, first: np.ndarray, last: np.ndarray, k: np.ndarray
+) -> np.ndarray:
+    """Per query, the ``k``-th smallest (0-based) of ``values[first:last]``.
+
+    A wavelet matrix built and descended one bit level at a time, every query at once:
+    O((n + queries) x bits). ``values`` are non-negative integers; ``0 <= k < last - first``.
+    """
+    a, b, k = first.astype(np.int64), last.astype(np.int64), k.astype(np.int64)
+    result = np.zeros(len(a), dtype=np.int64)
+    current = values.astype(np.int64)
+    for level in reversed(range(int(current.max()).bit_length() if len(current) else 0)):
+        one = ((current >> level) & 1).astype(bool)
+        zeros = np.concatenate([[0], np.cumsum(~one)])
+        n_zeros = zeros[-1]
+        za, zb = zeros[a], zeros[b]
+        in_zeros = zb - za
+        go_one = k >= in_zeros
+        k = np.where(go_one, k - in_zeros, k)
+        result |= go_one.astype(np.int64) << level
+        a = np.where(go_one, n_zeros + a - za, za)
+        b = np.where(go_one, n_zeros + b - zb, zb)
+        current = np.concatenate([current[~one], current[one]])
+    return result
+
+
+def _prefix(per_cell: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(per_cell)])
+
+
+def _codes(encoded: pa.DictionaryArray) -> np.ndarray:
+    """Dictionary codes as int64, -1 where null."""
+    return _numpy(pc.fill_null(encoded.indices, -1)).astype(np.int64)
 
 
 def _numpy(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(array.to_numpy(zero_copy_only=False))
-
-
-def _us_span(span: timedelta) -> int:
-    return span // timedelta(microseconds=1)
 
 
 def _us(instant: datetime) -> int:

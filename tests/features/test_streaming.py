@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 from qabuse_dagster.features.push import PUSH_SOURCE, latest_per_key, push_online
 from qabuse_dagster.features.streaming import StreamingWindows, StreamRecord
 from qabuse_dagster.features.windows import (
+    DETECTOR_FEATURES,
     ENTITY_COLUMN,
     FEATURE_NAMES,
-    FEATURE_SCHEMA,
     TIMESTAMP_COLUMN,
+    feature_schema,
     window_features,
 )
 
@@ -35,8 +36,17 @@ INPUT_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("shots", pa.int64()),
         ("code_hash", pa.string()),
+        ("user", pa.string()),
+        ("num_circuits", pa.int64()),
+        ("depth", pa.int64()),
+        ("backend", pa.string()),
+        ("runtime_s", pa.float64()),
+        ("error_code", pa.string()),
+        ("source_ip_hash", pa.string()),
+        ("client_agent", pa.string()),
     ]
 )
+assert tuple(INPUT_SCHEMA.names) == StreamRecord._fields
 STATUSES = ("submitted", "queued", "running", "completed", "failed", "cancelled", "rejected")
 
 
@@ -44,13 +54,13 @@ def _table(records: list[StreamRecord]) -> pa.Table:
     return pa.Table.from_pylist([r._asdict() for r in records], schema=INPUT_SCHEMA)
 
 
-def _batch(records: list[StreamRecord]) -> pa.Table:
+def _batch(records: list[StreamRecord], entity_column: str = ENTITY_COLUMN) -> pa.Table:
     """`window_features` over every row the records can produce."""
     if not records:
-        return FEATURE_SCHEMA.empty_table()
+        return feature_schema(entity_column).empty_table()
     first = min(r.timestamp for r in records)
     last = max(r.timestamp for r in records)
-    return window_features(_table(records), first - MINUTE, last + 10 * MINUTE)
+    return window_features(_table(records), first - MINUTE, last + 10 * MINUTE, entity_column)
 
 
 def _stream(
@@ -67,10 +77,12 @@ def _stream(
 
 
 def _assert_same_rows(got: pa.Table, expected: pa.Table) -> None:
+    """The same rows, every feature equal to 1e-9."""
     assert got.schema == expected.schema
     assert got.num_rows == expected.num_rows
+    entity = got.column_names[0]
     for g, e in zip(got.to_pylist(), expected.to_pylist(), strict=True):
-        assert (g[ENTITY_COLUMN], g[TIMESTAMP_COLUMN]) == (e[ENTITY_COLUMN], e[TIMESTAMP_COLUMN])
+        assert (g[entity], g[TIMESTAMP_COLUMN]) == (e[entity], e[TIMESTAMP_COLUMN])
         for name in FEATURE_NAMES:
             assert g[name] == pytest.approx(e[name], abs=1e-9, rel=0), (name, g, e)
 
@@ -112,6 +124,29 @@ def test_in_order_replay_of_simulated_telemetry_gives_the_batch_rows(
     assert stream.late_records == 0
     assert simulated_batch.num_rows > 1_000
     _assert_same_rows(got, simulated_batch)
+
+
+def test_user_rows_replayed_from_simulated_telemetry_give_the_batch_rows(
+    simulated: list[StreamRecord],
+) -> None:
+    got, stream = _stream(simulated, entity_column="user")
+
+    expected = _batch(simulated, entity_column="user")
+    assert stream.late_records == 0
+    assert expected.column_names[0] == "user" and expected.num_rows > 1_000
+    _assert_same_rows(got, expected)
+
+
+def test_simulated_replay_exercises_every_feature(simulated_batch: pa.Table) -> None:
+    """The consistency tests above compare something: no feature is constant on the twin."""
+    import pyarrow.compute as pc
+
+    constant = [
+        name
+        for name in FEATURE_NAMES
+        if pc.min(simulated_batch[name]).as_py() == pc.max(simulated_batch[name]).as_py()
+    ]
+    assert not constant
 
 
 def test_dict_records_as_decoded_from_json_give_the_same_rows(
@@ -158,7 +193,8 @@ def test_records_delayed_beyond_the_lateness_are_reported_and_leave_emitted_rows
     # The rows are exactly the batch rows of the records that were on time ...
     _assert_same_rows(got, _batch(on_time))
     # ... so they differ from the batch over everything only where a delayed record lies
-    # in a row's hour (the z-score's history) for the same key.
+    # in a row's day (the age and gap features) for the same key, or in its last two hours
+    # for any key (backend load and code-hash sharing of the hour's submissions).
     full, ours = _keyed(simulated_batch), _keyed(got)
     differing = {
         k for k in full.keys() | ours.keys() if k not in full or k not in ours or full[k] != ours[k]
@@ -166,7 +202,8 @@ def test_records_delayed_beyond_the_lateness_are_reported_and_leave_emitted_rows
     assert differing
     for key, instant in differing:
         assert any(
-            r.api_key_id == key and instant - timedelta(minutes=60) <= r.timestamp < instant
+            (r.api_key_id == key and instant - timedelta(hours=24) <= r.timestamp < instant)
+            or instant - timedelta(hours=2) <= r.timestamp < instant
             for r in delayed
         ), (key, instant)
 
@@ -245,23 +282,39 @@ def test_edge_cases_match_the_batch_rows(records: list[StreamRecord]) -> None:
     _assert_same_rows(got, _batch(records))
 
 
+def _maybe(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(st.none(), values)
+
+
 _records = st.lists(
     st.builds(
         StreamRecord,
         api_key_id=st.sampled_from(["a", "b", "c"]),
         timestamp=st.integers(0, 3 * 3600 * 10**6).map(lambda us: T0 + timedelta(microseconds=us)),
         status=st.sampled_from(STATUSES),
-        shots=st.one_of(st.none(), st.integers(0, 10**8)),
+        shots=_maybe(st.integers(0, 10**8)),
         code_hash=st.sampled_from(["c1", "c2", "c3", "c4"]),
+        user=st.sampled_from(["u1", "u2"]),
+        num_circuits=_maybe(st.integers(0, 50)),
+        depth=_maybe(st.integers(0, 500)),
+        backend=_maybe(st.sampled_from(["ibm_torino", "aer_simulator", "sv1"])),
+        runtime_s=_maybe(st.floats(0, 1e4, allow_nan=False)),
+        error_code=_maybe(st.sampled_from(["auth_failed", "quota_exceeded"])),
+        source_ip_hash=_maybe(st.sampled_from(["n1", "n2", "n3"])),
+        client_agent=st.sampled_from(["qiskit", "cirq", "pennylane"]),
     ),
     max_size=60,
 )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(records=_records, seed=st.integers(0, 2**32 - 1))
+@given(
+    records=_records,
+    seed=st.integers(0, 2**32 - 1),
+    entity_column=st.sampled_from(["api_key_id", "user"]),
+)
 def test_random_records_in_any_order_within_the_lateness_match_the_batch(
-    records: list[StreamRecord], seed: int
+    records: list[StreamRecord], seed: int, entity_column: str
 ) -> None:
     # Random order, with the lateness bound set to cover it: nothing may be late.
     order = random.Random(seed).sample(records, len(records))
@@ -271,10 +324,10 @@ def test_random_records_in_any_order_within_the_lateness_match_the_batch(
         latest = r.timestamp if latest is None else max(latest, r.timestamp)
         spread = max(spread, latest - r.timestamp)
 
-    got, stream = _stream(order, lateness=spread)
+    got, stream = _stream(order, lateness=spread, entity_column=entity_column)
 
     assert stream.late_records == 0
-    _assert_same_rows(got, _batch(records))
+    _assert_same_rows(got, _batch(records, entity_column))
 
 
 # --- lateness, state and input --------------------------------------------------------
@@ -303,9 +356,19 @@ def test_advance_with_now_finalises_a_silent_stream_and_forgets_idle_keys() -> N
     assert stream.advance(T0 + 10 * MINUTE).num_rows == 3
     assert stream.keys == 1
     assert stream.advance(T0 + timedelta(hours=2)).num_rows == 0
+    assert stream.keys == 1  # its first-seen and gap features look back a day
+    assert stream.advance(T0 + timedelta(hours=25)).num_rows == 0
     assert stream.keys == 0
     # Anything before the watermark is now late.
     assert not stream.update(_rec("a", 3600, "submitted"))
+
+
+def test_a_record_without_the_entity_is_refused() -> None:
+    stream = StreamingWindows(entity_column="user")
+    with pytest.raises(ValueError, match="no user"):
+        stream.update(_rec("a", 0, "submitted"))
+    with pytest.raises(ValueError, match="entity_column"):
+        StreamingWindows(entity_column="backend")
 
 
 def test_naive_timestamps_are_refused() -> None:
@@ -358,5 +421,6 @@ def test_pushed_rows_are_read_back_from_the_online_store(pipeline_run) -> None:
     expected = {r[ENTITY_COLUMN]: r for r in latest_per_key(rows).to_pylist()}
     assert expected[keys[0]]["fail_rate_5m"] == pytest.approx(2 / 2)
     for key, vector in zip(keys, got, strict=True):
-        for name in FEATURE_NAMES:
+        assert set(DETECTOR_FEATURES) <= set(vector)
+        for name in set(FEATURE_NAMES) & set(vector):
             assert vector[name] == pytest.approx(expected[key][name], abs=1e-9), (key, name)

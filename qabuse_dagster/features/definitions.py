@@ -1,0 +1,404 @@
+"""The window features: one definition, read by the batch and the streaming engines.
+
+A feature row describes one *entity* (an api key or a user) at one instant ``t``, a
+minute boundary, from the records strictly before it. A window of ``W`` minutes holds the
+entity's minutes ``t - W .. t - 1``; the windows are 1 minute, 5 minutes and 1 hour, and
+the *previous* window of the same length holds minutes ``t - 2W .. t - W - 1``. An entity
+gets a row at every minute boundary whose 5-minute window holds one of its records, so the
+latest row of an entity is also its current state once it falls silent.
+
+The definition has two halves, shared by both engines so their numbers agree:
+
+1. *Aggregates* (`AGGREGATES`): sums, maxima, distinct counts, medians and a few instants
+   over the window's records. `qabuse_dagster.features.windows` computes them with
+   vectorised numpy over a whole table, `qabuse_dagster.features.streaming` incrementally,
+   record by record. Both follow these conventions:
+
+   * a *submission* is a ``submitted`` or ``rejected`` record (a rejected request is a
+     submission the API refused, so no ``submitted`` record exists for it); shots, code
+     hashes, networks, client agents and backends are read from submissions;
+   * an *outcome* is a ``completed``, ``failed``, ``cancelled`` or ``rejected`` record,
+     and a *failure* a ``failed`` or ``rejected`` one;
+   * an *auth failure* is any record with ``error_code`` ``auth_failed``;
+   * a *runtime* is the ``runtime_s`` of a ``completed`` record;
+   * the *estimated cost* of a ``submitted`` record is ``shots x num_circuits x depth x
+     backend weight`` in QPU shot-layers (`backend_cost_weight`; an analytic job counts
+     one shot, an unknown circuit count 1, an unknown or zero depth 1);
+   * the *backend load* of a submission is the number of submissions (by every entity) to
+     its backend in its minute; the *code-hash sharing* of a submission is the number of
+     other entities that submitted its code hash in the hour ending with its minute.
+
+2. *Features* (`FEATURES`): `derive` turns aggregate columns into feature columns with
+   numpy, the same code for both engines. Ratios over an empty denominator are 0, so the
+   models never see NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+TIMESTAMP_COLUMN = "event_timestamp"
+#: Feast entity name -> the telemetry column (and feature-row join key) it is read from.
+ENTITY_COLUMNS: dict[str, str] = {"api_key": "api_key_id", "user": "user"}
+#: Window suffix -> length in minutes.
+WINDOWS: dict[str, int] = {"1m": 1, "5m": 5, "1h": 60}
+#: How far back a row's entity-age and gap features look, in minutes.
+ACTIVITY_LOOKBACK_MINUTES = 24 * 60
+#: How far back a row's window aggregates look (the previous hour-long window).
+WINDOW_LOOKBACK_MINUTES = 2 * 60
+#: Sharing of a code hash counts the other entities that used it in this many minutes.
+SHARING_MINUTES = 60
+ZSCORE_STD_FLOOR = 1.0
+#: Nearest-rank percentile of per-minute submissions over the last hour.
+RATE_PERCENTILE = 95
+#: 0-based rank of that percentile among the hour's 60 per-minute counts.
+RATE_PERCENTILE_RANK = -(-RATE_PERCENTILE * 60 // 100) - 1
+
+_SIMULATOR_MARKERS = ("simulator", "sim", "qubit", "sv1", "dm1", "tn1", "aer", "qsim", "local")
+
+
+def backend_cost_weight(backend: str | None) -> int:
+    """Cost of one shot of one circuit layer on ``backend``, in hundredths of a QPU shot-layer.
+
+    Quantum hardware costs 100; a managed or local simulator (recognised by its name:
+    ``aer_simulator``, ``sv1``, ``default.qubit``, ``cirq.simulator`` ...) costs 1, since
+    it burns no QPU credit but still uses shared compute. Integer weights keep window
+    sums of costs exact in any order (below 2**53), so both engines agree to the bit.
+    """
+    name = (backend or "").lower()
+    return 1 if any(marker in name for marker in _SIMULATOR_MARKERS) else COST_SCALE
+
+
+#: Cost weights are in 1/COST_SCALE of a QPU shot-layer; `derive` divides by it.
+COST_SCALE = 100
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature column: its name, unit and meaning (shown in Feast and the UI)."""
+
+    name: str
+    unit: str
+    description: str
+    #: The feature view it belongs to: ``1m``, ``5m`` or ``1h``.
+    window: str
+    integer: bool = False
+    #: Lower and upper bounds every value satisfies (None: unbounded), for the asset checks.
+    low: float | None = 0.0
+    high: float | None = None
+
+
+def _window_specs(suffix: str, minutes: int) -> list[FeatureSpec]:
+    span = {"1m": "the last minute", "5m": "the last 5 minutes", "1h": "the last hour"}[suffix]
+    prev = {"1m": "the minute before", "5m": "the 5 minutes before", "1h": "the hour before"}[
+        suffix
+    ]
+    specs = [
+        FeatureSpec(
+            "submissions_1m",
+            "jobs",
+            "Submissions (submitted or rejected) in the last minute.",
+            suffix,
+            integer=True,
+        )
+        if minutes == 1
+        else FeatureSpec(
+            f"submissions_per_min_{suffix}",
+            "jobs/min",
+            f"Mean submissions per minute over {span}.",
+            suffix,
+        ),
+        FeatureSpec(
+            f"submission_rate_change_{suffix}",
+            "jobs/min",
+            f"Submissions per minute in {span} minus those in {prev}.",
+            suffix,
+            low=None,
+        ),
+        FeatureSpec(f"mean_shots_{suffix}", "shots", f"Mean shots per submission, {span}.", suffix),
+        FeatureSpec(
+            f"max_shots_{suffix}",
+            "shots",
+            f"Largest shots of one submission, {span}.",
+            suffix,
+            integer=True,
+        ),
+        FeatureSpec(
+            f"median_runtime_s_{suffix}",
+            "s",
+            f"Median runtime of the jobs that completed in {span} (0 when none did).",
+            suffix,
+        ),
+        FeatureSpec(
+            f"fail_rate_{suffix}",
+            "ratio",
+            f"Failed or rejected outcomes over all outcomes, {span}.",
+            suffix,
+            high=1.0,
+        ),
+        FeatureSpec(
+            f"fail_rate_change_{suffix}",
+            "ratio",
+            f"Fail rate in {span} minus the fail rate in {prev}.",
+            suffix,
+            low=-1.0,
+            high=1.0,
+        ),
+        FeatureSpec(
+            f"rejected_{suffix}",
+            "jobs",
+            f"Submissions the API refused, {span}.",
+            suffix,
+            integer=True,
+        ),
+        FeatureSpec(
+            f"auth_failures_{suffix}",
+            "records",
+            f"Records with error code auth_failed, {span}.",
+            suffix,
+            integer=True,
+        ),
+        FeatureSpec(
+            f"distinct_code_hashes_{suffix}",
+            "count",
+            f"Distinct code hashes submitted, {span}.",
+            suffix,
+            integer=True,
+        ),
+        FeatureSpec(
+            f"circuit_reuse_fraction_{suffix}",
+            "ratio",
+            f"Share of submissions in {span} that reuse a code hash (circuit structure) "
+            "submitted earlier in the window: high for variational loops, which change only "
+            "parameters.",
+            suffix,
+            high=1.0,
+        ),
+        FeatureSpec(
+            f"distinct_networks_{suffix}",
+            "count",
+            f"Distinct source networks (/24 or /48) submitting, {span}: key sharing.",
+            suffix,
+            integer=True,
+        ),
+        FeatureSpec(
+            f"distinct_client_agents_{suffix}",
+            "count",
+            f"Distinct client agents submitting, {span}: key sharing.",
+            suffix,
+            integer=True,
+        ),
+        FeatureSpec(
+            f"estimated_cost_{suffix}",
+            "QPU shot-layers",
+            f"Sum of shots x circuits x depth x backend weight of the jobs submitted in {span}.",
+            suffix,
+        ),
+        FeatureSpec(
+            f"backend_load_at_submit_{suffix}",
+            "jobs/min",
+            f"Mean submissions (by everyone) to the same backend in the minute of each "
+            f"submission, {span}: queue pressure.",
+            suffix,
+        ),
+        FeatureSpec(
+            f"code_hash_sharing_{suffix}",
+            "entities",
+            f"Largest number of other entities that submitted, in the hour up to it, the code "
+            f"hash of a submission in {span}: campaigns.",
+            suffix,
+            integer=True,
+        ),
+    ]
+    if minutes > 1:
+        specs.append(
+            FeatureSpec(
+                f"burstiness_{suffix}",
+                "ratio",
+                f"Busiest minute's submissions over the mean per minute, {span} "
+                f"(1 = even, {minutes} = all in one minute; 0 when idle).",
+                suffix,
+                high=float(minutes),
+            )
+        )
+    return specs
+
+
+FEATURES: tuple[FeatureSpec, ...] = (
+    *(spec for suffix, minutes in WINDOWS.items() for spec in _window_specs(suffix, minutes)),
+    FeatureSpec(
+        "submissions_1m_zscore",
+        "std devs",
+        "Last minute's submissions against the entity's previous 59 minutes (std floored at 1).",
+        "1h",
+        low=None,
+    ),
+    FeatureSpec(
+        "failures_1m_zscore",
+        "std devs",
+        "Last minute's failed or rejected outcomes against the previous 59 minutes "
+        "(std floored at 1).",
+        "1h",
+        low=None,
+    ),
+    FeatureSpec(
+        "submissions_per_min_p95_1h",
+        "jobs/min",
+        "95th percentile (nearest rank) of per-minute submissions over the last hour, "
+        "idle minutes included.",
+        "1h",
+        integer=True,
+    ),
+    FeatureSpec(
+        "hours_since_first_seen_24h",
+        "h",
+        "Hours since the entity's first record, looking back 24 h (24: seen a day ago; "
+        "small: new, or back after a day's silence).",
+        "1h",
+        high=24.0,
+    ),
+    FeatureSpec(
+        "gap_before_latest_activity_min",
+        "min",
+        "Minutes between the entity's latest active minute and the active minute before it "
+        "(1440 when there was none in the last 24 h).",
+        "1h",
+        integer=True,
+        high=float(ACTIVITY_LOOKBACK_MINUTES),
+    ),
+)
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+FEATURES_BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in FEATURES}
+#: Feature names per view suffix (``1m``, ``5m``, ``1h``).
+FEATURES_BY_WINDOW: dict[str, tuple[str, ...]] = {
+    suffix: tuple(f.name for f in FEATURES if f.window == suffix) for suffix in WINDOWS
+}
+#: The inputs of the api-key detector (feature service ``api_key_detector_v1``), in order.
+DETECTOR_FEATURES: tuple[str, ...] = (
+    "submissions_1m",
+    "mean_shots_1m",
+    "fail_rate_1m",
+    "distinct_code_hashes_1m",
+    "submissions_per_min_5m",
+    "mean_shots_5m",
+    "fail_rate_5m",
+    "distinct_code_hashes_5m",
+    "submissions_1m_zscore",
+)
+
+
+def feature_schema(entity_column: str = "api_key_id") -> pa.Schema:
+    """Columns and types of the feature rows of one entity (its Feast offline source)."""
+    return pa.schema(
+        [
+            (entity_column, pa.string()),
+            (TIMESTAMP_COLUMN, pa.timestamp("us", tz="UTC")),
+            *((f.name, pa.int64() if f.integer else pa.float64()) for f in FEATURES),
+        ]
+    )
+
+
+# Aggregates per window length W (suffix `_W`, W in minutes), then per row.
+WINDOW_INT_AGGREGATES = (
+    "subs",  # submissions
+    "shots_sum",  # shots of the submissions that have shots
+    "shots_n",  # submissions that have shots
+    "outcomes",
+    "failures",
+    "rejected",
+    "auth",  # auth failures
+    "load",  # backend load summed over the submissions
+    "prev_subs",  # previous window's submissions, outcomes, failures
+    "prev_outcomes",
+    "prev_failures",
+    "shots_max",  # largest shots of a submission (0 when none)
+    "peak_subs",  # largest submissions of one minute
+    "share_max",  # largest code-hash sharing of a submission
+    "codes",  # distinct code hashes, networks, client agents of the submissions
+    "networks",
+    "agents",
+)
+WINDOW_FLOAT_AGGREGATES = ("cost", "median_runtime")
+ROW_INT_AGGREGATES = (
+    "hist_subs",  # sum over minutes t - 60 .. t - 2 of per-minute submissions
+    "hist_subs_sq",  # ... of their squares
+    "hist_failures",
+    "hist_failures_sq",
+    "p95_subs",  # RATE_PERCENTILE of per-minute submissions over t - 60 .. t - 1
+    "first_seen_min",  # t minus the first active minute in the last 24 h
+    "gap_min",  # latest active minute minus the one before (1440 when none)
+)
+AGGREGATES: tuple[str, ...] = (
+    *(f"{name}_{w}" for w in WINDOWS.values() for name in WINDOW_INT_AGGREGATES),
+    *(f"{name}_{w}" for w in WINDOWS.values() for name in WINDOW_FLOAT_AGGREGATES),
+    *ROW_INT_AGGREGATES,
+)
+
+
+def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``numerator / denominator`` as float64, 0 where the denominator is 0."""
+    out = np.zeros(len(numerator), dtype=np.float64)
+    nonzero = denominator != 0
+    out[nonzero] = np.asarray(numerator)[nonzero].astype(np.float64) / denominator[nonzero]
+    return out
+
+
+def _zscore(last: np.ndarray, hist_sum: np.ndarray, hist_sq: np.ndarray) -> np.ndarray:
+    mean = hist_sum / 59.0
+    meansq = hist_sq / 59.0
+    std = np.maximum(np.sqrt(np.maximum(meansq - mean**2, 0.0)), ZSCORE_STD_FLOOR)
+    return (last - mean) / std
+
+
+def derive(agg: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feature columns (`FEATURE_NAMES`, numpy arrays) from aggregate columns (`AGGREGATES`)."""
+    out: dict[str, np.ndarray] = {}
+    for suffix, w in WINDOWS.items():
+
+        def a(name: str, w: int = w) -> np.ndarray:
+            return np.asarray(agg[f"{name}_{w}"])
+
+        subs = a("subs")
+        if w == 1:
+            out["submissions_1m"] = subs
+        else:
+            out[f"submissions_per_min_{suffix}"] = subs / float(w)
+        out[f"submission_rate_change_{suffix}"] = (subs - a("prev_subs")) / float(w)
+        out[f"mean_shots_{suffix}"] = ratio(a("shots_sum"), a("shots_n"))
+        out[f"max_shots_{suffix}"] = a("shots_max")
+        out[f"median_runtime_s_{suffix}"] = a("median_runtime")
+        fail_rate = ratio(a("failures"), a("outcomes"))
+        out[f"fail_rate_{suffix}"] = fail_rate
+        out[f"fail_rate_change_{suffix}"] = fail_rate - ratio(
+            a("prev_failures"), a("prev_outcomes")
+        )
+        out[f"rejected_{suffix}"] = a("rejected")
+        out[f"auth_failures_{suffix}"] = a("auth")
+        out[f"distinct_code_hashes_{suffix}"] = a("codes")
+        out[f"circuit_reuse_fraction_{suffix}"] = ratio(np.maximum(subs - a("codes"), 0), subs)
+        out[f"distinct_networks_{suffix}"] = a("networks")
+        out[f"distinct_client_agents_{suffix}"] = a("agents")
+        out[f"estimated_cost_{suffix}"] = a("cost") / float(COST_SCALE)
+        out[f"backend_load_at_submit_{suffix}"] = ratio(a("load"), subs)
+        out[f"code_hash_sharing_{suffix}"] = a("share_max")
+        if w > 1:
+            out[f"burstiness_{suffix}"] = ratio(a("peak_subs") * w, subs)
+    out["submissions_1m_zscore"] = _zscore(
+        np.asarray(agg["subs_1"]), np.asarray(agg["hist_subs"]), np.asarray(agg["hist_subs_sq"])
+    )
+    out["failures_1m_zscore"] = _zscore(
+        np.asarray(agg["failures_1"]),
+        np.asarray(agg["hist_failures"]),
+        np.asarray(agg["hist_failures_sq"]),
+    )
+    out["submissions_per_min_p95_1h"] = np.asarray(agg["p95_subs"])
+    out["hours_since_first_seen_24h"] = np.asarray(agg["first_seen_min"]) / 60.0
+    out["gap_before_latest_activity_min"] = np.asarray(agg["gap_min"])
+    return {
+        name: np.asarray(out[name]).astype(np.int64 if spec.integer else np.float64, copy=False)
+        for name, spec in FEATURES_BY_NAME.items()
+    }
