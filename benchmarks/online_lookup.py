@@ -108,6 +108,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
     from qabuse_dagster.features.local_redis import local_redis, redis_server_binary
     from qabuse_dagster.features.store import (
         apply_repo,
+        entity_views,
         feature_service,
         materialize,
         online_features,
@@ -154,7 +155,9 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
         now = datetime.now(UTC)
         keys = _seed_rows(stores["sqlite"], settings.api_keys, settings.seed, now)
         for store in stores.values():
-            materialize(store, now - timedelta(hours=1), now + timedelta(minutes=1))
+            # Only api-key rows are seeded: materialise the api-key views.
+            views = entity_views(store, "api_key")
+            materialize(store, now - timedelta(hours=1), now + timedelta(minutes=1), views)
         services = {name: feature_service(store) for name, store in stores.items()}
         progress.update(task, total=1, completed=1)
 

@@ -8,3 +8,10 @@ api_key = Entity(
     value_type=ValueType.STRING,
     description="An API key, by its keyed HMAC-SHA256 hash (never the key id or secret).",
 )
+
+user = Entity(
+    name="user",
+    join_keys=["user"],
+    value_type=ValueType.STRING,
+    description="A user, by the keyed HMAC-SHA256 hash of their id (never the raw id).",
+)

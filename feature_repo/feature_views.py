@@ -1,51 +1,70 @@
-"""Feast feature views: one per window length, both over the api-key window source.
+"""Feast feature views: one per entity and window length (1 minute, 5 minutes, 1 hour).
 
-Both read the push source: pushed streaming rows go online directly, and its batch
-source (the Parquet window tables) serves materialisation and training sets.
+Every view reads its entity's push source: pushed streaming rows go online directly, and
+its batch source (the Parquet window tables) serves materialisation and training sets.
+Each row carries all three windows; a view holds one window's columns
+(`FEATURES_BY_WINDOW`), so a feature service can pick windows and features per model.
 """
 
 from datetime import timedelta
 
-from data_sources import api_key_windows_push_source
-from entities import api_key
-from feast import FeatureView, Field
+from data_sources import api_key_windows_push_source, user_windows_push_source
+from entities import api_key, user
+from feast import Entity, FeatureView, Field, PushSource
 from feast.types import Float64, Int64
 
-from qabuse_dagster.features.windows import FEATURES, FEATURES_1M, FEATURES_5M
+from qabuse_dagster.features.definitions import (
+    FEATURES_BY_NAME,
+    FEATURES_BY_WINDOW,
+    WINDOW_LOOKBACK_MINUTES,
+)
 
-_DTYPES = {
-    "submissions_1m": Int64,
-    "distinct_code_hashes_1m": Int64,
-    "distinct_code_hashes_5m": Int64,
+# Historical retrieval returns an entity's latest row up to `ttl` old (rows stop 5 minutes
+# after its last record). A row's windows reach back twice their length (each is compared
+# with the one before), so its 5-minute figures overlap the present for 10 minutes, and its
+# hourly ones for 2 hours (WINDOW_LOOKBACK_MINUTES). The 1-minute view keeps 10 minutes,
+# as its rows are the 5-minute view's.
+_TTLS = {
+    "1m": timedelta(minutes=10),
+    "5m": timedelta(minutes=10),
+    "1h": timedelta(minutes=WINDOW_LOOKBACK_MINUTES),
 }
-_DESCRIPTIONS = {f.name: f"{f.description} Unit: {f.unit}." for f in FEATURES}
+_SPANS = {
+    "1m": "the last minute",
+    "5m": "the last five minutes",
+    "1h": "the last hour, how unusual its last minute was, and its last 24 hours' activity",
+}
 
 
-def _fields(names: tuple[str, ...]) -> list[Field]:
+def _fields(window: str) -> list[Field]:
+    specs = [FEATURES_BY_NAME[name] for name in FEATURES_BY_WINDOW[window]]
     return [
-        Field(name=n, dtype=_DTYPES.get(n, Float64), description=_DESCRIPTIONS[n]) for n in names
+        Field(
+            name=spec.name,
+            dtype=Int64 if spec.integer else Float64,
+            description=f"{spec.description} Unit: {spec.unit}.",
+        )
+        for spec in specs
     ]
 
 
-api_key_1m_fv = FeatureView(
-    name="api_key_1m",
-    entities=[api_key],
-    # Historical retrieval ignores rows older than this; a 1-minute window is stale fast.
-    ttl=timedelta(minutes=10),
-    schema=_fields(FEATURES_1M),
-    source=api_key_windows_push_source,
-    online=True,
-    description="What an api key did in the last minute.",
-    tags={"window": "1m"},
-)
+def _window_view(entity: Entity, source: PushSource, window: str, who: str) -> FeatureView:
+    return FeatureView(
+        name=f"{entity.name}_{window}",
+        entities=[entity],
+        ttl=_TTLS[window],
+        schema=_fields(window),
+        source=source,
+        online=True,
+        description=f"What {who} did in {_SPANS[window]}.",
+        tags={"entity": entity.name, "window": window},
+    )
 
-api_key_5m_fv = FeatureView(
-    name="api_key_5m",
-    entities=[api_key],
-    ttl=timedelta(minutes=10),
-    schema=_fields(FEATURES_5M),
-    source=api_key_windows_push_source,
-    online=True,
-    description="What an api key did in the last five minutes, and its z-score.",
-    tags={"window": "5m"},
-)
+
+api_key_1m_fv = _window_view(api_key, api_key_windows_push_source, "1m", "an api key")
+api_key_5m_fv = _window_view(api_key, api_key_windows_push_source, "5m", "an api key")
+api_key_1h_fv = _window_view(api_key, api_key_windows_push_source, "1h", "an api key")
+
+user_1m_fv = _window_view(user, user_windows_push_source, "1m", "a user")
+user_5m_fv = _window_view(user, user_windows_push_source, "5m", "a user")
+user_1h_fv = _window_view(user, user_windows_push_source, "1h", "a user")

@@ -60,8 +60,20 @@ class Paths:
 
     @property
     def api_key_windows(self) -> Path:
-        """One Parquet file per hourly partition: the Feast offline source."""
+        """Per-api-key rows, one Parquet file per hourly partition: a Feast offline source."""
         return self.features / "api_key_windows"
+
+    @property
+    def user_windows(self) -> Path:
+        """The per-user rows, laid out as ``api_key_windows``: the user views' source."""
+        return self.features / "user_windows"
+
+    def entity_windows(self, entity: str) -> Path:
+        """The feature rows of a Feast entity: ``api_key`` or ``user``."""
+        folders = {"api_key": self.api_key_windows, "user": self.user_windows}
+        if entity not in folders:
+            raise ValueError(f"unknown entity {entity!r}: expected one of {sorted(folders)}")
+        return folders[entity]
 
     @property
     def feast(self) -> Path:

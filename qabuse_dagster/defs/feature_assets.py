@@ -1,6 +1,8 @@
-"""Window features per hour, the Feast store they feed, and the point-in-time training set."""
+"""Window features per entity and hour, the Feast store they feed, and the training set."""
 
+import math
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -11,6 +13,7 @@ from dagster import (
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
+    AssetsDefinition,
     BackfillPolicy,
     Config,
     MaterializeResult,
@@ -23,118 +26,178 @@ from dagster import (
 from qabuse_dagster.defs.partitions import HOURLY_PARTITIONS
 from qabuse_dagster.defs.resources import FeastResource, QabuseStorage
 from qabuse_dagster.features import store as feast_ops
-from qabuse_dagster.features.windows import (
-    FEATURE_NAMES,
-    FEATURE_SCHEMA,
+from qabuse_dagster.features.definitions import (
+    DETECTOR_FEATURES,
+    ENTITY_COLUMNS,
     FEATURES,
-    LOOKBACK,
-    window_features,
+    TIMESTAMP_COLUMN,
+    feature_schema,
 )
+from qabuse_dagster.features.windows import LOOKBACK, window_features
 from qabuse_dagster.ingest.partitions import hours_between, read_raw, write_parquet_atomic
 
-_RATIOS = [n for n in FEATURE_NAMES if n.startswith("fail_rate")]
-_NON_NEGATIVE = [n for n in FEATURE_NAMES if not n.endswith("zscore")]
+#: Raw hourly partitions before its own that a feature hour reads: rows look back `LOOKBACK`.
+LOOKBACK_PARTITIONS = math.ceil(LOOKBACK / timedelta(hours=1))
 
 
-@asset(
-    partitions_def=HOURLY_PARTITIONS,
-    backfill_policy=BackfillPolicy.single_run(),
-    deps=[
-        AssetDep(
-            "raw_telemetry",
-            # Each hour's rows look back up to an hour (the z-score's history).
-            partition_mapping=TimeWindowPartitionMapping(
-                start_offset=-1, allow_nonexistent_upstream_partitions=True
+def _bounds(low: float | None, high: float | None) -> str:
+    return f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+
+
+def window_features_asset(entity: str) -> AssetsDefinition:
+    """The hourly window-feature asset of one Feast entity (a key of `ENTITY_COLUMNS`).
+
+    It writes one Parquet file per hour under ``Paths.entity_windows(entity)`` (the
+    entity's Feast offline source) and checks the rows: no nulls, every value within its
+    `FeatureSpec` bounds, the source's schema, and no lag behind the raw telemetry.
+    """
+    entity_column = ENTITY_COLUMNS[entity]
+    name = f"{entity}_window_features"
+    who = entity.replace("_", " ")
+
+    @asset(
+        name=name,
+        partitions_def=HOURLY_PARTITIONS,
+        backfill_policy=BackfillPolicy.single_run(),
+        deps=[
+            AssetDep(
+                "raw_telemetry",
+                partition_mapping=TimeWindowPartitionMapping(
+                    start_offset=-LOOKBACK_PARTITIONS, allow_nonexistent_upstream_partitions=True
+                ),
+            )
+        ],
+        check_specs=[
+            AssetCheckSpec("no_nulls", asset=name, description="No feature value is null or NaN."),
+            AssetCheckSpec(
+                "value_ranges",
+                asset=name,
+                description="Every feature lies within its declared bounds (FeatureSpec low, "
+                "high): ratios in [0, 1], counts and rates >= 0, changes in their range.",
             ),
+            AssetCheckSpec(
+                "schema",
+                asset=name,
+                description=f"Columns and types are the Feast source's: {entity_column}, "
+                "instant, every feature.",
+            ),
+            AssetCheckSpec(
+                "freshness",
+                asset=name,
+                description="The newest row is at the minute boundary after the newest raw "
+                "record of the hour (features never lag the telemetry they were computed from).",
+            ),
+        ],
+        group_name="features",
+        kinds={"numpy", "parquet"},
+        description=f"Per-{who} window features (1 minute, 5 minutes, 1 hour; looking back "
+        f"24 h), one row per {who} and minute, one Parquet file per hour: the Feast offline "
+        f"source of the {entity} views.",
+    )
+    def _entity_window_features(
+        context: AssetExecutionContext, storage: QabuseStorage
+    ) -> MaterializeResult:
+        paths = storage.paths()
+        folder = paths.entity_windows(entity)
+        window = context.partition_time_window
+        telemetry = read_raw(paths.raw_telemetry, window.start - LOOKBACK, window.end)
+        rows = window_features(telemetry, window.start, window.end, entity_column=entity_column)
+        per_hour = _write_hours(rows, folder, window.start, window.end)
+        # Only the features the rows have: a missing one fails the schema check, not the run.
+        specs = [f for f in FEATURES if f.name in rows.column_names]
+        frame = rows.to_pandas()
+        names = [f.name for f in specs]
+        schema_problems = _schema_problems(rows.schema, entity_column)
+        lag_s = _lag_behind_raw_s(telemetry, rows, window.start, window.end)
+        nulls = int(frame[names].isna().sum().sum())
+        out_of_range = _range_violations(frame)
+        summary = frame[names].describe().T[["mean", "50%", "max"]].reset_index(names="feature")
+        summary.insert(1, "unit", [f.unit for f in specs])
+        summary.insert(2, "bounds", [_bounds(f.low, f.high) for f in specs])
+        return MaterializeResult(
+            metadata={
+                "rows": MetadataValue.int(len(frame)),
+                f"{entity}s": MetadataValue.int(int(frame[entity_column].nunique())),
+                "features": MetadataValue.md(summary.to_markdown(index=False, floatfmt=".3g")),
+                "per_hour": MetadataValue.md(
+                    pd.DataFrame(per_hour).to_markdown(index=False) if per_hour else "(no rows)"
+                ),
+                "path": MetadataValue.path(str(folder)),
+            },
+            check_results=[
+                AssetCheckResult(
+                    check_name="no_nulls", passed=nulls == 0, metadata={"nulls": nulls}
+                ),
+                AssetCheckResult(
+                    check_name="value_ranges",
+                    passed=not out_of_range,
+                    metadata={
+                        "values_out_of_range": sum(out_of_range.values()),
+                        "per_feature": MetadataValue.json(out_of_range),
+                    },
+                ),
+                AssetCheckResult(
+                    check_name="schema",
+                    passed=not schema_problems,
+                    metadata={"problems": MetadataValue.json(schema_problems)},
+                ),
+                AssetCheckResult(
+                    check_name="freshness",
+                    passed=lag_s is None or lag_s <= 0,
+                    metadata={"lag_behind_raw_s": MetadataValue.float(float(lag_s or 0.0))},
+                ),
+            ],
         )
-    ],
-    check_specs=[
-        AssetCheckSpec(
-            "no_nulls",
-            asset="api_key_window_features",
-            description="No feature value is null or NaN.",
-        ),
-        AssetCheckSpec(
-            "value_ranges",
-            asset="api_key_window_features",
-            description="Ratios lie in [0, 1]; counts, rates and shots are >= 0.",
-        ),
-        AssetCheckSpec(
-            "schema",
-            asset="api_key_window_features",
-            description="Columns and types are the Feast source's: key, instant, every feature.",
-        ),
-        AssetCheckSpec(
-            "freshness",
-            asset="api_key_window_features",
-            description="The newest row is at the minute boundary after the newest raw "
-            "record of the hour (features never lag the telemetry they were computed from).",
-        ),
-    ],
-    group_name="features",
-    kinds={"numpy", "parquet"},
-    description="Per-api-key 1- and 5-minute window features, one row per key and minute, "
-    "one Parquet file per hour: the Feast offline source.",
-)
-def api_key_window_features(
-    context: AssetExecutionContext, storage: QabuseStorage
-) -> MaterializeResult:
-    paths = storage.paths()
-    window = context.partition_time_window
-    telemetry = read_raw(paths.raw_telemetry, window.start - LOOKBACK, window.end)
-    rows = window_features(telemetry, window.start, window.end)
-    hours = pc.floor_temporal(rows["event_timestamp"], unit="hour")
+
+    return _entity_window_features
+
+
+api_key_window_features = window_features_asset("api_key")
+user_window_features = window_features_asset("user")
+
+
+def _write_hours(
+    rows: pa.Table, folder: Path, start: datetime, end: datetime
+) -> list[dict[str, object]]:
+    """Write ``rows`` as one Parquet file per hour of ``[start, end)``; drop emptied hours."""
+    hours = pc.floor_temporal(rows[TIMESTAMP_COLUMN], unit="hour")
     per_hour = []
-    for hour in hours_between(window.start, window.end):
+    for hour in hours_between(start, end):
         part = rows.filter(pc.equal(hours, pd.Timestamp(hour)))
-        target = paths.api_key_windows / f"{hour:%Y-%m-%dT%H}.parquet"
+        target = folder / f"{hour:%Y-%m-%dT%H}.parquet"
         if part.num_rows:
             write_parquet_atomic(part, target)
             per_hour.append({"hour": f"{hour:%Y-%m-%d %H}:00", "rows": part.num_rows})
         else:
             target.unlink(missing_ok=True)
-    frame = rows.to_pandas()
-    schema_problems = _schema_problems(rows.schema)
-    lag_s = _lag_behind_raw_s(telemetry, rows, window.start, window.end)
-    nulls = int(frame[list(FEATURE_NAMES)].isna().sum().sum())
-    bad_ratio = int(((frame[_RATIOS] < 0) | (frame[_RATIOS] > 1)).sum().sum())
-    negative = int((frame[_NON_NEGATIVE] < 0).sum().sum())
-    summary = frame[list(FEATURE_NAMES)].describe().T[["mean", "50%", "max"]].reset_index()
-    summary.insert(1, "unit", [f.unit for f in FEATURES])
-    return MaterializeResult(
-        metadata={
-            "rows": MetadataValue.int(len(frame)),
-            "api_keys": MetadataValue.int(int(frame["api_key_id"].nunique())),
-            "features": MetadataValue.md(summary.to_markdown(index=False, floatfmt=".3g")),
-            "per_hour": MetadataValue.md(
-                pd.DataFrame(per_hour).to_markdown(index=False) if per_hour else "(no rows)"
-            ),
-            "path": MetadataValue.path(str(paths.api_key_windows)),
-        },
-        check_results=[
-            AssetCheckResult(check_name="no_nulls", passed=nulls == 0, metadata={"nulls": nulls}),
-            AssetCheckResult(
-                check_name="value_ranges",
-                passed=bad_ratio == 0 and negative == 0,
-                metadata={"ratios_out_of_range": bad_ratio, "negative_values": negative},
-            ),
-            AssetCheckResult(
-                check_name="schema",
-                passed=not schema_problems,
-                metadata={"problems": MetadataValue.json(schema_problems)},
-            ),
-            AssetCheckResult(
-                check_name="freshness",
-                passed=lag_s is None or lag_s <= 0,
-                metadata={"lag_behind_raw_s": MetadataValue.float(float(lag_s or 0.0))},
-            ),
-        ],
-    )
+    return per_hour
 
 
-def _schema_problems(schema: pa.Schema) -> list[str]:
-    """What differs from the columns and types the Feast source expects."""
-    expected = {field.name: field.type for field in FEATURE_SCHEMA}
+def _range_violations(frame: pd.DataFrame) -> dict[str, int]:
+    """Per feature, the values outside its `FeatureSpec` bounds (only features that have any).
+
+    Null and NaN values are the null check's, never counted here.
+    """
+    violations = {}
+    for spec in FEATURES:
+        if spec.name not in frame.columns:
+            continue
+        values = frame[spec.name]
+        bad = pd.Series(False, index=frame.index)
+        if spec.low is not None:
+            bad |= values < spec.low
+        if spec.high is not None:
+            bad |= values > spec.high
+        if int(bad.sum()):
+            violations[spec.name] = int(bad.sum())
+    return violations
+
+
+def _schema_problems(
+    schema: pa.Schema, entity_column: str = ENTITY_COLUMNS["api_key"]
+) -> list[str]:
+    """What differs from the columns and types the entity's Feast source expects."""
+    expected = {field.name: field.type for field in feature_schema(entity_column)}
     problems = [f"missing column {n}" for n in expected if n not in schema.names]
     problems += [f"unexpected column {n}" for n in schema.names if n not in expected]
     problems += [
@@ -161,33 +224,50 @@ def _lag_behind_raw_s(
     if newest_raw is None:
         return None
     due = newest_raw.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    newest_row = pc.max(rows["event_timestamp"]).as_py() if rows.num_rows else start
+    newest_row = pc.max(rows[TIMESTAMP_COLUMN]).as_py() if rows.num_rows else start
     return (due - newest_row).total_seconds()
 
 
+def _event_time_range(folder: Path) -> tuple[datetime, datetime]:
+    """First and last event time of the hourly Parquet files in ``folder``."""
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise ValueError(f"no window features in {folder}: materialise the feature assets first")
+    first = pc.min(pq.read_table(files[0], columns=[TIMESTAMP_COLUMN])[TIMESTAMP_COLUMN])
+    last = pc.max(pq.read_table(files[-1], columns=[TIMESTAMP_COLUMN])[TIMESTAMP_COLUMN])
+    return first.as_py(), last.as_py()
+
+
 @asset(
-    deps=[api_key_window_features],
+    deps=[api_key_window_features, user_window_features],
     group_name="features",
     kinds={"feast", "sqlite"},
     description="feature_repo/ applied to the Feast registry, and the latest window "
-    "features per api key materialised into the SQLite online store.",
+    "features per api key and per user materialised into the online store.",
 )
 def feast_online_store(storage: QabuseStorage, feast: FeastResource) -> MaterializeResult:
     store = feast.store()
     report = feast_ops.apply_repo(store)
-    files = sorted(storage.paths().api_key_windows.glob("*.parquet"))
-    if not files:
-        raise ValueError("no window features yet: materialise api_key_window_features first")
-    stamps = pq.read_table(files[0], columns=["event_timestamp"])["event_timestamp"]
-    first = pc.min(stamps).as_py()
-    last = pc.max(pq.read_table(files[-1], columns=["event_timestamp"])["event_timestamp"]).as_py()
-    feast_ops.materialize(store, first, last + timedelta(seconds=1))
+    ranges = {
+        entity: _event_time_range(storage.paths().entity_windows(entity))
+        for entity in ENTITY_COLUMNS
+    }
+    loaded = []
+    for entity, (first, last) in ranges.items():
+        views = feast_ops.entity_views(store, entity)
+        feast_ops.materialize(store, first, last + timedelta(seconds=1), views)
+        loaded.append({"entity": entity, "views": ", ".join(views), "from": first, "to": last})
     return MaterializeResult(
         metadata={
             "feature_views": MetadataValue.json(report.feature_views),
             "feature_services": MetadataValue.json(report.feature_services),
-            "materialized_from": MetadataValue.text(first.isoformat()),
-            "materialized_to": MetadataValue.text(last.isoformat()),
+            "materialized": MetadataValue.md(pd.DataFrame(loaded).to_markdown(index=False)),
+            "materialized_from": MetadataValue.text(
+                min(first for first, _ in ranges.values()).isoformat()
+            ),
+            "materialized_to": MetadataValue.text(
+                max(last for _, last in ranges.values()).isoformat()
+            ),
             "plan": MetadataValue.md(f"```\n{report.plan or 'no changes'}\n```"),
         }
     )
@@ -205,7 +285,8 @@ class TrainingSetConfig(Config):
     group_name="features",
     kinds={"feast", "pandas"},
     description="Point-in-time-correct training rows from Feast historical retrieval, "
-    "one per (api key, minute) with the detector's feature service.",
+    f"one per (api key, minute) with the detector's feature service "
+    f"({feast_ops.FEATURE_SERVICE}: {len(DETECTOR_FEATURES)} features).",
 )
 def training_set(
     context: AssetExecutionContext,
@@ -213,17 +294,18 @@ def training_set(
     storage: QabuseStorage,
     feast: FeastResource,
 ) -> Output[pd.DataFrame]:
+    key = ENTITY_COLUMNS["api_key"]
     source = pq.read_table(
-        storage.paths().api_key_windows, columns=["api_key_id", "event_timestamp"]
+        storage.paths().api_key_windows, columns=[key, TIMESTAMP_COLUMN]
     ).to_pandas()
     if len(source) > config.max_rows:
         source = source.sample(config.max_rows, random_state=config.seed)
-    entity_df = source.sort_values(["event_timestamp", "api_key_id"]).reset_index(drop=True)
-    frame = feast_ops.historical_features(feast.store(), entity_df)
-    missing = int(frame[list(FEATURE_NAMES)].isna().any(axis=1).sum())
+    entity_df = source.sort_values([TIMESTAMP_COLUMN, key]).reset_index(drop=True)
+    frame = feast_ops.historical_features(feast.store(), entity_df, feast_ops.FEATURE_SERVICE)
+    missing = int(frame[list(DETECTOR_FEATURES)].isna().any(axis=1).sum())
     frame = (
-        frame.dropna(subset=list(FEATURE_NAMES))
-        .sort_values(["event_timestamp", "api_key_id"])
+        frame.dropna(subset=list(DETECTOR_FEATURES))
+        .sort_values([TIMESTAMP_COLUMN, key])
         .reset_index(drop=True)
     )
     context.log.info("training set: %d rows, %d without features dropped", len(frame), missing)
@@ -232,9 +314,9 @@ def training_set(
         metadata={
             "rows": MetadataValue.int(len(frame)),
             "rows_without_features": MetadataValue.int(missing),
-            "api_keys": MetadataValue.int(int(frame["api_key_id"].nunique())),
-            "from": MetadataValue.text(str(frame["event_timestamp"].min())),
-            "to": MetadataValue.text(str(frame["event_timestamp"].max())),
+            "api_keys": MetadataValue.int(int(frame[key].nunique())),
+            "from": MetadataValue.text(str(frame[TIMESTAMP_COLUMN].min())),
+            "to": MetadataValue.text(str(frame[TIMESTAMP_COLUMN].max())),
             "preview": MetadataValue.md(frame.head(10).to_markdown(index=False, floatfmt=".3g")),
         },
     )

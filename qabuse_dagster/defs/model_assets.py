@@ -25,8 +25,8 @@ from qabuse_dagster.evaluation.backtest import DetectorParams, fit_detector, sco
 from qabuse_dagster.evaluation.detection import evaluate_detections
 from qabuse_dagster.evaluation.labels import read_labels
 from qabuse_dagster.evaluation.plots import png_markdown, score_timeline_png
+from qabuse_dagster.features.definitions import DETECTOR_FEATURES
 from qabuse_dagster.features.store import FEATURE_SERVICE
-from qabuse_dagster.features.windows import FEATURE_NAMES
 from qabuse_dagster.settings import CHALLENGER_ALIAS, CHAMPION_ALIAS
 
 
@@ -67,10 +67,10 @@ def detector_model(
     params = DetectorParams(
         config.n_estimators, config.contamination, config.random_state, config.alert_budget
     )
-    detector = fit_detector(history, FEATURE_NAMES, params)
+    detector = fit_detector(history, DETECTOR_FEATURES, params)
     ref, experiment_id = model_registry.log_detector(
         detector,
-        feature_names=FEATURE_NAMES,
+        feature_names=DETECTOR_FEATURES,
         feature_service=FEATURE_SERVICE,
         input_example=history.head(5),
         params={
@@ -138,7 +138,7 @@ def detector_evaluation(
             f"@{CHALLENGER_ALIAS} moved to v{loaded.ref.version} while evaluating "
             f"v{detector_model.ref.version}; rerun the models group"
         )
-    scored = score_rows(loaded.detector, training_set, FEATURE_NAMES)
+    scored = score_rows(loaded.detector, training_set, DETECTOR_FEATURES)
     end = training_set["event_timestamp"].max() + pd.Timedelta(seconds=1)
     labels_path = storage.paths().labels
     labels = read_labels(labels_path) if labels_path.exists() else []

@@ -30,7 +30,8 @@ import pyarrow as pa
 
 from models import IsolationForestDetector
 from qabuse_dagster.evaluation.backtest import DetectorParams, fit_detector, time_cutoff
-from qabuse_dagster.features.windows import FEATURE_NAMES, window_features
+from qabuse_dagster.features.definitions import DETECTOR_FEATURES
+from qabuse_dagster.features.windows import window_features
 from qabuse_dagster.response.policy import MitigationPolicy
 from qabuse_dagster.simulation.closed_loop import Decision, Plan, run_closed_loop
 from qabuse_dagster.simulation.jobs import Horizon, JobBatch, epoch_ms
@@ -138,7 +139,7 @@ class DetectorController:
         if rows.num_rows == 0:
             return []
         scores = self.detector.decision_function(
-            np.column_stack([rows[name].to_numpy() for name in FEATURE_NAMES]).astype(float)
+            np.column_stack([rows[name].to_numpy() for name in DETECTOR_FEATURES]).astype(float)
         )
         instants = rows["event_timestamp"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
         instants = instants.to_numpy()
@@ -282,10 +283,10 @@ def _run_both(
     if not horizon.start < cutoff < horizon.end:
         raise ValueError(f"train_until {cutoff} lies outside the twin's horizon")
     detector = fit_detector(
-        rows[rows["event_timestamp"] < cutoff], FEATURE_NAMES, params or DetectorParams()
+        rows[rows["event_timestamp"] < cutoff], DETECTOR_FEATURES, params or DetectorParams()
     )
     future = rows[rows["event_timestamp"] >= cutoff]
-    scores = detector.decision_function(future[list(FEATURE_NAMES)].to_numpy(dtype=float))
+    scores = detector.decision_function(future[list(DETECTOR_FEATURES)].to_numpy(dtype=float))
     alerting = future[scores > detector.threshold_]
     initial: dict[str, list[int]] = {
         str(key): sorted(_epoch_ms(group["event_timestamp"]).tolist())

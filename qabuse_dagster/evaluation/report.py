@@ -42,7 +42,8 @@ from models import TutorialBaselineDetector
 from qabuse_dagster.evaluation.backtest import DetectorParams, fit_detector, score_rows, time_cutoff
 from qabuse_dagster.evaluation.detection import IncidentOutcome, evaluate_detections, label_keys
 from qabuse_dagster.evaluation.labels import FileLineError, IncidentLabel
-from qabuse_dagster.features.windows import FEATURE_NAMES, window_features
+from qabuse_dagster.features.definitions import DETECTOR_FEATURES
+from qabuse_dagster.features.windows import window_features
 from qabuse_dagster.ingest.files import parse_line as parse_telemetry_line
 from qabuse_dagster.ingest.partitions import records_to_table
 from qabuse_dagster.telemetry.contract import ContractViolation
@@ -317,8 +318,8 @@ def _score_qabuse(
     rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
     history = rows[rows["event_timestamp"] < cutoff]
     future = rows[rows["event_timestamp"] >= cutoff]
-    fitted = fit_detector(history, FEATURE_NAMES, params or DetectorParams())
-    scored = score_rows(fitted, future, FEATURE_NAMES)
+    fitted = fit_detector(history, DETECTOR_FEATURES, params or DetectorParams())
+    scored = score_rows(fitted, future, DETECTOR_FEATURES)
     return scored[_SCORED_COLUMNS].reset_index(drop=True), fitted.threshold_, len(history)
 
 

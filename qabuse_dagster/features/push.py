@@ -1,4 +1,4 @@
-"""Push streaming feature rows to the Feast online store through the api-key push source.
+"""Push streaming feature rows to the Feast online store through an entity's push source.
 
 Feast imports slowly, so it is imported inside the function, as in
 `qabuse_dagster.features.store`.
@@ -11,39 +11,49 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from qabuse_dagster.features.windows import ENTITY_COLUMN, TIMESTAMP_COLUMN
+from qabuse_dagster.features.definitions import ENTITY_COLUMNS, TIMESTAMP_COLUMN
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
 logger = logging.getLogger(__name__)
 
-#: The `PushSource` of ``feature_repo/data_sources.py`` behind both api-key feature views.
-PUSH_SOURCE = "api_key_windows_push_source"
+#: Entity column -> the `PushSource` of ``feature_repo/data_sources.py`` behind its views.
+PUSH_SOURCES: dict[str, str] = {
+    column: f"{entity}_windows_push_source" for entity, column in ENTITY_COLUMNS.items()
+}
+#: The api-key push source, the default.
+PUSH_SOURCE = PUSH_SOURCES[ENTITY_COLUMNS["api_key"]]
 
 
-def latest_per_key(rows: pa.Table) -> pa.Table:
-    """The latest row of each api key (the only one the online store keeps), in time order."""
-    ordered = rows.sort_by([(TIMESTAMP_COLUMN, "ascending"), (ENTITY_COLUMN, "ascending")])
-    last = {key: i for i, key in enumerate(ordered[ENTITY_COLUMN].to_pylist())}
+def latest_per_key(rows: pa.Table, entity_column: str = ENTITY_COLUMNS["api_key"]) -> pa.Table:
+    """The latest row of each entity (the only one the online store keeps), in time order."""
+    ordered = rows.sort_by([(TIMESTAMP_COLUMN, "ascending"), (entity_column, "ascending")])
+    last = {key: i for i, key in enumerate(ordered[entity_column].to_pylist())}
     return ordered.take(sorted(last.values()))
 
 
-def push_online(store: FeatureStore, rows: pa.Table, source: str = PUSH_SOURCE) -> int:
-    """Write the latest of ``rows`` per key to the online store; return the rows written.
+def push_online(
+    store: FeatureStore, rows: pa.Table, entity_column: str = ENTITY_COLUMNS["api_key"]
+) -> int:
+    """Write the latest of ``rows`` per entity to the online store; return the rows written.
 
     The SQLite (and Redis) online store keeps the last value written per key and feature,
-    whatever its event time, so only each key's latest row is pushed, and rows must be
+    whatever its event time, so only each entity's latest row is pushed, and rows must be
     pushed in event-time order (as `StreamingWindows.advance` returns them).
 
     Args:
         store: An applied feature store (`qabuse_dagster.features.store.open_store`).
-        rows: Feature rows with the columns of `window_features`.
-        source: Name of the push source feeding the api-key feature views.
+        rows: Feature rows with the columns of `window_features` for ``entity_column``.
+        entity_column: The rows' entity column (a value of `ENTITY_COLUMNS`); it picks the
+            push source (`PUSH_SOURCES`) feeding that entity's feature views.
     """
     from feast.data_source import PushMode
 
-    latest = latest_per_key(rows)
+    if entity_column not in PUSH_SOURCES:
+        raise ValueError(f"no push source for {entity_column!r}: expected one of {PUSH_SOURCES}")
+    source = PUSH_SOURCES[entity_column]
+    latest = latest_per_key(rows, entity_column)
     if latest.num_rows == 0:
         return 0
     store.push(source, latest.to_pandas(), to=PushMode.ONLINE)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qabuse_dagster import settings
+from qabuse_dagster.features.definitions import ENTITY_COLUMNS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,7 +26,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: What the api-key detector reads: exactly `DETECTOR_FEATURES`.
 FEATURE_SERVICE = "api_key_detector_v1"
+#: Every window feature of a user.
+USER_FEATURE_SERVICE = "user_features_v1"
+_API_KEY = ENTITY_COLUMNS["api_key"]
 _REPO_LOCK = threading.Lock()
 
 
@@ -118,15 +123,37 @@ def feature_service(store: FeatureStore, name: str = FEATURE_SERVICE) -> Feature
     return store.get_feature_service(name)
 
 
-def materialize(store: FeatureStore, start: datetime, end: datetime) -> None:
-    """Load the latest row per key in ``[start, end)`` into the online store."""
-    store.materialize(start_date=start, end_date=end)
+def entity_views(store: FeatureStore, entity: str) -> list[str]:
+    """The names of the feature views of one Feast entity (``api_key``, ``user``), sorted."""
+    return sorted(view.name for view in store.list_feature_views() if entity in view.entities)
+
+
+def materialize(
+    store: FeatureStore, start: datetime, end: datetime, views: Sequence[str] | None = None
+) -> None:
+    """Load the latest row per entity in ``[start, end)`` into the online store.
+
+    Args:
+        store: An applied store.
+        start: First event time loaded (inclusive).
+        end: Last event time loaded (exclusive).
+        views: The feature views to load (`entity_views`); default every view of every
+            entity. Each view's offline folder must hold a Parquet file: Feast's DuckDB
+            store fails on an empty one.
+    """
+    store.materialize(
+        start_date=start, end_date=end, feature_views=list(views) if views is not None else None
+    )
 
 
 def historical_features(
     store: FeatureStore, entity_df: pd.DataFrame, service: str = FEATURE_SERVICE
 ) -> pd.DataFrame:
-    """Point-in-time-correct feature rows for ``entity_df`` (api_key_id, event_timestamp)."""
+    """Point-in-time-correct feature rows for ``entity_df``.
+
+    ``entity_df`` holds the service's entity column (``api_key_id`` for the detector's
+    service) and ``event_timestamp``; each row gets the features as they were then.
+    """
     job = store.get_historical_features(
         entity_df=entity_df, features=feature_service(store, service)
     )
@@ -135,27 +162,37 @@ def historical_features(
 
 def online_features(
     store: FeatureStore,
-    api_key_ids: Sequence[str],
+    keys: Sequence[str],
     service: str | FeatureService = FEATURE_SERVICE,
+    *,
+    entity_column: str = _API_KEY,
 ) -> list[dict[str, Any]]:
     """The online feature vector of each key; a key unknown to the store has only ``None``.
 
     Pass the ``FeatureService`` object itself on hot paths: resolving it by name reads
     the registry, which costs more than the online lookup.
+
+    Args:
+        store: An open store (``open_store``).
+        keys: The entity keys to read, in order.
+        service: The feature service, by name or as the object.
+        entity_column: The service's join key: ``api_key_id`` (default) or ``user``
+            (with ``USER_FEATURE_SERVICE``).
     """
     resolved = feature_service(store, service) if isinstance(service, str) else service
     response = store.get_online_features(
         features=resolved,
-        entity_rows=[{"api_key_id": k} for k in api_key_ids],
+        entity_rows=[{entity_column: k} for k in keys],
     ).to_dict()
-    return [{name: values[i] for name, values in response.items()} for i in range(len(api_key_ids))]
+    return [{name: values[i] for name, values in response.items()} for i in range(len(keys))]
 
 
 @dataclass(frozen=True)
 class OnlineVector:
-    """One key's online feature vector, how old it is, and whether that is too old."""
+    """One entity's online feature vector, how old it is, and whether that is too old."""
 
-    api_key_id: str
+    #: The entity key read (an api key hash, or a user hash).
+    key: str
     values: dict[str, Any]
     #: Event time of the oldest feature present; None when the store has none for the key.
     event_timestamp: datetime | None
@@ -167,9 +204,10 @@ class OnlineVector:
 
 def online_vectors(
     store: FeatureStore,
-    api_key_ids: Sequence[str],
+    keys: Sequence[str],
     service: str | FeatureService = FEATURE_SERVICE,
     *,
+    entity_column: str = _API_KEY,
     max_age: timedelta | None = None,
     now: datetime | None = None,
 ) -> list[OnlineVector]:
@@ -181,8 +219,9 @@ def online_vectors(
 
     Args:
         store: An open store (``open_store``).
-        api_key_ids: The keys to read, in order.
+        keys: The entity keys to read, in order.
         service: The feature service, by name or as the object (faster on hot paths).
+        entity_column: The service's join key: ``api_key_id`` (default) or ``user``.
         max_age: Staleness bound; default ``QABUSE_ONLINE_MAX_AGE_S`` (300 seconds).
         now: The instant ages are measured from; default the current UTC time.
     """
@@ -194,10 +233,10 @@ def online_vectors(
     names = [f.name for p in resolved.feature_view_projections for f in p.features]
     response = store.get_online_features(
         features=resolved,
-        entity_rows=[{"api_key_id": k} for k in api_key_ids],
+        entity_rows=[{entity_column: k} for k in keys],
     ).to_dict(include_event_timestamps=True)
     vectors = []
-    for i, key in enumerate(api_key_ids):
+    for i, key in enumerate(keys):
         values = {name: response[name][i] for name in names}
         # Feast reports whole seconds, and 0 for a feature it has no row for. Truncation
         # can only make a vector look older, never fresher.

@@ -13,7 +13,7 @@ import pytest
 
 from qabuse_dagster import model_registry, settings
 from qabuse_dagster.features import store as feast_ops
-from qabuse_dagster.features.windows import FEATURE_NAMES
+from qabuse_dagster.features.definitions import DETECTOR_FEATURES, FEATURE_NAMES, feature_schema
 from qabuse_dagster.telemetry.contract import CONTRACT_COLUMNS
 
 pytestmark = pytest.mark.integration
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.integration
 ASSETS = {
     "raw_telemetry",
     "api_key_window_features",
+    "user_window_features",
     "feast_online_store",
     "training_set",
     "detector_model",
@@ -33,8 +34,12 @@ def test_every_asset_check_passes(pipeline_run) -> None:
     checks = pipeline_run.result.checks
     assert {
         "raw_telemetry:identity_unique",
-        "api_key_window_features:value_ranges",
         "detector_evaluation:meets_floors",
+        *(
+            f"{entity}_window_features:{check}"
+            for entity in ("api_key", "user")
+            for check in ("no_nulls", "value_ranges", "schema", "freshness")
+        ),
     } <= set(checks)
     assert pipeline_run.result.failed_checks == []
 
@@ -64,7 +69,7 @@ def test_champion_alias_points_at_the_trained_version(pipeline_run) -> None:
     champion = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
     assert pipeline_run.result.champion_promoted
     assert champion.version == trained.ref.version
-    assert champion.feature_names == FEATURE_NAMES
+    assert champion.feature_names == DETECTOR_FEATURES
     loaded = model_registry.load_detector(settings.CHAMPION_ALIAS)
     assert loaded.detector.threshold_ == pytest.approx(trained.ref.threshold)
 
@@ -79,7 +84,24 @@ def test_online_features_hold_the_incident_and_nothing_for_unknown_keys(pipeline
     (incident_key,) = pipeline_run.simulation.incident_api_key_ids
     incident, unknown = feast_ops.online_features(feast_ops.open_store(), [incident_key, "f" * 64])
     assert incident["submissions_per_min_5m"] >= 20
-    assert all(unknown[name] is None for name in FEATURE_NAMES)
+    assert all(unknown[name] is None for name in DETECTOR_FEATURES)
+
+
+def test_each_users_latest_row_is_served_online(pipeline_run) -> None:
+    users = pd.read_parquet(settings.paths().user_windows)
+    assert list(users.columns) == feature_schema("user").names
+    latest = users.sort_values("event_timestamp").groupby("user").tail(1).set_index("user")
+    assert len(latest) >= 2
+    got = feast_ops.online_features(
+        feast_ops.open_store(),
+        list(latest.index),
+        feast_ops.USER_FEATURE_SERVICE,
+        entity_column="user",
+    )
+    for user, vector in zip(latest.index, got, strict=True):
+        assert vector["user"] == user
+        for name in FEATURE_NAMES:
+            assert vector[name] == pytest.approx(latest.loc[user, name], abs=1e-9), (user, name)
 
 
 def test_historical_retrieval_is_point_in_time_correct(pipeline_run) -> None:
@@ -100,13 +122,13 @@ def test_historical_retrieval_is_point_in_time_correct(pipeline_run) -> None:
     before = got[got["event_timestamp"].isin(just_before)]
     # At a row's own instant Feast returns that row; a second earlier, the previous one.
     pd.testing.assert_frame_equal(
-        at_rows[list(FEATURE_NAMES)].reset_index(drop=True),
-        sample[list(FEATURE_NAMES)].reset_index(drop=True),
+        at_rows[list(DETECTOR_FEATURES)].reset_index(drop=True),
+        sample[list(DETECTOR_FEATURES)].reset_index(drop=True),
         check_dtype=False,
     )
-    previous = rows.iloc[9:12][list(FEATURE_NAMES)].reset_index(drop=True)
+    previous = rows.iloc[9:12][list(DETECTOR_FEATURES)].reset_index(drop=True)
     pd.testing.assert_frame_equal(
-        before[list(FEATURE_NAMES)].reset_index(drop=True), previous, check_dtype=False
+        before[list(DETECTOR_FEATURES)].reset_index(drop=True), previous, check_dtype=False
     )
 
 

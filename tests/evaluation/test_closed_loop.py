@@ -116,7 +116,8 @@ def test_the_controller_sees_the_features_production_computes_from_the_file(
 
     from qabuse_dagster.evaluation.closed_loop import feature_input
     from qabuse_dagster.evaluation.report import read_telemetry_jsonl
-    from qabuse_dagster.features.windows import FEATURE_NAMES, window_features
+    from qabuse_dagster.features.definitions import DETECTOR_FEATURES
+    from qabuse_dagster.features.windows import window_features
     from qabuse_dagster.simulation import simulate
     from qabuse_dagster.simulation.twin import build_plan, shared_queue
 
@@ -128,5 +129,5 @@ def test_the_controller_sees_the_features_production_computes_from_the_file(
     ours = window_features(feature_input(jobs, until_ms=epoch_ms(end)), start, end).to_pandas()
     theirs = window_features(read_telemetry_jsonl(result.telemetry_path), start, end).to_pandas()
     assert len(ours) == len(theirs) > 100
-    for name in ["api_key_id", "event_timestamp", *FEATURE_NAMES]:
+    for name in ["api_key_id", "event_timestamp", *DETECTOR_FEATURES]:
         np.testing.assert_array_equal(ours[name].to_numpy(), theirs[name].to_numpy(), name)

@@ -19,15 +19,17 @@ import pandas as pd
 import pytest
 
 from qabuse_dagster import settings
+from qabuse_dagster.features.definitions import DETECTOR_FEATURES, ENTITY_COLUMNS, TIMESTAMP_COLUMN
 from qabuse_dagster.features.local_redis import local_redis, redis_server_binary
 from qabuse_dagster.features.store import apply_repo, materialize, open_store
-from qabuse_dagster.features.windows import ENTITY_COLUMN, TIMESTAMP_COLUMN
 
 FRESH_KEY = "a1" * 32
 STALE_KEY = "b2" * 32
 UNKNOWN_KEY = "c3" * 32
-#: How long before ``written_at`` each seeded key last submitted.
+USER = "d4" * 32
+#: How long before ``written_at`` each seeded api key (and the user) last submitted.
 AGES = {FRESH_KEY: timedelta(seconds=30), STALE_KEY: timedelta(hours=1)}
+USER_AGE = timedelta(seconds=45)
 
 
 @dataclass(frozen=True)
@@ -38,32 +40,39 @@ class SeededStore:
     stale_key: ClassVar[str] = STALE_KEY
     #: Never written: the store has nothing for it.
     unknown_key: ClassVar[str] = UNKNOWN_KEY
+    #: The one user written (the user views' source), at ``written_at - USER_AGE``.
+    user: ClassVar[str] = USER
 
     store: Any
     home: Path
     online_store: str
     #: The instant the rows' ages are measured from (whole seconds, UTC).
     written_at: datetime
-    #: Feature values per key, as written.
+    #: Every feature value per key (api keys and the user), as written.
     values: dict[str, dict[str, float | int]]
     event_times: dict[str, datetime]
     #: Feast's connection string of the Redis server; None for SQLite.
     redis: str | None = None
 
+    def detector_values(self, key: str) -> dict[str, float | int]:
+        """What the detector's service (``api_key_detector_v1``) reads of ``key``'s row."""
+        return {name: self.values[key][name] for name in DETECTOR_FEATURES}
+
 
 def _feature_values(store: Any, seed: int) -> dict[str, float | int]:
-    """Distinct, exactly representable values; integers where the view's field is Int64."""
+    """Distinct, exactly representable values; integers where the views' field is Int64."""
     from feast.types import Int64
 
-    fields = [f for view in store.list_feature_views() for f in view.features]
+    # Every entity's views carry the same feature names; one value per name.
+    fields = {f.name: f.dtype for view in store.list_feature_views() for f in view.features}
     return {
-        f.name: (seed * 10 + i if f.dtype == Int64 else seed + i / 4)
-        for i, f in enumerate(sorted(fields, key=lambda f: f.name))
+        name: (seed * 100 + i if dtype == Int64 else seed + i / 4)
+        for i, (name, dtype) in enumerate(sorted(fields.items()))
     }
 
 
 def seed_store(home: Path, online_store: str, redis: str | None = None) -> SeededStore:
-    """Apply the repository under ``home`` and materialise one row per seeded key."""
+    """Apply the repository under ``home`` and materialise one row per seeded key and user."""
     written_at = datetime.now(UTC).replace(microsecond=0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(settings.HOME_ENV, str(home))
@@ -72,17 +81,24 @@ def seed_store(home: Path, online_store: str, redis: str | None = None) -> Seede
             patch.setenv(settings.REDIS_ENV, redis)
         store = open_store(online_store=online_store)
         apply_repo(store)
-        values = {key: _feature_values(store, seed) for seed, key in enumerate(AGES, start=1)}
-        event_times = {key: written_at - age for key, age in AGES.items()}
-        rows = pd.DataFrame(
-            [
-                {ENTITY_COLUMN: key, TIMESTAMP_COLUMN: event_times[key], **values[key]}
-                for key in AGES
-            ]
-        )
-        source = settings.paths().api_key_windows
-        source.mkdir(parents=True, exist_ok=True)
-        rows.to_parquet(source / "seed.parquet", index=False)
+        ages = {**AGES, USER: USER_AGE}
+        values = {key: _feature_values(store, seed) for seed, key in enumerate(ages, start=1)}
+        event_times = {key: written_at - age for key, age in ages.items()}
+        for entity, keys in (("api_key", list(AGES)), ("user", [USER])):
+            rows = pd.DataFrame(
+                [
+                    {
+                        ENTITY_COLUMNS[entity]: key,
+                        TIMESTAMP_COLUMN: event_times[key],
+                        **values[key],
+                    }
+                    for key in keys
+                ]
+            )
+            source = settings.paths().entity_windows(entity)
+            source.mkdir(parents=True, exist_ok=True)
+            rows.to_parquet(source / "seed.parquet", index=False)
+        # Every view of both entities.
         materialize(store, written_at - timedelta(days=1), written_at + timedelta(minutes=1))
     return SeededStore(store, home, online_store, written_at, values, event_times, redis)
 

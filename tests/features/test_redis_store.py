@@ -24,8 +24,8 @@ def test_the_store_really_is_redis(seeded_redis) -> None:
     assert not (seeded_redis.home / "feast" / "online_store.db").exists()
     host, port = (seeded_redis.redis or "").rsplit(":", 1)
     with redis.Redis(host=host, port=int(port)) as client:
-        # One hash per seeded key, holding both feature views.
-        assert client.dbsize() == 2
+        # One hash per seeded entity key (two api keys, one user), holding its three views.
+        assert client.dbsize() == 3
 
 
 def test_materialised_rows_read_back_exactly(seeded_redis) -> None:
@@ -35,7 +35,9 @@ def test_materialised_rows_read_back_exactly(seeded_redis) -> None:
     )
     for row, key in zip(rows, [seeded_redis.fresh_key, seeded_redis.stale_key], strict=False):
         assert row["api_key_id"] == key
-        assert {k: v for k, v in row.items() if k != "api_key_id"} == seeded_redis.values[key]
+        assert {k: v for k, v in row.items() if k != "api_key_id"} == seeded_redis.detector_values(
+            key
+        )
     assert all(v is None for k, v in rows[2].items() if k != "api_key_id")
 
 
@@ -46,12 +48,21 @@ def test_vectors_carry_their_event_time_and_staleness(seeded_redis) -> None:
         max_age=timedelta(minutes=5),
         now=seeded_redis.written_at,
     )
-    assert fresh.values == seeded_redis.values[seeded_redis.fresh_key]
+    assert fresh.values == seeded_redis.detector_values(seeded_redis.fresh_key)
     assert fresh.event_timestamp == seeded_redis.event_times[seeded_redis.fresh_key]
     assert fresh.age_s == 30.0 and not fresh.stale
-    assert stale.values == seeded_redis.values[seeded_redis.stale_key]
+    assert stale.values == seeded_redis.detector_values(seeded_redis.stale_key)
     assert stale.age_s == 3600.0 and stale.stale
     assert unknown.event_timestamp is None and unknown.age_s is None and unknown.stale
+
+
+def test_a_users_row_reads_back_from_redis(seeded_redis) -> None:
+    from qabuse_dagster.features.store import USER_FEATURE_SERVICE
+
+    (row,) = online_features(
+        seeded_redis.store, [seeded_redis.user], USER_FEATURE_SERVICE, entity_column="user"
+    )
+    assert row == {"user": seeded_redis.user, **seeded_redis.values[seeded_redis.user]}
 
 
 def test_open_store_follows_the_online_store_setting(

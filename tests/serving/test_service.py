@@ -81,12 +81,12 @@ def test_a_promotion_reaches_the_running_endpoint(pipeline_run, client) -> None:
 
     import pandas as pd
 
-    from qabuse_dagster.features.windows import FEATURE_NAMES
+    from qabuse_dagster.features.definitions import DETECTOR_FEATURES
 
     (incident_key,) = pipeline_run.simulation.incident_api_key_ids
     before = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
     loaded = model_registry.load_detector(settings.CHAMPION_ALIAS)
-    example = pd.DataFrame([[0.0] * len(FEATURE_NAMES)], columns=list(FEATURE_NAMES))
+    example = pd.DataFrame([[0.0] * len(DETECTOR_FEATURES)], columns=list(DETECTOR_FEATURES))
     promoted, _ = model_registry.log_detector(
         loaded.detector,
         feature_names=loaded.ref.feature_names,
@@ -128,16 +128,18 @@ def test_fresh_features_are_not_flagged(pipeline_run, client) -> None:
 
     import pandas as pd
 
-    from qabuse_dagster.features.store import online_features, open_store
+    from qabuse_dagster.features.store import entity_views, online_features, open_store
 
     (incident_key,) = pipeline_run.simulation.incident_api_key_ids
     fresh_key = "fe" * 32
     store = open_store()
-    (row,) = online_features(store, [incident_key])
+    # The key's whole api-key vector (every view), copied to a new key with a fresh time.
+    (row,) = online_features(store, [incident_key], "api_key_features_v2")
     written = pd.DataFrame([{**row, "api_key_id": fresh_key, "event_timestamp": datetime.now(UTC)}])
-    for view in store.list_feature_views():
-        names = ["api_key_id", "event_timestamp", *(f.name for f in view.features)]
-        store.write_to_online_store(view.name, written[names])
+    for name in entity_views(store, "api_key"):
+        view = store.get_feature_view(name)
+        columns = ["api_key_id", "event_timestamp", *(f.name for f in view.features)]
+        store.write_to_online_store(name, written[columns])
     fresh, stale = client.score(fresh_key), client.score(incident_key)
     assert fresh.stale is False
     assert fresh.feature_age_s is not None and 0 <= fresh.feature_age_s < 60
