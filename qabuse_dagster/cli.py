@@ -206,6 +206,37 @@ def materialize(no_train: bool) -> None:
 
 
 @main.command()
+@click.option("--window", type=click.Choice(["1m", "5m", "1h"]), help="Only this window's view.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def features(window: str | None, as_json: bool) -> None:
+    """List every window feature: name, Feast view window, unit, bounds and meaning."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from qabuse_dagster.features.definitions import DETECTOR_FEATURES, FEATURES
+
+    chosen = [f for f in FEATURES if window is None or f.window == window]
+    if as_json:
+        click.echo(json.dumps([asdict(f) for f in chosen], indent=2))
+        return
+    table = Table(title=f"{len(chosen)} features per entity (api key, user)")
+    for column in ("feature", "window", "unit", "range", "meaning"):
+        table.add_column(column, overflow="fold")
+
+    def bound(value: float | None, unbounded: str) -> str:
+        return unbounded if value is None else f"{value:g}"
+
+    for f in chosen:
+        name = f"{f.name} *" if f.name in DETECTOR_FEATURES else f.name
+        span = f"[{bound(f.low, '-inf')}, {bound(f.high, 'inf')}]"
+        table.add_row(name, f.window, f.unit, span, f.description)
+    table.caption = "* an input of the api-key detector (feature service api_key_detector_v1)"
+    Console(width=max(120, Console().width)).print(table)
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=3001, show_default=True)
 def serve(host: str, port: int) -> None:

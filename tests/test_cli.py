@@ -195,3 +195,18 @@ def test_simulate_refuses_bad_options(
     )
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_features_lists_the_catalogue_as_a_table_and_as_json(runner: CliRunner) -> None:
+    from qabuse_dagster.features.definitions import FEATURES, FEATURES_BY_WINDOW
+
+    table = runner.invoke(main, ["features"])
+    as_json = runner.invoke(main, ["features", "--json", "--window", "1h"])
+
+    assert table.exit_code == 0, table.output
+    assert "median_runtime_s_1h" in table.output and "submissions_1m *" in table.output
+    assert as_json.exit_code == 0, as_json.output
+    listed = json.loads(as_json.output)
+    assert [f["name"] for f in listed] == list(FEATURES_BY_WINDOW["1h"])
+    assert {"unit", "description", "low", "high", "integer"} <= set(listed[0])
+    assert len(FEATURES) > len(listed)
