@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -76,6 +77,9 @@ LOOKBACK = timedelta(minutes=ACTIVITY_LOOKBACK_MINUTES)
 FEATURE_SCHEMA = feature_schema(ENTITY_COLUMN)
 
 _MINUTE_US = 60_000_000
+#: Rows whose aggregates are computed together (about 0.5 GB of aggregates).
+_CHUNK_ROWS = 1 << 20
+_DTYPES = {f.name: np.int64 if f.integer else np.float64 for f in FEATURES}
 # Cells get this many spare minutes on each side, so a window never reaches the cells
 # of the previous entity.
 _PAD = ACTIVITY_LOOKBACK_MINUTES + 10
@@ -139,20 +143,26 @@ def window_features(
     )
     grid = _Grid(events)
     rows = grid.rows(start_us, end_us)
-    features = derive(grid.aggregates(rows))
+    # Rows in chunks, so the aggregates of only one chunk are held at a time.
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in FEATURE_NAMES}
+    for at in range(0, len(rows), _CHUNK_ROWS):
+        for name, values in derive(grid.aggregates(rows[at : at + _CHUNK_ROWS])).items():
+            parts[name].append(values)
 
     row_entity, row_minute = rows // grid.n_minutes, rows % grid.n_minutes + grid.minute0
     # Rows were computed in cell order (entity, then time: binary searches run fastest
     # on sorted queries); the output is by time, then entity (entities rank by name).
     order = np.lexsort((row_entity, row_minute))
-    result = pa.Table.from_arrays(
-        [
-            events.entity_names.take(pa.array(row_entity)),
-            pa.array(row_minute * _MINUTE_US, type=_TIMESTAMP),
-            *(pa.array(features[name]) for name in FEATURE_NAMES),
-        ],
-        schema=feature_schema(entity_column),
-    ).take(pa.array(order))
+    columns = [
+        events.entity_names.take(pa.array(row_entity[order])),
+        pa.array(row_minute[order] * _MINUTE_US, type=_TIMESTAMP),
+    ]
+    for name in FEATURE_NAMES:  # a column at a time: its chunks go as the column comes
+        chunks = parts.pop(name)
+        values = np.concatenate(chunks) if chunks else np.zeros(0, _DTYPES[name])
+        columns.append(pa.array(values[order]))
+        del chunks, values
+    result = pa.Table.from_arrays(columns, schema=feature_schema(entity_column))
     logger.debug("window_features(%s): %d rows for [%s, %s)", entity_column, len(rows), start, end)
     return result
 
@@ -277,11 +287,31 @@ class _Grid:
             "peak_subs": _SparseMax(self.subs),
             "share_max": _SparseMax(self._code_sharing()),
         }
+        # Runtimes sorted by cell, then value; ranked for the wavelet matrix.
         has_runtime = ~np.isnan(e.runtime)
-        self.runtime_cells = self.event_cell[has_runtime]
-        self.runtime_values = e.runtime[has_runtime]
-        self._bounds: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._cost_prefix: np.ndarray | None = None
+        cells, values = self.event_cell[has_runtime], e.runtime[has_runtime]
+        order = np.lexsort((values, cells))
+        self.runtime_cells, self.runtime_values = cells[order], values[order]
+        rank = np.empty(len(values), dtype=np.int64)
+        rank[np.argsort(self.runtime_values, kind="stable")] = np.arange(len(values))
+        self.runtime_by_rank = np.sort(values)
+        self.runtime_wavelet = _Wavelet(rank)
+        self.subs_wavelet = _Wavelet(self.subs)
+        self.distinct = {}
+        for name, codes in (("codes", e.codes), ("networks", e.networks), ("agents", e.agents)):
+            mask = e.is_submission & (codes >= 0)
+            for w in WINDOWS.values():
+                self.distinct[name, w] = _DistinctCounter(
+                    group=e.entity[mask],
+                    value=codes[mask],
+                    offset=self.offset[mask],
+                    window=w,
+                    n_minutes=self.n_minutes,
+                )
+        # Costs are whole numbers: below 2**53 every float partial sum is exact.
+        exact = float(self.cost.sum()) < 2.0**53
+        self.cost_prefix = _prefix(self.cost) if exact else None
+        self._bounds: dict[tuple[int, str], np.ndarray] = {}
 
     def _per_cell(self, values: np.ndarray) -> np.ndarray:
         return np.bincount(self.inverse, weights=values, minlength=self.n_cells).astype(np.int64)
@@ -312,14 +342,13 @@ class _Grid:
         if not mask.any():
             return out
         code, entity, offset = e.codes[mask], e.entity[mask], self.offset[mask]
-        sharing = _distinct_in_window(
+        sharing = _DistinctCounter(
             group=code,
             value=entity,
             offset=offset,
             window=SHARING_MINUTES,
             n_minutes=self.n_minutes,
-            queries=code * self.n_minutes + offset + 1,  # the row after m reads m - 59 .. m
-        )
+        ).at(code * self.n_minutes + offset + 1)  # the row after m reads m - 59 .. m
         np.maximum.at(out, self.inverse[mask], sharing - 1)
         return out
 
@@ -331,12 +360,13 @@ class _Grid:
 
     def bounds(self, rows: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Per row at minute t, the cell index range of its minutes ``t - lo .. t - hi``."""
-        if (lo, hi) not in self._bounds:
-            self._bounds[lo, hi] = (
-                np.searchsorted(self.cells, rows - lo, side="left"),
-                np.searchsorted(self.cells, rows - hi, side="right"),
-            )
-        return self._bounds[lo, hi]
+        return self._edge(rows, lo, "left"), self._edge(rows, hi, "right")
+
+    def _edge(self, rows: np.ndarray, back: int, side: Literal["left", "right"]) -> np.ndarray:
+        # Windows share edges (every window ends at t - 1): search each edge once.
+        if (back, side) not in self._bounds:
+            self._bounds[back, side] = np.searchsorted(self.cells, rows - back, side=side)
+        return self._bounds[back, side]
 
     def window_sum(self, name: str, rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
         first, last = self.bounds(rows, lo, hi)
@@ -345,7 +375,7 @@ class _Grid:
 
     def aggregates(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every aggregate of `definitions.AGGREGATES`, one value per row."""
-        e = self.events
+        self._bounds = {}  # per set of rows
         agg: dict[str, np.ndarray] = {}
         medians = self._median_runtimes(rows)
         for w in WINDOWS.values():
@@ -358,21 +388,8 @@ class _Grid:
                 agg[f"{name}_{w}"] = self.window_sum(name, rows, w, 1)
             for name, table in self.max_tables.items():
                 agg[f"{name}_{w}"] = table.query(first, last)
-            submitted = e.is_submission
-            for name, values in (
-                ("codes", e.codes),
-                ("networks", e.networks),
-                ("agents", e.agents),
-            ):
-                mask = submitted & (values >= 0)
-                agg[f"{name}_{w}"] = _distinct_in_window(
-                    group=e.entity[mask],
-                    value=values[mask],
-                    offset=self.offset[mask],
-                    window=w,
-                    n_minutes=self.n_minutes,
-                    queries=rows,
-                )
+            for name in ("codes", "networks", "agents"):
+                agg[f"{name}_{w}"] = self.distinct[name, w].at(rows)
             agg[f"cost_{w}"] = self._cost_sum(first, last)
             agg[f"median_runtime_{w}"] = medians[w]
         agg["hist_subs"] = self.window_sum("subs", rows, 60, 2)
@@ -396,20 +413,15 @@ class _Grid:
         """Per window length, the median runtime of each row's window (0 when empty).
 
         Runtimes are sorted by cell, then value: a 1-minute window is one cell, so its
-        middle values are read directly; longer windows span cells and go through one
+        middle values are read directly; longer windows span cells and go through the
         wavelet matrix together.
         """
         values, cells = self.runtime_values, self.runtime_cells
-        order = np.lexsort((values, cells))
-        values, cells = values[order], cells[order]
-        rank = np.empty(len(values), dtype=np.int64)
-        rank[np.argsort(values, kind="stable")] = np.arange(len(values))
-        by_rank = np.sort(values)
         out: dict[int, np.ndarray] = {}
         queries: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        last = np.searchsorted(cells, rows - 1, side="right")
         for w in WINDOWS.values():
             first = np.searchsorted(cells, rows - w, side="left")
-            last = np.searchsorted(cells, rows - 1, side="right")
             n = last - first
             out[w] = np.zeros(len(rows), dtype=np.float64)
             some = np.flatnonzero(n)
@@ -424,9 +436,10 @@ class _Grid:
             # Consecutive rows of an entity mostly see the same runtimes: ask once per range.
             ranges, inverse = _unique_inverse(f * (len(values) + 1) + m)
             f, m = ranges // (len(values) + 1), ranges % (len(values) + 1)
-            lower, upper = _range_kth(
-                rank, np.tile(f, 2), np.tile(f + m, 2), np.concatenate([(m - 1) // 2, m // 2])
+            lower, upper = self.runtime_wavelet.kth(
+                np.tile(f, 2), np.tile(f + m, 2), np.concatenate([(m - 1) // 2, m // 2])
             ).reshape(2, -1)
+            by_rank = self.runtime_by_rank
             medians = ((by_rank[lower] + by_rank[upper]) / 2)[inverse]
             at = 0
             for w, some, _, _ in queries:
@@ -437,15 +450,11 @@ class _Grid:
     def _cost_sum(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
         """Per row, the cost of cells ``first .. last - 1``, exactly as summed one by one.
 
-        Costs are whole numbers (integer weights): while their grand total stays below
-        2**53 every float partial sum is exact, so a prefix-sum difference is the exact
-        window sum. Past that (hostile shot counts), sum the cells in time order.
+        Exact from the prefix sums while the grand total stays below 2**53; past that
+        (hostile shot counts), the cells are summed in time order.
         """
-        if self._cost_prefix is None:
-            exact = float(self.cost.sum()) < 2.0**53
-            self._cost_prefix = _prefix(self.cost) if exact else np.array([])
-        if len(self._cost_prefix):
-            return self._cost_prefix[last] - self._cost_prefix[first]
+        if self.cost_prefix is not None:
+            return self.cost_prefix[last] - self.cost_prefix[first]
         return _ordered_sum(self.cost, first, last)
 
     def _rate_percentile(self, rows: np.ndarray) -> np.ndarray:
@@ -456,7 +465,7 @@ class _Grid:
         out = np.zeros(len(rows), dtype=np.int64)
         busy = rank >= 0
         if busy.any():
-            out[busy] = _range_kth(self.subs, first[busy], last[busy], rank[busy])
+            out[busy] = self.subs_wavelet.kth(first[busy], last[busy], rank[busy])
         return out
 
 
@@ -484,37 +493,45 @@ class _SparseMax:
         return out
 
 
-def _distinct_in_window(
-    *,
-    group: np.ndarray,
-    value: np.ndarray,
-    offset: np.ndarray,
-    window: int,
-    n_minutes: int,
-    queries: np.ndarray,
-) -> np.ndarray:
-    """Per query ``g * n_minutes + t``: distinct values of group ``g`` in ``t - window .. t - 1``.
+class _DistinctCounter:
+    """Distinct values per group over a sliding window of minutes, at any instant.
 
     Each (group, value, minute) occurrence covers the instants ``minute + 1 .. minute +
     window``; an occurrence's cover starts after the previous occurrence's of the same
     (group, value) ends, so the covers are disjoint and the count at an instant is the
     running sum of +1 at each cover's start and -1 past its end.
     """
-    if len(value) == 0:
-        return np.zeros(len(queries), dtype=np.int64)
-    n_values = int(value.max()) + 1
-    triples = _unique_sorted((group * n_values + value) * n_minutes + offset)
-    pair, minute = triples // n_minutes, triples % n_minutes
-    base = (pair // n_values) * n_minutes
-    same_pair = np.concatenate([[False], pair[1:] == pair[:-1]])
-    previous = np.concatenate([[0], minute[:-1]])
-    cover_from = np.where(same_pair, np.maximum(minute + 1, previous + window + 1), minute + 1)
-    edges = np.concatenate([base + cover_from, base + minute + window + 1])
-    steps = np.concatenate([np.ones(len(minute), np.int64), -np.ones(len(minute), np.int64)])
-    by_edge = np.argsort(edges, kind="stable")
-    edges, running = edges[by_edge], np.cumsum(steps[by_edge])
-    at = np.searchsorted(edges, queries, side="right") - 1
-    return np.where(at >= 0, running[np.maximum(at, 0)], 0)
+
+    def __init__(
+        self,
+        *,
+        group: np.ndarray,
+        value: np.ndarray,
+        offset: np.ndarray,
+        window: int,
+        n_minutes: int,
+    ) -> None:
+        if len(value) == 0:
+            self.edges, self.running = np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return
+        n_values = int(value.max()) + 1
+        triples = _unique_sorted((group * n_values + value) * n_minutes + offset)
+        pair, minute = triples // n_minutes, triples % n_minutes
+        base = (pair // n_values) * n_minutes
+        same_pair = np.concatenate([[False], pair[1:] == pair[:-1]])
+        previous = np.concatenate([[0], minute[:-1]])
+        cover_from = np.where(same_pair, np.maximum(minute + 1, previous + window + 1), minute + 1)
+        edges = np.concatenate([base + cover_from, base + minute + window + 1])
+        steps = np.concatenate([np.ones(len(minute), np.int64), -np.ones(len(minute), np.int64)])
+        by_edge = np.argsort(edges, kind="stable")
+        self.edges, self.running = edges[by_edge], np.cumsum(steps[by_edge])
+
+    def at(self, queries: np.ndarray) -> np.ndarray:
+        """Per query ``g * n_minutes + t``: distinct values of ``g`` in ``t - window .. t - 1``."""
+        if len(self.edges) == 0:
+            return np.zeros(len(queries), dtype=np.int64)
+        at = np.searchsorted(self.edges, queries, side="right") - 1
+        return np.where(at >= 0, self.running[np.maximum(at, 0)], 0)
 
 
 def _ordered_sum(values: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
@@ -529,30 +546,48 @@ def _ordered_sum(values: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.
     return out
 
 
+class _Wavelet:
+    """A wavelet matrix over non-negative integers: range k-th smallest, all queries at once.
+
+    Built once, O(n x bits); `kth` descends one bit level at a time for every query
+    together, O(queries x bits).
+    """
+
+    def __init__(self, values: np.ndarray) -> None:
+        current = values.astype(np.int64)
+        index = np.int32 if len(current) < 2**31 - 1 else np.int64
+        self.levels: list[tuple[int, np.ndarray]] = []
+        for level in reversed(range(int(current.max()).bit_length() if len(current) else 0)):
+            one = ((current >> level) & 1).astype(bool)
+            zeros = np.zeros(len(current) + 1, dtype=index)
+            np.cumsum(~one, out=zeros[1:])
+            self.levels.append((level, zeros))
+            current = np.concatenate([current[~one], current[one]])
+
+    def kth(self, first: np.ndarray, last: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Per query, the ``k``-th smallest (0-based) of the slice ``first:last``.
+
+        Needs ``0 <= k < last - first``.
+        """
+        a, b, k = first.astype(np.int64), last.astype(np.int64), k.astype(np.int64)
+        result = np.zeros(len(a), dtype=np.int64)
+        for level, zeros in self.levels:
+            n_zeros = int(zeros[-1])
+            za, zb = zeros[a], zeros[b]
+            in_zeros = zb - za
+            go_one = k >= in_zeros
+            k = np.where(go_one, k - in_zeros, k)
+            result |= go_one.astype(np.int64) << level
+            a = np.where(go_one, n_zeros + a - za, za)
+            b = np.where(go_one, n_zeros + b - zb, zb)
+        return result
+
+
 def _range_kth(
     values: np.ndarray, first: np.ndarray, last: np.ndarray, k: np.ndarray
 ) -> np.ndarray:
-    """Per query, the ``k``-th smallest (0-based) of ``values[first:last]``.
-
-    A wavelet matrix built and descended one bit level at a time, every query at once:
-    O((n + queries) x bits). ``values`` are non-negative integers; ``0 <= k < last - first``.
-    """
-    a, b, k = first.astype(np.int64), last.astype(np.int64), k.astype(np.int64)
-    result = np.zeros(len(a), dtype=np.int64)
-    current = values.astype(np.int64)
-    for level in reversed(range(int(current.max()).bit_length() if len(current) else 0)):
-        one = ((current >> level) & 1).astype(bool)
-        zeros = np.concatenate([[0], np.cumsum(~one)])
-        n_zeros = zeros[-1]
-        za, zb = zeros[a], zeros[b]
-        in_zeros = zb - za
-        go_one = k >= in_zeros
-        k = np.where(go_one, k - in_zeros, k)
-        result |= go_one.astype(np.int64) << level
-        a = np.where(go_one, n_zeros + a - za, za)
-        b = np.where(go_one, n_zeros + b - zb, zb)
-        current = np.concatenate([current[~one], current[one]])
-    return result
+    """Per query, the ``k``-th smallest (0-based) of ``values[first:last]``."""
+    return _Wavelet(values).kth(first, last, k)
 
 
 def _prefix(per_cell: np.ndarray) -> np.ndarray:
