@@ -135,7 +135,9 @@ class DetectorController:
         end = pd.Timestamp(end_ms, unit="ms", tz="UTC").to_pydatetime()
         if end <= self.active_from:
             return []
-        rows = window_features(feature_input(jobs, self.until_ms), self.active_from, end)
+        rows = window_features(
+            feature_input(jobs, self.until_ms), self.active_from, end, features=DETECTOR_FEATURES
+        )
         if rows.num_rows == 0:
             return []
         scores = self.detector.decision_function(
@@ -275,7 +277,7 @@ def _run_both(
     planned = shared_queue(plan.jobs)
     records = feature_input(planned, until_ms=horizon.end_ms)
     last = horizon.end + timedelta(minutes=6)
-    rows = window_features(records, horizon.start, last).to_pandas()
+    rows = window_features(records, horizon.start, last, features=DETECTOR_FEATURES).to_pandas()
     rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
     cutoff = time_cutoff(pd.Series([horizon.start, horizon.end]), 0.5)
     if train_until is not None:

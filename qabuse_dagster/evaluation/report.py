@@ -314,7 +314,7 @@ def _score_qabuse(
     # Rows exist up to 5 minutes after a key's last record (its windows still hold it).
     start = first.floor("min").to_pydatetime()
     end = (last.floor("min") + pd.Timedelta(minutes=6)).to_pydatetime()
-    rows = window_features(telemetry, start, end).to_pandas()
+    rows = window_features(telemetry, start, end, features=DETECTOR_FEATURES).to_pandas()
     rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
     history = rows[rows["event_timestamp"] < cutoff]
     future = rows[rows["event_timestamp"] >= cutoff]

@@ -35,7 +35,7 @@ The definition has two halves, shared by both engines so their numbers agree:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -291,13 +291,15 @@ DETECTOR_FEATURES: tuple[str, ...] = (
 )
 
 
-def feature_schema(entity_column: str = "api_key_id") -> pa.Schema:
+def feature_schema(
+    entity_column: str = "api_key_id", names: Iterable[str] = FEATURE_NAMES
+) -> pa.Schema:
     """Columns and types of the feature rows of one entity (its Feast offline source)."""
     return pa.schema(
         [
             (entity_column, pa.string()),
             (TIMESTAMP_COLUMN, pa.timestamp("us", tz="UTC")),
-            *((f.name, pa.int64() if f.integer else pa.float64()) for f in FEATURES),
+            *((n, pa.int64() if FEATURES_BY_NAME[n].integer else pa.float64()) for n in names),
         ]
     )
 
@@ -354,51 +356,104 @@ def _zscore(last: np.ndarray, hist_sum: np.ndarray, hist_sq: np.ndarray) -> np.n
     return (last - mean) / std
 
 
-def derive(agg: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Feature columns (`FEATURE_NAMES`, numpy arrays) from aggregate columns (`AGGREGATES`)."""
-    out: dict[str, np.ndarray] = {}
-    for suffix, w in WINDOWS.items():
+#: Reads one aggregate column by its `AGGREGATES` name.
+Getter = Callable[[str], np.ndarray]
 
-        def a(name: str, w: int = w) -> np.ndarray:
-            return np.asarray(agg[f"{name}_{w}"])
 
-        subs = a("subs")
-        if w == 1:
-            out["submissions_1m"] = subs
-        else:
-            out[f"submissions_per_min_{suffix}"] = subs / float(w)
-        out[f"submission_rate_change_{suffix}"] = (subs - a("prev_subs")) / float(w)
-        out[f"mean_shots_{suffix}"] = ratio(a("shots_sum"), a("shots_n"))
-        out[f"max_shots_{suffix}"] = a("shots_max")
-        out[f"median_runtime_s_{suffix}"] = a("median_runtime")
-        fail_rate = ratio(a("failures"), a("outcomes"))
-        out[f"fail_rate_{suffix}"] = fail_rate
-        out[f"fail_rate_change_{suffix}"] = fail_rate - ratio(
-            a("prev_failures"), a("prev_outcomes")
-        )
-        out[f"rejected_{suffix}"] = a("rejected")
-        out[f"auth_failures_{suffix}"] = a("auth")
-        out[f"distinct_code_hashes_{suffix}"] = a("codes")
-        out[f"circuit_reuse_fraction_{suffix}"] = ratio(np.maximum(subs - a("codes"), 0), subs)
-        out[f"distinct_networks_{suffix}"] = a("networks")
-        out[f"distinct_client_agents_{suffix}"] = a("agents")
-        out[f"estimated_cost_{suffix}"] = a("cost") / float(COST_SCALE)
-        out[f"backend_load_at_submit_{suffix}"] = ratio(a("load"), subs)
-        out[f"code_hash_sharing_{suffix}"] = a("share_max")
-        if w > 1:
-            out[f"burstiness_{suffix}"] = ratio(a("peak_subs") * w, subs)
-    out["submissions_1m_zscore"] = _zscore(
-        np.asarray(agg["subs_1"]), np.asarray(agg["hist_subs"]), np.asarray(agg["hist_subs_sq"])
-    )
-    out["failures_1m_zscore"] = _zscore(
-        np.asarray(agg["failures_1"]),
-        np.asarray(agg["hist_failures"]),
-        np.asarray(agg["hist_failures_sq"]),
-    )
-    out["submissions_per_min_p95_1h"] = np.asarray(agg["p95_subs"])
-    out["hours_since_first_seen_24h"] = np.asarray(agg["first_seen_min"]) / 60.0
-    out["gap_before_latest_activity_min"] = np.asarray(agg["gap_min"])
+def _window_formulas(suffix: str, w: int) -> dict[str, Callable[[Getter], np.ndarray]]:
+    def a(get: Getter, name: str) -> np.ndarray:
+        return np.asarray(get(f"{name}_{w}"))
+
+    def fail_rate(get: Getter) -> np.ndarray:
+        return ratio(a(get, "failures"), a(get, "outcomes"))
+
+    formulas: dict[str, Callable[[Getter], np.ndarray]] = {
+        f"submissions_per_min_{suffix}": lambda get: a(get, "subs") / float(w),
+        f"submission_rate_change_{suffix}": (
+            lambda get: (a(get, "subs") - a(get, "prev_subs")) / float(w)
+        ),
+        f"mean_shots_{suffix}": lambda get: ratio(a(get, "shots_sum"), a(get, "shots_n")),
+        f"max_shots_{suffix}": lambda get: a(get, "shots_max"),
+        f"median_runtime_s_{suffix}": lambda get: a(get, "median_runtime"),
+        f"fail_rate_{suffix}": fail_rate,
+        f"fail_rate_change_{suffix}": (
+            lambda get: fail_rate(get) - ratio(a(get, "prev_failures"), a(get, "prev_outcomes"))
+        ),
+        f"rejected_{suffix}": lambda get: a(get, "rejected"),
+        f"auth_failures_{suffix}": lambda get: a(get, "auth"),
+        f"distinct_code_hashes_{suffix}": lambda get: a(get, "codes"),
+        f"circuit_reuse_fraction_{suffix}": (
+            lambda get: ratio(np.maximum(a(get, "subs") - a(get, "codes"), 0), a(get, "subs"))
+        ),
+        f"distinct_networks_{suffix}": lambda get: a(get, "networks"),
+        f"distinct_client_agents_{suffix}": lambda get: a(get, "agents"),
+        f"estimated_cost_{suffix}": lambda get: a(get, "cost") / float(COST_SCALE),
+        f"backend_load_at_submit_{suffix}": lambda get: ratio(a(get, "load"), a(get, "subs")),
+        f"code_hash_sharing_{suffix}": lambda get: a(get, "share_max"),
+        f"burstiness_{suffix}": lambda get: ratio(a(get, "peak_subs") * w, a(get, "subs")),
+    }
+    if w == 1:  # a count, not a rate; and one minute cannot be bursty
+        del formulas[f"submissions_per_min_{suffix}"], formulas[f"burstiness_{suffix}"]
+        formulas["submissions_1m"] = lambda get: a(get, "subs")
+    return formulas
+
+
+_FORMULAS: dict[str, Callable[[Getter], np.ndarray]] = {
+    **{
+        name: formula
+        for suffix, w in WINDOWS.items()
+        for name, formula in _window_formulas(suffix, w).items()
+    },
+    "submissions_1m_zscore": lambda get: _zscore(
+        np.asarray(get("subs_1")), np.asarray(get("hist_subs")), np.asarray(get("hist_subs_sq"))
+    ),
+    "failures_1m_zscore": lambda get: _zscore(
+        np.asarray(get("failures_1")),
+        np.asarray(get("hist_failures")),
+        np.asarray(get("hist_failures_sq")),
+    ),
+    "submissions_per_min_p95_1h": lambda get: np.asarray(get("p95_subs")),
+    "hours_since_first_seen_24h": lambda get: np.asarray(get("first_seen_min")) / 60.0,
+    "gap_before_latest_activity_min": lambda get: np.asarray(get("gap_min")),
+}
+assert set(_FORMULAS) == set(FEATURE_NAMES), set(_FORMULAS) ^ set(FEATURE_NAMES)
+
+
+def _reads(formula: Callable[[Getter], np.ndarray]) -> frozenset[str]:
+    read: set[str] = set()
+
+    def record(name: str) -> np.ndarray:
+        read.add(name)
+        return np.ones(1)
+
+    formula(record)
+    return frozenset(read)
+
+
+#: Feature -> the aggregates its formula reads (so a subset of features computes less).
+FEATURE_AGGREGATES: dict[str, frozenset[str]] = {
+    name: _reads(formula) for name, formula in _FORMULAS.items()
+}
+
+
+def aggregates_for(names: Iterable[str]) -> frozenset[str]:
+    """The aggregates the features ``names`` read."""
+    return frozenset().union(*(FEATURE_AGGREGATES[name] for name in names))
+
+
+def derive(
+    agg: Mapping[str, np.ndarray], names: Iterable[str] = FEATURE_NAMES
+) -> dict[str, np.ndarray]:
+    """Feature columns (numpy arrays) from aggregate columns (`AGGREGATES`).
+
+    Args:
+        agg: Aggregate columns; only those the features ``names`` read are looked up
+            (`aggregates_for`).
+        names: The features wanted (default every feature), in output order.
+    """
     return {
-        name: np.asarray(out[name]).astype(np.int64 if spec.integer else np.float64, copy=False)
-        for name, spec in FEATURES_BY_NAME.items()
+        name: np.asarray(_FORMULAS[name](agg.__getitem__)).astype(
+            np.int64 if FEATURES_BY_NAME[name].integer else np.float64, copy=False
+        )
+        for name in names
     }

@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 from qabuse_dagster.features.definitions import (
     ACTIVITY_LOOKBACK_MINUTES,
     AGGREGATES,
+    DETECTOR_FEATURES,
     FEATURE_NAMES,
     FEATURES,
     RATE_PERCENTILE_RANK,
     SHARING_MINUTES,
     WINDOWS,
+    aggregates_for,
     backend_cost_weight,
     derive,
 )
@@ -421,3 +423,31 @@ def test_sparse_max_is_the_max_of_the_slice(values: list[int], data: st.DataObje
     got = _SparseMax(np.array(values)).query(first, last)
 
     assert got.tolist() == [max(values[a:b], default=0) for a, b in queries]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        DETECTOR_FEATURES,
+        ("median_runtime_s_1h", "gap_before_latest_activity_min"),
+        ("code_hash_sharing_5m", "submissions_per_min_p95_1h", "estimated_cost_1m"),
+    ],
+)
+def test_a_subset_of_features_equals_those_columns_of_the_full_set(names: tuple[str, ...]) -> None:
+    records = pa.Table.from_pylist(_random_records(7), schema=SCHEMA)
+    start, end = T0 - timedelta(hours=1), T0 + timedelta(hours=4)
+
+    full = window_features(records, start, end)
+    subset = window_features(records, start, end, features=names)
+
+    assert subset.column_names == ["api_key_id", "event_timestamp", *names]
+    assert subset.equals(full.select(subset.column_names))
+    # The aggregates a subset reads are the union of its formulas', and no more.
+    assert aggregates_for(names) < set(AGGREGATES)
+
+
+def test_unknown_or_repeated_features_are_refused() -> None:
+    table = pa.Table.from_pylist([_record("A", timedelta(0))], schema=SCHEMA)
+    for names in (["submissions_1m", "no_such_feature"], ["submissions_1m", "submissions_1m"]):
+        with pytest.raises(ValueError, match="FEATURE_NAMES"):
+            window_features(table, T0, T0 + MINUTE, features=names)
