@@ -14,10 +14,22 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import contract_validation, feature_windows, online_lookup, streaming
+from benchmarks import (
+    contract_validation,
+    feature_windows,
+    instrumentation,
+    online_lookup,
+    streaming,
+)
 from benchmarks.report import RESULTS_DIR, BenchmarkResult, comparison_table, write_json
 
-BENCHMARKS = (feature_windows.NAME, contract_validation.NAME, streaming.NAME, online_lookup.NAME)
+BENCHMARKS = (
+    feature_windows.NAME,
+    contract_validation.NAME,
+    streaming.NAME,
+    online_lookup.NAME,
+    instrumentation.NAME,
+)
 
 #: ``--quick``: sizes for the smoke test, seconds rather than minutes.
 QUICK_FEATURE_WINDOWS = feature_windows.Settings(
@@ -26,6 +38,7 @@ QUICK_FEATURE_WINDOWS = feature_windows.Settings(
 QUICK_CONTRACT_VALIDATION = contract_validation.Settings(records=2_000, repeats=1)
 QUICK_STREAMING = streaming.Settings(records=20_000, api_keys=20, days=1.0, pushes=10)
 QUICK_ONLINE_LOOKUP = online_lookup.Settings(api_keys=50, lookups=200, warmup=20)
+QUICK_INSTRUMENTATION = instrumentation.Settings(calls=20, blocks=2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         streaming.NAME: lambda: streaming.run(streaming_settings(args), console),
         online_lookup.NAME: lambda: online_lookup.run(
             QUICK_ONLINE_LOOKUP if args.quick else online_lookup.Settings(), console
+        ),
+        instrumentation.NAME: lambda: instrumentation.run(
+            QUICK_INSTRUMENTATION if args.quick else instrumentation.Settings(), console
         ),
     }
     results = []

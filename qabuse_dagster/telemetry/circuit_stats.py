@@ -68,7 +68,7 @@ class CircuitStats:
     two_qubit_gates: int
 
 
-def _frozen_counts(names: Iterable[tuple[str, int]]) -> MappingProxyType[str, int]:
+def frozen_counts(names: Iterable[tuple[str, int]]) -> MappingProxyType[str, int]:
     """Sum counts by lower-cased name, sorted by name, read-only."""
     counts: dict[str, int] = {}
     for name, count in names:
@@ -104,7 +104,7 @@ def qiskit_circuit_stats(circuit: QuantumCircuit) -> CircuitStats:
     return CircuitStats(
         num_qubits=circuit.num_qubits,
         depth=circuit.depth(),
-        gate_counts=_frozen_counts(names),
+        gate_counts=frozen_counts(names),
         two_qubit_gates=two_qubit,
     )
 
@@ -178,7 +178,7 @@ def cirq_circuit_stats(circuit: cirq.AbstractCircuit) -> CircuitStats:
     return CircuitStats(
         num_qubits=len(flat.all_qubits()),
         depth=len(flat),
-        gate_counts=_frozen_counts(names),
+        gate_counts=frozen_counts(names),
         two_qubit_gates=two_qubit,
     )
 
@@ -211,6 +211,6 @@ def pennylane_circuit_stats(tape: QuantumScript) -> CircuitStats:
     return CircuitStats(
         num_qubits=len(tape.wires),
         depth=int(resources.depth),
-        gate_counts=_frozen_counts(resources.gate_types.items()),
+        gate_counts=frozen_counts(resources.gate_types.items()),
         two_qubit_gates=int(resources.gate_sizes.get(2, 0)),
     )

@@ -1,0 +1,463 @@
+"""SDK instrumentation: ``instrument("qiskit" | "cirq" | "pennylane", sink=...)``.
+
+One instrumentor per SDK, on the shared `Instrumentor` base here. An instrumentor wraps
+the SDK's submission entry points (`Instrumentor.patch_points`); each wrapped call emits
+a ``submitted`` record before it returns and a terminal record (``completed`` or
+``failed``) when the job finishes. Guarantees shared by every SDK:
+
+* **Nothing is patched at import**: `instrument` imports the SDK's instrumentor module
+  and patches; `Handle.uninstrument` restores exactly the attributes it replaced, in
+  reverse order. Instrumenting an SDK twice is a no-op that returns the active handle.
+* **The user's code is never slowed for long or broken**: records go to a bounded queue
+  drained by a background thread (`Emitter`); a full queue or a failing sink counts the
+  records as dropped, never raises, and an error inside the instrumentation itself is
+  logged and counted while the SDK call goes on as if uninstrumented.
+* **No raw identifier leaves the process**: the user id, API key id and circuit
+  structure are HMAC-SHA256 hashed (`qabuse_dagster.telemetry.hashing`) before a record
+  exists; circuit text and parameter values are never read into a record.
+* **One script run many times is one code hash**: `structure_hash` reads gate names and
+  qubit positions only, with qubits renumbered by first use, so parameter values and
+  qubit relabelling leave it unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import itertools
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from qabuse_dagster.telemetry.circuit_stats import CircuitStats, frozen_counts
+from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.sinks import Sink
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Emitter",
+    "Handle",
+    "Instrumentor",
+    "error_code",
+    "instrument",
+    "structure_hash",
+]
+
+#: Version in every record's ``client_agent`` (``qabuse-<sdk>/<version> <sdk>/<version>``).
+INSTRUMENTOR_VERSION = "0.1"
+#: SDK name -> "module:class" of its instrumentor, imported only by `instrument`.
+INSTRUMENTORS: dict[str, str] = {
+    "qiskit": "qabuse_dagster.telemetry.instrumentors.qiskit:QiskitInstrumentor",
+    "cirq": "qabuse_dagster.telemetry.instrumentors.cirq:CirqInstrumentor",
+    "pennylane": "qabuse_dagster.telemetry.instrumentors.pennylane:PennyLaneInstrumentor",
+}
+_ACTIVE: dict[str, Handle] = {}
+_ACTIVE_LOCK = threading.Lock()
+
+
+class Emitter:
+    """A bounded queue of records, drained into a sink by one background thread.
+
+    `emit` never blocks and never raises: when the queue is full the record is counted
+    in `dropped`. A sink that raises has the batch counted in `sink_failures` (and logged
+    once per run of failures); the thread carries on with the next batch.
+
+    Args:
+        sink: Where batches go.
+        max_queue: Records waiting at most; more are dropped.
+        batch: Records handed to the sink at once, at most.
+    """
+
+    def __init__(self, sink: Sink, max_queue: int = 10_000, batch: int = 256) -> None:
+        if max_queue <= 0 or batch <= 0:
+            raise ValueError("max_queue and batch must be positive")
+        self.sink = sink
+        self.batch = batch
+        self.emitted = 0
+        self.dropped = 0
+        self.sink_failures = 0
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, name="qabuse-emitter", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+        else:
+            self.emitted += 1
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                self._queue.task_done()
+                return
+            records = [first]
+            stop = False
+            while len(records) < self.batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                records.append(more)
+            try:
+                self.sink.write(records)
+                self._failing = False
+            except Exception:
+                self.sink_failures += len(records)
+                if not self._failing:
+                    logger.warning("telemetry sink failed; records dropped", exc_info=True)
+                self._failing = True
+            for _ in range(len(records) + stop):
+                self._queue.task_done()
+            if stop:
+                return
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued record reached the sink, then flush it; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        try:
+            self.sink.flush()
+        except Exception:
+            logger.warning("telemetry sink failed to flush", exc_info=True)
+            return False
+        return True
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Flush, then end the thread (the sink stays open: its owner closes it)."""
+        flushed = self.flush(timeout)
+        if self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                return False
+            self._thread.join(timeout)
+        return flushed
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who submits, already hashed."""
+
+    user: str
+    api_key_id: str
+    provider: str | None
+
+
+@dataclass
+class Handle:
+    """An active instrumentation of one SDK; `uninstrument` undoes it."""
+
+    sdk: str
+    instrumentor: Instrumentor
+    emitter: Emitter
+    instrumentation_errors: int = 0
+    _active: bool = field(default=True, repr=False)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Records emitted, dropped (queue full), lost to sink failures; internal errors."""
+        return {
+            "emitted": self.emitter.emitted,
+            "dropped": self.emitter.dropped,
+            "sink_failures": self.emitter.sink_failures,
+            "instrumentation_errors": self.instrumentation_errors,
+        }
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        return self.emitter.flush(timeout)
+
+    def uninstrument(self) -> None:
+        """Restore the SDK's own entry points and deliver what is queued. Idempotent."""
+        with _ACTIVE_LOCK:
+            if not self._active:
+                return
+            self._active = False
+            self.instrumentor.uninstall()
+            if _ACTIVE.get(self.sdk) is self:
+                del _ACTIVE[self.sdk]
+        self.emitter.stop()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstrument()
+
+
+class Instrumentor(ABC):
+    """The base of one SDK's instrumentor: patching, identity, record building.
+
+    A subclass names its SDK (`sdk`, `distribution`, `supported`) and lists the entry
+    points to wrap (`patch_points`); its wrappers call `submitted` and `finished`.
+    """
+
+    sdk: ClassVar[str]
+    #: The pip distribution whose version is reported (``qiskit``, ``cirq-core`` ...).
+    distribution: ClassVar[str]
+    #: SDK versions the instrumentor is tested with: at least the first, below the second.
+    supported: ClassVar[tuple[tuple[int, ...], tuple[int, ...]]]
+
+    def __init__(self, identity: Identity, hasher: KeyedHasher, emitter: Emitter) -> None:
+        self.identity = identity
+        self.hasher = hasher
+        self.emitter = emitter
+        self.handle: Handle | None = None
+        self.sdk_version = importlib.metadata.version(self.distribution)
+        low, high = self.supported
+        if not low <= _release(self.sdk_version) < high:
+            logger.warning(
+                "%s %s is outside the versions qabuse-%s supports (>=%s, <%s): records "
+                "may lack fields or miss submissions",
+                self.distribution,
+                self.sdk_version,
+                self.sdk,
+                ".".join(map(str, low)),
+                ".".join(map(str, high)),
+            )
+        self.client_agent = (
+            f"qabuse-{self.sdk}/{INSTRUMENTOR_VERSION} {self.sdk}/{self.sdk_version}"
+        )
+        self._originals: list[tuple[object, str, Any, bool]] = []
+        self._calls = threading.local()
+
+    @abstractmethod
+    def patch_points(self) -> list[tuple[object, str, Callable[[Any], Any]]]:
+        """(owner, attribute, make) triples: ``owner.attribute`` becomes ``make(original)``.
+
+        ``original`` is what ``getattr(owner, attribute)`` returns (a plain function for
+        a method); ``make`` returns the replacement, to be set on ``owner``.
+        """
+
+    def install(self) -> None:
+        for owner, name, make in self.patch_points():
+            self.patch(owner, name, make)
+
+    def patch(self, owner: object, name: str, make: Callable[[Any], Any]) -> None:
+        """Replace ``owner.name`` with ``make(original)``; `uninstall` restores it.
+
+        For patches found only while instrumented (a job class first seen at submission).
+        """
+        own = name in vars(owner)
+        original = vars(owner)[name] if own else None
+        setattr(owner, name, make(getattr(owner, name)))
+        self._originals.append((owner, name, original, own))
+
+    def uninstall(self) -> None:
+        while self._originals:
+            owner, name, original, own = self._originals.pop()
+            if own:
+                setattr(owner, name, original)
+            else:  # it was inherited: remove the override
+                delattr(owner, name)
+
+    @contextlib.contextmanager
+    def outermost(self) -> Iterator[bool]:
+        """Whether this is the outermost instrumented call on this thread.
+
+        SDK entry points call each other (a subclass's ``run`` calls its base's, ``run``
+        calls ``run_sweep``): only the outermost call is the user's job, so wrappers
+        record only when this yields True.
+        """
+        depth = getattr(self._calls, "depth", 0)
+        self._calls.depth = depth + 1
+        try:
+            yield depth == 0
+        finally:
+            self._calls.depth = depth
+
+    def guard(self, what: str, action: Callable[[], Any]) -> Any:
+        """Run instrumentation code; on any error log it, count it and return None."""
+        try:
+            return action()
+        except Exception:
+            if self.handle is not None:
+                self.handle.instrumentation_errors += 1
+            logger.warning("qabuse-%s: %s failed; the job runs on", self.sdk, what, exc_info=True)
+            return None
+
+    def record(
+        self,
+        *,
+        job_id: str,
+        status: str,
+        backend: str,
+        num_circuits: int,
+        shots: int | None,
+        stats: CircuitStats | None,
+        code_hash: str,
+        submit_latency_s: float | None = None,
+        queue_time_s: float | None = None,
+        runtime_s: float | None = None,
+        error_code: str | None = None,
+        retry_count: int = 0,
+    ) -> dict[str, Any]:
+        """A contract record (JSON-ready) for one lifecycle event, stamped now."""
+        return {
+            "schema_version": 1,
+            "job_id": job_id[:128],
+            "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "user": self.identity.user,
+            "api_key_id": self.identity.api_key_id,
+            "provider": (self.identity.provider or "local")[:64],
+            "region": None,
+            "backend": (backend or "unknown")[:128],
+            "sdk": self.sdk,
+            "sdk_version": self.sdk_version[:32],
+            "num_circuits": num_circuits,
+            "shots": shots,
+            "num_qubits": stats.num_qubits if stats else None,
+            "depth": stats.depth if stats else None,
+            "gate_counts": dict(stats.gate_counts) if stats else None,
+            "two_qubit_gates": stats.two_qubit_gates if stats else None,
+            "submit_latency_s": submit_latency_s,
+            "queue_time_s": queue_time_s,
+            "runtime_s": runtime_s,
+            "status": status,
+            "error_code": error_code[:64] if error_code else None,
+            "retry_count": retry_count,
+            "client_agent": self.client_agent[:128],
+            "code_hash": code_hash,
+            "source_ip_hash": None,
+            "country": None,
+            "tags": None,
+        }
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.emitter.emit(record)
+
+    def code_hash(self, circuits: Iterable[Sequence[tuple[str, Sequence[Hashable]]]]) -> str:
+        return structure_hash(self.hasher, circuits)
+
+    @staticmethod
+    def new_job_id() -> str:
+        """A client-side job id, for SDKs whose jobs have none."""
+        return f"qabuse-{uuid.uuid4().hex}"
+
+
+def error_code(exc: BaseException) -> str:
+    """A record's ``error_code`` for an exception: its class name in snake case.
+
+    ``NotImplementedError`` -> ``not_implemented_error``, ``HTTPError`` -> ``http_error``.
+    """
+    return _SNAKE_BOUNDARY.sub("_", type(exc).__name__).lower()[:64]
+
+
+_SNAKE_BOUNDARY = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])|(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``2.6.2`` -> (2, 6, 2); a pre-release or local suffix is ignored."""
+    parts = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def combine_stats(stats: Sequence[CircuitStats]) -> CircuitStats | None:
+    """One record's figures for a batch of circuits: widest, deepest, gates summed."""
+    if not stats:
+        return None
+    return CircuitStats(
+        num_qubits=max(s.num_qubits for s in stats),
+        depth=max(s.depth for s in stats),
+        gate_counts=frozen_counts(item for s in stats for item in s.gate_counts.items()),
+        two_qubit_gates=sum(s.two_qubit_gates for s in stats),
+    )
+
+
+def structure_hash(
+    hasher: KeyedHasher, circuits: Iterable[Sequence[tuple[str, Sequence[Hashable]]]]
+) -> str:
+    """The ``code``-domain hash of circuits' structure: gate names and qubit positions.
+
+    Each circuit is its operations in order, as (lower-case gate name, qubits acted on);
+    parameter values are not part of it. Qubits are renumbered by first use within each
+    circuit, so relabelling them gives the same hash.
+    """
+    canonical = []
+    for ops in circuits:
+        numbers: dict[Hashable, int] = {}
+        canonical.append(
+            [
+                [name.lower(), [numbers.setdefault(q, len(numbers)) for q in qubits]]
+                for name, qubits in ops
+            ]
+        )
+    return hasher.hash(json.dumps(canonical, separators=(",", ":")), domain="code")
+
+
+def instrument(
+    sdk: str,
+    sink: Sink,
+    user_id: str,
+    api_key_id: str,
+    provider: str | None = None,
+    *,
+    hasher: KeyedHasher | None = None,
+    max_queue: int = 10_000,
+) -> Handle:
+    """Instrument one SDK's job submission; records go to ``sink``.
+
+    Args:
+        sdk: ``qiskit``, ``cirq`` or ``pennylane``.
+        sink: A `JsonlSink`, `HttpSink`, `MemorySink` or any `Sink`.
+        user_id: The submitting user's id; hashed here, never sent.
+        api_key_id: The API key's id (never its secret); hashed here.
+        provider: The provider of the backends (default ``local``).
+        hasher: The keyed hasher; default from ``QABUSE_HASH_KEY``.
+        max_queue: Records waiting for the sink at most; more are dropped and counted.
+
+    Returns:
+        The active handle; ``handle.uninstrument()`` undoes the patching. If the SDK is
+        already instrumented, that handle is returned and nothing is patched twice.
+    """
+    if sdk not in INSTRUMENTORS:
+        raise ValueError(f"sdk {sdk!r}: expected one of {sorted(INSTRUMENTORS)}")
+    if not user_id or not api_key_id:
+        raise ValueError("user_id and api_key_id must be non-empty")
+    with _ACTIVE_LOCK:
+        if sdk in _ACTIVE:
+            logger.warning("%s is already instrumented: returning the active handle", sdk)
+            return _ACTIVE[sdk]
+        hasher = hasher or KeyedHasher.from_env()
+        identity = Identity(
+            user=hasher.hash(user_id, domain="user"),
+            api_key_id=hasher.hash(api_key_id, domain="api_key"),
+            provider=provider,
+        )
+        module, _, name = INSTRUMENTORS[sdk].partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        emitter = Emitter(sink, max_queue=max_queue)
+        instrumentor: Instrumentor = cls(identity, hasher, emitter)
+        handle = Handle(sdk=sdk, instrumentor=instrumentor, emitter=emitter)
+        instrumentor.handle = handle
+        instrumentor.install()
+        _ACTIVE[sdk] = handle
+        return handle

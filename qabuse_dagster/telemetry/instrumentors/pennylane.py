@@ -1,0 +1,191 @@
+"""PennyLane instrumentation: one job per batch a simulator device executes.
+
+Every QNode call and every ``qml.execute`` ends in one call of a device's execution
+method (`pennylane.devices.Device`): ``execute`` for a forward pass and for each batch of
+shifted tapes a parameter-shift gradient runs, or ``execute_and_compute_derivatives``
+(``_jvp``, ``_vjp``) when the device differentiates itself, as ``lightning.qubit`` does by
+default for an analytic QNode with trainable parameters. Those four methods are wrapped on
+``default.qubit`` (`DefaultQubit`) and, when ``pennylane-lightning`` is installed,
+``lightning.qubit`` (`LightningQubit`); a subclass that does not override them is covered
+by inheritance. ``compute_derivatives`` and its kin, which only differentiate a batch
+``execute`` already ran, are not jobs.
+
+What a record says:
+
+* One job is one outermost call on a thread: a method reaching another wrapped one
+  (the base ``execute_and_compute_jvp`` calls ``execute``) is the same job.
+* ``num_circuits`` is the number of tapes in the batch (a lone tape is one), gate figures
+  are `combine_stats` of `pennylane_circuit_stats` of each tape as the device receives it,
+  after its decomposition.
+* ``shots`` is ``tape.shots.total_shots`` of the first tape (a shot vector counts its
+  sum; ``None`` when analytic). PennyLane gives every tape of a batch the QNode's shots,
+  so a batch with mixed shots, built by hand, reports its first tape's.
+* PennyLane executes synchronously and has no queue: ``submitted`` is emitted when the call
+  starts, with no ``submit_latency_s``, and ``completed`` or ``failed`` when it returns,
+  with ``runtime_s`` the call's measured wall time.
+* ``code_hash`` reads each tape's operations as (``op.name`` lower-cased, wires);
+  measurement processes are left out, as `pennylane_circuit_stats` leaves them out.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qabuse_dagster.telemetry.circuit_stats import CircuitStats, pennylane_circuit_stats
+from qabuse_dagster.telemetry.instrument import Instrumentor, combine_stats
+
+if TYPE_CHECKING:
+    from pennylane.tape import QuantumScript
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PennyLaneInstrumentor"]
+
+#: Device classes wrapped, as "module:class"; one whose package is missing is skipped.
+DEVICES: tuple[str, ...] = (
+    "pennylane.devices.default_qubit:DefaultQubit",
+    "pennylane_lightning.lightning_qubit:LightningQubit",
+)
+#: The `pennylane.devices.Device` methods that run a batch of tapes.
+EXECUTION_METHODS: tuple[str, ...] = (
+    "execute",
+    "execute_and_compute_derivatives",
+    "execute_and_compute_jvp",
+    "execute_and_compute_vjp",
+)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What the records of one execution say about its tapes."""
+
+    backend: str
+    num_circuits: int
+    shots: int | None
+    stats: CircuitStats | None
+    code_hash: str
+
+
+class PennyLaneInstrumentor(Instrumentor):
+    """Records each batch of tapes that ``default.qubit`` or ``lightning.qubit`` executes."""
+
+    sdk = "pennylane"
+    distribution = "pennylane"
+    supported = ((0, 40), (1, 0))
+
+    def patch_points(self) -> list[tuple[object, str, Callable[[Any], Any]]]:
+        points: list[tuple[object, str, Callable[[Any], Any]]] = []
+        for path in DEVICES:
+            module, _, name = path.partition(":")
+            try:
+                device = getattr(importlib.import_module(module), name)
+            except ImportError:
+                logger.debug("qabuse-pennylane: %s is not installed; not instrumented", path)
+                continue
+            except Exception:  # a plugin that fails to load must not stop the others
+                logger.warning("qabuse-pennylane: %s failed to import", path, exc_info=True)
+                continue
+            points.extend((device, method, self._wrap) for method in EXECUTION_METHODS)
+        return points
+
+    def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        instrumentor = self
+
+        @functools.wraps(original)
+        def execute(device: Any, circuits: Any, *args: Any, **kwargs: Any) -> Any:
+            with instrumentor.outermost() as outermost:
+                if not outermost:  # reached from an instrumented call: the same job
+                    return original(device, circuits, *args, **kwargs)
+                return instrumentor._run_job(original, device, circuits, args, kwargs)
+
+        return execute
+
+    def _run_job(
+        self,
+        original: Callable[..., Any],
+        device: Any,
+        circuits: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        batch: _Batch | None = self.guard(
+            "reading the batch", lambda: self._batch(device, circuits)
+        )
+        record = functools.partial(self._emit, self.new_job_id(), batch)
+        self.guard("recording submission", functools.partial(record, "submitted"))
+        started = time.perf_counter()
+        try:
+            result = original(device, circuits, *args, **kwargs)
+        except Exception as exc:
+            failed = functools.partial(
+                record,
+                "failed",
+                runtime_s=time.perf_counter() - started,
+                error_code=_error_code(exc),
+            )
+            self.guard("recording failure", failed)
+            raise
+        completed = functools.partial(record, "completed", runtime_s=time.perf_counter() - started)
+        self.guard("recording completion", completed)
+        return result
+
+    def _batch(self, device: Any, circuits: Any) -> _Batch | None:
+        from pennylane.tape import QuantumScript
+
+        if isinstance(circuits, QuantumScript):
+            tapes: list[QuantumScript] = [circuits]
+        elif isinstance(circuits, Sequence):  # never consume an iterator the device needs
+            tapes = list(circuits)
+        else:
+            logger.debug("qabuse-pennylane: %s is not a batch of tapes", type(circuits))
+            return None
+        return _Batch(
+            backend=str(device.name),
+            num_circuits=len(tapes),
+            shots=tapes[0].shots.total_shots if tapes else None,
+            stats=combine_stats([pennylane_circuit_stats(tape) for tape in tapes]),
+            code_hash=self.code_hash(_structure(tape) for tape in tapes),
+        )
+
+    def _emit(
+        self,
+        job_id: str,
+        batch: _Batch | None,
+        status: str,
+        *,
+        runtime_s: float | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        if batch is None:  # the batch could not be read: no record rather than a wrong one
+            return
+        self.emit(
+            self.record(
+                job_id=job_id,
+                status=status,
+                backend=batch.backend,
+                num_circuits=batch.num_circuits,
+                shots=batch.shots,
+                stats=batch.stats,
+                code_hash=batch.code_hash,
+                runtime_s=runtime_s,
+                error_code=error_code,
+            )
+        )
+
+
+def _structure(tape: QuantumScript) -> list[tuple[str, tuple[Any, ...]]]:
+    """A tape's operations as (lower-case name, wires): no parameter value is read."""
+    return [(op.name.lower(), tuple(op.wires)) for op in tape.operations]
+
+
+def _error_code(exc: BaseException) -> str:
+    """``NotImplementedError`` -> ``not_implemented_error``, ``HTTPError`` -> ``http_error``."""
+    name = re.sub(r"(?<=[A-Z])(?=[A-Z][a-z])|(?<=[a-z0-9])(?=[A-Z])", "_", type(exc).__name__)
+    return name.lower()[:64]

@@ -1,0 +1,481 @@
+"""Qiskit instrumentation: backend ``run`` and the V2 primitives' ``run``.
+
+Patched when `qabuse_dagster.telemetry.instrument` installs it, never at import:
+
+* ``BackendV2.run`` and the ``run`` of every imported ``BackendV2`` subclass that defines
+  its own (``BasicSimulator``, ``GenericBackendV2``, Aer's and IBM's backends when those
+  packages are installed: their modules are imported first so they are covered).
+* ``run`` of every imported ``BaseSamplerV2`` and ``BaseEstimatorV2`` subclass that defines
+  its own: ``StatevectorSampler``, ``StatevectorEstimator``, ``BackendSamplerV2``,
+  ``BackendEstimatorV2`` and, when installed, ``qiskit_ibm_runtime``'s ``SamplerV2`` and
+  ``EstimatorV2``.
+* ``result`` of each job class the first time a job of it is returned, so that the first
+  ``job.result()`` of an instrumented job emits its terminal record.
+
+Limits: a backend or primitive class defined (or first imported) after `instrument` is
+not covered, since only classes that exist then are patched. A job whose ``result()`` is
+never called gets no terminal record. ``backend.run`` called by Qiskit's own primitives
+(``BackendSamplerV2`` runs its pubs through it) is part of the primitive's job and emits
+no record of its own, so one submission is one pair of records.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import importlib
+import math
+import re
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qabuse_dagster.telemetry.circuit_stats import CircuitStats, qiskit_circuit_stats
+from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.instrument import (
+    Emitter,
+    Identity,
+    Instrumentor,
+    combine_stats,
+    error_code,
+)
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from qiskit import QuantumCircuit
+
+__all__ = ["QiskitInstrumentor"]
+
+#: Modules imported before patching so that the backends and primitives they define exist
+#: as classes to patch; a module that is not installed is skipped.
+_BACKEND_MODULES = (
+    "qiskit.providers.basic_provider",
+    "qiskit.providers.fake_provider",
+    "qiskit_aer",
+    "qiskit_ibm_runtime",
+)
+#: Frames of these modules call ``backend.run`` on behalf of an instrumented primitive.
+_PRIMITIVE_MODULE_PREFIX = "qiskit.primitives."
+#: The job method whose first call emits the terminal record.
+_JOB_RESULT = "result"
+_SNAKE_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+@dataclass(frozen=True)
+class _Submission:
+    """What both records of one submission say about it."""
+
+    backend: str
+    num_circuits: int
+    shots: int | None
+    stats: CircuitStats | None
+    code_hash: str
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "num_circuits": self.num_circuits,
+            "shots": self.shots,
+            "stats": self.stats,
+            "code_hash": self.code_hash,
+        }
+
+
+class _JobWatch:
+    """Emits the terminal record of one submitted job, once."""
+
+    def __init__(
+        self, instrumentor: QiskitInstrumentor, job_id: str, submission: _Submission, start: float
+    ) -> None:
+        self.instrumentor = instrumentor
+        self.job_id = job_id
+        self.submission = submission
+        self.start = start
+        self.done_at: float | None = None
+        self.has_future = False
+
+    def mark_done(self, _future: object) -> None:
+        """Done-callback of a job's future: when the execution ended, measured here."""
+        self.done_at = time.perf_counter()
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        ins = self.instrumentor
+        runtime_s = _reported_runtime(result)
+        if runtime_s is None and self.has_future:
+            # Without a done-callback yet, the future completed just now: result() waited.
+            runtime_s = (self.done_at or time.perf_counter()) - self.start
+        failed = error is not None or getattr(result, "success", True) is False
+        ins.emit(
+            ins.record(
+                job_id=self.job_id,
+                status="failed" if failed else "completed",
+                runtime_s=runtime_s,
+                error_code=(error_code(error) if error else "job_error") if failed else None,
+                **self.submission.fields(),
+            )
+        )
+
+
+class QiskitInstrumentor(Instrumentor):
+    """Records Qiskit backend and V2 primitive submissions (see the module docstring)."""
+
+    sdk: ClassVar[str] = "qiskit"
+    distribution: ClassVar[str] = "qiskit"
+    supported: ClassVar[tuple[tuple[int, ...], tuple[int, ...]]] = ((1, 0), (3, 0))
+
+    def __init__(self, identity: Identity, hasher: KeyedHasher, emitter: Emitter) -> None:
+        super().__init__(identity, hasher, emitter)
+        self._lock = threading.Lock()
+        self._installed = False
+        self._job_classes: set[type] = set()
+        self._watches: weakref.WeakKeyDictionary[Any, _JobWatch] = weakref.WeakKeyDictionary()
+        self._local = threading.local()
+
+    def patch_points(self) -> list[tuple[object, str, Callable[[Any], Any]]]:
+        for module in _BACKEND_MODULES:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                continue
+        from qiskit.primitives import BaseEstimatorV2, BaseSamplerV2
+        from qiskit.providers import BackendV2
+
+        points: list[tuple[object, str, Callable[[Any], Any]]] = [
+            (BackendV2, "run", self._wrap_backend_run)
+        ]
+        points += [(c, "run", self._wrap_backend_run) for c in _own_run(BackendV2)]
+        points += [(c, "run", self._wrap_sampler_run) for c in _own_run(BaseSamplerV2)]
+        points += [(c, "run", self._wrap_estimator_run) for c in _own_run(BaseEstimatorV2)]
+        return points
+
+    def install(self) -> None:
+        with self._lock:
+            super().install()
+            self._installed = True
+
+    def uninstall(self) -> None:
+        with self._lock:
+            self._installed = False
+            super().uninstall()
+            self._job_classes.clear()
+            self._watches.clear()
+
+    # -- wrappers -------------------------------------------------------------------------
+
+    def _wrap_backend_run(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)  # keeps __isabstractmethod__ of BackendV2.run
+        def run(backend: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._nested() or _called_by_primitive():
+                return original(backend, *args, **kwargs)
+            args, kwargs = _materialise(args, kwargs, "run_input")
+            submission = self.guard(
+                "reading a backend submission",
+                lambda: self._backend_submission(backend, args, kwargs),
+            )
+            return self._submit(submission, lambda: original(backend, *args, **kwargs))
+
+        return run
+
+    def _wrap_sampler_run(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        return self._wrap_primitive_run(original, sampler=True)
+
+    def _wrap_estimator_run(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        return self._wrap_primitive_run(original, sampler=False)
+
+    def _wrap_primitive_run(
+        self, original: Callable[..., Any], sampler: bool
+    ) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def run(primitive: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._nested():
+                return original(primitive, *args, **kwargs)
+            args, kwargs = _materialise(args, kwargs, "pubs")
+            submission = self.guard(
+                "reading a primitive submission",
+                lambda: self._primitive_submission(primitive, args, kwargs, sampler),
+            )
+            return self._submit(submission, lambda: original(primitive, *args, **kwargs))
+
+        return run
+
+    def _wrap_job_result(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        from qiskit.providers.exceptions import JobTimeoutError
+
+        @functools.wraps(original)
+        def result(job: Any, *args: Any, **kwargs: Any) -> Any:
+            watch = self._take_watch(job)
+            if watch is None:
+                return original(job, *args, **kwargs)
+            try:
+                value = original(job, *args, **kwargs)
+            except (JobTimeoutError, TimeoutError):
+                # The wait ended, not the job: the next result() call reports it.
+                self.guard("re-arming a job", lambda: self._put_watch(job, watch))
+                raise
+            except Exception as exc:
+                self.guard("recording a failed job", functools.partial(watch.finish, error=exc))
+                raise
+            self.guard("recording a finished job", lambda: watch.finish(result=value))
+            return value
+
+        return result
+
+    # -- submission ------------------------------------------------------------------------
+
+    def _nested(self) -> bool:
+        """True inside another instrumented submission on this thread (a super().run)."""
+        return getattr(self._local, "depth", 0) > 0
+
+    def _submit(self, submission: _Submission | None, call: Callable[[], Any]) -> Any:
+        if submission is None:  # reading it failed (counted by guard): run uninstrumented
+            return call()
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+        start = time.perf_counter()
+        try:
+            job = call()
+        except Exception as exc:
+            latency = time.perf_counter() - start
+            self.guard(
+                "recording a failed submission",
+                functools.partial(self._failed_submission, submission, latency, exc),
+            )
+            raise
+        finally:
+            self._local.depth -= 1
+        latency = time.perf_counter() - start
+        self.guard(
+            "recording a submission", lambda: self._submitted(job, submission, latency, start)
+        )
+        return job
+
+    def _failed_submission(
+        self, submission: _Submission, latency: float, error: BaseException
+    ) -> None:
+        self.emit(
+            self.record(
+                job_id=self.new_job_id(),
+                status="failed",
+                submit_latency_s=latency,
+                error_code=error_code(error),
+                **submission.fields(),
+            )
+        )
+
+    def _submitted(self, job: Any, submission: _Submission, latency: float, start: float) -> None:
+        job_id_of = getattr(job, "job_id", None)
+        job_id = str(job_id_of()) if callable(job_id_of) else ""
+        job_id = job_id or self.new_job_id()
+        self.emit(
+            self.record(
+                job_id=job_id, status="submitted", submit_latency_s=latency, **submission.fields()
+            )
+        )
+        watch = _JobWatch(self, job_id, submission, start)
+        if not self._put_watch(job, watch):
+            return
+        future = getattr(job, "_future", None)  # PrimitiveJob runs in a thread pool
+        if isinstance(future, concurrent.futures.Future):
+            watch.has_future = True
+            future.add_done_callback(watch.mark_done)
+
+    def _put_watch(self, job: Any, watch: _JobWatch) -> bool:
+        """Register the job's terminal record; patch its class's result() on first sight."""
+        with self._lock:
+            if not self._installed:
+                return False
+            cls = type(job)
+            if cls not in self._job_classes:
+                # Restored with the other patches by Instrumentor.uninstall.
+                self.patch(cls, _JOB_RESULT, self._wrap_job_result)
+                self._job_classes.add(cls)
+            self._watches[job] = watch
+            return True
+
+    def _take_watch(self, job: Any) -> _JobWatch | None:
+        with self._lock:
+            try:
+                return self._watches.pop(job, None)
+            except TypeError:  # an unhashable or not weakly referenceable job
+                return None
+
+    # -- reading circuits -----------------------------------------------------------------
+
+    def _backend_submission(
+        self, backend: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> _Submission:
+        from qiskit import QuantumCircuit
+
+        run_input = args[0] if args else kwargs.get("run_input")
+        items = [run_input] if isinstance(run_input, QuantumCircuit) else list(run_input or ())
+        circuits = [c for c in items if isinstance(c, QuantumCircuit)]
+        shots = kwargs.get("shots")
+        if shots is None:
+            shots = getattr(getattr(backend, "options", None), "shots", None)
+        return self._submission(_backend_name(backend), len(items), _count(shots), circuits)
+
+    def _primitive_submission(
+        self, primitive: Any, args: tuple[Any, ...], kwargs: dict[str, Any], sampler: bool
+    ) -> _Submission:
+        from qiskit.primitives import BackendEstimatorV2
+
+        pubs = list(args[0] if args else kwargs.get("pubs") or ())
+        circuits = [_pub_circuit(pub) for pub in pubs]
+        options = getattr(primitive, "options", None)
+        per_pub: list[int | None]
+        if sampler:
+            default = kwargs.get("shots")
+            if default is None:
+                default = getattr(primitive, "default_shots", None)
+            if default is None:
+                default = getattr(options, "default_shots", None)
+            per_pub = [_count(_pub_setting(pub, "shots", 2, default)) for pub in pubs]
+        elif isinstance(primitive, BackendEstimatorV2):
+            # It runs ceil(1 / precision**2) shots per circuit, as its pub metadata says.
+            default = kwargs.get("precision")
+            if default is None:
+                default = getattr(options, "default_precision", None)
+            per_pub = [_precision_shots(_pub_setting(pub, "precision", 3, default)) for pub in pubs]
+        else:  # StatevectorEstimator is exact; a remote estimator's shots are its own
+            per_pub = []
+        known = [s for s in per_pub if s is not None]
+        shots = max(known) if known else None  # pubs may differ: the largest is reported
+        return self._submission(_primitive_backend(primitive), len(pubs), shots, circuits)
+
+    def _submission(
+        self, backend: str, num_circuits: int, shots: int | None, circuits: list[QuantumCircuit]
+    ) -> _Submission:
+        return _Submission(
+            backend=backend,
+            num_circuits=num_circuits,
+            shots=shots,
+            stats=combine_stats([qiskit_circuit_stats(c) for c in circuits]),
+            code_hash=self.code_hash(_structure(c) for c in circuits),
+        )
+
+
+def _own_run(base: type) -> list[type]:
+    """Every imported subclass of ``base`` (recursively) whose class body defines ``run``."""
+    found: list[type] = []
+    seen: set[type] = set()
+    stack: list[type] = list(base.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if "run" in vars(cls):
+            found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found
+
+
+def _called_by_primitive() -> bool:
+    """True when a Qiskit primitive's job thread is the caller of ``backend.run``."""
+    frame: FrameType | None = sys._getframe(2)  # the caller of the wrapped run
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith(_PRIMITIVE_MODULE_PREFIX):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _materialise(
+    args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Turn a one-shot iterator of circuits or pubs into a list, so reading it consumes nothing.
+
+    The SDK's own ``run`` iterates it once either way; a list, tuple or circuit is passed on
+    unchanged.
+    """
+    from qiskit import QuantumCircuit
+
+    value = args[0] if args else kwargs.get(name)
+    if (
+        value is None
+        or isinstance(value, QuantumCircuit | Sequence)
+        or not isinstance(value, Iterable)
+    ):
+        return args, kwargs
+    if args:
+        return (list(value), *args[1:]), kwargs
+    return args, {**kwargs, name: list(value)}
+
+
+def _structure(circuit: QuantumCircuit) -> list[tuple[str, tuple[int, ...]]]:
+    """Gate names and qubit indices in order, barriers excluded: what ``code_hash`` reads."""
+    return [
+        (inst.operation.name, tuple(circuit.find_bit(q).index for q in inst.qubits))
+        for inst in circuit.data
+        if inst.operation.name != "barrier"
+    ]
+
+
+def _pub_circuit(pub: Any) -> QuantumCircuit:
+    """The circuit of a pub: a ``SamplerPub``/``EstimatorPub``, a circuit, or a tuple."""
+    from qiskit import QuantumCircuit
+
+    if isinstance(pub, QuantumCircuit):
+        return pub
+    circuit = getattr(pub, "circuit", None)
+    if isinstance(circuit, QuantumCircuit):
+        return circuit
+    return pub[0]  # type: ignore[no-any-return]  # a tuple pub: (circuit, ...)
+
+
+def _pub_setting(pub: Any, name: str, position: int, default: Any) -> Any:
+    """A pub's own shots or precision (attribute of a Pub, or tuple slot), else ``default``."""
+    from qiskit import QuantumCircuit
+
+    value = getattr(pub, name, None)
+    if value is None and not isinstance(pub, QuantumCircuit) and isinstance(pub, Sequence):
+        value = pub[position] if len(pub) > position else None
+    return default if value is None else value
+
+
+def _count(value: Any) -> int | None:
+    """A shot count fit for a record, or None for anything else (e.g. an unset option)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _precision_shots(precision: Any) -> int | None:
+    if isinstance(precision, int | float) and not isinstance(precision, bool) and precision > 0:
+        return math.ceil(1.0 / precision**2)
+    return None
+
+
+def _backend_name(backend: Any) -> str:
+    name = getattr(backend, "name", None)
+    if callable(name):  # BackendV1 and some providers expose name()
+        name = name()
+    return str(name) if name else _snake(type(backend).__name__)
+
+
+def _primitive_backend(primitive: Any) -> str:
+    """The backend a primitive runs on, else the primitive itself (``statevector_sampler``)."""
+    from qiskit.providers import BackendV2
+
+    for attribute in ("backend", "_backend"):
+        backend = getattr(primitive, attribute, None)
+        if isinstance(backend, BackendV2):
+            return _backend_name(backend)
+    return _snake(type(primitive).__name__)
+
+
+def _reported_runtime(result: Any) -> float | None:
+    """Execution seconds the SDK reports in a ``qiskit.result.Result`` (``time_taken``)."""
+    taken = getattr(result, "time_taken", None)
+    if isinstance(taken, int | float) and not isinstance(taken, bool) and taken >= 0:
+        return float(taken)
+    return None
+
+
+def _snake(name: str) -> str:
+    """``BasicProviderError`` -> ``basic_provider_error``."""
+    return _SNAKE_BOUNDARY.sub("_", name).lower()

@@ -1,0 +1,286 @@
+"""Cirq instrumentation, on Cirq's own simulators and on samplers built on them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import cirq
+import pytest
+import sympy
+
+from qabuse_dagster.telemetry.circuit_stats import CircuitStats, cirq_circuit_stats
+from qabuse_dagster.telemetry.contract import validate_record
+from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.instrument import Handle, combine_stats, instrument
+from qabuse_dagster.telemetry.instrumentors import cirq as cirq_instrumentor
+from qabuse_dagster.telemetry.sinks import MemorySink
+
+USER_ID = "alice@example.org"
+API_KEY_ID = "key-7f3a9c21"
+ANGLE = 0.123456789
+OTHER_ANGLE = 0.987654321
+THETA = sympy.Symbol("theta")
+ENTRY_POINTS = ("run", "run_sweep", "run_batch")
+
+
+class DelegatingSampler(cirq.Sampler):
+    """A sampler of one's own that hands its sweeps to Cirq's simulator."""
+
+    def __init__(self) -> None:
+        self.inner = cirq.Simulator(seed=7)
+
+    def run_sweep(
+        self, program: cirq.AbstractCircuit, params: cirq.Sweepable, repetitions: int = 1
+    ) -> Sequence[cirq.Result]:
+        return self.inner.run_sweep(program, params, repetitions)
+
+
+class AsyncOnlySampler(cirq.Sampler):
+    """Implements only ``run_sweep_async``: Cirq's metaclass fills in ``run_sweep``."""
+
+    async def run_sweep_async(
+        self, program: cirq.AbstractCircuit, params: cirq.Sweepable, repetitions: int = 1
+    ) -> Sequence[cirq.Result]:
+        return cirq.DensityMatrixSimulator(seed=7).run_sweep(program, params, repetitions)
+
+
+class BrokenBackendError(RuntimeError):
+    pass
+
+
+BROKEN = BrokenBackendError("the backend is down")
+
+
+class BrokenSampler(cirq.Sampler):
+    def run_sweep(
+        self, program: cirq.AbstractCircuit, params: cirq.Sweepable, repetitions: int = 1
+    ) -> Sequence[cirq.Result]:
+        raise BROKEN
+
+
+SAMPLERS: dict[str, Callable[[], cirq.Sampler]] = {
+    "Simulator": lambda: cirq.Simulator(seed=7),
+    "DensityMatrixSimulator": lambda: cirq.DensityMatrixSimulator(seed=7),
+    "DelegatingSampler": DelegatingSampler,
+    "AsyncOnlySampler": AsyncOnlySampler,
+}
+
+
+def _circuit(qubits: Sequence[cirq.Qid] | None = None, *, extra_cz: bool = False) -> cirq.Circuit:
+    a, b, c = qubits or cirq.LineQubit.range(3)
+    circuit = cirq.Circuit(
+        cirq.H(a),
+        cirq.CNOT(a, b),
+        cirq.rz(THETA)(b),
+        cirq.CZ(b, c) ** 0.5,
+        cirq.measure(a, b, c, key="m"),
+    )
+    if extra_cz:
+        circuit.insert(1, cirq.CZ(a, c))
+    return circuit
+
+
+def _resolved_stats(runs: Sequence[tuple[cirq.Circuit, cirq.Sweepable]]) -> CircuitStats | None:
+    """What a record must say: the statistics of every circuit as each resolution ran it."""
+    return combine_stats(
+        [
+            cirq_circuit_stats(cirq.resolve_parameters(circuit, resolver))
+            for circuit, params in runs
+            for resolver in cirq.to_resolvers(params)
+        ]
+    )
+
+
+@pytest.fixture
+def cirq_sdk() -> Iterator[tuple[Handle, MemorySink]]:
+    sink = MemorySink()
+    handle = instrument("cirq", sink, USER_ID, API_KEY_ID, hasher=KeyedHasher.demo())
+    try:
+        yield handle, sink
+    finally:
+        handle.uninstrument()
+
+
+def _records(handle: Handle, sink: MemorySink) -> list[dict[str, Any]]:
+    assert handle.flush()
+    for record in sink.records:
+        validate_record(record)
+    return sink.records
+
+
+def _one_job(handle: Handle, sink: MemorySink) -> tuple[dict[str, Any], dict[str, Any]]:
+    records = _records(handle, sink)
+    assert [r["status"] for r in records[:1]] == ["submitted"], records
+    assert len(records) == 2, records
+    submitted, finished = records
+    assert submitted["job_id"] == finished["job_id"]
+    sink.records.clear()
+    return submitted, finished
+
+
+@pytest.mark.parametrize("method", ENTRY_POINTS)
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+def test_each_entry_point_is_one_job_with_the_circuits_figures(
+    cirq_sdk: tuple[Handle, MemorySink], sampler_name: str, method: str
+) -> None:
+    handle, sink = cirq_sdk
+    sampler = SAMPLERS[sampler_name]()
+    wide = _circuit(cirq.LineQubit.range(3), extra_cz=True)
+    if method == "run":
+        runs: list[tuple[cirq.Circuit, cirq.Sweepable]] = [(_circuit(), {THETA: ANGLE})]
+        results: Any = sampler.run(_circuit(), {THETA: ANGLE}, repetitions=50)
+        expected_shots, expected_circuits = 50, 1
+    elif method == "run_sweep":
+        sweep = cirq.Linspace(THETA, 0.0, ANGLE, 3)
+        runs = [(_circuit(), sweep)]
+        results = sampler.run_sweep(_circuit(), params=sweep, repetitions=20)
+        expected_shots, expected_circuits = 20, 3
+    else:
+        params_list = [{THETA: ANGLE}, [{THETA: ANGLE}, {THETA: OTHER_ANGLE}]]
+        runs = list(zip([_circuit(), wide], params_list, strict=True))
+        results = sampler.run_batch([_circuit(), wide], params_list, repetitions=[10, 30])
+        expected_shots, expected_circuits = 30, 3
+    assert results  # the user's results come back
+
+    submitted, completed = _one_job(handle, sink)
+    assert completed["status"] == "completed"
+    expected = _resolved_stats(runs)
+    assert expected is not None
+    for record in (submitted, completed):
+        assert record["sdk"] == "cirq"
+        assert record["backend"] == type(sampler).__name__
+        assert record["num_circuits"] == expected_circuits
+        assert record["shots"] == expected_shots
+        assert record["gate_counts"] == dict(expected.gate_counts)
+        assert record["depth"] == expected.depth
+        assert record["num_qubits"] == expected.num_qubits
+        assert record["two_qubit_gates"] == expected.two_qubit_gates
+        assert record["client_agent"].startswith("qabuse-cirq/")
+        assert record["retry_count"] == 0
+    assert submitted["runtime_s"] is None
+    assert completed["runtime_s"] >= 0
+    assert completed["error_code"] is None
+
+
+def test_sample_on_a_sweep_is_recorded_once(cirq_sdk: tuple[Handle, MemorySink]) -> None:
+    handle, sink = cirq_sdk
+    cirq.Simulator(seed=7).sample(
+        _circuit(), repetitions=5, params=cirq.Points(THETA, [ANGLE, OTHER_ANGLE])
+    )
+    submitted, _ = _one_job(handle, sink)
+    assert (submitted["num_circuits"], submitted["shots"]) == (2, 5)
+
+
+def test_code_hash_ignores_parameters_and_qubit_labels_not_structure(
+    cirq_sdk: tuple[Handle, MemorySink],
+) -> None:
+    handle, sink = cirq_sdk
+    simulator = cirq.Simulator(seed=7)
+    grid = [cirq.GridQubit(4, 2), cirq.GridQubit(5, 2), cirq.GridQubit(9, 9)]
+    simulator.run(_circuit(), {THETA: ANGLE}, repetitions=5)
+    base = _one_job(handle, sink)[0]["code_hash"]
+    simulator.run(_circuit(), {THETA: OTHER_ANGLE}, repetitions=5)
+    assert _one_job(handle, sink)[0]["code_hash"] == base
+    simulator.run(cirq.resolve_parameters(_circuit(), {THETA: OTHER_ANGLE}), repetitions=5)
+    assert _one_job(handle, sink)[0]["code_hash"] == base
+    simulator.run(_circuit(grid), {THETA: ANGLE}, repetitions=5)
+    assert _one_job(handle, sink)[0]["code_hash"] == base
+    simulator.run_sweep(_circuit(), cirq.Linspace(THETA, 0, 1, 4), repetitions=5)
+    assert _one_job(handle, sink)[0]["code_hash"] == base
+    simulator.run(_circuit(extra_cz=True), {THETA: ANGLE}, repetitions=5)
+    assert _one_job(handle, sink)[0]["code_hash"] != base
+
+
+def test_no_raw_identifier_or_parameter_value_is_emitted(
+    cirq_sdk: tuple[Handle, MemorySink],
+) -> None:
+    handle, sink = cirq_sdk
+    simulator = cirq.Simulator(seed=7)
+    simulator.run(_circuit(), {THETA: ANGLE}, repetitions=5)
+    simulator.run_batch([_circuit()], [{THETA: OTHER_ANGLE}], repetitions=5)
+    emitted = json.dumps(_records(handle, sink))
+    for secret in (USER_ID, API_KEY_ID, str(ANGLE), str(OTHER_ANGLE), "123456789", "987654321"):
+        assert secret not in emitted
+
+
+def test_a_failing_run_is_recorded_and_the_error_reaches_the_user(
+    cirq_sdk: tuple[Handle, MemorySink],
+) -> None:
+    handle, sink = cirq_sdk
+    with pytest.raises(BrokenBackendError) as raised:
+        BrokenSampler().run(_circuit(), {THETA: ANGLE}, repetitions=5)
+    assert raised.value is BROKEN
+    submitted, failed = _one_job(handle, sink)
+    assert (failed["status"], failed["error_code"]) == ("failed", "broken_backend_error")
+    assert failed["runtime_s"] >= 0
+
+    # Cirq's own refusal: a circuit without measurements cannot be sampled.
+    unmeasured = cirq.Circuit(cirq.H(cirq.LineQubit(0)))
+    with pytest.raises(ValueError, match="no measurements"):
+        cirq.Simulator().run(unmeasured, repetitions=5)
+    submitted, failed = _one_job(handle, sink)
+    assert (failed["status"], failed["error_code"]) == ("failed", "value_error")
+    assert submitted["gate_counts"] == {"h": 1}
+
+
+def test_an_instrumentation_error_never_reaches_the_user(
+    cirq_sdk: tuple[Handle, MemorySink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle, sink = cirq_sdk
+
+    def broken_stats(circuit: cirq.AbstractCircuit) -> CircuitStats:
+        raise RuntimeError("a bug in the instrumentation")
+
+    monkeypatch.setattr(cirq_instrumentor, "cirq_circuit_stats", broken_stats)
+    result = cirq.Simulator(seed=7).run(_circuit(), {THETA: ANGLE}, repetitions=5)
+    assert result.measurements["m"].shape == (5, 3)
+    assert _records(handle, sink) == []
+    assert handle.stats["instrumentation_errors"] == 1
+
+
+def test_instrumenting_twice_returns_the_handle_and_records_once(
+    cirq_sdk: tuple[Handle, MemorySink],
+) -> None:
+    handle, sink = cirq_sdk
+    again = instrument("cirq", MemorySink(), USER_ID, API_KEY_ID, hasher=KeyedHasher.demo())
+    assert again is handle
+    cirq.Simulator(seed=7).run(_circuit(), {THETA: ANGLE}, repetitions=5)
+    _one_job(handle, sink)
+
+
+def _entry_points() -> dict[tuple[type, str], Any]:
+    """Every sampler class's own run / run_sweep / run_batch, as the class holds it."""
+    return {
+        (cls, name): vars(cls)[name]
+        for cls in cirq_instrumentor._with_subclasses(cirq.Sampler)
+        for name in ENTRY_POINTS
+        if name in vars(cls)
+    }
+
+
+def test_import_patches_nothing_and_uninstrument_restores_cirq() -> None:
+    before = _entry_points()
+    assert all(f.__code__.co_filename != cirq_instrumentor.__file__ for f in before.values())
+    sink = MemorySink()
+    handle = instrument("cirq", sink, USER_ID, API_KEY_ID, hasher=KeyedHasher.demo())
+    try:
+        patched = _entry_points()
+        assert patched.keys() == before.keys()
+        assert all(patched[key] is not before[key] for key in before)
+        assert (cirq.SimulatesSamples, "run_sweep") in before
+        assert (AsyncOnlySampler, "run_sweep") in before  # filled in by Cirq's metaclass
+        cirq.Simulator(seed=7).run(_circuit(), {THETA: ANGLE}, repetitions=5)
+        assert len(_records(handle, sink)) == 2
+    finally:
+        handle.uninstrument()
+    after = _entry_points()
+    assert after.keys() == before.keys()
+    assert all(after[key] is before[key] for key in before)
+    assert cirq.Sampler.run is before[(cirq.Sampler, "run")]
+    assert cirq.Simulator.run_sweep is before[(cirq.SimulatesSamples, "run_sweep")]
+    assert "run_sweep" not in vars(cirq.Simulator)
+    cirq.Simulator(seed=7).run(_circuit(), {THETA: ANGLE}, repetitions=5)
+    AsyncOnlySampler().run_batch([_circuit()], [{THETA: ANGLE}], repetitions=5)
+    assert len(sink.records) == 2
