@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CircuitStats",
     "cirq_circuit_stats",
+    "cirq_flatten",
     "cirq_gate_name",
     "pennylane_circuit_stats",
     "qiskit_circuit_stats",
@@ -168,7 +169,7 @@ def cirq_circuit_stats(circuit: cirq.AbstractCircuit) -> CircuitStats:
     """
     import cirq
 
-    flat = cirq.unroll_circuit_op(circuit, deep=True, tags_to_check=None)
+    flat = cirq_flatten(circuit)
     names: list[tuple[str, int]] = []
     two_qubit = 0
     for operation in flat.all_operations():
@@ -181,6 +182,15 @@ def cirq_circuit_stats(circuit: cirq.AbstractCircuit) -> CircuitStats:
         gate_counts=frozen_counts(names),
         two_qubit_gates=two_qubit,
     )
+
+
+def cirq_flatten(circuit: cirq.AbstractCircuit) -> cirq.AbstractCircuit:
+    """``circuit`` with its sub-circuits unrolled; itself when it has none (no copy)."""
+    import cirq
+
+    if not any(isinstance(op.untagged, cirq.CircuitOperation) for op in circuit.all_operations()):
+        return circuit
+    return cirq.unroll_circuit_op(circuit, deep=True, tags_to_check=None)
 
 
 def pennylane_circuit_stats(tape: QuantumScript) -> CircuitStats:

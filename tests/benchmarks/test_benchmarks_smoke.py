@@ -115,3 +115,11 @@ def test_online_lookup_result(quick_run: tuple[subprocess.CompletedProcess, Path
     for store in ("redis", "sqlite"):
         latency = result["latency_ms"][store]
         assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"], store
+
+
+@pytest.mark.slow
+def test_instrumentation_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, results = quick_run
+    result = _result(results, "instrumentation")
+    _assert_ratios(result)
+    assert set(result["added_us_median"]) == {"qiskit", "cirq", "pennylane"}

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,10 +52,12 @@ from typing import TYPE_CHECKING, Any
 from qabuse_dagster.telemetry.circuit_stats import (
     CircuitStats,
     cirq_circuit_stats,
+    cirq_flatten,
     cirq_gate_name,
     frozen_counts,
 )
 from qabuse_dagster.telemetry.instrument import Instrumentor, combine_stats
+from qabuse_dagster.telemetry.instrument import error_code as _error_code
 
 if TYPE_CHECKING:
     import cirq
@@ -245,12 +246,5 @@ def _repeated(stats: CircuitStats, times: int) -> CircuitStats:
 
 def _structure(circuit: cirq.AbstractCircuit) -> Sequence[tuple[str, Sequence[Hashable]]]:
     """(gate name, qubits) per operation in moment order, sub-circuits unrolled as counted."""
-    import cirq
-
-    flat = cirq.unroll_circuit_op(circuit, deep=True, tags_to_check=None)
+    flat = cirq_flatten(circuit)
     return [(cirq_gate_name(op), tuple(op.qubits)) for op in flat.all_operations()]
-
-
-def _error_code(exc: BaseException) -> str:
-    """An exception's class name in snake case: ``ValueError`` -> ``value_error``."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", type(exc).__name__).lower()[:64]

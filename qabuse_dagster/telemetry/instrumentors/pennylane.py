@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from qabuse_dagster.telemetry.circuit_stats import CircuitStats, pennylane_circuit_stats
 from qabuse_dagster.telemetry.instrument import Instrumentor, combine_stats
+from qabuse_dagster.telemetry.instrument import error_code as _error_code
 
 if TYPE_CHECKING:
     from pennylane.tape import QuantumScript
@@ -183,9 +183,3 @@ class PennyLaneInstrumentor(Instrumentor):
 def _structure(tape: QuantumScript) -> list[tuple[str, tuple[Any, ...]]]:
     """A tape's operations as (lower-case name, wires): no parameter value is read."""
     return [(op.name.lower(), tuple(op.wires)) for op in tape.operations]
-
-
-def _error_code(exc: BaseException) -> str:
-    """``NotImplementedError`` -> ``not_implemented_error``, ``HTTPError`` -> ``http_error``."""
-    name = re.sub(r"(?<=[A-Z])(?=[A-Z][a-z])|(?<=[a-z0-9])(?=[A-Z])", "_", type(exc).__name__)
-    return name.lower()[:64]
