@@ -8,6 +8,7 @@ from qabuse_dagster import settings
 from qabuse_dagster.defs import backtest_assets, feature_assets, model_assets, telemetry_assets
 from qabuse_dagster.defs.jobs import backtest_job, telemetry_job, training_job
 from qabuse_dagster.defs.resources import FeastResource, MlflowResource, QabuseStorage
+from qabuse_dagster.defs.sensors import landed_telemetry_sensor
 
 
 def build_definitions(home: Path | None = None) -> Definitions:
@@ -19,6 +20,7 @@ def build_definitions(home: Path | None = None) -> Definitions:
             [telemetry_assets, feature_assets, model_assets, backtest_assets]
         ),
         jobs=[telemetry_job, training_job, backtest_job],
+        sensors=[landed_telemetry_sensor],
         resources={
             "storage": QabuseStorage(home=str(home)),
             "feast": FeastResource(repo_path=str(settings.feature_repo_dir()), home=str(home)),
