@@ -15,6 +15,11 @@ a ``submitted`` record before it returns and a terminal record (``completed`` or
 * **No raw identifier leaves the process**: the user id, API key id and circuit
   structure are HMAC-SHA256 hashed (`qabuse_dagster.telemetry.hashing`) before a record
   exists; circuit text and parameter values are never read into a record.
+* **The submission call does only what the record's identity and timing need**: an
+  instrumentor captures the job, its timestamps and references to (or cheap snapshots
+  of) the circuits on the user's thread and emits a *deferred record* (a callable, see
+  `Emitter.emit`); circuit statistics and the code hash are computed once per job
+  (`Memo`) on the emitter's thread, just before the batch reaches the sink.
 * **One script run many times is one code hash**: `structure_hash` reads gate names and
   qubit positions only, with qubits renumbered by first use, so parameter values and
   qubit relabelling leave it unchanged.
@@ -37,7 +42,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from qabuse_dagster.telemetry.circuit_stats import CircuitStats, frozen_counts
 from qabuse_dagster.telemetry.hashing import KeyedHasher
@@ -46,9 +51,11 @@ from qabuse_dagster.telemetry.sinks import Sink
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Deferred",
     "Emitter",
     "Handle",
     "Instrumentor",
+    "Memo",
     "error_code",
     "instrument",
     "structure_hash",
@@ -65,6 +72,40 @@ INSTRUMENTORS: dict[str, str] = {
 _ACTIVE: dict[str, Handle] = {}
 _ACTIVE_LOCK = threading.Lock()
 
+#: A deferred record: called on the emitter's thread to build the record (or records).
+Deferred = Callable[[], "dict[str, Any] | list[dict[str, Any]]"]
+_T = TypeVar("_T")
+
+
+class Memo(Generic[_T]):
+    """A value computed on first use, then shared: what the records of one job have in common.
+
+    Built on the user's thread around a closure over what was captured there; `get` is
+    called by deferred records on the emitter's thread, so the closure runs there, once.
+    An exception is kept and raised again by every later `get` (each record that needs
+    the value fails to build, see `Emitter`). The closure is dropped after it ran, and
+    with it the references to the job's circuits.
+    """
+
+    __slots__ = ("_compute", "_error", "_value")
+
+    def __init__(self, compute: Callable[[], _T]) -> None:
+        self._compute: Callable[[], _T] | None = compute
+        self._error: Exception | None = None
+        self._value: _T | None = None
+
+    def get(self) -> _T:
+        compute = self._compute
+        if compute is not None:
+            self._compute = None
+            try:
+                self._value = compute()
+            except Exception as exc:
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+        return cast("_T", self._value)
+
 
 class Emitter:
     """A bounded queue of records, drained into a sink by one background thread.
@@ -73,26 +114,40 @@ class Emitter:
     in `dropped`. A sink that raises has the batch counted in `sink_failures` (and logged
     once per run of failures); the thread carries on with the next batch.
 
+    A record may be *deferred*: a callable with no arguments that returns the record (or
+    a list of records). It takes one place in the queue and counts as one record for
+    `emitted` and `dropped`; the thread calls it just before handing the batch to the
+    sink. A deferred record that raises is counted in `build_failures` (the first
+    failure is logged) and left out of the batch; nothing is raised.
+
     Args:
         sink: Where batches go.
         max_queue: Records waiting at most; more are dropped.
         batch: Records handed to the sink at once, at most.
+        linger_s: How long the thread waits for a batch to fill after its first record
+            (a flush waits at most this much longer).
     """
 
-    def __init__(self, sink: Sink, max_queue: int = 10_000, batch: int = 256) -> None:
-        if max_queue <= 0 or batch <= 0:
-            raise ValueError("max_queue and batch must be positive")
+    def __init__(
+        self, sink: Sink, max_queue: int = 10_000, batch: int = 256, linger_s: float = 0.05
+    ) -> None:
+        if max_queue <= 0 or batch <= 0 or linger_s < 0:
+            raise ValueError("max_queue and batch must be positive, linger_s not negative")
         self.sink = sink
         self.batch = batch
+        self.linger_s = linger_s
         self.emitted = 0
         self.dropped = 0
         self.sink_failures = 0
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
+        self.build_failures = 0
+        self._queue: queue.Queue[dict[str, Any] | Deferred | None] = queue.Queue(maxsize=max_queue)
         self._failing = False
+        self._build_logged = False
         self._thread = threading.Thread(target=self._run, name="qabuse-emitter", daemon=True)
         self._thread.start()
 
-    def emit(self, record: dict[str, Any]) -> None:
+    def emit(self, record: dict[str, Any] | Deferred) -> None:
+        """Queue a record, or a deferred record (see the class); never blocks or raises."""
         try:
             self._queue.put_nowait(record)
         except queue.Full:
@@ -106,29 +161,60 @@ class Emitter:
             if first is None:
                 self._queue.task_done()
                 return
-            records = [first]
+            items = [first]
             stop = False
-            while len(records) < self.batch:
+            # Linger for a batch: records are built and written in bursts, between the
+            # user's calls more often than in the middle of one.
+            deadline = time.monotonic() + self.linger_s
+            while len(items) < self.batch:
+                left = deadline - time.monotonic()
                 try:
-                    more = self._queue.get_nowait()
+                    more = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
                     stop = True
                     break
-                records.append(more)
-            try:
-                self.sink.write(records)
-                self._failing = False
-            except Exception:
-                self.sink_failures += len(records)
-                if not self._failing:
-                    logger.warning("telemetry sink failed; records dropped", exc_info=True)
-                self._failing = True
-            for _ in range(len(records) + stop):
+                items.append(more)
+            records = self._build(items)
+            if records:
+                try:
+                    self.sink.write(records)
+                    self._failing = False
+                except Exception:
+                    self.sink_failures += len(records)
+                    if not self._failing:
+                        logger.warning("telemetry sink failed; records dropped", exc_info=True)
+                    self._failing = True
+            for _ in range(len(items) + stop):
                 self._queue.task_done()
             if stop:
                 return
+
+    def _build(self, items: list[dict[str, Any] | Deferred]) -> list[dict[str, Any]]:
+        """The batch's records, deferred ones built now; a failing build is counted."""
+        records: list[dict[str, Any]] = []
+        for item in items:
+            if isinstance(item, dict):
+                records.append(item)
+                continue
+            try:
+                built = item()
+            except Exception:
+                self.build_failures += 1
+                if not self._build_logged:
+                    self._build_logged = True
+                    logger.warning(
+                        "telemetry: building a deferred record failed; it is dropped (logged "
+                        "once, counted in build_failures)",
+                        exc_info=True,
+                    )
+                continue
+            if isinstance(built, dict):
+                records.append(built)
+            else:
+                records.extend(built)
+        return records
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record reached the sink, then flush it; False on timeout."""
@@ -179,11 +265,13 @@ class Handle:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Records emitted, dropped (queue full), lost to sink failures; internal errors."""
+        """Records emitted, dropped (queue full), lost to sink failures or to a failing
+        deferred build (`Emitter`); internal errors on the user's thread."""
         return {
             "emitted": self.emitter.emitted,
             "dropped": self.emitter.dropped,
             "sink_failures": self.emitter.sink_failures,
+            "build_failures": self.emitter.build_failures,
             "instrumentation_errors": self.instrumentation_errors,
         }
 
@@ -314,12 +402,18 @@ class Instrumentor(ABC):
         runtime_s: float | None = None,
         error_code: str | None = None,
         retry_count: int = 0,
+        timestamp: datetime | None = None,
     ) -> dict[str, Any]:
-        """A contract record (JSON-ready) for one lifecycle event, stamped now."""
+        """A contract record (JSON-ready) for one lifecycle event.
+
+        Stamped ``timestamp`` (an aware UTC datetime), else now: a deferred record passes
+        the instant of the event, captured on the user's thread (see `stamp`).
+        """
+        when = timestamp or datetime.now(UTC)
         return {
             "schema_version": 1,
             "job_id": job_id[:128],
-            "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "timestamp": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "user": self.identity.user,
             "api_key_id": self.identity.api_key_id,
             "provider": (self.identity.provider or "local")[:64],
@@ -346,8 +440,13 @@ class Instrumentor(ABC):
             "tags": None,
         }
 
-    def emit(self, record: dict[str, Any]) -> None:
+    def emit(self, record: dict[str, Any] | Deferred) -> None:
         self.emitter.emit(record)
+
+    @staticmethod
+    def stamp(seconds: float) -> datetime:
+        """The aware UTC datetime of a ``time.time()`` taken on the user's thread."""
+        return datetime.fromtimestamp(seconds, UTC)
 
     def code_hash(self, circuits: Iterable[Sequence[tuple[str, Sequence[Hashable]]]]) -> str:
         return structure_hash(self.hasher, circuits)

@@ -6,6 +6,7 @@ import importlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ class DeviceInstrumentor(Instrumentor):
 
 
 @pytest.fixture
-def device_sdk(monkeypatch: pytest.MonkeyPatch) -> str:
+def device_sdk(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setitem(INSTRUMENTORS, "device", f"{__name__}:DeviceInstrumentor")
     yield "device"
     active = inst._ACTIVE.get("device")
@@ -275,3 +276,69 @@ def test_the_public_api_is_importable_from_the_package_without_any_sdk() -> None
 )
 def test_release_parses_the_numeric_prefix(version: str, expected: tuple[int, ...]) -> None:
     assert inst._release(version) == expected
+
+
+def test_deferred_records_are_built_on_the_emitter_thread_and_failures_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sink = MemorySink()
+    emitter = Emitter(sink)
+    threads: list[threading.Thread] = []
+
+    def deferred() -> dict[str, Any]:
+        threads.append(threading.current_thread())
+        return {"n": 2}
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("cannot build")
+
+    memo = inst.Memo(lambda: [{"n": 3}, {"n": 4}])
+    emitter.emit({"n": 1})
+    emitter.emit(deferred)
+    emitter.emit(broken)
+    emitter.emit(broken)
+    emitter.emit(memo.get)
+    assert emitter.stop()
+
+    assert sink.records == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}]
+    assert threads and threading.current_thread() not in threads
+    assert (emitter.emitted, emitter.build_failures, emitter.dropped) == (5, 2, 0)
+    assert caplog.text.count("building a deferred record failed") == 1
+
+
+def test_a_memo_computes_once_and_keeps_its_error() -> None:
+    calls: list[int] = []
+
+    def compute() -> int:
+        calls.append(1)
+        return len(calls)
+
+    memo = inst.Memo(compute)
+    assert (memo.get(), memo.get(), calls) == (1, 1, [1])
+    failing = inst.Memo(lambda: 1 // 0)
+    for _ in range(2):
+        with pytest.raises(ZeroDivisionError):
+            failing.get()
+
+
+def test_record_keeps_the_timestamp_it_is_given() -> None:
+    handle = None
+    try:
+        inst.INSTRUMENTORS["device"] = f"{__name__}:DeviceInstrumentor"
+        handle = instrument("device", MemorySink(), user_id="u", api_key_id="k", hasher=HASHER)
+        at = Instrumentor.stamp(1_700_000_000.25)
+        record = handle.instrumentor.record(
+            job_id="j",
+            status="submitted",
+            backend="b",
+            num_circuits=1,
+            shots=None,
+            stats=None,
+            code_hash="c",
+            timestamp=at,
+        )
+        assert record["timestamp"] == "2023-11-14T22:13:20.250000Z"
+    finally:
+        if handle is not None:
+            handle.uninstrument()
+        inst.INSTRUMENTORS.pop("device", None)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import cirq
@@ -17,6 +21,7 @@ from qabuse_dagster.telemetry.instrument import Handle, combine_stats, instrumen
 from qabuse_dagster.telemetry.instrumentors import cirq as cirq_instrumentor
 from qabuse_dagster.telemetry.sinks import MemorySink
 
+inst = importlib.import_module("qabuse_dagster.telemetry.instrument")
 USER_ID = "alice@example.org"
 API_KEY_ID = "key-7f3a9c21"
 ANGLE = 0.123456789
@@ -236,8 +241,70 @@ def test_an_instrumentation_error_never_reaches_the_user(
     monkeypatch.setattr(cirq_instrumentor, "cirq_circuit_stats", broken_stats)
     result = cirq.Simulator(seed=7).run(_circuit(), {THETA: ANGLE}, repetitions=5)
     assert result.measurements["m"].shape == (5, 3)
+    # The figures are computed on the emitter's thread: both records of the job fail to
+    # build there, are counted and left out; the user's call saw nothing.
     assert _records(handle, sink) == []
-    assert handle.stats["instrumentation_errors"] == 1
+    assert handle.stats["build_failures"] == 2
+    assert handle.stats["instrumentation_errors"] == 0
+
+
+def test_the_call_computes_no_figures_and_the_records_are_as_computed_eagerly(
+    cirq_sdk: tuple[Handle, MemorySink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle, sink = cirq_sdk
+    threads: list[threading.Thread] = []
+
+    def spy_stats(circuit: cirq.AbstractCircuit) -> CircuitStats:
+        threads.append(threading.current_thread())
+        return cirq_circuit_stats(circuit)
+
+    def spy_hash(*args: Any) -> str:
+        threads.append(threading.current_thread())
+        return real_hash(*args)
+
+    real_hash = inst.structure_hash
+    monkeypatch.setattr(cirq_instrumentor, "cirq_circuit_stats", spy_stats)
+    monkeypatch.setattr(inst, "structure_hash", spy_hash)
+    programs = [_circuit(), _circuit(extra_cz=True)]
+    sweeps: list[cirq.Sweepable] = [cirq.Linspace(THETA, 0, 1, 3), {THETA: ANGLE}]
+    originals = [program.copy() for program in programs]
+    # Hold the emitter's thread so that the user mutates the circuits before it reads them.
+    release = threading.Event()
+
+    def hold() -> list[dict[str, Any]]:
+        release.wait(10)
+        return []
+
+    handle.emitter.emit(hold)
+    called = datetime.now(UTC)
+    cirq.Simulator(seed=7).run_batch(programs, sweeps, repetitions=[5, 9])
+    returned = datetime.now(UTC)
+    for program in programs:
+        program.append(cirq.X.on_each(*cirq.LineQubit.range(4)))
+    time.sleep(0.01)  # records built later must still carry the call's instants
+    release.set()
+
+    records = _records(handle, sink)
+    assert len(threads) == 3 and threading.current_thread() not in threads
+    instrumentor = handle.instrumentor
+    expected = instrumentor.record(
+        job_id=records[0]["job_id"],
+        status="submitted",
+        backend="Simulator",
+        num_circuits=4,
+        shots=9,
+        stats=_resolved_stats(list(zip(originals, sweeps, strict=True))),
+        code_hash=instrumentor.code_hash(cirq_instrumentor._structure(c) for c in originals),
+    )
+    volatile = ("timestamp", "runtime_s")
+    assert [r["status"] for r in records] == ["submitted", "completed"]
+    for record in records:
+        assert {k: v for k, v in record.items() if k not in volatile} == {
+            **{k: v for k, v in expected.items() if k not in volatile},
+            "status": record["status"],
+        }
+        stamped = datetime.strptime(record["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert called <= stamped.replace(tzinfo=UTC) <= returned
 
 
 def test_instrumenting_twice_returns_the_handle_and_records_once(

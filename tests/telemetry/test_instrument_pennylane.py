@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pennylane as qml
@@ -268,8 +271,57 @@ def test_an_instrumentation_error_never_reaches_the_user(
     monkeypatch.setattr(instrumentor_module, "pennylane_circuit_stats", broken)
     assert qnode("default.qubit", wires=2)(0.0) == pytest.approx(math.cos(FIXED))
 
-    assert handle.stats["instrumentation_errors"] == 1
+    # The figures are computed on the emitter's thread: both records of the job fail to
+    # build there, are counted and left out; the user's call saw nothing.
     assert jobs(handle, sink) == {}
+    assert handle.stats["build_failures"] == 2
+    assert handle.stats["instrumentation_errors"] == 0
+
+
+def test_the_call_computes_no_figures_and_the_records_are_as_computed_eagerly(
+    telemetry: tuple[Handle, MemorySink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle, sink = telemetry
+    threads: list[threading.Thread] = []
+
+    def spy_stats(tape: QuantumScript) -> CircuitStats:
+        threads.append(threading.current_thread())
+        return pennylane_circuit_stats(tape)
+
+    def spy_hash(*args: Any) -> str:
+        threads.append(threading.current_thread())
+        return real_hash(*args)
+
+    real_hash = inst.structure_hash
+    monkeypatch.setattr(instrumentor_module, "pennylane_circuit_stats", spy_stats)
+    monkeypatch.setattr(inst, "structure_hash", spy_hash)
+    node = qnode("default.qubit", 100, wires=2)
+    called = datetime.now(UTC)
+    node(ANGLE)
+    returned = datetime.now(UTC)
+    time.sleep(0.01)  # records built later must still carry the call's instants
+
+    (records,) = jobs(handle, sink).values()
+    assert len(threads) == 2 and threading.current_thread() not in threads
+    tapes = device_tapes(node, ANGLE)
+    instrumentor = handle.instrumentor
+    expected = instrumentor.record(
+        job_id=records[0]["job_id"],
+        status="submitted",
+        backend="default.qubit",
+        num_circuits=1,
+        shots=100,
+        stats=combine_stats([pennylane_circuit_stats(t) for t in tapes]),
+        code_hash=instrumentor.code_hash(instrumentor_module._structure(t) for t in tapes),
+    )
+    volatile = ("timestamp", "runtime_s")
+    for record, status in zip(records, ("submitted", "completed"), strict=True):
+        assert {k: v for k, v in record.items() if k not in volatile} == {
+            **{k: v for k, v in expected.items() if k not in volatile},
+            "status": status,
+        }
+        stamped = datetime.strptime(record["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert called <= stamped.replace(tzinfo=UTC) <= returned
 
 
 def test_uninstrument_restores_the_devices_exactly() -> None:

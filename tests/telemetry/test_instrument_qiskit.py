@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -27,6 +31,7 @@ from qabuse_dagster.telemetry.hashing import KeyedHasher
 from qabuse_dagster.telemetry.instrument import Handle, combine_stats, instrument
 from qabuse_dagster.telemetry.sinks import MemorySink
 
+inst = importlib.import_module("qabuse_dagster.telemetry.instrument")
 USER = "alice@example.org-user-7781"
 API_KEY = "key-id-qiskit-99231"
 ANGLE = 0.123456789
@@ -250,8 +255,76 @@ def test_instrumentation_error_never_reaches_the_user(
     monkeypatch.setattr(module, "qiskit_circuit_stats", broken)
     result = BasicSimulator().run(_ansatz(ANGLE), shots=5, seed_simulator=SEED).result()
     assert sum(result.get_counts().values()) == 5
+    # The figures are computed on the emitter's thread: both records of the job fail to
+    # build there, are counted and left out; the user's call saw nothing.
     assert _records(handle, sink) == []
-    assert handle.stats["instrumentation_errors"] == 1
+    assert handle.stats["build_failures"] == 2
+    assert handle.stats["instrumentation_errors"] == 0
+
+
+@pytest.mark.parametrize("primitive", [False, True])
+def test_the_call_computes_no_figures_and_the_records_are_as_computed_eagerly(
+    handle: Handle, sink: MemorySink, monkeypatch: pytest.MonkeyPatch, primitive: bool
+) -> None:
+    from qabuse_dagster.telemetry.instrumentors import qiskit as module
+
+    threads: list[threading.Thread] = []
+
+    def spy_stats(circuit: QuantumCircuit) -> Any:
+        threads.append(threading.current_thread())
+        return qiskit_circuit_stats(circuit)
+
+    def spy_hash(*args: Any) -> str:
+        threads.append(threading.current_thread())
+        return real_hash(*args)
+
+    real_hash = inst.structure_hash
+    monkeypatch.setattr(module, "qiskit_circuit_stats", spy_stats)
+    monkeypatch.setattr(inst, "structure_hash", spy_hash)
+    circuits = [_ansatz(ANGLE), _ansatz(ANGLE, (2, 0, 1))]
+    originals = [c.copy() for c in circuits]
+    # Hold the emitter's thread so that the user mutates the circuits before it reads them.
+    release = threading.Event()
+
+    def hold() -> list[dict[str, Any]]:
+        release.wait(10)
+        return []
+
+    handle.emitter.emit(hold)
+    called = datetime.now(UTC)
+    if primitive:
+        job = StatevectorSampler(seed=SEED).run(circuits, shots=7)
+    else:
+        job = BasicSimulator().run(circuits, shots=7, seed_simulator=SEED)
+    job.result()
+    returned = datetime.now(UTC)
+    for circuit in circuits:
+        circuit.h(0)
+        circuit.cx(0, 2)
+    time.sleep(0.01)  # records built later must still carry the call's instants
+    release.set()
+
+    records = _records(handle, sink)
+    assert len(threads) == 3 and threading.current_thread() not in threads
+    instrumentor = handle.instrumentor
+    expected = instrumentor.record(
+        job_id=records[0]["job_id"],
+        status="submitted",
+        backend="statevector_sampler" if primitive else "basic_simulator",
+        num_circuits=2,
+        shots=7,
+        stats=combine_stats([qiskit_circuit_stats(c) for c in originals]),
+        code_hash=instrumentor.code_hash(module._structure(c) for c in originals),
+    )
+    volatile = ("timestamp", "runtime_s", "submit_latency_s")
+    assert [r["status"] for r in records] == ["submitted", "completed"]
+    for record in records:
+        assert {k: v for k, v in record.items() if k not in volatile} == {
+            **{k: v for k, v in expected.items() if k not in volatile},
+            "status": record["status"],
+        }
+        stamped = datetime.strptime(record["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert called <= stamped.replace(tzinfo=UTC) <= returned
 
 
 def test_instrument_is_idempotent(handle: Handle, sink: MemorySink) -> None:

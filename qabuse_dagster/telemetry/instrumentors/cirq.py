@@ -38,6 +38,16 @@ Limitations:
 * ``Sampler.sample`` with a list of sweeps calls ``run_sweep`` once per sweep: one job each.
 * A sweep passed as a one-shot iterator is counted as one execution, since counting it
   would consume it.
+
+Where the work happens: on the user's thread a call captures only its arguments, the time
+and an immutable snapshot of each ``cirq.Circuit`` (the tuple of its moments: a
+``cirq.Moment`` is immutable, so this costs a tuple, not a copy; a ``FrozenCircuit`` is
+taken as it is). The records are deferred (`Emitter.emit`); statistics, the code hash, the
+job id and the sweep lengths (``num_circuits``) are computed once per job (`Memo`) on the
+emitter's thread. So the figures describe the programs as submitted even if the user
+mutates a circuit right after the call; the sweep (``params``) is not copied, so a sweep
+given as a mutable container (a list of dicts) and changed right after the call may be
+counted as changed.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import inspect
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qabuse_dagster.telemetry.circuit_stats import (
     CircuitStats,
@@ -56,7 +66,7 @@ from qabuse_dagster.telemetry.circuit_stats import (
     cirq_gate_name,
     frozen_counts,
 )
-from qabuse_dagster.telemetry.instrument import Instrumentor, combine_stats
+from qabuse_dagster.telemetry.instrument import Instrumentor, Memo, combine_stats
 from qabuse_dagster.telemetry.instrument import error_code as _error_code
 
 if TYPE_CHECKING:
@@ -74,16 +84,56 @@ _ENTRY_POINTS: dict[str, tuple[str, str, str]] = {
 _MAX_CIRCUITS = 1_000_000
 
 
+#: A missing argument, told apart from an explicit None.
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """What the emitter's thread computes once per job, for both of its records."""
+
+    job_id: str
+    num_circuits: int
+    stats: CircuitStats | None
+    code_hash: str
+
+
 @dataclass(frozen=True)
 class _Job:
     """What both records of one sampler call share."""
 
-    job_id: str
     backend: str
-    num_circuits: int
     shots: int | None
-    stats: CircuitStats | None
-    code_hash: str
+    figures: Memo[_Figures]
+
+
+class _Argument(NamedTuple):
+    """Where a wrapped method takes one of its arguments: keyword, position, default."""
+
+    name: str
+    position: int
+    default: Any
+
+
+def _arguments(method: str, signature: inspect.Signature) -> tuple[_Argument, ...] | None:
+    """How to read (program, params, repetitions) of ``method`` without binding per call.
+
+    Cirq's names first, else the parameter at Cirq's position; None when the signature
+    takes them through ``*args`` or ``**kwargs`` (then every call is bound).
+    """
+    parameters = list(signature.parameters.values())[1:]  # after self
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+    if len(parameters) < 3 or any(p.kind not in plain for p in parameters[:3]):
+        return None
+    names = [p.name for p in parameters]
+    arguments = []
+    for i, cirq_name in enumerate(_ENTRY_POINTS[method]):
+        position = names.index(cirq_name) if cirq_name in names else i
+        parameter = parameters[position]
+        default = _MISSING if parameter.default is parameter.empty else parameter.default
+        keyword = parameter.name if parameter.kind is not inspect.Parameter.POSITIONAL_ONLY else ""
+        arguments.append(_Argument(keyword, position, default))
+    return tuple(arguments)
 
 
 class CirqInstrumentor(Instrumentor):
@@ -105,13 +155,14 @@ class CirqInstrumentor(Instrumentor):
 
     def _wrap(self, method: str, original: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(original)
+        arguments = _arguments(method, signature)
 
         @functools.wraps(original)
         def wrapper(sampler: Any, *args: Any, **kwargs: Any) -> Any:
             with self.outermost() as outermost:
                 if not outermost:
                     return original(sampler, *args, **kwargs)
-                return self._recorded(method, original, signature, sampler, args, kwargs)
+                return self._recorded(method, original, signature, arguments, sampler, args, kwargs)
 
         return wrapper
 
@@ -120,6 +171,7 @@ class CirqInstrumentor(Instrumentor):
         method: str,
         original: Callable[..., Any],
         signature: inspect.Signature,
+        arguments: tuple[_Argument, ...] | None,
         sampler: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -127,7 +179,7 @@ class CirqInstrumentor(Instrumentor):
         """Run the user's call between its ``submitted`` and its terminal record."""
         job: _Job | None = self.guard(
             f"recording cirq {method}",
-            lambda: self._submitted(method, signature, sampler, args, kwargs),
+            lambda: self._submitted(method, signature, arguments, sampler, args, kwargs),
         )
         start = time.perf_counter()
         try:
@@ -135,18 +187,18 @@ class CirqInstrumentor(Instrumentor):
         except BaseException as exc:
             runtime = time.perf_counter() - start
             if job is not None:
-                failed, code = job, _error_code(exc)
+                failed, code, at = job, _error_code(exc), time.time()
                 self.guard(
                     f"recording a failed cirq {method}",
-                    lambda: self._finished(failed, "failed", runtime, code),
+                    lambda: self._finished(failed, "failed", at, runtime, code),
                 )
             raise
         runtime = time.perf_counter() - start
         if job is not None:
-            completed = job
+            completed, at = job, time.time()
             self.guard(
                 f"recording a completed cirq {method}",
-                lambda: self._finished(completed, "completed", runtime, None),
+                lambda: self._finished(completed, "completed", at, runtime, None),
             )
         return result
 
@@ -154,66 +206,140 @@ class CirqInstrumentor(Instrumentor):
         self,
         method: str,
         signature: inspect.Signature,
+        arguments: tuple[_Argument, ...] | None,
         sampler: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> _Job:
-        bound = signature.bind(sampler, *args, **kwargs)
-        bound.apply_defaults()
-        positional = list(bound.arguments.values())[1:]
-        program_arg, params_arg, repetitions_arg = (
-            bound.arguments[name] if name in bound.arguments else positional[i]
-            for i, name in enumerate(_ENTRY_POINTS[method])
+        """On the user's thread: read the call's arguments, snapshot, emit ``submitted``."""
+        at = time.time()
+        program_arg, params_arg, repetitions_arg = _read(
+            method, signature, arguments, sampler, args, kwargs
         )
         if method == "run_batch":
-            programs = list(program_arg)
+            programs = [_snapshot(program) for program in program_arg]
             params_list = [None] * len(programs) if params_arg is None else list(params_arg)
             repetitions = (
                 [repetitions_arg] * len(programs)
                 if isinstance(repetitions_arg, int)
                 else list(repetitions_arg)
             )
-            executions = [_executions(params) for params in params_list]
         else:
-            programs = [program_arg]
+            programs = [_snapshot(program_arg)]
             repetitions = [repetitions_arg]
-            executions = [1 if method == "run" else _executions(params_arg)]
-        per_program = [cirq_circuit_stats(program) for program in programs]
-        # Mismatched lengths are Cirq's ValueError to raise; the record just goes on.
-        counted = zip(per_program, executions, strict=False)
+            params_list = [params_arg]
+        # A one-shot iterator is told apart now: the emitter's thread must not consume it.
+        sweeps = [
+            _ONE if method == "run" or isinstance(params, Iterator) else params
+            for params in params_list
+        ]
         job = _Job(
-            job_id=self.new_job_id(),
             backend=type(sampler).__name__,
-            num_circuits=min(sum(executions), _MAX_CIRCUITS),
             shots=max((int(r) for r in repetitions), default=None),
-            stats=combine_stats([_repeated(stats, n) for stats, n in counted if n > 0]),
-            code_hash=self.code_hash(_structure(program) for program in programs),
+            figures=Memo(functools.partial(self._figures, programs, sweeps)),
         )
-        self.emit(self._record(job, "submitted"))
+        self.emit(functools.partial(self._build, job, "submitted", at, None, None))
         return job
 
-    def _finished(self, job: _Job, status: str, runtime_s: float, error_code: str | None) -> None:
-        self.emit(self._record(job, status, runtime_s=runtime_s, error_code=error_code))
+    def _figures(self, programs: list[Any], sweeps: list[Any]) -> _Figures:
+        """The job's figures: run once, on the emitter's thread."""
+        circuits = [_thaw(program) for program in programs]
+        executions = [1 if params is _ONE else _executions(params) for params in sweeps]
+        per_program = [cirq_circuit_stats(circuit) for circuit in circuits]
+        # Mismatched lengths are Cirq's ValueError to raise; the record just goes on.
+        counted = zip(per_program, executions, strict=False)
+        return _Figures(
+            job_id=self.new_job_id(),
+            num_circuits=min(sum(executions), _MAX_CIRCUITS),
+            stats=combine_stats([_repeated(stats, n) for stats, n in counted if n > 0]),
+            code_hash=self.code_hash(_structure(circuit) for circuit in circuits),
+        )
 
-    def _record(
+    def _finished(
+        self, job: _Job, status: str, at: float, runtime_s: float, error_code: str | None
+    ) -> None:
+        self.emit(functools.partial(self._build, job, status, at, runtime_s, error_code))
+
+    def _build(
         self,
         job: _Job,
         status: str,
-        *,
-        runtime_s: float | None = None,
-        error_code: str | None = None,
+        at: float,
+        runtime_s: float | None,
+        error_code: str | None,
     ) -> dict[str, Any]:
+        """One record of the job, on the emitter's thread (a deferred record)."""
+        figures = job.figures.get()
         return self.record(
-            job_id=job.job_id,
+            job_id=figures.job_id,
             status=status,
             backend=job.backend,
-            num_circuits=job.num_circuits,
+            num_circuits=figures.num_circuits,
             shots=job.shots,
-            stats=job.stats,
-            code_hash=job.code_hash,
+            stats=figures.stats,
+            code_hash=figures.code_hash,
             runtime_s=runtime_s,
             error_code=error_code,
+            timestamp=self.stamp(at),
         )
+
+
+#: One execution: ``run`` has a single parameter resolution (or a one-shot iterator).
+_ONE: Any = object()
+
+
+def _read(
+    method: str,
+    signature: inspect.Signature,
+    arguments: tuple[_Argument, ...] | None,
+    sampler: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> list[Any]:
+    """(program, params, repetitions) of a call, as ``signature.bind`` would read them."""
+    if arguments is None:
+        bound = signature.bind(sampler, *args, **kwargs)
+        bound.apply_defaults()
+        positional = list(bound.arguments.values())[1:]
+        return [
+            bound.arguments[name] if name in bound.arguments else positional[i]
+            for i, name in enumerate(_ENTRY_POINTS[method])
+        ]
+    values = []
+    for argument in arguments:
+        if argument.position < len(args):
+            value = args[argument.position]
+        else:
+            value = kwargs.get(argument.name, argument.default) if argument.name else _MISSING
+        if value is _MISSING:
+            signature.bind(sampler, *args, **kwargs)  # raises Cirq's own TypeError
+            value = None
+        values.append(value)
+    return values
+
+
+def _snapshot(program: Any) -> Any:
+    """An immutable view of a program as submitted: a ``cirq.Circuit``'s moments."""
+    import cirq
+
+    if type(program) is cirq.Circuit:
+        return _Moments(program.moments)
+    return program  # a FrozenCircuit is immutable; another AbstractCircuit is read later
+
+
+class _Moments(tuple):  # type: ignore[type-arg]
+    """The moments of a ``cirq.Circuit`` at submission (each ``cirq.Moment`` is immutable)."""
+
+    __slots__ = ()
+
+
+def _thaw(program: Any) -> Any:
+    """The circuit of a `_snapshot`, rebuilt on the emitter's thread."""
+    import cirq
+
+    if isinstance(program, _Moments):
+        return cirq.Circuit.from_moments(*program)
+    return program
 
 
 def _with_subclasses(cls: type) -> list[type]:

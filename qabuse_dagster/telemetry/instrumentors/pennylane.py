@@ -25,6 +25,13 @@ What a record says:
   with ``runtime_s`` the call's measured wall time.
 * ``code_hash`` reads each tape's operations as (``op.name`` lower-cased, wires);
   measurement processes are left out, as `pennylane_circuit_stats` leaves them out.
+
+Where the work happens: on the user's thread a call captures only the device name, the
+number of tapes, the first tape's shots, the time and references to the tapes; the records
+are deferred (`Emitter.emit`), and the batch's statistics, code hash and job id are
+computed once per job (`Memo`) on the emitter's thread. A tape is immutable once built
+(PennyLane's transforms return new tapes), so no snapshot is taken: the figures are
+those of the tapes the device received.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qabuse_dagster.telemetry.circuit_stats import CircuitStats, pennylane_circuit_stats
-from qabuse_dagster.telemetry.instrument import Instrumentor, combine_stats
+from qabuse_dagster.telemetry.instrument import Instrumentor, Memo, combine_stats
 from qabuse_dagster.telemetry.instrument import error_code as _error_code
 
 if TYPE_CHECKING:
@@ -63,14 +70,22 @@ EXECUTION_METHODS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class _Figures:
+    """What the emitter's thread computes once per job, for all of its records."""
+
+    job_id: str
+    stats: CircuitStats | None
+    code_hash: str
+
+
+@dataclass(frozen=True)
 class _Batch:
     """What the records of one execution say about its tapes."""
 
     backend: str
     num_circuits: int
     shots: int | None
-    stats: CircuitStats | None
-    code_hash: str
+    figures: Memo[_Figures]
 
 
 class PennyLaneInstrumentor(Instrumentor):
@@ -118,8 +133,8 @@ class PennyLaneInstrumentor(Instrumentor):
         batch: _Batch | None = self.guard(
             "reading the batch", lambda: self._batch(device, circuits)
         )
-        record = functools.partial(self._emit, self.new_job_id(), batch)
-        self.guard("recording submission", functools.partial(record, "submitted"))
+        record = functools.partial(self._emit, batch)
+        self.guard("recording submission", functools.partial(record, "submitted", time.time()))
         started = time.perf_counter()
         try:
             result = original(device, circuits, *args, **kwargs)
@@ -127,12 +142,14 @@ class PennyLaneInstrumentor(Instrumentor):
             failed = functools.partial(
                 record,
                 "failed",
+                time.time(),
                 runtime_s=time.perf_counter() - started,
                 error_code=_error_code(exc),
             )
             self.guard("recording failure", failed)
             raise
-        completed = functools.partial(record, "completed", runtime_s=time.perf_counter() - started)
+        runtime = time.perf_counter() - started
+        completed = functools.partial(record, "completed", time.time(), runtime_s=runtime)
         self.guard("recording completion", completed)
         return result
 
@@ -150,15 +167,22 @@ class PennyLaneInstrumentor(Instrumentor):
             backend=str(device.name),
             num_circuits=len(tapes),
             shots=tapes[0].shots.total_shots if tapes else None,
+            figures=Memo(functools.partial(self._figures, tapes)),
+        )
+
+    def _figures(self, tapes: list[QuantumScript]) -> _Figures:
+        """The batch's statistics and code hash: run once, on the emitter's thread."""
+        return _Figures(
+            job_id=self.new_job_id(),
             stats=combine_stats([pennylane_circuit_stats(tape) for tape in tapes]),
             code_hash=self.code_hash(_structure(tape) for tape in tapes),
         )
 
     def _emit(
         self,
-        job_id: str,
         batch: _Batch | None,
         status: str,
+        at: float,
         *,
         runtime_s: float | None = None,
         error_code: str | None = None,
@@ -166,17 +190,33 @@ class PennyLaneInstrumentor(Instrumentor):
         if batch is None:  # the batch could not be read: no record rather than a wrong one
             return
         self.emit(
-            self.record(
-                job_id=job_id,
-                status=status,
-                backend=batch.backend,
-                num_circuits=batch.num_circuits,
-                shots=batch.shots,
-                stats=batch.stats,
-                code_hash=batch.code_hash,
-                runtime_s=runtime_s,
-                error_code=error_code,
+            functools.partial(
+                self._build, batch, status, at, runtime_s=runtime_s, error_code=error_code
             )
+        )
+
+    def _build(
+        self,
+        batch: _Batch,
+        status: str,
+        at: float,
+        *,
+        runtime_s: float | None,
+        error_code: str | None,
+    ) -> dict[str, Any]:
+        """One record of the job, on the emitter's thread (a deferred record)."""
+        figures = batch.figures.get()
+        return self.record(
+            job_id=figures.job_id,
+            status=status,
+            backend=batch.backend,
+            num_circuits=batch.num_circuits,
+            shots=batch.shots,
+            stats=figures.stats,
+            code_hash=figures.code_hash,
+            runtime_s=runtime_s,
+            error_code=error_code,
+            timestamp=self.stamp(at),
         )
 
 

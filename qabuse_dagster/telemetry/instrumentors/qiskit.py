@@ -17,6 +17,17 @@ not covered, since only classes that exist then are patched. A job whose ``resul
 never called gets no terminal record. ``backend.run`` called by Qiskit's own primitives
 (``BackendSamplerV2`` runs its pubs through it) is part of the primitive's job and emits
 no record of its own, so one submission is one pair of records.
+
+Where the work happens: on the user's thread a submission captures the backend name,
+shots, the number of circuits, the job id, the time and a snapshot of each circuit; the
+records are deferred (`Emitter.emit`) and the statistics and code hash are computed once
+per job (`Memo`) on the emitter's thread. A ``QuantumCircuit`` is mutable (a user may
+append to it right after ``run``), so the snapshot is a shallow copy of its instruction
+list (``circuit._data.copy()``, a few µs for a small circuit, where ``circuit.copy()``
+costs several times more and computing the statistics ten times more); the emitter's
+thread rebuilds a circuit from it (``QuantumCircuit.from_circuit_data``). The figures are
+those of the circuit as submitted. On a Qiskit without that pair the snapshot is
+``circuit.copy()``.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from qabuse_dagster.telemetry.instrument import (
     Emitter,
     Identity,
     Instrumentor,
+    Memo,
     combine_stats,
     error_code,
 )
@@ -67,22 +79,31 @@ _SNAKE_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 @dataclass(frozen=True)
+class _Figures:
+    """What the emitter's thread computes once per job, for both of its records."""
+
+    stats: CircuitStats | None
+    code_hash: str
+
+
+@dataclass(frozen=True)
 class _Submission:
     """What both records of one submission say about it."""
 
     backend: str
     num_circuits: int
     shots: int | None
-    stats: CircuitStats | None
-    code_hash: str
+    figures: Memo[_Figures]
 
     def fields(self) -> dict[str, Any]:
+        """The record's fields about the circuits: on the emitter's thread (computes once)."""
+        figures = self.figures.get()
         return {
             "backend": self.backend,
             "num_circuits": self.num_circuits,
             "shots": self.shots,
-            "stats": self.stats,
-            "code_hash": self.code_hash,
+            "stats": figures.stats,
+            "code_hash": figures.code_hash,
         }
 
 
@@ -111,12 +132,14 @@ class _JobWatch:
             runtime_s = (self.done_at or time.perf_counter()) - self.start
         failed = error is not None or getattr(result, "success", True) is False
         ins.emit(
-            ins.record(
+            functools.partial(
+                ins.build,
+                self.submission,
                 job_id=self.job_id,
                 status="failed" if failed else "completed",
+                at=time.time(),
                 runtime_s=runtime_s,
                 error_code=(error_code(error) if error else "job_error") if failed else None,
-                **self.submission.fields(),
             )
         )
 
@@ -253,26 +276,46 @@ class QiskitInstrumentor(Instrumentor):
         )
         return job
 
+    def build(
+        self, submission: _Submission, *, job_id: str, status: str, at: float, **fields: Any
+    ) -> dict[str, Any]:
+        """One record of a submission, on the emitter's thread (a deferred record)."""
+        return self.record(
+            job_id=job_id,
+            status=status,
+            timestamp=self.stamp(at),
+            **fields,
+            **submission.fields(),
+        )
+
     def _failed_submission(
         self, submission: _Submission, latency: float, error: BaseException
     ) -> None:
         self.emit(
-            self.record(
+            functools.partial(
+                self.build,
+                submission,
                 job_id=self.new_job_id(),
                 status="failed",
+                at=time.time(),
                 submit_latency_s=latency,
                 error_code=error_code(error),
-                **submission.fields(),
             )
         )
 
     def _submitted(self, job: Any, submission: _Submission, latency: float, start: float) -> None:
+        at = time.time()
         job_id_of = getattr(job, "job_id", None)
         job_id = str(job_id_of()) if callable(job_id_of) else ""
         job_id = job_id or self.new_job_id()
         self.emit(
-            self.record(
-                job_id=job_id, status="submitted", submit_latency_s=latency, **submission.fields()
+            functools.partial(
+                self.build,
+                submission,
+                job_id=job_id,
+                status="submitted",
+                at=at,
+                submit_latency_s=latency,
             )
         )
         watch = _JobWatch(self, job_id, submission, start)
@@ -349,13 +392,57 @@ class QiskitInstrumentor(Instrumentor):
     def _submission(
         self, backend: str, num_circuits: int, shots: int | None, circuits: list[QuantumCircuit]
     ) -> _Submission:
+        snapshots = [_snapshot(c) for c in circuits]
         return _Submission(
             backend=backend,
             num_circuits=num_circuits,
             shots=shots,
+            figures=Memo(functools.partial(self._figures, snapshots)),
+        )
+
+    def _figures(self, snapshots: list[Any]) -> _Figures:
+        """The circuits' statistics and code hash: run once, on the emitter's thread."""
+        circuits = [_thaw(snapshot) for snapshot in snapshots]
+        return _Figures(
             stats=combine_stats([qiskit_circuit_stats(c) for c in circuits]),
             code_hash=self.code_hash(_structure(c) for c in circuits),
         )
+
+
+class _Data:
+    """A circuit's instruction list copied at submission (``QuantumCircuit._data.copy()``)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+
+def _from_data() -> Callable[[Any], QuantumCircuit] | None:
+    """Qiskit's constructor of a circuit from its ``CircuitData``, if this Qiskit has one."""
+    from qiskit import QuantumCircuit
+
+    rebuild = getattr(QuantumCircuit, "from_circuit_data", None)
+    return rebuild or getattr(QuantumCircuit, "_from_circuit_data", None)
+
+
+def _snapshot(circuit: QuantumCircuit) -> _Data | QuantumCircuit:
+    """What the emitter's thread reads of a circuit: a copy of it as submitted."""
+    data = getattr(circuit, "_data", None)
+    if data is not None and _from_data() is not None:
+        try:
+            return _Data(data.copy(copy_instructions=False))
+        except (AttributeError, TypeError):
+            pass
+    return circuit.copy()
+
+
+def _thaw(snapshot: _Data | QuantumCircuit) -> QuantumCircuit:
+    if isinstance(snapshot, _Data):
+        rebuild = _from_data()
+        assert rebuild is not None  # checked by _snapshot
+        return rebuild(snapshot.data)
+    return snapshot
 
 
 def _own_run(base: type) -> list[type]:
