@@ -247,6 +247,70 @@ def serve(host: str, port: int) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8787, show_default=True)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=8.0,
+    show_default=True,
+    help="Larger request bodies are answered 413.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=50.0,
+    show_default=True,
+    help="Requests per second per token, on average (more are answered 429).",
+)
+@click.option(
+    "--burst", type=click.IntRange(min=1), default=100, show_default=True, help="Bucket size."
+)
+@click.option(
+    "--compact-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds between moves of accepted records into the landing area.",
+)
+def collector(
+    host: str, port: int, max_body_mb: float, rate: float, burst: int, compact_every: float
+) -> None:
+    """Serve POST /v1/telemetry for HttpSink clients (foreground).
+
+    Tokens come from QABUSE_COLLECTOR_TOKENS: comma-separated name:token pairs.
+    """
+    import os
+
+    from qabuse_dagster.ingest.collector import TOKENS_ENV, parse_tokens, serve
+
+    try:
+        tokens = parse_tokens(os.environ.get(TOKENS_ENV, ""))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not tokens:
+        raise click.UsageError(
+            f"no client tokens: set {TOKENS_ENV} to comma-separated name:token pairs, "
+            f"e.g. {TOKENS_ENV}=ci:$(openssl rand -hex 24)"
+        )
+    click.echo(
+        f"collector on http://{host}:{port}/v1/telemetry for {len(tokens)} client(s); "
+        f"spool under {settings.paths().home / 'collector'}",
+        err=True,
+    )
+    serve(
+        host,
+        port,
+        paths=settings.paths(),
+        tokens=tokens,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        rate_per_s=rate,
+        burst=burst,
+        compact_every_s=compact_every,
+    )
+
+
+@main.command()
 @click.option(
     "--hours",
     type=click.FloatRange(min=24),

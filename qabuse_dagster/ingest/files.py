@@ -68,7 +68,8 @@ def parse_line(raw: bytes) -> TelemetryRecord:
     if len(raw) > MAX_LINE_BYTES:
         raise ContractViolation([("<line>", f"longer than {MAX_LINE_BYTES} bytes")])
     try:
-        obj = json.loads(raw)
+        # Decoded as UTF-8 first: json.loads(bytes) would guess UTF-16 or UTF-32 too.
+        obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ContractViolation(
             [("<line>", f"not UTF-8 ({exc.reason} at byte {exc.start})")]

@@ -101,7 +101,8 @@ def hour_of(instant: datetime) -> datetime:
 def partition_dir(root: Path, hour: datetime) -> Path:
     """Hive-style folder of one hour: ``date=YYYY-MM-DD/hour=HH``."""
     hour = hour_of(hour)
-    return root / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}"
+    # date.isoformat pads the year to 4 digits; strftime's %Y does not on Linux (year 1).
+    return root / f"date={hour.date().isoformat()}" / f"hour={hour:%H}"
 
 
 def hours_between(start: datetime, end: datetime) -> list[datetime]:

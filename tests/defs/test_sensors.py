@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from dagster import SkipReason, build_sensor_context
+from support.records import record
 
 from qabuse_dagster import settings
 from qabuse_dagster.defs.sensors import GRACE, landed_run_requests, landed_telemetry_sensor
 from qabuse_dagster.ingest.partitions import compact_hour, records_to_table, stage_landing
-from tests.support.records import record
 
 HOUR_A = datetime(2026, 11, 2, 10, tzinfo=UTC)
 HOUR_B = datetime(2026, 11, 2, 11, tzinfo=UTC)

@@ -240,3 +240,14 @@ def test_ingest_labels_with_lone_surrogate_stores_it_or_raises_labels_error(
         assert not paths.labels.exists()
     else:
         assert len(read_labels(paths.labels)) == 1
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_line_in_another_unicode_encoding_is_refused_as_not_utf8(encoding: str) -> None:
+    from qabuse_dagster.ingest.files import parse_line
+    from qabuse_dagster.telemetry.contract import ContractViolation
+
+    line = json.dumps(record_dict("j", datetime(2026, 11, 2, tzinfo=UTC))).encode(encoding)
+
+    with pytest.raises(ContractViolation, match="not UTF-8"):
+        parse_line(line)

@@ -336,3 +336,15 @@ def test_compact_hour_keeps_the_first_staged_of_two_pending_batches(paths: Paths
 
     j1 = next(r for r in read_raw(paths.raw_telemetry).to_pylist() if r["job_id"] == "j1")
     assert j1["shots"] == 100
+
+
+def test_a_year_before_1000_gets_a_four_digit_folder_that_reads_back(tmp_path: Path) -> None:
+    from qabuse_dagster.ingest.partitions import landing_hours, partition_dir
+
+    early = datetime(1, 1, 1, 5, tzinfo=UTC)
+    folder = partition_dir(tmp_path, early)
+    folder.mkdir(parents=True)
+    (folder / "batch-0.parquet").touch()
+
+    assert folder.relative_to(tmp_path).as_posix() == "date=0001-01-01/hour=05"
+    assert landing_hours(tmp_path) == [early]

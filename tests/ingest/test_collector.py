@@ -1,0 +1,423 @@
+"""The collector: every hostile request gets its own clear answer, valid records are kept once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from support.records import record_dict
+
+from qabuse_dagster.ingest.collector import TOKENS_ENV, create_app, parse_tokens
+from qabuse_dagster.ingest.partitions import compact_hour, landing_hours, read_raw
+from qabuse_dagster.ingest.spool import compact, connect, spool_path
+from qabuse_dagster.settings import Paths
+from qabuse_dagster.telemetry.http_sink import HttpSink
+
+H0 = datetime(2026, 3, 2, 13, 0, tzinfo=UTC)
+TOKEN = "s3cret-token-of-ci"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NDJSON = {**AUTH, "Content-Type": "application/x-ndjson"}
+
+
+def recs(n: int, prefix: str = "job", status: str = "submitted") -> list[dict[str, Any]]:
+    return [record_dict(f"{prefix}-{i}", H0 + timedelta(seconds=i), status) for i in range(n)]
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    return Paths(tmp_path / "home")
+
+
+@pytest.fixture
+def client(paths: Paths) -> Iterator[TestClient]:
+    app = create_app(paths, {TOKEN: "ci"}, max_body_bytes=64 * 1024, rate_per_s=1000, burst=1000)
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def stored_ids(paths: Paths) -> list[tuple[str, str]]:
+    conn = connect(spool_path(paths))
+    try:
+        return sorted(conn.execute("SELECT job_id, status FROM records").fetchall())
+    finally:
+        conn.close()
+
+
+def quarantined(paths: Paths) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for path in sorted(paths.quarantine.glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+    ]
+
+
+def compact_to_raw(paths: Paths) -> list[tuple[str, str]]:
+    compact(paths)
+    for hour in landing_hours(paths.landing):
+        compact_hour(hour, paths.landing, paths.raw_telemetry)
+    raw = read_raw(paths.raw_telemetry)
+    return sorted(zip(raw["job_id"].to_pylist(), raw["status"].to_pylist(), strict=True))
+
+
+# -- fast cases (in-process) ----------------------------------------------------------------
+
+
+def test_json_array_is_accepted_and_stored(client: TestClient, paths: Paths) -> None:
+    answer = client.post("/v1/telemetry", json=recs(5), headers=AUTH)
+    assert answer.status_code == 200
+    assert answer.json() == {"accepted": 5, "duplicates": 0, "rejected": []}
+    assert stored_ids(paths) == sorted((f"job-{i}", "submitted") for i in range(5))
+
+
+def test_ndjson_is_accepted(client: TestClient) -> None:
+    body = "\n".join(json.dumps(r) for r in recs(3)) + "\n\n"
+    answer = client.post("/v1/telemetry", content=body, headers=NDJSON)
+    assert answer.json() == {"accepted": 3, "duplicates": 0, "rejected": []}
+
+
+def test_duplicates_within_and_across_requests(client: TestClient, paths: Paths) -> None:
+    batch = recs(3) + recs(2)  # job-0, job-1 twice
+    assert client.post("/v1/telemetry", json=batch, headers=AUTH).json()["duplicates"] == 2
+    again = client.post("/v1/telemetry", json=recs(4), headers=AUTH).json()
+    assert again == {"accepted": 1, "duplicates": 3, "rejected": []}
+    # Another status of the same job is another event, not a duplicate.
+    other = client.post("/v1/telemetry", json=recs(1, status="queued"), headers=AUTH).json()
+    assert other["accepted"] == 1
+    assert len(stored_ids(paths)) == 5
+
+
+def test_flood_of_duplicates(client: TestClient, paths: Paths) -> None:
+    one = recs(1)[0]
+    answer = client.post("/v1/telemetry", json=[one] * 100, headers=AUTH).json()
+    assert answer == {"accepted": 1, "duplicates": 99, "rejected": []}
+    for _ in range(5):
+        assert (
+            client.post("/v1/telemetry", json=[one] * 100, headers=AUTH).json()["duplicates"] == 100
+        )
+    assert len(stored_ids(paths)) == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer nope"}, {"Authorization": TOKEN}, {"Authorization": "Basic x"}],
+)
+def test_bad_token_is_401(client: TestClient, paths: Paths, headers: dict[str, str]) -> None:
+    answer = client.post("/v1/telemetry", json=recs(1), headers=headers)
+    assert answer.status_code == 401
+    assert "token" in answer.json()["detail"]
+    assert not spool_path(paths).exists() or stored_ids(paths) == []
+
+
+def test_too_large_body_is_413(client: TestClient, paths: Paths) -> None:
+    big = recs(400)  # about 150 KB, over the 64 KiB limit
+    answer = client.post("/v1/telemetry", json=big, headers=AUTH)
+    assert answer.status_code == 413
+    assert stored_ids(paths) == []
+
+
+def test_too_large_chunked_body_is_413(client: TestClient) -> None:
+    # No Content-Length: the cap applies while the body streams in.
+    def chunks() -> Iterator[bytes]:
+        yield b"["
+        for _ in range(200):
+            yield json.dumps(recs(1)[0]).encode() + b","
+        yield b"{}]"
+
+    answer = client.post("/v1/telemetry", content=chunks(), headers=AUTH)
+    assert answer.status_code == 413
+
+
+def test_rate_limit_is_429_with_retry_after(paths: Paths) -> None:
+    app = create_app(paths, {TOKEN: "ci", "other": "b"}, rate_per_s=0.5, burst=2)
+    with TestClient(app) as client:
+        codes = [client.post("/v1/telemetry", json=[], headers=AUTH).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        limited = client.post("/v1/telemetry", json=[], headers=AUTH)
+        assert limited.status_code == 429
+        assert int(limited.headers["Retry-After"]) >= 1
+        # The bucket is per token.
+        other = {"Authorization": "Bearer other"}
+        assert client.post("/v1/telemetry", json=[], headers=other).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b'[{"schema_version": 1, "job_id": ', "not JSON"),
+        (b"[1, 2,]", "line 1 column 7"),
+        (b"", "not JSON"),
+        (b'{"job_id": "x"}', "must be a JSON array"),
+        (b'"\xff\xfe"', "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"[" + b"9" * 5000 + b"]", "not parseable"),
+    ],
+)
+def test_unreadable_body_is_400(
+    client: TestClient, body: bytes, fragment: str, paths: Paths
+) -> None:
+    big_client_app = create_app(paths, {TOKEN: "ci"}, rate_per_s=1000, burst=1000)
+    with TestClient(big_client_app) as big:
+        answer = big.post("/v1/telemetry", content=body, headers=AUTH)
+        assert answer.status_code == 400, answer.text
+        assert fragment in answer.json()["detail"]
+        assert big.get("/healthz").json() == {"status": "ok"}
+
+
+def test_hostile_records_are_rejected_one_by_one(client: TestClient, paths: Paths) -> None:
+    missing = record_dict("bad-missing", H0)
+    del missing["backend"]
+    batch: list[Any] = [
+        record_dict("ok-1", H0),
+        record_dict("bad-type", H0, shots="1024"),
+        missing,
+        record_dict("bad-extra", H0, circuit_source="OPENQASM 3;"),
+        record_dict("bad-negative", H0, num_circuits=-1),
+        record_dict("bad-absurd", H0, depth=2**70),
+        record_dict("bad-bool", H0, num_qubits=True),
+        record_dict("bad-year", H0, timestamp="10000-01-01T00:00:00Z"),
+        record_dict("ok-past", H0, timestamp="1000-01-01T00:00:00Z"),
+        record_dict("ok-future", H0, timestamp="9999-12-31T23:59:59.999999Z"),
+        [record_dict("bad-nested", H0)],
+        "a string",
+        None,
+        record_dict("ok-2", H0, status="completed", runtime_s=1e300),
+    ]
+    answer = client.post("/v1/telemetry", json=batch, headers=AUTH)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["accepted"] == 4
+    errors = {r["index"]: r["errors"] for r in body["rejected"]}
+    assert sorted(errors) == [1, 2, 3, 4, 5, 6, 7, 10, 11, 12]
+    assert errors[1][0][0] == "shots" and "integer" in errors[1][0][1]
+    assert errors[2] == [["backend", "missing required field"]]
+    assert errors[3][0][0] == "circuit_source"
+    assert errors[4][0][0] == "num_circuits" and ">= 0" in errors[4][0][1]
+    assert errors[5][0][0] == "depth" and "largest storable" in errors[5][0][1]
+    assert errors[6][0][0] == "num_qubits"
+    assert errors[7][0][0] == "timestamp"
+    assert errors[10][0] == ["<record>", "expected a JSON object, got array"]
+    assert {job for job, _ in stored_ids(paths)} == {"ok-1", "ok-past", "ok-future", "ok-2"}
+    kept = quarantined(paths)
+    assert [q["line"] for q in kept] == [i + 1 for i in sorted(errors)]
+    assert set(kept[0]) == {"source", "line", "reason", "raw"}
+    assert kept[0]["source"] == "collector:ci"
+    assert kept[0]["reason"].startswith("shots: expected an integer")
+    assert "bad-type" in kept[0]["raw"]
+    # Far past and future timestamps land in their own hours, once each.
+    assert compact_to_raw(paths) == sorted(
+        [
+            ("ok-1", "submitted"),
+            ("ok-past", "submitted"),
+            ("ok-future", "submitted"),
+            ("ok-2", "completed"),
+        ]
+    )
+
+
+def test_a_year_1_record_compacts(client: TestClient, paths: Paths) -> None:
+    early = record_dict("early", H0, timestamp="0001-01-01T00:00:00Z")
+    assert client.post("/v1/telemetry", json=[early], headers=AUTH).json()["accepted"] == 1
+    assert compact_to_raw(paths) == [("early", "submitted")]
+
+
+def test_ndjson_bad_lines_are_rejected_others_kept(client: TestClient, paths: Paths) -> None:
+    lines = [
+        json.dumps(record_dict("ok-1", H0)).encode(),
+        b'{"broken": ',
+        b"\xff\xfe not utf-8",
+        b"[" * 30_000 + b"]" * 30_000,  # under the 64 KiB line limit: parsed, too deep
+        b"",
+        json.dumps(record_dict("bad", H0, sdk="braket")).encode(),
+        json.dumps(record_dict("ok-2", H0)).encode(),
+        json.dumps(record_dict("utf-16", H0)).encode("utf-16"),
+    ]
+    answer = client.post("/v1/telemetry", content=b"\n".join(lines), headers=NDJSON)
+    body = answer.json()
+    assert body["accepted"] == 2
+    errors = {r["index"]: r["errors"] for r in body["rejected"]}
+    assert sorted(errors) == [1, 2, 3, 5, 7]
+    assert "not JSON" in errors[1][0][1]
+    assert "not UTF-8" in errors[2][0][1]
+    assert errors[3] == [["<line>", "JSON nested too deeply"]]
+    assert errors[5][0][0] == "sdk"
+    assert "not UTF-8" in errors[7][0][1]  # json.loads alone would take UTF-16
+    assert [q["line"] for q in quarantined(paths)] == [2, 3, 4, 6, 8]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_other_content_type_is_415(client: TestClient) -> None:
+    headers = {**AUTH, "Content-Type": "text/plain"}
+    assert client.post("/v1/telemetry", content=b"[]", headers=headers).status_code == 415
+
+
+def test_compaction_lands_each_record_once(client: TestClient, paths: Paths) -> None:
+    client.post("/v1/telemetry", json=recs(10), headers=AUTH)
+    first = compact(paths)
+    assert first.records == 10
+    assert compact(paths).records == 0  # nothing is staged twice
+    client.post("/v1/telemetry", json=recs(15), headers=AUTH)  # 10 duplicates, 5 new
+    assert compact(paths).records == 5
+    assert compact_to_raw(paths) == sorted((f"job-{i}", "submitted") for i in range(15))
+
+
+def test_restage_after_a_crash_is_deduplicated_by_raw_compaction(
+    client: TestClient, paths: Paths
+) -> None:
+    client.post("/v1/telemetry", json=recs(6), headers=AUTH)
+    compact(paths)
+    # A crash between staging and marking: the rows are still marked pending.
+    conn = connect(spool_path(paths))
+    conn.execute("UPDATE records SET compacted = 0")
+    conn.close()
+    assert compact(paths).records == 6
+    assert compact_to_raw(paths) == sorted((f"job-{i}", "submitted") for i in range(6))
+
+
+def test_openapi_documents_the_request_body(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    operation = spec["paths"]["/v1/telemetry"]["post"]
+    content = operation["requestBody"]["content"]
+    assert "job_id" in content["application/json"]["schema"]["items"]["properties"]
+    assert "application/x-ndjson" in content
+    assert {"200", "400", "401", "413", "429"} <= set(operation["responses"])
+
+
+def test_parse_tokens() -> None:
+    assert parse_tokens(" ci:abc , lab:def ,") == {"abc": "ci", "def": "lab"}
+    assert parse_tokens("") == {}
+    with pytest.raises(ValueError, match="name:token"):
+        parse_tokens("justatoken")
+    with pytest.raises(ValueError, match="twice"):
+        parse_tokens("a:x,b:x")
+
+
+# -- the real server ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """``qabuse collector`` as a subprocess on a free port."""
+
+    def __init__(self, home: Path, port: int | None = None, *extra: str) -> None:
+        self.home = home
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home.parent / "collector.log"
+        home.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, TOKENS_ENV: f"ci:{TOKEN}", "QABUSE_HOME": str(home)}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qabuse_dagster.cli",
+                "collector",
+                "--port",
+                str(self.port),
+                *list(extra),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),  # a file, not a pipe: a pipe nobody reads fills up
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(self.log.read_text(errors="replace"))
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError("collector did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    running = Server(tmp_path / "home")
+    yield running
+    running.stop()
+
+
+def test_cli_refuses_to_start_without_tokens(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != TOKENS_ENV}
+    env["QABUSE_HOME"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "qabuse_dagster.cli", "collector", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert TOKENS_ENV in done.stderr
+
+
+@pytest.mark.integration
+def test_real_server_dedups_across_a_restart_and_survives_hostile_input(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    server = Server(home)
+    try:
+        url = server.url + "/v1/telemetry"
+        assert httpx.post(url, json=recs(20), headers=AUTH).json()["accepted"] == 20
+        hostile = b"[" * 200_000 + b"]" * 200_000
+        assert httpx.post(url, content=hostile, headers=AUTH).status_code == 400
+        assert httpx.post(url, content=b"\xc3\x28", headers=AUTH).status_code == 400
+        assert httpx.get(server.url + "/healthz").status_code == 200
+    finally:
+        server.stop()
+    server = Server(home, server.port)
+    try:
+        answer = httpx.post(server.url + "/v1/telemetry", json=recs(25), headers=AUTH).json()
+        assert answer == {"accepted": 5, "duplicates": 20, "rejected": []}
+    finally:
+        server.stop()  # a clean stop compacts once more
+    paths = Paths(home)
+    assert compact(paths).records == 0
+    assert compact_to_raw(paths) == sorted((f"job-{i}", "submitted") for i in range(25))
+
+
+@pytest.mark.integration
+def test_http_sink_talks_to_the_real_server(server: Server, tmp_path: Path) -> None:
+    sink = HttpSink(server.url, TOKEN, spool_dir=tmp_path / "sink", batch_size=100)
+    records = [*recs(250), record_dict("bad", H0, shots=-5)]
+    sink.write(records)
+    sink.write(recs(10))  # all duplicates
+    sink.close()
+    assert sink.stats["sent"] == 260  # duplicates count as delivered
+    assert sink.stats["rejected"] == 1
+    assert sink.stats["duplicates"] == 10
+    assert sink.stats["spooled"] == 0
+
+
+@pytest.mark.integration
+def test_http_sink_halves_batches_on_413(tmp_path: Path) -> None:
+    server = Server(tmp_path / "home", None, "--max-body-mb", "0.05")
+    try:
+        sink = HttpSink(server.url, TOKEN, spool_dir=tmp_path / "sink", batch_size=1000)
+        sink.write(recs(600))  # about 220 KB a batch: split down to fit 50 KiB
+        sink.close()
+        assert sink.stats["sent"] == 600
+        assert sink.stats["spooled"] == 0
+    finally:
+        server.stop()
