@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import (
+    collector,
     contract_validation,
     feature_windows,
     instrumentation,
@@ -29,6 +30,7 @@ BENCHMARKS = (
     streaming.NAME,
     online_lookup.NAME,
     instrumentation.NAME,
+    collector.NAME,
 )
 
 #: ``--quick``: sizes for the smoke test, seconds rather than minutes.
@@ -39,6 +41,7 @@ QUICK_CONTRACT_VALIDATION = contract_validation.Settings(records=2_000, repeats=
 QUICK_STREAMING = streaming.Settings(records=20_000, api_keys=20, days=1.0, pushes=10)
 QUICK_ONLINE_LOOKUP = online_lookup.Settings(api_keys=50, lookups=200, warmup=20)
 QUICK_INSTRUMENTATION = instrumentation.Settings(calls=20, blocks=2)
+QUICK_COLLECTOR = collector.Settings(records=3_000, batch=500)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         instrumentation.NAME: lambda: instrumentation.run(
             QUICK_INSTRUMENTATION if args.quick else instrumentation.Settings(), console
+        ),
+        collector.NAME: lambda: collector.run(
+            QUICK_COLLECTOR if args.quick else collector.Settings(), console
         ),
     }
     results = []

@@ -123,3 +123,11 @@ def test_instrumentation_result(quick_run: tuple[subprocess.CompletedProcess, Pa
     result = _result(results, "instrumentation")
     _assert_ratios(result)
     assert set(result["added_us_median"]) == {"qiskit", "cirq", "pennylane"}
+
+
+@pytest.mark.slow
+def test_collector_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, results = quick_run
+    result = _result(results, "collector")
+    _assert_ratios(result)
+    assert result["accepted"] == result["records"] == result["compacted"]
