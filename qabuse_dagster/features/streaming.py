@@ -19,10 +19,10 @@ within the lateness bound may arrive in any order.
 Cost: a record touches one bucket (constant work). When the watermark closes a minute,
 its buckets get the cross-entity aggregates (backend load, code-hash sharing) from two
 global indexes, in constant work per record. Each emitted row moves the window edges by
-one minute: running sums and per-value counts are updated per bucket entering or leaving
-(amortised constant per record), runtimes go through a sorted list (logarithmic), and the
-hour's maxima and cost are read from its at most 60 buckets. Buckets leave memory two hours
-after their minute; an entity's state is dropped after a day of silence.
+one minute: running sums (the cost too, as an exact Python int), per-value counts and
+monotonic deques for the maxima are updated per bucket entering or leaving (amortised
+constant per record), and runtimes go through a sorted list (logarithmic). Buckets leave
+memory two hours after their minute; an entity's state is dropped after a day of silence.
 """
 
 from __future__ import annotations
