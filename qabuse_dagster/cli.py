@@ -160,7 +160,7 @@ def simulate(
     help="Incident labels (JSONL) to keep beside the telemetry.",
 )
 def ingest(paths: tuple[Path, ...], labels: Path | None) -> None:
-    """Validate telemetry JSONL files and stage them for the raw partitions.
+    """Validate telemetry files (JSONL or Parquet) and stage them for the raw partitions.
 
     Exits 1 when any record was rejected (they are kept in the quarantine).
     """

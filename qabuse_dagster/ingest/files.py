@@ -17,7 +17,12 @@ from pathlib import Path
 from qabuse_dagster.evaluation.labels import IncidentLabel, LabelsError, read_labels, write_labels
 from qabuse_dagster.ingest.partitions import records_to_table, stage_landing
 from qabuse_dagster.settings import Paths
-from qabuse_dagster.telemetry.contract import ContractViolation, TelemetryRecord, validate_record
+from qabuse_dagster.telemetry.contract import (
+    ContractViolation,
+    TelemetryRecord,
+    format_rfc3339_utc,
+    validate_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +59,37 @@ class IngestReport:
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line or row number, the record as JSON bytes) of a JSONL or Parquet file."""
+    if path.suffix.lower() == ".parquet":
+        yield from _parquet_rows(path)
+        return
     with path.open("rb") as handle:
         yield from enumerate(handle, start=1)
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Each row of a Parquet file as the JSON line it stands for, so one parser checks both.
+
+    Timestamps become RFC 3339 text; map columns (``gate_counts``, ``tags``) objects.
+    Columns that are not contract fields stay in the row, and the contract refuses them.
+    """
+    import pyarrow.parquet as pq
+
+    def jsonable(value: object) -> object:
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                return value.isoformat()  # no offset: the contract refuses it, saying so
+            return format_rfc3339_utc(value)
+        if isinstance(value, list) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+            return dict(value)
+        return value
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_SIZE):
+        for row in batch.to_pylist():
+            number += 1
+            record = {name: jsonable(value) for name, value in row.items()}
+            yield number, json.dumps(record, default=str).encode()
 
 
 def parse_line(raw: bytes) -> TelemetryRecord:
@@ -114,10 +148,12 @@ def ingest_telemetry(
     *,
     on_progress: Callable[[int], None] | None = None,
 ) -> IngestReport:
-    """Validate JSONL telemetry files and stage their valid records for compaction.
+    """Validate telemetry files and stage their valid records for compaction.
 
     Args:
-        files: JSONL files, one contract record per line (blank lines are skipped).
+        files: JSONL files, one contract record per line (blank lines are skipped), or
+            Parquet files (``.parquet``), one record per row; a rejection names the line
+            or row.
         paths: where landing files and the quarantine live.
         on_progress: called with the number of lines read since the last call.
 

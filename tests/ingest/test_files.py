@@ -251,3 +251,35 @@ def test_a_line_in_another_unicode_encoding_is_refused_as_not_utf8(encoding: str
 
     with pytest.raises(ContractViolation, match="not UTF-8"):
         parse_line(line)
+
+
+def test_parquet_files_are_ingested_row_by_row_like_jsonl(tmp_path: Path, paths: Paths) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qabuse_dagster.ingest.partitions import TELEMETRY_SCHEMA, records_to_table
+    from qabuse_dagster.telemetry.contract import validate_record
+
+    t0 = datetime(2026, 11, 2, 9, tzinfo=UTC)
+    good = [
+        record_dict(f"p{i}", t0 + timedelta(minutes=i), gate_counts={"cx": i, "h": 1})
+        for i in range(5)
+    ]
+    table = records_to_table([validate_record(r) for r in good])
+    bad = table.slice(0, 1).to_pylist()
+    bad[0] |= {"job_id": "bad-shots", "shots": -1}
+    source = tmp_path / "telemetry.parquet"
+    pq.write_table(
+        pa.concat_tables([table, table.slice(1, 1), pa.Table.from_pylist(bad, TELEMETRY_SCHEMA)]),
+        source,
+    )
+
+    report = ingest_telemetry([source], paths)
+    _compact_all(paths)
+
+    assert (report.accepted, report.duplicates, report.rejected) == (5, 1, 1)
+    rejected = _quarantined(paths)
+    assert rejected[0]["line"] == 7 and "shots" in rejected[0]["reason"]
+    stored = read_raw(paths.raw_telemetry).sort_by("job_id")
+    assert stored["job_id"].to_pylist() == [f"p{i}" for i in range(5)]
+    assert stored.to_pylist() == table.sort_by("job_id").to_pylist()  # gate counts included
