@@ -63,6 +63,7 @@ __all__ = [
     "FEATURES_BY_WINDOW",
     "FEATURE_NAMES",
     "FEATURE_SCHEMA",
+    "INPUT_TYPES",
     "LOOKBACK",
     "TIMESTAMP_COLUMN",
     "ZSCORE_STD_FLOOR",
@@ -103,6 +104,14 @@ _OPTIONAL = {
     "error_code": pa.string(),
     "source_ip_hash": pa.string(),
     "client_agent": pa.string(),
+}
+#: Every column the features read, with its type: the entities, ``timestamp``, ``status``
+#: and the optional ones.
+INPUT_TYPES: dict[str, pa.DataType] = {
+    **dict.fromkeys(ENTITY_COLUMNS.values(), pa.string()),
+    "timestamp": _TIMESTAMP,
+    "status": pa.string(),
+    **_OPTIONAL,
 }
 
 

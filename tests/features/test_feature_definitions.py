@@ -26,28 +26,12 @@ from qabuse_dagster.features.definitions import (
     backend_cost_weight,
     derive,
 )
-from qabuse_dagster.features.windows import _range_kth, _SparseMax, window_features
+from qabuse_dagster.features.windows import INPUT_TYPES, _range_kth, _SparseMax, window_features
+from qabuse_dagster.telemetry.contract import STATUSES
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
-SCHEMA = pa.schema(
-    [
-        ("api_key_id", pa.string()),
-        ("user", pa.string()),
-        ("timestamp", pa.timestamp("us", tz="UTC")),
-        ("status", pa.string()),
-        ("shots", pa.int64()),
-        ("code_hash", pa.string()),
-        ("num_circuits", pa.int64()),
-        ("depth", pa.int64()),
-        ("backend", pa.string()),
-        ("runtime_s", pa.float64()),
-        ("error_code", pa.string()),
-        ("source_ip_hash", pa.string()),
-        ("client_agent", pa.string()),
-    ]
-)
-STATUSES = ("submitted", "queued", "running", "completed", "failed", "cancelled", "rejected")
+SCHEMA = pa.schema([(name, INPUT_TYPES[name]) for name in INPUT_TYPES])
 
 
 def _record(key: str, at: timedelta, status: str = "submitted", **fields: Any) -> dict[str, Any]:

@@ -20,34 +20,18 @@ from qabuse_dagster.features.windows import (
     DETECTOR_FEATURES,
     ENTITY_COLUMN,
     FEATURE_NAMES,
+    INPUT_TYPES,
     TIMESTAMP_COLUMN,
     feature_schema,
     window_features,
 )
+from qabuse_dagster.telemetry.contract import STATUSES
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
 LATENESS = timedelta(seconds=90)
 FIELDS = StreamRecord._fields
-INPUT_SCHEMA = pa.schema(
-    [
-        ("api_key_id", pa.string()),
-        ("timestamp", pa.timestamp("us", tz="UTC")),
-        ("status", pa.string()),
-        ("shots", pa.int64()),
-        ("code_hash", pa.string()),
-        ("user", pa.string()),
-        ("num_circuits", pa.int64()),
-        ("depth", pa.int64()),
-        ("backend", pa.string()),
-        ("runtime_s", pa.float64()),
-        ("error_code", pa.string()),
-        ("source_ip_hash", pa.string()),
-        ("client_agent", pa.string()),
-    ]
-)
-assert tuple(INPUT_SCHEMA.names) == StreamRecord._fields
-STATUSES = ("submitted", "queued", "running", "completed", "failed", "cancelled", "rejected")
+INPUT_SCHEMA = pa.schema([(name, INPUT_TYPES[name]) for name in StreamRecord._fields])
 
 
 def _table(records: list[StreamRecord]) -> pa.Table:
