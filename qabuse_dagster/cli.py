@@ -273,8 +273,21 @@ def serve(host: str, port: int) -> None:
     show_default=True,
     help="Seconds between moves of accepted records into the landing area.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server processes; they share the spool, the rate limits and the compaction.",
+)
 def collector(
-    host: str, port: int, max_body_mb: float, rate: float, burst: int, compact_every: float
+    host: str,
+    port: int,
+    max_body_mb: float,
+    rate: float,
+    burst: int,
+    compact_every: float,
+    workers: int,
 ) -> None:
     """Serve POST /v1/telemetry for HttpSink clients (foreground).
 
@@ -307,6 +320,7 @@ def collector(
         rate_per_s=rate,
         burst=burst,
         compact_every_s=compact_every,
+        workers=workers,
     )
 
 

@@ -30,6 +30,8 @@ import hmac
 import json
 import logging
 import math
+import os
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -50,7 +52,14 @@ from qabuse_dagster.ingest.files import (
     _beyond_int64,
     parse_line,
 )
-from qabuse_dagster.ingest.spool import Spool, compact, spool_path
+from qabuse_dagster.ingest.spool import BUSY_TIMEOUT_MS, Spool, compact, spool_path, transaction
+from qabuse_dagster.ingest.wire import (
+    SpoolRow,
+    array_to_spool_rows,
+    split_array,
+    spool_row_of,
+    to_spool_row,
+)
 from qabuse_dagster.settings import Paths
 from qabuse_dagster.telemetry.contract import ContractViolation, TelemetryRecord, validate_record
 
@@ -114,27 +123,50 @@ def parse_tokens(text: str) -> dict[str, str]:
 
 
 class TokenBucket:
-    """Requests per second per client: ``rate`` refilled continuously, up to ``burst``."""
+    """Requests per second per client: ``rate`` refilled continuously, up to ``burst``.
 
-    def __init__(self, rate: float, burst: int) -> None:
+    The buckets live in SQLite beside the spool, so every collector process serving the
+    same spool (``--workers``) draws on the same ones. Not fsynced: a power loss at worst
+    hands clients a full bucket again.
+    """
+
+    def __init__(self, database: Path, rate: float, burst: int) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self.rate = rate
         self.burst = burst
-        self._state: dict[str, tuple[float, float]] = {}
+        database.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            database, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=OFF")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS buckets"
+            " (client TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)"
+        )
         self._lock = threading.Lock()
 
     def take(self, client: str) -> float:
         """Spend one request of ``client``; 0 if allowed, else the seconds until one is due."""
-        now = time.monotonic()
+        with self._lock, transaction(self._conn):
+            now = time.time()
+            row = self._conn.execute(
+                "SELECT tokens, updated FROM buckets WHERE client = ?", (client,)
+            ).fetchone()
+            tokens, then = row if row is not None else (float(self.burst), now)
+            # max(): a clock stepped back never drains the bucket.
+            tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.rate)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+            self._conn.execute(
+                "INSERT OR REPLACE INTO buckets (client, tokens, updated) VALUES (?, ?, ?)",
+                (client, tokens - 1 if wait == 0 else tokens, now),
+            )
+        return wait
+
+    def close(self) -> None:
         with self._lock:
-            tokens, then = self._state.get(client, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
-            if tokens >= 1:
-                self._state[client] = (tokens - 1, now)
-                return 0.0
-            self._state[client] = (tokens, now)
-            return (1 - tokens) / self.rate
+            self._conn.close()
 
 
 class Quarantine:
@@ -157,11 +189,13 @@ class Quarantine:
                 self.close_file()
                 self.root.mkdir(parents=True, exist_ok=True)
                 # One name per process and day; same line format as `qabuse ingest` writes.
-                name = f"rejected-{day}T{self._started}Z-collector.jsonl"
+                name = f"rejected-{day}T{self._started}Z-collector-{os.getpid()}.jsonl"
                 self._file = (self.root / name).open("a", encoding="utf-8")
                 self._day = day
             self._file.write(lines)
             self._file.flush()
+            # Durable before the answer names the rejections, as accepted records are.
+            os.fsync(self._file.fileno())
 
     def close_file(self) -> None:
         if self._file is not None:
@@ -171,9 +205,13 @@ class Quarantine:
 
 @dataclass
 class _Outcome:
-    records: list[TelemetryRecord]
+    rows: list[SpoolRow]
     rejected: list[RejectedRecord]
     rejections: list[Rejection]
+
+    def reject(self, index: int, why: ContractViolation, shown: str, source: str) -> None:
+        self.rejected.append(RejectedRecord(index=index, errors=why.errors))
+        self.rejections.append(Rejection(source, index + 1, str(why), shown))
 
 
 class BodyError(ValueError):
@@ -202,9 +240,42 @@ def _shown(obj: object) -> str:
 def read_array(body: bytes, source: str) -> _Outcome:
     """Validate a JSON-array body record by record.
 
+    Each element goes through the wire fast path (`qabuse_dagster.ingest.wire`) and, if
+    that declines it, through the contract's validator; the outcome is the validator's.
+
     Raises:
         BodyError: the body is not UTF-8, not JSON, not an array, or nested too deeply.
     """
+    rows = array_to_spool_rows(body)
+    if rows is not None:  # the common case: every record valid, in plain form
+        return _Outcome(rows, [], [])
+    elements = split_array(body)
+    if elements is None:
+        return _read_array_slowly(body, source)
+    outcome = _Outcome([], [], [])
+    for index, element in enumerate(elements):
+        row = to_spool_row(element)
+        if row is not None:
+            outcome.rows.append(row)
+            continue
+        try:
+            obj = json.loads(bytes(element).decode("utf-8"))
+        except (ValueError, RecursionError):
+            # Something only the whole-body reader words (a bad byte, an integer of 5,000
+            # digits): let it judge the body, as it would have without the fast path.
+            return _read_array_slowly(body, source)
+        _judge(obj, index, source, outcome)
+    return outcome
+
+
+def _judge(obj: object, index: int, source: str, outcome: _Outcome) -> None:
+    try:
+        outcome.rows.append(spool_row_of(_check(obj)))
+    except ContractViolation as exc:
+        outcome.reject(index, exc, _shown(obj), source)
+
+
+def _read_array_slowly(body: bytes, source: str) -> _Outcome:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -226,11 +297,7 @@ def read_array(body: bytes, source: str) -> _Outcome:
         )
     outcome = _Outcome([], [], [])
     for index, obj in enumerate(batch):
-        try:
-            outcome.records.append(_check(obj))
-        except ContractViolation as exc:
-            outcome.rejected.append(RejectedRecord(index=index, errors=exc.errors))
-            outcome.rejections.append(Rejection(source, index + 1, str(exc), _shown(obj)))
+        _judge(obj, index, source, outcome)
     return outcome
 
 
@@ -250,13 +317,16 @@ def read_ndjson(body: bytes, source: str) -> _Outcome:
     for index, raw in enumerate(body.split(b"\n")):
         if not raw.strip():
             continue
+        row = to_spool_row(raw) if len(raw) <= MAX_LINE_BYTES else None
+        if row is not None:
+            outcome.rows.append(row)
+            continue
         try:
             _check_utf8(raw)
-            outcome.records.append(parse_line(raw))
+            outcome.rows.append(spool_row_of(parse_line(raw)))
         except ContractViolation as exc:
-            outcome.rejected.append(RejectedRecord(index=index, errors=exc.errors))
             shown = raw[:MAX_LINE_BYTES].decode(errors="replace")
-            outcome.rejections.append(Rejection(source, index + 1, str(exc), shown))
+            outcome.reject(index, exc, shown, source)
     return outcome
 
 
@@ -310,7 +380,7 @@ def create_app(
     if max_body_bytes <= 0:
         raise ValueError("max_body_bytes must be positive")
     secrets_ = [(token.encode("utf-8"), name) for token, name in tokens.items()]
-    bucket = TokenBucket(rate_per_s, burst)
+    bucket = TokenBucket(spool_path(paths).with_name("ratelimit.sqlite"), rate_per_s, burst)
     quarantine = Quarantine(paths.quarantine)
     spool = Spool(spool_path(paths))
 
@@ -328,6 +398,8 @@ def create_app(
                     await task
                 await asyncio.to_thread(compact, paths)
             quarantine.close_file()
+            bucket.close()
+            spool.close()
 
     app = FastAPI(
         title="qabuse telemetry collector",
@@ -350,7 +422,7 @@ def create_app(
     def process(body: bytes, ndjson: bool, source: str) -> TelemetryAnswer:
         outcome = read_ndjson(body, source) if ndjson else read_array(body, source)
         quarantine.write(outcome.rejections)
-        stored = spool.add(outcome.records)
+        stored = spool.add(outcome.rows)
         return TelemetryAnswer(
             accepted=stored.accepted, duplicates=stored.duplicates, rejected=outcome.rejected
         )
@@ -372,7 +444,7 @@ def create_app(
         client = client_of(request)
         if client is None:
             return _error(401, "missing or unknown bearer token", {"WWW-Authenticate": "Bearer"})
-        wait = bucket.take(client)
+        wait = await run_in_threadpool(bucket.take, client)
         if wait > 0:
             seconds = max(1, math.ceil(wait))
             return _error(
@@ -418,10 +490,10 @@ def create_app(
             logger.info("%s: %d records rejected", client, len(answer.rejected))
         return answer
 
-    @app.get("/healthz", summary="Liveness: the spool database answers")
+    @app.get("/healthz", summary="Liveness: the spool database answers; pid of the worker")
     async def healthz() -> dict[str, str]:
         await run_in_threadpool(spool.ping)
-        return {"status": "ok"}
+        return {"status": "ok", "pid": str(os.getpid())}
 
     return app
 
@@ -445,16 +517,58 @@ def serve(
     rate_per_s: float = DEFAULT_RATE_PER_S,
     burst: int = DEFAULT_BURST,
     compact_every_s: float = DEFAULT_COMPACT_EVERY_S,
+    workers: int = 1,
 ) -> None:
-    """Run the collector with uvicorn until interrupted (one process: one SQLite writer)."""
+    """Run the collector with uvicorn until interrupted.
+
+    ``workers`` > 1 runs that many processes on the one port. They share the spool (SQLite
+    serialises their commits and deduplicates across them), the rate-limit buckets and
+    the compaction (one at a time); each writes its own quarantine file.
+    """
     import uvicorn
 
-    app = create_app(
-        paths,
-        tokens,
-        max_body_bytes=max_body_bytes,
-        rate_per_s=rate_per_s,
-        burst=burst,
-        compact_every_s=compact_every_s,
+    options = {
+        "home": str(paths.home),
+        "tokens": tokens,
+        "max_body_bytes": max_body_bytes,
+        "rate_per_s": rate_per_s,
+        "burst": burst,
+        "compact_every_s": compact_every_s,
+    }
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    if workers == 1:
+        uvicorn.run(
+            _app_from_options(options), host=host, port=port, log_level="warning", access_log=False
+        )
+        return
+    # Worker processes import the app by name and read their options from the environment.
+    os.environ[_OPTIONS_ENV] = json.dumps(options)
+    uvicorn.run(
+        f"{__name__}:app_from_environment",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+_OPTIONS_ENV = "QABUSE_COLLECTOR_OPTIONS"
+
+
+def _app_from_options(options: dict[str, Any]) -> FastAPI:
+    return create_app(
+        Paths(Path(options["home"])),
+        options["tokens"],
+        max_body_bytes=options["max_body_bytes"],
+        rate_per_s=options["rate_per_s"],
+        burst=options["burst"],
+        compact_every_s=options["compact_every_s"],
+    )
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one ``serve(workers=N)`` worker process (uvicorn factory)."""
+    return _app_from_options(json.loads(os.environ[_OPTIONS_ENV]))

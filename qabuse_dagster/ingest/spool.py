@@ -2,30 +2,39 @@
 
 A record the collector acknowledges is committed here first (WAL journal,
 ``synchronous=FULL``: the commit is fsynced), so an answer of 200 survives a crash of the
-process or the machine. The primary key ``(job_id, status)`` makes acceptance idempotent
-across requests and restarts: ``INSERT OR IGNORE`` keeps the first copy, and the number of
-rows it inserted tells accepted records from duplicates.
+process or the machine. The unique key ``(job_id, status)`` makes acceptance idempotent
+across requests, restarts and collector processes: ``INSERT OR IGNORE`` keeps the first
+copy, and the number of rows it inserted tells accepted records from duplicates.
 
-`compact` moves records from the spool to the hourly landing area: it stages them with
-`stage_landing` and only then marks them compacted. A crash between the two stages them
-again next time; ``compact_hour`` drops the second copy, since it keeps the first record
-per (job_id, status) across the raw partition and every landing file. Rows stay in the
-table after compaction so that a late duplicate is still recognised.
+Rows are numbered in commit order (``seq``, never reused). `compact` stages the rows
+past the watermark into the hourly landing area with `stage_landing`, and only then moves
+the watermark. A crash between the two stages them again next time; ``compact_hour``
+drops the second copy, since it keeps the first record per (job_id, status) across the
+raw partition and every landing file. Compacted rows stay for ``retention`` (default 7
+days) so that a late duplicate is still answered as one; after that `compact` deletes
+them, and a duplicate arriving later still lands only once, deduplicated by
+``compact_hour`` (a copy of a record falls in the record's own hour).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+from filelock import FileLock
+
 from qabuse_dagster.ingest.partitions import records_to_table, stage_landing
+from qabuse_dagster.ingest.wire import SpoolRow, spool_rows_to_table
 from qabuse_dagster.settings import Paths
-from qabuse_dagster.telemetry.contract import TelemetryRecord, record_to_json, validate_record
+from qabuse_dagster.telemetry.contract import validate_record
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +42,32 @@ logger = logging.getLogger(__name__)
 COMPACT_BATCH = 50_000
 #: How long a connection waits for another writer (the collector, a compaction) to finish.
 BUSY_TIMEOUT_MS = 30_000
+#: How long compacted rows are kept to answer late duplicates as duplicates.
+DEFAULT_RETENTION = timedelta(days=7)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    job_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    record TEXT NOT NULL,
-    compacted INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (job_id, status)
-);
-CREATE INDEX IF NOT EXISTS pending ON records (compacted) WHERE compacted = 0;
-"""
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS spool (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        record TEXT NOT NULL,
+        accepted_at INTEGER NOT NULL,
+        UNIQUE (job_id, status)
+    )""",
+    """CREATE TABLE IF NOT EXISTS watermark (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        compacted_through INTEGER NOT NULL
+    )""",
+    "INSERT OR IGNORE INTO watermark (id, compacted_through) VALUES (1, 0)",
+)
+# The first spool layout (a "records" table with a compacted flag per row): its rows are
+# moved over as uncompacted; staging some of them twice is harmless (see above).
+_MIGRATE_V1 = (
+    """INSERT OR IGNORE INTO spool (job_id, status, record, accepted_at)
+        SELECT job_id, status, record, CAST(strftime('%s', 'now') AS INTEGER)
+        FROM records ORDER BY rowid""",
+    "DROP TABLE records",
+)
 
 
 def spool_path(paths: Paths) -> Path:
@@ -62,8 +86,28 @@ def connect(database: Path) -> sqlite3.Connection:
     # FULL: a commit is fsynced before it returns, so an acknowledged record survives power loss.
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    conn.executescript(_SCHEMA)
+    # 64 MiB of page cache: the (job_id, status) index is probed in random order.
+    conn.execute("PRAGMA cache_size=-65536")
+    with transaction(conn):
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        old = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
+        if conn.execute(old).fetchone():
+            for statement in _MIGRATE_V1:
+                conn.execute(statement)
     return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` (the write lock, waiting up to the busy timeout) ... ``COMMIT``."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 @dataclass(frozen=True)
@@ -82,36 +126,24 @@ class Spool:
         self._conn = connect(database)
         self._lock = threading.Lock()
 
-    def add(self, records: Sequence[TelemetryRecord]) -> Stored:
-        """Commit ``records`` (durably) in one transaction, skipping known identities."""
-        if not records:
+    def add(self, rows: Sequence[SpoolRow]) -> Stored:
+        """Commit ``rows`` (durably) in one transaction, skipping known identities."""
+        if not rows:
             return Stored(0, 0)
-        rows = [
-            (
-                r.job_id,
-                r.status,
-                json.dumps(record_to_json(r), separators=(",", ":"), ensure_ascii=False),
+        now = int(time.time())
+        with self._lock, transaction(self._conn):
+            cursor = self._conn.executemany(
+                "INSERT OR IGNORE INTO spool (job_id, status, record, accepted_at)"
+                f" VALUES (?, ?, ?, {now})",
+                rows,
             )
-            for r in records
-        ]
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = self._conn.executemany(
-                    "INSERT OR IGNORE INTO records (job_id, status, record) VALUES (?, ?, ?)",
-                    rows,
-                )
-                inserted = cursor.rowcount
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+            inserted = cursor.rowcount
         return Stored(accepted=inserted, duplicates=len(rows) - inserted)
 
     def ping(self) -> None:
         """Raise if the database cannot be read."""
         with self._lock:
-            self._conn.execute("SELECT 1 FROM records LIMIT 1").fetchall()
+            self._conn.execute("SELECT compacted_through FROM watermark").fetchall()
 
     def close(self) -> None:
         with self._lock:
@@ -124,49 +156,63 @@ class CompactReport:
 
     records: int
     landing_files: list[Path]
+    expired: int = 0
 
 
-_compact_lock = threading.Lock()
+def compact(
+    paths: Paths, *, batch: int = COMPACT_BATCH, retention: timedelta = DEFAULT_RETENTION
+) -> CompactReport:
+    """Stage every spool record past the watermark into the landing area, then move it.
 
-
-def compact(paths: Paths, *, batch: int = COMPACT_BATCH) -> CompactReport:
-    """Stage every uncompacted spool record into the landing area, then mark it compacted.
-
-    Safe to run beside a live collector (SQLite serialises the writers). Runs in one
-    process at a time per interpreter; two processes compacting at once may stage a
-    record twice, which ``compact_hour`` deduplicates.
+    Then delete compacted rows accepted more than ``retention`` ago. Safe to run beside
+    live collectors (SQLite serialises the writers). Compactions run one at a time, across
+    threads and processes alike (a file lock beside the database): a second waits for the
+    first, then finds only what arrived since.
     """
     database = spool_path(paths)
     if not database.exists():
         return CompactReport(0, [])
+    with FileLock(database.with_suffix(".compact.lock")):
+        return _compact(database, paths, batch, retention)
+
+
+def _compact(database: Path, paths: Paths, batch: int, retention: timedelta) -> CompactReport:
     total, written = 0, []
-    with _compact_lock:
-        conn = connect(database)
-        try:
-            while True:
-                rows = conn.execute(
-                    "SELECT rowid, record FROM records WHERE compacted = 0 ORDER BY rowid LIMIT ?",
-                    (batch,),
-                ).fetchall()
-                if not rows:
-                    break
-                # The stored JSON was validated on the way in; validating again rebuilds
-                # the typed record that records_to_table wants.
-                records = [validate_record(json.loads(text)) for _, text in rows]
-                written += stage_landing(records_to_table(records), paths.landing)
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany(
-                        "UPDATE records SET compacted = 1 WHERE rowid = ?",
-                        [(rowid,) for rowid, _ in rows],
-                    )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                total += len(rows)
-        finally:
-            conn.close()
-    if total:
-        logger.info("compacted %d collector records into %d landing files", total, len(written))
-    return CompactReport(total, written)
+    conn = connect(database)
+    try:
+        while True:
+            (through,) = conn.execute("SELECT compacted_through FROM watermark").fetchone()
+            rows = conn.execute(
+                "SELECT seq, record FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
+                (through, batch),
+            ).fetchall()
+            if not rows:
+                break
+            # The stored JSON was validated on the way in and is canonical: one C decode
+            # of the batch builds the table. Text that is not (written by an older
+            # version) is validated record by record instead.
+            texts = [text for _, text in rows]
+            table = spool_rows_to_table(texts)
+            if table is None:
+                table = records_to_table([validate_record(json.loads(t)) for t in texts])
+            written += stage_landing(table, paths.landing)
+            with transaction(conn):
+                conn.execute("UPDATE watermark SET compacted_through = ?", (rows[-1][0],))
+            total += len(rows)
+        cutoff = int(time.time() - retention.total_seconds())
+        with transaction(conn):
+            expired = conn.execute(
+                "DELETE FROM spool WHERE seq <= (SELECT compacted_through FROM watermark)"
+                " AND accepted_at < ?",
+                (cutoff,),
+            ).rowcount
+    finally:
+        conn.close()
+    if total or expired:
+        logger.info(
+            "compacted %d collector records into %d landing files; %d expired from the spool",
+            total,
+            len(written),
+            expired,
+        )
+    return CompactReport(total, written, expired)

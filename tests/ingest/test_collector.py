@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -49,7 +51,7 @@ def client(paths: Paths) -> Iterator[TestClient]:
 def stored_ids(paths: Paths) -> list[tuple[str, str]]:
     conn = connect(spool_path(paths))
     try:
-        return sorted(conn.execute("SELECT job_id, status FROM records").fetchall())
+        return sorted(conn.execute("SELECT job_id, status FROM spool").fetchall())
     finally:
         conn.close()
 
@@ -151,6 +153,18 @@ def test_rate_limit_is_429_with_retry_after(paths: Paths) -> None:
         assert client.post("/v1/telemetry", json=[], headers=other).status_code == 200
 
 
+def test_rate_limit_is_shared_by_collectors_on_one_spool(paths: Paths) -> None:
+    # Two apps stand for two worker processes: one bucket per token between them.
+    first = create_app(paths, {TOKEN: "ci"}, rate_per_s=0.01, burst=3)
+    second = create_app(paths, {TOKEN: "ci"}, rate_per_s=0.01, burst=3)
+    with TestClient(first) as one, TestClient(second) as two:
+        codes = [
+            client.post("/v1/telemetry", json=[], headers=AUTH).status_code
+            for client in (one, two, one, two, one)
+        ]
+    assert codes == [200, 200, 200, 429, 429]
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
@@ -171,7 +185,7 @@ def test_unreadable_body_is_400(
         answer = big.post("/v1/telemetry", content=body, headers=AUTH)
         assert answer.status_code == 400, answer.text
         assert fragment in answer.json()["detail"]
-        assert big.get("/healthz").json() == {"status": "ok"}
+        assert big.get("/healthz").json()["status"] == "ok"
 
 
 def test_hostile_records_are_rejected_one_by_one(client: TestClient, paths: Paths) -> None:
@@ -276,12 +290,55 @@ def test_restage_after_a_crash_is_deduplicated_by_raw_compaction(
 ) -> None:
     client.post("/v1/telemetry", json=recs(6), headers=AUTH)
     compact(paths)
-    # A crash between staging and marking: the rows are still marked pending.
+    # A crash between staging and moving the watermark: the rows are still pending.
     conn = connect(spool_path(paths))
-    conn.execute("UPDATE records SET compacted = 0")
+    conn.execute("UPDATE watermark SET compacted_through = 0")
     conn.close()
     assert compact(paths).records == 6
     assert compact_to_raw(paths) == sorted((f"job-{i}", "submitted") for i in range(6))
+
+
+def test_compacted_rows_expire_after_the_retention(client: TestClient, paths: Paths) -> None:
+    client.post("/v1/telemetry", json=recs(4), headers=AUTH)
+    kept = compact(paths, retention=timedelta(days=1))
+    assert (kept.records, kept.expired) == (4, 0)
+    answer = client.post("/v1/telemetry", json=recs(4), headers=AUTH).json()
+    assert answer["duplicates"] == 4  # remembered within the retention
+    conn = connect(spool_path(paths))
+    conn.execute("UPDATE spool SET accepted_at = accepted_at - 2 * 86400 WHERE job_id < 'job-2'")
+    conn.close()
+    client.post("/v1/telemetry", json=recs(6, prefix="new"), headers=AUTH)  # not compacted yet
+    report = compact(paths, retention=timedelta(days=1))
+    assert (report.records, report.expired) == (6, 2)
+    assert len(stored_ids(paths)) == 8  # 4 + 6 - 2: pending rows never expire
+    # A late copy of an expired record is accepted again, and still lands once.
+    assert client.post("/v1/telemetry", json=recs(4), headers=AUTH).json()["accepted"] == 2
+    compact(paths)
+    landed = compact_to_raw(paths)
+    assert sorted(set(landed)) == landed and len(landed) == 10
+
+
+def test_a_first_layout_spool_is_migrated(paths: Paths) -> None:
+    database = spool_path(paths)
+    database.parent.mkdir(parents=True)
+    old = sqlite3.connect(database)
+    old.executescript(
+        "CREATE TABLE records (job_id TEXT NOT NULL, status TEXT NOT NULL, record TEXT NOT NULL,"
+        " compacted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (job_id, status));"
+    )
+    texts = [json.dumps(r) for r in recs(3)]
+    old.executemany(
+        "INSERT INTO records (job_id, status, record, compacted) VALUES (?, 'submitted', ?, ?)",
+        [(f"job-{i}", text, i % 2) for i, text in enumerate(texts)],
+    )
+    old.commit()
+    old.close()
+    assert compact(paths).records == 3  # every row again: raw compaction drops repeats
+    assert compact_to_raw(paths) == sorted((f"job-{i}", "submitted") for i in range(3))
+    conn = connect(spool_path(paths))
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert "records" not in tables
 
 
 def test_openapi_documents_the_request_body(client: TestClient) -> None:
@@ -395,6 +452,36 @@ def test_real_server_dedups_across_a_restart_and_survives_hostile_input(tmp_path
     paths = Paths(home)
     assert compact(paths).records == 0
     assert compact_to_raw(paths) == sorted((f"job-{i}", "submitted") for i in range(25))
+
+
+@pytest.mark.integration
+def test_worker_processes_share_one_spool(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    server = Server(home, None, "--workers", "2", "--rate", "10000", "--burst", "10000")
+    url = server.url + "/v1/telemetry"
+    answers: list[dict[str, Any]] = []
+    pids: set[int] = set()
+
+    def send(part: int) -> None:
+        # New connections each time, so the kernel spreads them over both workers.
+        for batch in range(10):
+            body = recs(50, prefix=f"p{part}-b{batch}") + recs(10, prefix="shared")
+            answers.append(httpx.post(url, json=body, headers=AUTH).json())
+
+    try:
+        threads = [threading.Thread(target=send, args=(part,)) for part in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for _ in range(50):
+            pids.add(int(httpx.get(server.url + "/healthz").json()["pid"]))
+    finally:
+        server.stop()
+    assert len(pids) == 2, "both workers should have served"
+    assert sum(a["accepted"] for a in answers) == 4 * 10 * 50 + 10
+    assert sum(a["duplicates"] for a in answers) == 4 * 10 * 10 - 10
+    assert len(compact_to_raw(Paths(home))) == 4 * 10 * 50 + 10
 
 
 @pytest.mark.integration
