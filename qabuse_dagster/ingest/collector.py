@@ -398,8 +398,8 @@ def create_app(
                     await task
                 await asyncio.to_thread(compact, paths)
             quarantine.close_file()
-            bucket.close()
-            spool.close()
+            # The spool and the buckets stay open: an app may be started again (tests do),
+            # and what they hold is committed already.
 
     app = FastAPI(
         title="qabuse telemetry collector",

@@ -1,9 +1,10 @@
 """The collector against its own OpenAPI spec: generated bodies, documented answers.
 
-Schemathesis is not installed here; hypothesis-jsonschema generates request bodies from
-the schema the collector publishes at ``/openapi.json``, the way a schema-driven fuzzer
-would: every body the spec allows is accepted record by record, and any JSON at all gets
-a documented answer (200 or 400), never a server error.
+Beside Schemathesis (``test_collector_schemathesis.py``), which checks that every answer
+is documented, hypothesis-jsonschema generates request bodies from the schema the
+collector publishes at ``/openapi.json`` to check what a generic fuzzer cannot: every
+body the spec allows is accepted record by record, and any JSON at all gets a documented
+answer (200 or 400), never a server error.
 """
 
 from __future__ import annotations
