@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from qabuse_dagster.evaluation.labels import IncidentLabel, LabelsError, read_labels, write_labels
-from qabuse_dagster.ingest.partitions import records_to_table, stage_landing
+from qabuse_dagster.ingest.partitions import stage_landing
+from qabuse_dagster.ingest.wire import spool_row_of, spool_rows_to_table, to_spool_row
 from qabuse_dagster.settings import Paths
 from qabuse_dagster.telemetry.contract import (
     ContractViolation,
@@ -162,14 +163,16 @@ def ingest_telemetry(
     """
     report = IngestReport()
     seen: set[tuple[str, str]] = set()
-    batch: list[TelemetryRecord] = []
+    batch: list[str] = []  # spool rows' canonical texts
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     quarantine_file = paths.quarantine / f"rejected-{stamp}.jsonl"
     quarantine = None
 
     def flush() -> None:
         if batch:
-            report.landing_files.extend(stage_landing(records_to_table(batch), paths.landing))
+            table = spool_rows_to_table(batch)
+            assert table is not None, "canonical texts always decode"
+            report.landing_files.extend(stage_landing(table, paths.landing))
             batch.clear()
 
     try:
@@ -184,8 +187,11 @@ def ingest_telemetry(
                 if on_progress and read_since_progress >= 10_000:
                     on_progress(read_since_progress)
                     read_since_progress = 0
+                # The wire fast path takes plain-form lines; parse_line judges the rest.
+                row = to_spool_row(raw) if len(raw) <= MAX_LINE_BYTES else None
                 try:
-                    record = parse_line(raw)
+                    if row is None:
+                        row = spool_row_of(parse_line(raw))
                 except ContractViolation as exc:
                     report.rejected += 1
                     rejection = Rejection(
@@ -199,12 +205,12 @@ def ingest_telemetry(
                         report.quarantine_file = quarantine_file
                     quarantine.write(json.dumps(rejection.__dict__) + "\n")
                     continue
-                identity = (record.job_id, record.status)
+                identity = (row.job_id, row.status)
                 if identity in seen:
                     report.duplicates += 1
                     continue
                 seen.add(identity)
-                batch.append(record)
+                batch.append(row.text)
                 report.accepted += 1
                 if len(batch) >= BATCH_SIZE:
                     flush()

@@ -145,7 +145,7 @@ def split_array(body: bytes) -> list[msgspec.Raw] | None:
     """
     try:
         return _split(body)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: bad UTF-8
         return None
 
 
@@ -156,7 +156,7 @@ def to_spool_row(raw: bytes | msgspec.Raw) -> SpoolRow | None:
     """
     try:
         return _finish(_decode_one(raw))
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: bad UTF-8
         return None
 
 
@@ -165,7 +165,7 @@ def array_to_spool_rows(body: bytes) -> list[SpoolRow] | None:
     are in plain valid form (then the caller goes record by record)."""
     try:
         records = _decode_many(body)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: bad UTF-8
         return None
     rows = [_finish(record) for record in records]
     return None if None in rows else rows  # type: ignore[return-value]
@@ -197,7 +197,7 @@ def spool_rows_to_table(texts: Sequence[str]) -> pa.Table | None:
     """
     try:
         records = _decode_many(("[" + ",".join(texts) + "]").encode("utf-8"))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, ValueError):
         return None
     rows = [msgspec.structs.astuple(r) for r in records]
     columns = list(zip(*rows, strict=True)) if rows else [()] * len(CONTRACT_COLUMNS)

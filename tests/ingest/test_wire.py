@@ -97,6 +97,10 @@ def test_every_canonical_record_takes_the_fast_path(obj: dict[str, Any]) -> None
         b"",
         b"{",
         b'{"a": NaN}',
+        json.dumps(VALID_RECORD).replace('"job-1"', '"job-\xff"').encode("latin-1"),
+        json.dumps({**VALID_RECORD, "tags": {"k": "v"}}).replace("k", "\xed\xa0\x80").encode(
+            "latin-1"
+        ),
     ],
 )
 def test_fast_path_declines_what_it_cannot_read(raw: bytes) -> None:
@@ -125,6 +129,7 @@ def test_collector_reads_arrays_as_the_slow_reader_does(batch: list[Any]) -> Non
         b"[" + json.dumps(VALID_RECORD).encode() + b", 1e999]",
         b"[" + json.dumps(VALID_RECORD).encode() + b', {"shots": ' + b"9" * 5000 + b"}]",
         b"[" + json.dumps(VALID_RECORD).encode() + b', {"x": "\xff"}]',
+        b"[" + json.dumps(VALID_RECORD).replace('"job-1"', '"\xff"').encode("latin-1") + b"]",
         b"[" + json.dumps(VALID_RECORD).encode() + b", NaN]",
         b"\xef\xbb\xbf[]",
         b"[" * 3000 + b"]" * 3000,
