@@ -19,7 +19,9 @@ a ``submitted`` record before it returns and a terminal record (``completed`` or
   instrumentor captures the job, its timestamps and references to (or cheap snapshots
   of) the circuits on the user's thread and emits a *deferred record* (a callable, see
   `Emitter.emit`); circuit statistics and the code hash are computed once per job
-  (`Memo`) on the emitter's thread, just before the batch reaches the sink.
+  (`Memo`) on the emitter's thread, just before the batch reaches the sink, and once per
+  circuit structure (`StructureCache`): a variational loop resubmitting one structure
+  with new parameter values pays for a structural fingerprint, not for the figures.
 * **One script run many times is one code hash**: `structure_hash` reads gate names and
   qubit positions only, with qubits renumbered by first use, so parameter values and
   qubit relabelling leave it unchanged.
@@ -27,19 +29,19 @@ a ``submitted`` record before it returns and a terminal record (``completed`` or
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import importlib
 import importlib.metadata
 import itertools
 import json
 import logging
-import queue
 import re
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, TypeVar, cast
@@ -56,6 +58,7 @@ __all__ = [
     "Handle",
     "Instrumentor",
     "Memo",
+    "StructureCache",
     "error_code",
     "instrument",
     "structure_hash",
@@ -107,6 +110,54 @@ class Memo(Generic[_T]):
         return cast("_T", self._value)
 
 
+class StructureCache(Generic[_T]):
+    """Figures already computed for a circuit structure, keyed by a structural fingerprint.
+
+    A variational loop submits the same circuit structure again and again with other
+    parameter values; its statistics and code hash are the same each time, so they are
+    computed once per structure. A fingerprint is what an instrumentor reads from the
+    snapshot of a job's circuits: everything the figures depend on (gate kinds and names,
+    the qubits or wires they act on, the width) and no parameter value. An instrumentor
+    gives None for a circuit whose figures depend on more than that (control flow, a
+    sub-circuit, an operation that counts its own resources); it is then computed, not
+    cached. Used on the emitter's thread only, so it takes no lock. The oldest entry goes
+    when ``size`` are held; a failed computation is not kept. Entries are keyed by the
+    fingerprint's 64-bit hash, not the fingerprint itself, so a big circuit's entry costs
+    a few bytes rather than a copy of its structure; two structures sharing a hash (odds
+    about ``size / 2**64`` per job) would share figures.
+    """
+
+    __slots__ = ("_entries", "hits", "misses", "size")
+
+    def __init__(self, size: int = 512) -> None:
+        if size <= 0:
+            raise ValueError("size must be positive")
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[Hashable, _T] = OrderedDict()
+
+    def get(self, key: Hashable | None, compute: Callable[[], _T]) -> _T:
+        """The value cached under ``key``, else ``compute()`` (kept unless ``key`` is None)."""
+        if key is not None:
+            key = hash(key)
+            try:
+                value = self._entries[key]
+            except KeyError:
+                pass
+            else:
+                self.hits += 1
+                self._entries.move_to_end(key)
+                return value
+        self.misses += 1
+        value = compute()
+        if key is not None:
+            self._entries[key] = value
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return value
+
+
 class Emitter:
     """A bounded queue of records, drained into a sink by one background thread.
 
@@ -120,12 +171,16 @@ class Emitter:
     sink. A deferred record that raises is counted in `build_failures` (the first
     failure is logged) and left out of the batch; nothing is raised.
 
+    `emit` is an append to a deque and wakes the thread only when it is idle: a thread
+    woken for each record would take the interpreter lock from the user's thread once per
+    record, in the middle of the user's next submission.
+
     Args:
         sink: Where batches go.
         max_queue: Records waiting at most; more are dropped.
         batch: Records handed to the sink at once, at most.
         linger_s: How long the thread waits for a batch to fill after its first record
-            (a flush waits at most this much longer).
+            (a flush cuts the wait short).
     """
 
     def __init__(
@@ -134,13 +189,20 @@ class Emitter:
         if max_queue <= 0 or batch <= 0 or linger_s < 0:
             raise ValueError("max_queue and batch must be positive, linger_s not negative")
         self.sink = sink
+        self.max_queue = max_queue
         self.batch = batch
         self.linger_s = linger_s
         self.emitted = 0
         self.dropped = 0
         self.sink_failures = 0
         self.build_failures = 0
-        self._queue: queue.Queue[dict[str, Any] | Deferred | None] = queue.Queue(maxsize=max_queue)
+        self._pending: deque[dict[str, Any] | Deferred] = deque()
+        self._done = 0  # records taken from `_pending` and finished (written or counted)
+        self._finished = threading.Condition()
+        self._idle = True  # the thread waits for a first record; `emit` wakes it
+        self._wake = threading.Event()  # a record arrived while idle, or stop
+        self._hurry = threading.Event()  # end the linger now: a flush, a full batch, stop
+        self._stopping = False
         self._failing = False
         self._build_logged = False
         self._thread = threading.Thread(target=self._run, name="qabuse-emitter", daemon=True)
@@ -148,48 +210,55 @@ class Emitter:
 
     def emit(self, record: dict[str, Any] | Deferred) -> None:
         """Queue a record, or a deferred record (see the class); never blocks or raises."""
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
+        pending = self._pending
+        if len(pending) >= self.max_queue or self._stopping:
             self.dropped += 1
-        else:
-            self.emitted += 1
+            return
+        pending.append(record)
+        self.emitted += 1
+        if self._idle:
+            self._idle = False
+            self._wake.set()
+        elif len(pending) >= self.batch and not self._hurry.is_set():
+            self._hurry.set()
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                self._queue.task_done()
-                return
-            items = [first]
-            stop = False
+            self._wake.wait()
+            self._wake.clear()
             # Linger for a batch: records are built and written in bursts, between the
             # user's calls more often than in the middle of one.
-            deadline = time.monotonic() + self.linger_s
-            while len(items) < self.batch:
-                left = deadline - time.monotonic()
-                try:
-                    more = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                items.append(more)
-            records = self._build(items)
-            if records:
-                try:
-                    self.sink.write(records)
-                    self._failing = False
-                except Exception:
-                    self.sink_failures += len(records)
-                    if not self._failing:
-                        logger.warning("telemetry sink failed; records dropped", exc_info=True)
-                    self._failing = True
-            for _ in range(len(items) + stop):
-                self._queue.task_done()
-            if stop:
+            if not self._stopping and len(self._pending) < self.batch:
+                self._hurry.wait(self.linger_s)
+            self._hurry.clear()
+            while self._pending:
+                items = [
+                    self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))
+                ]
+                self._write(self._build(items))
+                with self._finished:
+                    self._done += len(items)
+                    self._finished.notify_all()
+            if self._stopping:
                 return
+            # Idle again; a record emitted just before this reads `_idle` as False and
+            # does not wake the thread, so look once more after saying so.
+            self._idle = True
+            if self._pending and self._idle:
+                self._idle = False
+                self._wake.set()
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        try:
+            self.sink.write(records)
+            self._failing = False
+        except Exception:
+            self.sink_failures += len(records)
+            if not self._failing:
+                logger.warning("telemetry sink failed; records dropped", exc_info=True)
+            self._failing = True
 
     def _build(self, items: list[dict[str, Any] | Deferred]) -> list[dict[str, Any]]:
         """The batch's records, deferred ones built now; a failing build is counted."""
@@ -217,14 +286,19 @@ class Emitter:
         return records
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued record reached the sink, then flush it; False on timeout."""
+        """Wait until every record queued so far reached the sink, then flush it.
+
+        Cuts the thread's linger short. False on timeout or when the thread is gone.
+        """
         deadline = time.monotonic() + timeout
-        with self._queue.all_tasks_done:
-            while self._queue.unfinished_tasks:
+        target = self.emitted
+        self._hurry.set()
+        with self._finished:
+            while self._done < target:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
                     return False
-                self._queue.all_tasks_done.wait(left)
+                self._finished.wait(left)
         try:
             self.sink.flush()
         except Exception:
@@ -233,13 +307,15 @@ class Emitter:
         return True
 
     def stop(self, timeout: float = 10.0) -> bool:
-        """Flush, then end the thread (the sink stays open: its owner closes it)."""
+        """Flush, then end the thread (the sink stays open: its owner closes it).
+
+        Records emitted after this are dropped and counted.
+        """
         flushed = self.flush(timeout)
         if self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                return False
+            self._stopping = True
+            self._hurry.set()
+            self._wake.set()
             self._thread.join(timeout)
         return flushed
 
@@ -296,6 +372,24 @@ class Handle:
         self.uninstrument()
 
 
+class _Outermost:
+    """`Instrumentor.outermost`: a plain class, as a generator-based context manager costs
+    several times more and runs on every instrumented call."""
+
+    __slots__ = ("_depth", "_token")
+
+    def __init__(self, depth: contextvars.ContextVar[int]) -> None:
+        self._depth = depth
+
+    def __enter__(self) -> bool:
+        depth = self._depth.get()
+        self._token = self._depth.set(depth + 1)
+        return depth == 0
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth.reset(self._token)
+
+
 class Instrumentor(ABC):
     """The base of one SDK's instrumentor: patching, identity, record building.
 
@@ -330,7 +424,11 @@ class Instrumentor(ABC):
             f"qabuse-{self.sdk}/{INSTRUMENTOR_VERSION} {self.sdk}/{self.sdk_version}"
         )
         self._originals: list[tuple[object, str, Any, bool]] = []
-        self._calls = threading.local()
+        self._depth: contextvars.ContextVar[int] = contextvars.ContextVar(
+            f"qabuse_{self.sdk}_depth", default=0
+        )
+        #: Figures per circuit structure, shared by this instrumentor's jobs (emitter's thread).
+        self.structures: StructureCache[Any] = StructureCache()
 
     @abstractmethod
     def patch_points(self) -> list[tuple[object, str, Callable[[Any], Any]]]:
@@ -362,20 +460,17 @@ class Instrumentor(ABC):
             else:  # it was inherited: remove the override
                 delattr(owner, name)
 
-    @contextlib.contextmanager
-    def outermost(self) -> Iterator[bool]:
-        """Whether this is the outermost instrumented call on this thread.
+    def outermost(self) -> _Outermost:
+        """Whether this is the outermost instrumented call in this context.
 
-        SDK entry points call each other (a subclass's ``run`` calls its base's, ``run``
-        calls ``run_sweep``): only the outermost call is the user's job, so wrappers
-        record only when this yields True.
+        Used as ``with self.outermost() as outermost:``. SDK entry points call each other
+        (a subclass's ``run`` calls its base's, ``run`` calls ``run_sweep``): only the
+        outermost call is the user's job, so wrappers record only when this yields True.
+        The depth is a context variable: each thread has its own, and so has each asyncio
+        task, so two coroutines awaiting instrumented calls on one event loop are two
+        jobs, not one nested in the other.
         """
-        depth = getattr(self._calls, "depth", 0)
-        self._calls.depth = depth + 1
-        try:
-            yield depth == 0
-        finally:
-            self._calls.depth = depth
+        return _Outermost(self._depth)
 
     def guard(self, what: str, action: Callable[[], Any]) -> Any:
         """Run instrumentation code; on any error log it, count it and return None."""
@@ -480,9 +575,15 @@ def _release(version: str) -> tuple[int, ...]:
 
 
 def combine_stats(stats: Sequence[CircuitStats]) -> CircuitStats | None:
-    """One record's figures for a batch of circuits: widest, deepest, gates summed."""
+    """One record's figures for a batch of circuits: widest, deepest, gates summed.
+
+    A batch of one is that circuit's figures, as they are (a `CircuitStats` is frozen and
+    its counts already summed by name, see `frozen_counts`).
+    """
     if not stats:
         return None
+    if len(stats) == 1:
+        return stats[0]
     return CircuitStats(
         num_qubits=max(s.num_qubits for s in stats),
         depth=max(s.depth for s in stats),

@@ -98,9 +98,9 @@ def test_every_canonical_record_takes_the_fast_path(obj: dict[str, Any]) -> None
         b"{",
         b'{"a": NaN}',
         json.dumps(VALID_RECORD).replace('"job-1"', '"job-\xff"').encode("latin-1"),
-        json.dumps({**VALID_RECORD, "tags": {"k": "v"}}).replace("k", "\xed\xa0\x80").encode(
-            "latin-1"
-        ),
+        json.dumps({**VALID_RECORD, "tags": {"k": "v"}})
+        .replace("k", "\xed\xa0\x80")
+        .encode("latin-1"),
     ],
 )
 def test_fast_path_declines_what_it_cannot_read(raw: bytes) -> None:

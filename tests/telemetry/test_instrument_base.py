@@ -342,3 +342,29 @@ def test_record_keeps_the_timestamp_it_is_given() -> None:
         if handle is not None:
             handle.uninstrument()
         inst.INSTRUMENTORS.pop("device", None)
+
+
+def test_a_structure_cache_keeps_values_by_key_bounded_and_never_a_failure() -> None:
+    cache: inst.StructureCache[int] = inst.StructureCache(size=2)
+    calls: list[str] = []
+
+    def compute(value: int) -> Any:
+        return lambda: calls.append(str(value)) or value
+
+    assert cache.get("a", compute(1)) == 1
+    assert cache.get("a", compute(99)) == 1  # known: not computed again
+    assert cache.get(None, compute(2)) == 2
+    assert cache.get(None, compute(3)) == 3  # no fingerprint: always computed
+    cache.get("b", compute(4))
+    cache.get("a", compute(99))  # "a" is now the most recently used
+    cache.get("c", compute(5))  # evicts "b", the least recently used
+    assert cache.get("b", compute(6)) == 6
+    assert calls == ["1", "2", "3", "4", "5", "6"]
+    assert (cache.hits, cache.misses) == (2, 6)
+
+    def broken() -> int:
+        raise RuntimeError("cannot compute")
+
+    with pytest.raises(RuntimeError):
+        cache.get("d", broken)
+    assert cache.get("d", compute(7)) == 7

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import threading
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import cirq
+import duet
 import pytest
 import sympy
 
@@ -28,6 +30,7 @@ ANGLE = 0.123456789
 OTHER_ANGLE = 0.987654321
 THETA = sympy.Symbol("theta")
 ENTRY_POINTS = ("run", "run_sweep", "run_batch")
+ASYNC_ENTRY_POINTS = ("run_async", "run_sweep_async", "run_batch_async")
 
 
 class DelegatingSampler(cirq.Sampler):
@@ -49,6 +52,23 @@ class AsyncOnlySampler(cirq.Sampler):
         self, program: cirq.AbstractCircuit, params: cirq.Sweepable, repetitions: int = 1
     ) -> Sequence[cirq.Result]:
         return cirq.DensityMatrixSimulator(seed=7).run_sweep(program, params, repetitions)
+
+
+class AwaitingSampler(cirq.Sampler):
+    """A truly asynchronous sampler: it yields to the event loop, then runs Cirq's simulator.
+
+    Its async methods never reach an instrumented synchronous one of its own, so only the
+    async wrappers can record them; its inner simulator's run is part of its job.
+    """
+
+    def __init__(self) -> None:
+        self.inner = cirq.Simulator(seed=7)
+
+    async def run_sweep_async(
+        self, program: cirq.AbstractCircuit, params: cirq.Sweepable, repetitions: int = 1
+    ) -> Sequence[cirq.Result]:
+        await asyncio.sleep(0)  # another task runs here
+        return self.inner.run_sweep(program, params, repetitions)
 
 
 class BrokenBackendError(RuntimeError):
@@ -167,6 +187,92 @@ def test_each_entry_point_is_one_job_with_the_circuits_figures(
     assert submitted["runtime_s"] is None
     assert completed["runtime_s"] >= 0
     assert completed["error_code"] is None
+
+
+@pytest.mark.parametrize("method", ["run_async", "run_sweep_async"])
+@pytest.mark.parametrize("sampler_name", ["Simulator", "DensityMatrixSimulator", "Awaiting"])
+def test_an_async_run_through_asyncio_is_one_job_with_the_circuits_figures(
+    cirq_sdk: tuple[Handle, MemorySink], sampler_name: str, method: str
+) -> None:
+    handle, sink = cirq_sdk
+    sampler = AwaitingSampler() if sampler_name == "Awaiting" else SAMPLERS[sampler_name]()
+    if method == "run_async":
+        params: cirq.Sweepable = {THETA: ANGLE}
+        results: Any = asyncio.run(sampler.run_async(_circuit(), params, repetitions=40))
+        expected_circuits = 1
+    else:
+        params = cirq.Linspace(THETA, 0.0, ANGLE, 4)
+        results = asyncio.run(sampler.run_sweep_async(_circuit(), params, repetitions=40))
+        expected_circuits = 4
+    assert results
+
+    submitted, completed = _one_job(handle, sink)
+    expected = _resolved_stats([(_circuit(), params)])
+    assert expected is not None
+    assert (submitted["status"], completed["status"]) == ("submitted", "completed")
+    for record in (submitted, completed):
+        assert record["backend"] == type(sampler).__name__
+        assert (record["num_circuits"], record["shots"]) == (expected_circuits, 40)
+        assert record["gate_counts"] == dict(expected.gate_counts)
+        assert (record["depth"], record["num_qubits"]) == (expected.depth, expected.num_qubits)
+        assert record["two_qubit_gates"] == expected.two_qubit_gates
+    assert completed["runtime_s"] >= 0
+
+
+def test_run_batch_async_is_one_job(cirq_sdk: tuple[Handle, MemorySink]) -> None:
+    # Cirq's run_batch_async fans out with duet.pstarmap_async, which only runs under
+    # duet's own scheduler (asyncio cannot drive it), so the call goes through duet.run.
+    handle, sink = cirq_sdk
+    wide = _circuit(cirq.LineQubit.range(3), extra_cz=True)
+    params_list = [{THETA: ANGLE}, [{THETA: ANGLE}, {THETA: OTHER_ANGLE}]]
+    results = duet.run(
+        cirq.Simulator(seed=7).run_batch_async,
+        [_circuit(), wide],
+        params_list,
+        repetitions=[10, 30],
+    )
+    assert [len(r) for r in results] == [1, 2]
+
+    submitted, completed = _one_job(handle, sink)
+    expected = _resolved_stats(list(zip([_circuit(), wide], params_list, strict=True)))
+    assert expected is not None
+    assert completed["status"] == "completed"
+    assert (submitted["num_circuits"], submitted["shots"]) == (3, 30)
+    assert submitted["gate_counts"] == dict(expected.gate_counts)
+
+
+def test_concurrent_async_runs_on_one_loop_are_separate_jobs(
+    cirq_sdk: tuple[Handle, MemorySink],
+) -> None:
+    handle, sink = cirq_sdk
+    sampler = AwaitingSampler()
+
+    async def both() -> list[cirq.Result]:
+        # Each yields to the loop inside its job, so the two jobs interleave.
+        return await asyncio.gather(
+            sampler.run_async(_circuit(), {THETA: ANGLE}, repetitions=3),
+            sampler.run_async(_circuit(), {THETA: ANGLE}, repetitions=4),
+        )
+
+    assert len(asyncio.run(both())) == 2
+    records = _records(handle, sink)
+    by_job: dict[str, list[str]] = {}
+    for record in records:
+        by_job.setdefault(record["job_id"], []).append(record["status"])
+    assert sorted(by_job.values()) == [["submitted", "completed"]] * 2
+    assert sorted(r["shots"] for r in records if r["status"] == "submitted") == [3, 4]
+    assert {r["backend"] for r in records} == {"AwaitingSampler"}
+
+
+def test_a_failing_async_run_is_recorded_and_the_error_reaches_the_user(
+    cirq_sdk: tuple[Handle, MemorySink],
+) -> None:
+    handle, sink = cirq_sdk
+    with pytest.raises(BrokenBackendError):
+        asyncio.run(BrokenSampler().run_async(_circuit(), {THETA: ANGLE}, repetitions=5))
+    submitted, failed = _one_job(handle, sink)
+    assert (submitted["status"], failed["status"]) == ("submitted", "failed")
+    assert failed["error_code"] == "broken_backend_error"
 
 
 def test_sample_on_a_sweep_is_recorded_once(cirq_sdk: tuple[Handle, MemorySink]) -> None:
@@ -318,11 +424,11 @@ def test_instrumenting_twice_returns_the_handle_and_records_once(
 
 
 def _entry_points() -> dict[tuple[type, str], Any]:
-    """Every sampler class's own run / run_sweep / run_batch, as the class holds it."""
+    """Every sampler class's own entry points, sync and async, as the class holds them."""
     return {
         (cls, name): vars(cls)[name]
         for cls in cirq_instrumentor._with_subclasses(cirq.Sampler)
-        for name in ENTRY_POINTS
+        for name in (*ENTRY_POINTS, *ASYNC_ENTRY_POINTS)
         if name in vars(cls)
     }
 
@@ -338,6 +444,8 @@ def test_import_patches_nothing_and_uninstrument_restores_cirq() -> None:
         assert all(patched[key] is not before[key] for key in before)
         assert (cirq.SimulatesSamples, "run_sweep") in before
         assert (AsyncOnlySampler, "run_sweep") in before  # filled in by Cirq's metaclass
+        assert (cirq.Sampler, "run_batch_async") in before
+        assert (cirq.SimulatesSamples, "run_sweep_async") in before
         cirq.Simulator(seed=7).run(_circuit(), {THETA: ANGLE}, repetitions=5)
         assert len(_records(handle, sink)) == 2
     finally:
@@ -350,4 +458,42 @@ def test_import_patches_nothing_and_uninstrument_restores_cirq() -> None:
     assert "run_sweep" not in vars(cirq.Simulator)
     cirq.Simulator(seed=7).run(_circuit(), {THETA: ANGLE}, repetitions=5)
     AsyncOnlySampler().run_batch([_circuit()], [{THETA: ANGLE}], repetitions=5)
+    asyncio.run(cirq.Simulator(seed=7).run_async(_circuit(), {THETA: ANGLE}, repetitions=5))
     assert len(sink.records) == 2
+
+
+def test_figures_are_computed_once_per_structure_and_stay_right_after_a_mutation(
+    cirq_sdk: tuple[Handle, MemorySink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle, sink = cirq_sdk
+    computed: list[int] = []
+
+    def spy_stats(circuit: cirq.AbstractCircuit) -> CircuitStats:
+        computed.append(len(circuit))
+        return cirq_circuit_stats(circuit)
+
+    monkeypatch.setattr(cirq_instrumentor, "cirq_circuit_stats", spy_stats)
+    simulator = cirq.Simulator(seed=7)
+    a, b, c = cirq.LineQubit.range(3)
+
+    def bound(angle: float) -> cirq.Circuit:  # a loop step: the angle bound into the gate
+        return cirq.Circuit(cirq.H(a), cirq.CNOT(a, b), cirq.rz(angle)(b), cirq.measure(a, b))
+
+    circuit = bound(ANGLE)
+    simulator.run(circuit, repetitions=3)
+    assert handle.flush()
+    simulator.run(bound(OTHER_ANGLE), repetitions=3)
+    circuit.append(cirq.CZ(b, c))  # the user changes the first circuit and submits it again
+    simulator.run(circuit, repetitions=3)
+    circuit.append(cirq.X(c))  # and once more right after submitting
+    records = _records(handle, sink)[::2]
+
+    assert len(computed) == 2  # the second job's structure was already known
+    changed = bound(ANGLE)
+    changed.append(cirq.CZ(b, c))
+    for record, expected in zip(records, [bound(ANGLE), bound(OTHER_ANGLE), changed], strict=True):
+        stats = cirq_circuit_stats(expected)
+        assert record["gate_counts"] == dict(stats.gate_counts)
+        assert (record["depth"], record["num_qubits"]) == (stats.depth, stats.num_qubits)
+        assert record["two_qubit_gates"] == stats.two_qubit_gates
+    assert records[0]["code_hash"] == records[1]["code_hash"] != records[2]["code_hash"]

@@ -344,3 +344,42 @@ def test_uninstrument_restores_the_devices_exactly() -> None:
     qnode("default.qubit", wires=2)(ANGLE)
     qnode("lightning.qubit", wires=2)(ANGLE)
     assert len(sink.records) == 2
+
+
+def test_figures_are_computed_once_per_structure_and_differ_where_specs_differs(
+    telemetry: tuple[Handle, MemorySink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle, sink = telemetry
+    computed: list[int] = []
+
+    def spy_stats(tape: QuantumScript) -> CircuitStats:
+        computed.append(len(tape.operations))
+        return pennylane_circuit_stats(tape)
+
+    monkeypatch.setattr(instrumentor_module, "pennylane_circuit_stats", spy_stats)
+    node = qnode("default.qubit", wires=2)
+    node(ANGLE)
+    assert handle.flush()
+    node(OTHER_ANGLE)  # a loop step: same structure, other parameter
+    # Same class, name and wires, but specs counts one as "C(MultiRZ)", the other as
+    # "2C(MultiRZ)": the control split is part of the structure.
+    one_control = qml.ctrl(qml.MultiRZ(FIXED, wires=[1, 2]), 0)
+    two_controls = qml.ctrl(qml.MultiRZ(FIXED, wires=[2]), [0, 1])
+    tapes = [
+        QuantumScript([qml.Hadamard(0), op], [qml.probs(wires=[0, 1, 2])])
+        for op in (one_control, two_controls)
+    ]
+    device = qml.device("default.qubit", wires=3)
+    for tape in tapes:
+        device.execute([tape])
+
+    by_job = list(jobs(handle, sink).values())
+    assert_one_job_per_call({str(i): records for i, records in enumerate(by_job)})
+    assert len(computed) == 3  # the second QNode call's structure was already known
+    assert handle.instrumentor.structures.hits == 1
+    node_stats = pennylane_circuit_stats(device_tapes(node, OTHER_ANGLE)[0])
+    assert_stats(by_job[1][0], node_stats)
+    assert by_job[0][0]["code_hash"] == by_job[1][0]["code_hash"]
+    for records, tape in zip(by_job[2:], tapes, strict=True):
+        assert_stats(records[0], pennylane_circuit_stats(tape))
+    assert by_job[2][0]["gate_counts"] != by_job[3][0]["gate_counts"]

@@ -17,6 +17,8 @@ from qiskit.circuit import Instruction, Parameter
 from qiskit.primitives import (
     BackendEstimatorV2,
     BackendSamplerV2,
+    BaseEstimatorV2,
+    BaseSamplerV2,
     PrimitiveJob,
     StatevectorEstimator,
     StatevectorSampler,
@@ -346,6 +348,9 @@ def test_uninstrument_restores_qiskit(sink: MemorySink) -> None:
         (BackendEstimatorV2, "run"),
         (BasicProviderJob, "result"),
         (PrimitiveJob, "result"),
+        (BackendV2, "__init_subclass__"),
+        (BaseSamplerV2, "__init_subclass__"),
+        (BaseEstimatorV2, "__init_subclass__"),
     ]
     before = {(owner, name): vars(owner).get(name) for owner, name in patched}
     handle = instrument("qiskit", sink, USER, API_KEY, hasher=KeyedHasher.demo())
@@ -364,3 +369,132 @@ def test_uninstrument_restores_qiskit(sink: MemorySink) -> None:
     job.result()
     StatevectorSampler().run([_ansatz(ANGLE)]).result()
     assert len(sink.records) == count == 4
+
+
+def _late_backend_class() -> type[BackendV2]:
+    """A BackendV2 subclass created now (after instrumenting) that runs BasicSimulator."""
+
+    class LateBackend(BackendV2):
+        def __init__(self) -> None:
+            super().__init__(name="late_backend")
+            self._inner = BasicSimulator()
+
+        @property
+        def target(self) -> Any:
+            return self._inner.target
+
+        @property
+        def max_circuits(self) -> int | None:
+            return None
+
+        @classmethod
+        def _default_options(cls) -> Any:
+            return BasicSimulator._default_options()
+
+        def run(self, run_input: Any, **options: Any) -> Any:
+            return self._inner.run(run_input, **options)
+
+    return LateBackend
+
+
+def test_a_backend_class_defined_after_instrumenting_is_recorded_and_restored(
+    sink: MemorySink,
+) -> None:
+    handle = instrument("qiskit", sink, USER, API_KEY, hasher=KeyedHasher.demo())
+    try:
+        late = _late_backend_class()
+        patched = vars(late)["run"]
+        original_run = patched.__wrapped__  # patched as the class was created
+        assert patched.__module__ == original_run.__module__ and patched is not original_run
+
+        class LaterStill(late):  # type: ignore[valid-type,misc]  # a class made at run time
+            def run(self, run_input: Any, **options: Any) -> Any:
+                return super().run(run_input, **options)  # nested: one job, not two
+
+        circuit = _ansatz(ANGLE)
+        job = late().run(circuit, shots=64, seed_simulator=SEED)
+        assert sum(job.result().get_counts().values()) == 64
+        LaterStill().run(circuit, shots=8, seed_simulator=SEED).result()
+
+        records = _records(handle, sink)
+        assert [r["status"] for r in records] == ["submitted", "completed"] * 2
+        assert {r["backend"] for r in records} == {"late_backend"}
+        assert [r["shots"] for r in records] == [64, 64, 8, 8]
+        assert records[0]["job_id"] == job.job_id()
+        _assert_stats(records[0], [circuit])
+    finally:
+        handle.uninstrument()
+    assert vars(late)["run"] is original_run
+    assert vars(LaterStill)["run"].__code__.co_filename == __file__
+    assert "__init_subclass__" not in vars(BackendV2)
+    count = len(sink.records)
+    late().run(_ansatz(ANGLE), shots=8, seed_simulator=SEED).result()
+    _late_backend_class()().run(_ansatz(ANGLE), shots=8, seed_simulator=SEED).result()
+    assert len(sink.records) == count
+
+
+def test_a_primitive_class_defined_after_instrumenting_is_recorded(
+    handle: Handle, sink: MemorySink
+) -> None:
+    # Each hands its pubs to one of Qiskit's primitives, whose own run is then nested:
+    # unless the new class's run is patched, the record names Qiskit's primitive.
+    class LateSampler(BaseSamplerV2):
+        def __init__(self) -> None:
+            self._inner = StatevectorSampler(seed=SEED)
+
+        def run(self, pubs: Any, *, shots: int | None = None) -> Any:
+            return self._inner.run(pubs, shots=shots)
+
+    class LateEstimator(BaseEstimatorV2):
+        def __init__(self) -> None:
+            self._inner = StatevectorEstimator()
+
+        def run(self, pubs: Any, *, precision: float | None = None) -> Any:
+            return self._inner.run(pubs, precision=precision)
+
+    circuit, _ = _parametric()
+    LateSampler().run([(circuit, [ANGLE])], shots=21).result()
+    estimated = QuantumCircuit(2)
+    estimated.h(0)
+    estimated.cx(0, 1)
+    LateEstimator().run([(estimated, SparsePauliOp("ZZ"))]).result()
+
+    records = _records(handle, sink)
+    assert [r["status"] for r in records] == ["submitted", "completed"] * 2
+    assert [r["backend"] for r in records[::2]] == ["late_sampler", "late_estimator"]
+    assert records[0]["shots"] == 21
+    _assert_stats(records[0], [circuit])
+
+
+def test_figures_are_computed_once_per_structure_and_stay_right_after_a_mutation(
+    handle: Handle, sink: MemorySink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qabuse_dagster.telemetry.instrumentors import qiskit as module
+
+    computed: list[int] = []
+
+    def spy_stats(circuit: QuantumCircuit) -> Any:
+        computed.append(circuit.size())
+        return qiskit_circuit_stats(circuit)
+
+    monkeypatch.setattr(module, "qiskit_circuit_stats", spy_stats)
+    backend = BasicSimulator()
+    circuit = _ansatz(ANGLE)
+    first = circuit.copy()
+    backend.run(circuit, shots=5, seed_simulator=SEED).result()
+    assert handle.flush()
+    rebound = _ansatz(0.5)  # a new loop step: same structure, other angle
+    backend.run(rebound, shots=5, seed_simulator=SEED).result()
+    circuit.cz(0, 2)  # the user changes the first circuit, then submits it again
+    backend.run(circuit, shots=5, seed_simulator=SEED).result()
+    circuit.rz(0.1, 0)  # and changes it once more right after submitting
+    records = _records(handle, sink)[::2]
+
+    assert len(computed) == 2  # the second job's structure was already known
+    _assert_stats(records[0], [first])
+    _assert_stats(records[1], [rebound])
+    changed = first.copy()
+    changed.cz(0, 2)
+    _assert_stats(records[2], [changed])
+    assert records[0]["code_hash"] == records[1]["code_hash"] != records[2]["code_hash"]
+    assert handle.instrumentor.structures.hits == 1

@@ -5,16 +5,20 @@ emitted as the call starts, the ``completed`` or ``failed`` record when it retur
 raises, with ``runtime_s`` the measured wall time of the call (Cirq reports no queue or
 run time of its own). The job id is client-side (`Instrumentor.new_job_id`).
 
-What is patched, at `instrument` time: ``run``, ``run_sweep`` and ``run_batch`` wherever a
-class defines them, on ``cirq.Sampler`` and on every subclass of it imported by then.
+What is patched, at `instrument` time: ``run``, ``run_sweep`` and ``run_batch`` and their
+async forms ``run_async``, ``run_sweep_async`` and ``run_batch_async`` wherever a class
+defines them, on ``cirq.Sampler`` and on every subclass of it imported by then.
 That matters because Cirq's samplers override these: ``SimulatesSamples`` (so
 ``cirq.Simulator`` and ``cirq.DensityMatrixSimulator``) and ``StabilizerSampler`` define
 their own ``run_sweep``, and a sampler that implements only ``run_sweep_async`` has a
 ``run_sweep`` filled in on its own class by Cirq's metaclass.
 
 One user call is one job: ``run`` calls ``run_sweep``, ``run_batch`` calls ``run_sweep``
-per program, and a sampler may delegate to another; every sampler call made inside an
-instrumented call runs unrecorded (`Instrumentor.outermost`).
+per program, an async method calls another or a synchronous one, and a sampler may
+delegate to another; every sampler call made inside an instrumented call runs unrecorded
+(`Instrumentor.outermost`). An async call is a job from its first step to its result,
+``runtime_s`` the wall time in between; concurrent async calls are separate jobs, since
+each asyncio task has its own nesting depth.
 
 What a record counts:
 
@@ -30,9 +34,9 @@ What a record counts:
 
 Limitations:
 
-* The async methods (``run_async``, ``run_sweep_async``, ``run_batch_async``) are not
-  wrapped. On the simulators they call ``run_sweep``, so each program is recorded as a
-  job of its own; a sampler whose async methods talk to a service is not recorded.
+* Cirq's own ``run_batch_async`` fans out with ``duet.pstarmap_async``, so it runs under
+  ``duet.run``, not under asyncio (a limit of Cirq, not of the recording): under duet it
+  is one job like the others.
 * A ``Sampler`` subclass defined after `instrument` is recorded through the inherited
   ``run`` and ``run_batch``, but not when its own ``run_sweep`` is called directly.
 * ``Sampler.sample`` with a list of sweeps calls ``run_sweep`` once per sweep: one job each.
@@ -47,7 +51,10 @@ job id and the sweep lengths (``num_circuits``) are computed once per job (`Memo
 emitter's thread. So the figures describe the programs as submitted even if the user
 mutates a circuit right after the call; the sweep (``params``) is not copied, so a sweep
 given as a mutable container (a list of dicts) and changed right after the call may be
-counted as changed.
+counted as changed. Each program's statistics and the code hash are computed once per
+structure (`StructureCache`, keyed by `_fingerprint`: per moment, the class naming each
+operation and its qubits), so a sweep or a loop resubmitting one structure costs a
+fingerprint.
 """
 
 from __future__ import annotations
@@ -79,6 +86,9 @@ _ENTRY_POINTS: dict[str, tuple[str, str, str]] = {
     "run": ("program", "param_resolver", "repetitions"),
     "run_sweep": ("program", "params", "repetitions"),
     "run_batch": ("programs", "params_list", "repetitions"),
+    "run_async": ("program", "param_resolver", "repetitions"),
+    "run_sweep_async": ("program", "params", "repetitions"),
+    "run_batch_async": ("programs", "params_list", "repetitions"),
 }
 #: The schema's bound on ``num_circuits``; a longer sweep is reported at the bound.
 _MAX_CIRCUITS = 1_000_000
@@ -156,51 +166,61 @@ class CirqInstrumentor(Instrumentor):
     def _wrap(self, method: str, original: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(original)
         arguments = _arguments(method, signature)
+        read = functools.partial(self._submitted, method, signature, arguments)
+
+        if method.endswith("_async"):
+
+            @functools.wraps(original)
+            async def wrapper_async(sampler: Any, *args: Any, **kwargs: Any) -> Any:
+                with self.outermost() as outermost:
+                    if not outermost:
+                        return await original(sampler, *args, **kwargs)
+                    job = self.guard(
+                        f"recording cirq {method}", lambda: read(sampler, args, kwargs)
+                    )
+                    start = time.perf_counter()
+                    try:
+                        result = await original(sampler, *args, **kwargs)
+                    except BaseException as exc:
+                        self._ended(method, job, start, exc)
+                        raise
+                    self._ended(method, job, start, None)
+                    return result
+
+            return wrapper_async
 
         @functools.wraps(original)
         def wrapper(sampler: Any, *args: Any, **kwargs: Any) -> Any:
             with self.outermost() as outermost:
                 if not outermost:
                     return original(sampler, *args, **kwargs)
-                return self._recorded(method, original, signature, arguments, sampler, args, kwargs)
+                job = self.guard(f"recording cirq {method}", lambda: read(sampler, args, kwargs))
+                start = time.perf_counter()
+                try:
+                    result = original(sampler, *args, **kwargs)
+                except BaseException as exc:
+                    self._ended(method, job, start, exc)
+                    raise
+                self._ended(method, job, start, None)
+                return result
 
         return wrapper
 
-    def _recorded(
-        self,
-        method: str,
-        original: Callable[..., Any],
-        signature: inspect.Signature,
-        arguments: tuple[_Argument, ...] | None,
-        sampler: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        """Run the user's call between its ``submitted`` and its terminal record."""
-        job: _Job | None = self.guard(
-            f"recording cirq {method}",
-            lambda: self._submitted(method, signature, arguments, sampler, args, kwargs),
-        )
-        start = time.perf_counter()
-        try:
-            result = original(sampler, *args, **kwargs)
-        except BaseException as exc:
-            runtime = time.perf_counter() - start
-            if job is not None:
-                failed, code, at = job, _error_code(exc), time.time()
-                self.guard(
-                    f"recording a failed cirq {method}",
-                    lambda: self._finished(failed, "failed", at, runtime, code),
-                )
-            raise
+    def _ended(
+        self, method: str, job: _Job | None, start: float, error: BaseException | None
+    ) -> None:
+        """Emit the terminal record of a job whose call returned or raised just now."""
         runtime = time.perf_counter() - start
-        if job is not None:
-            completed, at = job, time.time()
-            self.guard(
-                f"recording a completed cirq {method}",
-                lambda: self._finished(completed, "completed", at, runtime, None),
-            )
-        return result
+        if job is None:  # reading the call failed (counted by guard): no record
+            return
+        at = time.time()
+        status = "completed" if error is None else "failed"
+        self.guard(
+            f"recording a {status} cirq {method}",
+            lambda: self._finished(
+                job, status, at, runtime, None if error is None else _error_code(error)
+            ),
+        )
 
     def _submitted(
         self,
@@ -216,7 +236,7 @@ class CirqInstrumentor(Instrumentor):
         program_arg, params_arg, repetitions_arg = _read(
             method, signature, arguments, sampler, args, kwargs
         )
-        if method == "run_batch":
+        if method.startswith("run_batch"):
             programs = [_snapshot(program) for program in program_arg]
             params_list = [None] * len(programs) if params_arg is None else list(params_arg)
             repetitions = (
@@ -230,7 +250,7 @@ class CirqInstrumentor(Instrumentor):
             params_list = [params_arg]
         # A one-shot iterator is told apart now: the emitter's thread must not consume it.
         sweeps = [
-            _ONE if method == "run" or isinstance(params, Iterator) else params
+            _ONE if method in ("run", "run_async") or isinstance(params, Iterator) else params
             for params in params_list
         ]
         job = _Job(
@@ -243,17 +263,26 @@ class CirqInstrumentor(Instrumentor):
 
     def _figures(self, programs: list[Any], sweeps: list[Any]) -> _Figures:
         """The job's figures: run once, on the emitter's thread."""
-        circuits = [_thaw(program) for program in programs]
         executions = [1 if params is _ONE else _executions(params) for params in sweeps]
-        per_program = [cirq_circuit_stats(circuit) for circuit in circuits]
+        prints = [_fingerprint(program) for program in programs]
+        key = None if None in prints else tuple(prints)
+        per_program, code_hash = self.structures.get(
+            key, functools.partial(self._programs_figures, programs)
+        )
         # Mismatched lengths are Cirq's ValueError to raise; the record just goes on.
         counted = zip(per_program, executions, strict=False)
         return _Figures(
             job_id=self.new_job_id(),
             num_circuits=min(sum(executions), _MAX_CIRCUITS),
             stats=combine_stats([_repeated(stats, n) for stats, n in counted if n > 0]),
-            code_hash=self.code_hash(_structure(circuit) for circuit in circuits),
+            code_hash=code_hash,
         )
+
+    def _programs_figures(self, programs: list[Any]) -> tuple[list[CircuitStats], str]:
+        """Each program's statistics and their code hash: once per structure (`StructureCache`)."""
+        circuits = [_thaw(program) for program in programs]
+        per_program = [cirq_circuit_stats(circuit) for circuit in circuits]
+        return per_program, self.code_hash(_structure(circuit) for circuit in circuits)
 
     def _finished(
         self, job: _Job, status: str, at: float, runtime_s: float, error_code: str | None
@@ -342,6 +371,42 @@ def _thaw(program: Any) -> Any:
     return program
 
 
+def _fingerprint(program: Any) -> Hashable | None:
+    """What a snapshot's statistics and code hash depend on; None when it is more than that.
+
+    Per moment, per operation: the class that names it (`cirq_gate_name`: the gate's, else
+    the operation's), its qubits and, for one on two qubits, whether it is a measurement.
+    Parameter values are not read. A sub-circuit or a classically controlled operation is
+    named and counted from what it holds: a program with one has none.
+    """
+    import cirq
+
+    if isinstance(program, _Moments):
+        moments: Sequence[cirq.Moment] = program
+    elif isinstance(program, cirq.FrozenCircuit):
+        moments = program.moments
+    else:
+        return None
+    key = []
+    for moment in moments:
+        operations = []
+        for operation in moment.operations:
+            bare = operation.untagged
+            if isinstance(bare, cirq.CircuitOperation | cirq.ClassicallyControlledOperation):
+                return None
+            gate = bare.gate
+            qubits = bare.qubits
+            operations.append(
+                (
+                    type(bare) if gate is None else type(gate),
+                    qubits,
+                    len(qubits) == 2 and cirq.is_measurement(operation),
+                )
+            )
+        key.append(tuple(operations))
+    return tuple(key)
+
+
 def _with_subclasses(cls: type) -> list[type]:
     """``cls`` and every subclass of it defined so far, each once, parents first."""
     found: list[type] = [cls]
@@ -362,6 +427,8 @@ def _executions(params: Any) -> int:
 
 def _repeated(stats: CircuitStats, times: int) -> CircuitStats:
     """One circuit's statistics, run ``times`` times: gates summed, width and depth kept."""
+    if times == 1:
+        return stats
     return CircuitStats(
         num_qubits=stats.num_qubits,
         depth=stats.depth,

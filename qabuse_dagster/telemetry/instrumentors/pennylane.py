@@ -31,7 +31,11 @@ number of tapes, the first tape's shots, the time and references to the tapes; t
 are deferred (`Emitter.emit`), and the batch's statistics, code hash and job id are
 computed once per job (`Memo`) on the emitter's thread. A tape is immutable once built
 (PennyLane's transforms return new tapes), so no snapshot is taken: the figures are
-those of the tapes the device received.
+those of the tapes the device received. Statistics and code hash are computed once per
+structure (`StructureCache`, keyed by `_fingerprint`: classes, names, wires and control
+counts of the operations, measurements' classes and wires), so a QNode called again with
+new parameters costs a fingerprint; the fingerprint reads no cached property of the tape,
+whose computation takes a lock PennyLane's own thread may be waiting on.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import functools
 import importlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -171,11 +175,20 @@ class PennyLaneInstrumentor(Instrumentor):
         )
 
     def _figures(self, tapes: list[QuantumScript]) -> _Figures:
-        """The batch's statistics and code hash: run once, on the emitter's thread."""
-        return _Figures(
-            job_id=self.new_job_id(),
-            stats=combine_stats([pennylane_circuit_stats(tape) for tape in tapes]),
-            code_hash=self.code_hash(_structure(tape) for tape in tapes),
+        """The batch's statistics and code hash: once per job, on the emitter's thread.
+
+        Computed once per structure (`StructureCache`): a batch whose tapes all have a
+        fingerprint reuses the figures of an earlier batch of the same structure.
+        """
+        prints = [_fingerprint(tape) for tape in tapes]
+        key = None if None in prints else tuple(prints)
+        stats, code_hash = self.structures.get(key, functools.partial(self._tapes_figures, tapes))
+        return _Figures(job_id=self.new_job_id(), stats=stats, code_hash=code_hash)
+
+    def _tapes_figures(self, tapes: list[QuantumScript]) -> tuple[CircuitStats | None, str]:
+        return (
+            combine_stats([pennylane_circuit_stats(tape) for tape in tapes]),
+            self.code_hash(_structure(tape) for tape in tapes),
         )
 
     def _emit(
@@ -223,3 +236,31 @@ class PennyLaneInstrumentor(Instrumentor):
 def _structure(tape: QuantumScript) -> list[tuple[str, tuple[Any, ...]]]:
     """A tape's operations as (lower-case name, wires): no parameter value is read."""
     return [(op.name.lower(), tuple(op.wires)) for op in tape.operations]
+
+
+def _fingerprint(tape: QuantumScript) -> Hashable | None:
+    """What a tape's statistics and code hash depend on; None when it is more than that.
+
+    Per operation: its class, ``name``, wires and, for a ``Controlled`` that ``specs``
+    names by its control count, that count; per measurement its class and wires (they
+    count in the width and the depth). Parameter values are not read, and neither is a
+    cached property of the tape: computing one takes a lock that PennyLane's own
+    thread may be waiting on. An operation that counts its own resources
+    (``ResourcesOperation``) and a measurement of a mid-circuit value give None.
+    """
+    from pennylane.ops import Controlled, ControlledOp
+    from pennylane.resource import ResourcesOperation
+
+    operations = []
+    for op in tape.operations:
+        if isinstance(op, ResourcesOperation):
+            return None
+        kind = type(op)
+        controls = len(op.control_wires) if kind is Controlled or kind is ControlledOp else 0
+        operations.append((kind, op.name, op.wires.labels, controls))
+    measurements = []
+    for mp in tape.measurements:
+        if getattr(mp, "mv", None) is not None:
+            return None
+        measurements.append((type(mp), mp.wires.labels))
+    return tuple(operations), tuple(measurements)

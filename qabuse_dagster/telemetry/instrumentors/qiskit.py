@@ -9,14 +9,17 @@ Patched when `qabuse_dagster.telemetry.instrument` installs it, never at import:
   its own: ``StatevectorSampler``, ``StatevectorEstimator``, ``BackendSamplerV2``,
   ``BackendEstimatorV2`` and, when installed, ``qiskit_ibm_runtime``'s ``SamplerV2`` and
   ``EstimatorV2``.
+* The ``run`` of a backend or primitive class defined (or first imported) after
+  `instrument`: the three bases get an ``__init_subclass__`` hook that patches the
+  ``run`` of each new subclass defining one, as the class is created. `uninstrument`
+  removes the hooks and restores those classes' ``run`` too.
 * ``result`` of each job class the first time a job of it is returned, so that the first
   ``job.result()`` of an instrumented job emits its terminal record.
 
-Limits: a backend or primitive class defined (or first imported) after `instrument` is
-not covered, since only classes that exist then are patched. A job whose ``result()`` is
-never called gets no terminal record. ``backend.run`` called by Qiskit's own primitives
-(``BackendSamplerV2`` runs its pubs through it) is part of the primitive's job and emits
-no record of its own, so one submission is one pair of records.
+Limits: a job whose ``result()`` is never called gets no terminal record. ``backend.run``
+called by Qiskit's own primitives (``BackendSamplerV2`` runs its pubs through it) is part
+of the primitive's job and emits no record of its own, so one submission is one pair of
+records.
 
 Where the work happens: on the user's thread a submission captures the backend name,
 shots, the number of circuits, the job id, the time and a snapshot of each circuit; the
@@ -27,7 +30,10 @@ list (``circuit._data.copy()``, a few µs for a small circuit, where ``circuit.c
 costs several times more and computing the statistics ten times more); the emitter's
 thread rebuilds a circuit from it (``QuantumCircuit.from_circuit_data``). The figures are
 those of the circuit as submitted. On a Qiskit without that pair the snapshot is
-``circuit.copy()``.
+``circuit.copy()``. Statistics and code hash are computed once per structure
+(`StructureCache`, keyed by `_fingerprint` of the snapshot: each instruction's name and
+bit indices), so a loop resubmitting one structure with new parameters costs a
+fingerprint and no rebuilt circuit.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -158,6 +164,10 @@ class QiskitInstrumentor(Instrumentor):
         self._job_classes: set[type] = set()
         self._watches: weakref.WeakKeyDictionary[Any, _JobWatch] = weakref.WeakKeyDictionary()
         self._local = threading.local()
+        from qiskit.circuit import Instruction
+
+        # Qiskit 1 has classical conditions on instructions (``c_if``); Qiskit 2 has none.
+        self._conditions = hasattr(Instruction, "c_if")
 
     def patch_points(self) -> list[tuple[object, str, Callable[[Any], Any]]]:
         for module in _BACKEND_MODULES:
@@ -171,9 +181,16 @@ class QiskitInstrumentor(Instrumentor):
         points: list[tuple[object, str, Callable[[Any], Any]]] = [
             (BackendV2, "run", self._wrap_backend_run)
         ]
-        points += [(c, "run", self._wrap_backend_run) for c in _own_run(BackendV2)]
-        points += [(c, "run", self._wrap_sampler_run) for c in _own_run(BaseSamplerV2)]
-        points += [(c, "run", self._wrap_estimator_run) for c in _own_run(BaseEstimatorV2)]
+        bases: tuple[tuple[type, Callable[[Any], Any]], ...] = (
+            (BackendV2, self._wrap_backend_run),
+            (BaseSamplerV2, self._wrap_sampler_run),
+            (BaseEstimatorV2, self._wrap_estimator_run),
+        )
+        for base, wrap in bases:
+            points += [(c, "run", wrap) for c in _own_run(base)]
+        # Classes defined (or first imported) from now on are patched as they are created.
+        for base, wrap in bases:
+            points.append((base, "__init_subclass__", functools.partial(self._hook, base, wrap)))
         return points
 
     def install(self) -> None:
@@ -189,6 +206,33 @@ class QiskitInstrumentor(Instrumentor):
             self._watches.clear()
 
     # -- wrappers -------------------------------------------------------------------------
+
+    def _hook(
+        self, base: type, wrap: Callable[[Any], Any], _inherited: Callable[..., None]
+    ) -> classmethod[Any, ..., None]:
+        """``base.__init_subclass__`` that patches the ``run`` of each new subclass.
+
+        The base's own ``__init_subclass__`` (if it defines one, else the next in the MRO)
+        runs first, as it would uninstrumented; `uninstall` removes the hook and restores
+        the ``run`` of each class patched through it.
+        """
+        own = vars(base).get("__init_subclass__")
+
+        def __init_subclass__(cls: type, **kwargs: Any) -> None:
+            if own is not None:
+                own.__get__(None, cls)(**kwargs)
+            else:
+                parent: Any = super(base, cls)  # the next __init_subclass__ after base's
+                parent.__init_subclass__(**kwargs)
+            if "run" in vars(cls):
+                self.guard(f"patching {cls.__qualname__}.run", lambda: self._patch_new(cls, wrap))
+
+        return classmethod(__init_subclass__)
+
+    def _patch_new(self, cls: type, wrap: Callable[[Any], Any]) -> None:
+        with self._lock:
+            if self._installed:
+                self.patch(cls, "run", wrap)
 
     def _wrap_backend_run(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)  # keeps __isabstractmethod__ of BackendV2.run
@@ -351,11 +395,10 @@ class QiskitInstrumentor(Instrumentor):
     def _backend_submission(
         self, backend: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> _Submission:
-        from qiskit import QuantumCircuit
-
+        circuit_class = _circuit_class()
         run_input = args[0] if args else kwargs.get("run_input")
-        items = [run_input] if isinstance(run_input, QuantumCircuit) else list(run_input or ())
-        circuits = [c for c in items if isinstance(c, QuantumCircuit)]
+        items = [run_input] if isinstance(run_input, circuit_class) else list(run_input or ())
+        circuits = [c for c in items if isinstance(c, circuit_class)]
         shots = kwargs.get("shots")
         if shots is None:
             shots = getattr(getattr(backend, "options", None), "shots", None)
@@ -401,7 +444,16 @@ class QiskitInstrumentor(Instrumentor):
         )
 
     def _figures(self, snapshots: list[Any]) -> _Figures:
-        """The circuits' statistics and code hash: run once, on the emitter's thread."""
+        """The circuits' statistics and code hash: once per job, on the emitter's thread.
+
+        Computed once per structure (`StructureCache`): a job whose circuits all have a
+        fingerprint reuses the figures of an earlier job of the same structure.
+        """
+        prints = [_fingerprint(snapshot, self._conditions) for snapshot in snapshots]
+        key = None if None in prints else tuple(prints)
+        return self.structures.get(key, functools.partial(self._compute_figures, snapshots))
+
+    def _compute_figures(self, snapshots: list[Any]) -> _Figures:
         circuits = [_thaw(snapshot) for snapshot in snapshots]
         return _Figures(
             stats=combine_stats([qiskit_circuit_stats(c) for c in circuits]),
@@ -418,12 +470,19 @@ class _Data:
         self.data = data
 
 
-def _from_data() -> Callable[[Any], QuantumCircuit] | None:
-    """Qiskit's constructor of a circuit from its ``CircuitData``, if this Qiskit has one."""
+@functools.cache
+def _circuit_class() -> type[QuantumCircuit]:
+    """``QuantumCircuit``, imported once: an import statement costs a µs on each call."""
     from qiskit import QuantumCircuit
 
-    rebuild = getattr(QuantumCircuit, "from_circuit_data", None)
-    return rebuild or getattr(QuantumCircuit, "_from_circuit_data", None)
+    return QuantumCircuit
+
+
+@functools.cache
+def _from_data() -> Callable[[Any], QuantumCircuit] | None:
+    """Qiskit's constructor of a circuit from its ``CircuitData``, if this Qiskit has one."""
+    rebuild = getattr(_circuit_class(), "from_circuit_data", None)
+    return rebuild or getattr(_circuit_class(), "_from_circuit_data", None)
 
 
 def _snapshot(circuit: QuantumCircuit) -> _Data | QuantumCircuit:
@@ -435,6 +494,40 @@ def _snapshot(circuit: QuantumCircuit) -> _Data | QuantumCircuit:
         except (AttributeError, TypeError):
             pass
     return circuit.copy()
+
+
+def _fingerprint(snapshot: _Data | QuantumCircuit, conditions: bool) -> Hashable | None:
+    """What a snapshot's statistics and code hash depend on; None when it is more than that.
+
+    Per instruction: its name, whether it is a directive (not counted in the depth) and the
+    indices of its qubits and clbits (the depth counts both); with the circuit's width.
+    Parameter values are not read. Control flow, ``store`` and (Qiskit 1) classical
+    conditions (``conditions``: this Qiskit has them) make the depth depend on classical
+    expressions: such a circuit has none.
+    """
+    if not isinstance(snapshot, _Data):
+        return None
+    data = snapshot.data
+    if data.has_control_flow_op():
+        return None
+    qubits = {bit: i for i, bit in enumerate(data.qubits)}
+    clbits = {bit: i for i, bit in enumerate(data.clbits)}
+    instructions = []
+    for instruction in data:
+        name = instruction.name
+        if name == "store" or (
+            conditions and getattr(instruction.operation, "condition", None) is not None
+        ):
+            return None
+        instructions.append(
+            (
+                name,
+                instruction.is_directive(),
+                tuple([qubits[q] for q in instruction.qubits]),
+                tuple([clbits[c] for c in instruction.clbits]),
+            )
+        )
+    return data.num_qubits, tuple(instructions)
 
 
 def _thaw(snapshot: _Data | QuantumCircuit) -> QuantumCircuit:
@@ -479,12 +572,10 @@ def _materialise(
     The SDK's own ``run`` iterates it once either way; a list, tuple or circuit is passed on
     unchanged.
     """
-    from qiskit import QuantumCircuit
-
     value = args[0] if args else kwargs.get(name)
     if (
         value is None
-        or isinstance(value, QuantumCircuit | Sequence)
+        or isinstance(value, _circuit_class() | Sequence)
         or not isinstance(value, Iterable)
     ):
         return args, kwargs
