@@ -51,7 +51,7 @@ def client(paths: Paths) -> Iterator[TestClient]:
 def stored_ids(paths: Paths) -> list[tuple[str, str]]:
     conn = connect(spool_path(paths))
     try:
-        return sorted(conn.execute("SELECT job_id, status FROM spool").fetchall())
+        return sorted(conn.execute("SELECT job_id, status FROM identities").fetchall())
     finally:
         conn.close()
 
@@ -289,33 +289,47 @@ def test_restage_after_a_crash_is_deduplicated_by_raw_compaction(
     client: TestClient, paths: Paths
 ) -> None:
     client.post("/v1/telemetry", json=recs(6), headers=AUTH)
-    compact(paths)
-    # A crash between staging and moving the watermark: the rows are still pending.
     conn = connect(spool_path(paths))
-    conn.execute("UPDATE watermark SET compacted_through = 0")
+    batches = conn.execute("SELECT records FROM batches").fetchall()
+    compact(paths)
+    # A crash between staging and deleting: the batches are still there.
+    conn.executemany("INSERT INTO batches (records) VALUES (?)", batches)
     conn.close()
     assert compact(paths).records == 6
     assert compact_to_raw(paths) == sorted((f"job-{i}", "submitted") for i in range(6))
 
 
-def test_compacted_rows_expire_after_the_retention(client: TestClient, paths: Paths) -> None:
+def test_identities_expire_after_the_retention(client: TestClient, paths: Paths) -> None:
     client.post("/v1/telemetry", json=recs(4), headers=AUTH)
     kept = compact(paths, retention=timedelta(days=1))
     assert (kept.records, kept.expired) == (4, 0)
     answer = client.post("/v1/telemetry", json=recs(4), headers=AUTH).json()
     assert answer["duplicates"] == 4  # remembered within the retention
     conn = connect(spool_path(paths))
-    conn.execute("UPDATE spool SET accepted_at = accepted_at - 2 * 86400 WHERE job_id < 'job-2'")
+    conn.execute(
+        "UPDATE identities SET accepted_at = accepted_at - 2 * 86400 WHERE job_id < 'job-2'"
+    )
     conn.close()
-    client.post("/v1/telemetry", json=recs(6, prefix="new"), headers=AUTH)  # not compacted yet
+    client.post("/v1/telemetry", json=recs(6, prefix="new"), headers=AUTH)
     report = compact(paths, retention=timedelta(days=1))
     assert (report.records, report.expired) == (6, 2)
-    assert len(stored_ids(paths)) == 8  # 4 + 6 - 2: pending rows never expire
-    # A late copy of an expired record is accepted again, and still lands once.
+    assert len(stored_ids(paths)) == 8  # 4 + 6 - 2
+    # A late copy of a forgotten record is accepted again, and still lands once.
     assert client.post("/v1/telemetry", json=recs(4), headers=AUTH).json()["accepted"] == 2
-    compact(paths)
     landed = compact_to_raw(paths)
     assert sorted(set(landed)) == landed and len(landed) == 10
+
+
+def test_duplicates_within_and_across_batches_are_found_one_by_one(
+    client: TestClient, paths: Paths
+) -> None:
+    first = client.post("/v1/telemetry", json=recs(3), headers=AUTH).json()
+    assert (first["accepted"], first["duplicates"]) == (3, 0)
+    mixed = recs(5) + recs(2, prefix="again") + recs(2, prefix="again")
+    answer = client.post("/v1/telemetry", json=mixed, headers=AUTH).json()
+    assert (answer["accepted"], answer["duplicates"]) == (4, 5)  # job-3/4, again-0/1
+    assert compact(paths).records == 7
+    assert len(compact_to_raw(paths)) == 7
 
 
 def test_a_first_layout_spool_is_migrated(paths: Paths) -> None:
@@ -339,6 +353,7 @@ def test_a_first_layout_spool_is_migrated(paths: Paths) -> None:
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
     assert "records" not in tables
+    assert stored_ids(paths) == sorted((f"job-{i}", "submitted") for i in range(3))
 
 
 def test_openapi_documents_the_request_body(client: TestClient) -> None:

@@ -121,7 +121,7 @@ def test_acknowledged_records_survive_kill_9_exactly_once(tmp_path: Path) -> Non
 
     paths = Paths(home)
     conn = connect(spool_path(paths))
-    spooled = [job for (job,) in conn.execute("SELECT job_id FROM spool").fetchall()]
+    spooled = [job for (job,) in conn.execute("SELECT job_id FROM identities").fetchall()]
     conn.close()
     assert all_acked <= set(spooled)
     assert set(spooled) <= all_sent

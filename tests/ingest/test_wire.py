@@ -17,8 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from support.contract_cases import (
+    BAD_TIMESTAMPS,
     EDGE_CASES,
     FAST,
+    GOOD_TIMESTAMPS,
     VALID_RECORD,
     VALID_RECORDS,
     mutated_records,
@@ -121,6 +123,34 @@ def test_collector_reads_arrays_as_the_slow_reader_does(batch: list[Any]) -> Non
     fast = collector.read_array(body, "test")
     slow = collector._read_array_slowly(body, "test")
     assert fast == slow
+
+
+def canonical_or_mutated() -> st.SearchStrategy[Any]:
+    canonical = VALID_RECORDS.map(lambda obj: record_to_json(validate_record(obj)))
+    return st.one_of(canonical, canonical, mutated_records().map(lambda case: case[1]))
+
+
+@FAST
+@given(st.lists(canonical_or_mutated(), max_size=6))
+def test_whole_batch_fast_path_reads_as_the_slow_reader_does(batch: list[Any]) -> None:
+    body = json.dumps(batch).encode()
+    expected = collector._read_array_slowly(body, "test")
+    rows = wire.array_to_spool_rows(body)
+    if rows is not None:
+        assert not expected.rejected and rows == expected.rows
+    assert collector.read_array(body, "test") == expected
+
+
+@pytest.mark.parametrize(
+    "stamp", GOOD_TIMESTAMPS + BAD_TIMESTAMPS + ["2026-01-01T24:00:00.000000Z"]
+)
+def test_whole_batch_timestamps_as_the_contract_reads_them(stamp: Any) -> None:
+    canonical = record_to_json(validate_record(VALID_RECORD))
+    body = json.dumps([canonical, {**canonical, "job_id": "j2", "timestamp": stamp}])
+    expected = collector._read_array_slowly(body.encode(), "test")
+    rows = wire.array_to_spool_rows(body.encode())
+    if rows is not None:
+        assert not expected.rejected and rows == expected.rows
 
 
 @pytest.mark.parametrize(
