@@ -41,7 +41,7 @@ QUICK_CONTRACT_VALIDATION = contract_validation.Settings(records=2_000, repeats=
 QUICK_STREAMING = streaming.Settings(records=20_000, api_keys=20, days=1.0, pushes=10)
 QUICK_ONLINE_LOOKUP = online_lookup.Settings(api_keys=50, lookups=200, warmup=20)
 QUICK_INSTRUMENTATION = instrumentation.Settings(calls=20, blocks=2)
-QUICK_COLLECTOR = collector.Settings(records=3_000, batch=500)
+QUICK_COLLECTOR = collector.Settings(records=3_000, batch=500, rounds=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
