@@ -427,6 +427,8 @@ class Instrumentor(ABC):
         self._depth: contextvars.ContextVar[int] = contextvars.ContextVar(
             f"qabuse_{self.sdk}_depth", default=0
         )
+        self._classes_lock = threading.Lock()
+        self._watching_classes = False
         #: Figures per circuit structure, shared by this instrumentor's jobs (emitter's thread).
         self.structures: StructureCache[Any] = StructureCache()
 
@@ -441,6 +443,40 @@ class Instrumentor(ABC):
     def install(self) -> None:
         for owner, name, make in self.patch_points():
             self.patch(owner, name, make)
+        with self._classes_lock:
+            self._watching_classes = True
+
+    def new_subclasses(
+        self, base: type, on_new: Callable[[type], None]
+    ) -> tuple[object, str, Callable[[Any], Any]]:
+        """A patch point for ``base.__init_subclass__``: ``on_new(cls)`` for each new subclass.
+
+        Covers classes defined, or first imported, after `install`: ``on_new`` patches
+        them with `patch`, so `uninstall` restores them with the rest. The base's own
+        ``__init_subclass__`` (else the next in the MRO) runs first, as uninstrumented.
+        """
+
+        def make(_inherited: Any) -> classmethod[Any, ..., None]:
+            own = vars(base).get("__init_subclass__")
+
+            def __init_subclass__(cls: type, **kwargs: Any) -> None:
+                if own is not None:
+                    own.__get__(None, cls)(**kwargs)
+                else:
+                    parent: Any = super(base, cls)  # the next __init_subclass__ after base's
+                    parent.__init_subclass__(**kwargs)
+                self.guard(
+                    f"instrumenting {cls.__qualname__}", lambda: self._new_class(on_new, cls)
+                )
+
+            return classmethod(__init_subclass__)
+
+        return base, "__init_subclass__", make
+
+    def _new_class(self, on_new: Callable[[type], None], cls: type) -> None:
+        with self._classes_lock:
+            if self._watching_classes:  # not once `uninstall` has begun
+                on_new(cls)
 
     def patch(self, owner: object, name: str, make: Callable[[Any], Any]) -> None:
         """Replace ``owner.name`` with ``make(original)``; `uninstall` restores it.
@@ -453,6 +489,8 @@ class Instrumentor(ABC):
         self._originals.append((owner, name, original, own))
 
     def uninstall(self) -> None:
+        with self._classes_lock:
+            self._watching_classes = False
         while self._originals:
             owner, name, original, own = self._originals.pop()
             if own:

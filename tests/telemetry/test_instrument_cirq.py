@@ -462,6 +462,39 @@ def test_import_patches_nothing_and_uninstrument_restores_cirq() -> None:
     assert len(sink.records) == 2
 
 
+def test_a_sampler_class_defined_after_instrumenting_is_recorded_and_restored() -> None:
+    sink = MemorySink()
+    handle = instrument("cirq", sink, USER_ID, API_KEY_ID, hasher=KeyedHasher.demo())
+    try:
+
+        class LateSampler(cirq.Sampler):
+            def __init__(self) -> None:
+                self._inner = cirq.Simulator(seed=11)
+
+            def run_sweep(
+                self, program: cirq.AbstractCircuit, params: Any, repetitions: int = 1
+            ) -> Any:
+                return self._inner.run_sweep(program, params, repetitions)
+
+        patched = vars(LateSampler)["run_sweep"]
+        original = patched.__wrapped__  # patched as the class was created
+        circuit = _circuit()
+        results = LateSampler().run_sweep(circuit, [{THETA: ANGLE}, {THETA: 0.1}], 7)
+        assert [r.repetitions for r in results] == [7, 7]
+        submitted, finished = _one_job(handle, sink)
+        assert (submitted["num_circuits"], submitted["shots"]) == (2, 7)
+        assert finished["status"] == "completed"
+        LateSampler().run(circuit, {THETA: ANGLE}, repetitions=3)  # run -> run_sweep: one job
+        assert len(_records(handle, sink)) == 2
+    finally:
+        handle.uninstrument()
+    assert vars(LateSampler)["run_sweep"] is original
+    assert "__init_subclass__" not in vars(cirq.Sampler)
+    sink.records.clear()
+    LateSampler().run_sweep(_circuit(), [{THETA: ANGLE}], 3)
+    assert sink.records == []
+
+
 def test_figures_are_computed_once_per_structure_and_stay_right_after_a_mutation(
     cirq_sdk: tuple[Handle, MemorySink], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,13 +32,15 @@ What a record counts:
 * ``code_hash`` is over the distinct programs (not the executions), so a sweep's length
   and values leave it unchanged.
 
+A ``Sampler`` subclass defined (or first imported) after `instrument` has its own entry
+points patched as the class is created (`Instrumentor.new_subclasses`), and restored by
+`uninstrument`.
+
 Limitations:
 
 * Cirq's own ``run_batch_async`` fans out with ``duet.pstarmap_async``, so it runs under
   ``duet.run``, not under asyncio (a limit of Cirq, not of the recording): under duet it
   is one job like the others.
-* A ``Sampler`` subclass defined after `instrument` is recorded through the inherited
-  ``run`` and ``run_batch``, but not when its own ``run_sweep`` is called directly.
 * ``Sampler.sample`` with a list of sweeps calls ``run_sweep`` once per sweep: one job each.
 * A sweep passed as a one-shot iterator is counted as one execution, since counting it
   would consume it.
@@ -158,10 +160,21 @@ class CirqInstrumentor(Instrumentor):
 
         points: list[tuple[object, str, Callable[[Any], Any]]] = []
         for cls in _with_subclasses(cirq.Sampler):
-            for method in _ENTRY_POINTS:
-                if inspect.isfunction(vars(cls).get(method)):
-                    points.append((cls, method, functools.partial(self._wrap, method)))
+            points += self._own_entry_points(cls)
+        # Samplers defined (or first imported) from now on are patched as they are created.
+        points.append(self.new_subclasses(cirq.Sampler, self._patch_new_sampler))
         return points
+
+    def _own_entry_points(self, cls: type) -> list[tuple[object, str, Callable[[Any], Any]]]:
+        return [
+            (cls, method, functools.partial(self._wrap, method))
+            for method in _ENTRY_POINTS
+            if inspect.isfunction(vars(cls).get(method))
+        ]
+
+    def _patch_new_sampler(self, cls: type) -> None:
+        for owner, name, make in self._own_entry_points(cls):
+            self.patch(owner, name, make)
 
     def _wrap(self, method: str, original: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(original)

@@ -190,7 +190,7 @@ class QiskitInstrumentor(Instrumentor):
             points += [(c, "run", wrap) for c in _own_run(base)]
         # Classes defined (or first imported) from now on are patched as they are created.
         for base, wrap in bases:
-            points.append((base, "__init_subclass__", functools.partial(self._hook, base, wrap)))
+            points.append(self.new_subclasses(base, functools.partial(_patch_run, self, wrap)))
         return points
 
     def install(self) -> None:
@@ -206,33 +206,6 @@ class QiskitInstrumentor(Instrumentor):
             self._watches.clear()
 
     # -- wrappers -------------------------------------------------------------------------
-
-    def _hook(
-        self, base: type, wrap: Callable[[Any], Any], _inherited: Callable[..., None]
-    ) -> classmethod[Any, ..., None]:
-        """``base.__init_subclass__`` that patches the ``run`` of each new subclass.
-
-        The base's own ``__init_subclass__`` (if it defines one, else the next in the MRO)
-        runs first, as it would uninstrumented; `uninstall` removes the hook and restores
-        the ``run`` of each class patched through it.
-        """
-        own = vars(base).get("__init_subclass__")
-
-        def __init_subclass__(cls: type, **kwargs: Any) -> None:
-            if own is not None:
-                own.__get__(None, cls)(**kwargs)
-            else:
-                parent: Any = super(base, cls)  # the next __init_subclass__ after base's
-                parent.__init_subclass__(**kwargs)
-            if "run" in vars(cls):
-                self.guard(f"patching {cls.__qualname__}.run", lambda: self._patch_new(cls, wrap))
-
-        return classmethod(__init_subclass__)
-
-    def _patch_new(self, cls: type, wrap: Callable[[Any], Any]) -> None:
-        with self._lock:
-            if self._installed:
-                self.patch(cls, "run", wrap)
 
     def _wrap_backend_run(self, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)  # keeps __isabstractmethod__ of BackendV2.run
@@ -494,6 +467,12 @@ def _snapshot(circuit: QuantumCircuit) -> _Data | QuantumCircuit:
         except (AttributeError, TypeError):
             pass
     return circuit.copy()
+
+
+def _patch_run(instrumentor: Instrumentor, wrap: Callable[[Any], Any], cls: type) -> None:
+    """Patch the ``run`` of a class created while instrumented, if it defines one."""
+    if "run" in vars(cls):
+        instrumentor.patch(cls, "run", wrap)
 
 
 def _fingerprint(snapshot: _Data | QuantumCircuit, conditions: bool) -> Hashable | None:
