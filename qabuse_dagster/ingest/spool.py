@@ -29,6 +29,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -232,13 +233,13 @@ def _compact(database: Path, paths: Paths, batch: int, retention: timedelta) -> 
     total, written = 0, []
     conn = connect(database)
     try:
-        pending = [seq for (seq,) in conn.execute("SELECT seq FROM batches ORDER BY seq")]
+        pending = deque(seq for (seq,) in conn.execute("SELECT seq FROM batches ORDER BY seq"))
         while pending:
             # Whole batches, up to about `batch` records at a time.
             seqs: list[int] = []
             texts: list[str] = []
             while pending and len(texts) < batch:
-                seq = pending.pop(0)
+                seq = pending.popleft()
                 (records,) = conn.execute(
                     "SELECT records FROM batches WHERE seq = ?", (seq,)
                 ).fetchone()

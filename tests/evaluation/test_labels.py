@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
+from support.contract_cases import FAST
 
 from qabuse_dagster.evaluation import labels as labels_module
 from qabuse_dagster.evaluation.labels import (
@@ -37,15 +38,6 @@ SCHEMA: dict[str, Any] = json.loads(
 )
 PROPERTIES: dict[str, dict[str, Any]] = SCHEMA["properties"]
 VALIDATOR = Draft202012Validator(SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER)
-
-# derandomize: the same examples on every run ("seed everything").
-FAST = settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
 
 HEX16 = "0123456789abcdef"
 VALID_LABEL: dict[str, Any] = {
