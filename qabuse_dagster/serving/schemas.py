@@ -26,5 +26,7 @@ class ScoreResponse(BaseModel):
     )
     feature_age_s: float | None = Field(
         description="Seconds since the event time of the oldest feature used; null when "
-        "the store gave no event time."
+        "the store gave no event time.",
+        # BentoML publishes only the first branch of anyOf; say that null is allowed.
+        json_schema_extra={"nullable": True},
     )

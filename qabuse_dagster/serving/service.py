@@ -17,11 +17,13 @@ import math
 import threading
 import time
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import bentoml
 from bentoml.exceptions import NotFound, ServiceUnavailable
 from pydantic import Field
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qabuse_dagster import settings
 from qabuse_dagster.serving.schemas import HEX_ID_PATTERN, ScoreResponse
@@ -81,6 +83,31 @@ class _Champion:
             logger.error("%s", exc)
 
 
+class JSONBodiesOnly:
+    """Refuses a ``/score`` body that is not JSON with a 415, before BentoML parses it.
+
+    BentoML also parses multipart and url-encoded forms and takes any other content type
+    for JSON; its multipart parser's error (no boundary, a part over 1 MB) escapes as a 500.
+    A request without a Content-Type is taken as JSON.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/score":
+            content_type = dict(scope["headers"]).get(b"content-type", b"application/json")
+            media_type = content_type.split(b";")[0].strip().lower().decode("latin-1")
+            if media_type != "application/json":
+                refusal = JSONResponse(
+                    {"error": f"unsupported content type {media_type!r}: send application/json"},
+                    status_code=415,
+                )
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 @bentoml.service(name="qabuse_scorer", workers=1, traffic={"timeout": 10})
 class Scorer:
     """Scores api keys from their Feast online features with the @champion detector."""
@@ -135,3 +162,7 @@ class Scorer:
             stale=vector.stale,
             feature_age_s=vector.age_s,
         )
+
+
+# mypy keeps a decorated class's own type; bentoml.service made Scorer a bentoml.Service.
+cast("bentoml.Service[Any]", Scorer).add_asgi_middleware(JSONBodiesOnly)
