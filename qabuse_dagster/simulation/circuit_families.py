@@ -6,7 +6,9 @@ SDK's own gates, and compiled the way its users' jobs are:
 
 * Qiskit: transpiled to the basis of IBM's devices (:data:`BASIS_GATES`), fixed seed.
 * Cirq: compiled with ``cirq.optimize_for_target_gateset`` to ``cirq.CZTargetGateset``
-  (CZ, PhasedXZ and measurement), the gate set of Google's devices.
+  (CZ, PhasedXZ and measurement), the gate set of Google's devices, then laid out as one
+  PhasedXZ per qubit between its CZs: which of Cirq's single-qubit gates survive depends on
+  the CPU's BLAS kernel, the CZs do not (see :func:`_in_single_qubit_layers`).
 * PennyLane: a tape whose templates (``qml.QFT``, ``qml.RandomLayers``) are expanded by
   ``qml.transforms.decompose`` into PennyLane's own gates (``Hadamard``, ``CNOT``,
   ``ControlledPhaseShift``...). PennyLane has no device-independent compiler to a hardware
@@ -226,14 +228,57 @@ _CIRQ_BUILDERS: dict[str, Callable[[int], cirq.Circuit]] = {
 }
 
 
-def _cirq_catalogue() -> list[CircuitStats]:
+def _cirq_compiled(circuit: cirq.AbstractCircuit) -> cirq.Circuit:
+    """``circuit`` compiled to Google's CZ gate set, one PhasedXZ layer between CZs."""
     import cirq
 
-    gateset = cirq.CZTargetGateset()
+    compiled = cirq.optimize_for_target_gateset(circuit, gateset=cirq.CZTargetGateset())
+    return _in_single_qubit_layers(compiled)
+
+
+def _in_single_qubit_layers(circuit: cirq.AbstractCircuit) -> cirq.Circuit:
+    """``circuit`` with each qubit's single-qubit gates between two other operations merged.
+
+    ``cirq.optimize_for_target_gateset`` rewrites each two-qubit block by a KAK decomposition.
+    For the blocks these families are made of (CNOT, a partial CZ or ZZ, SWAP, iSWAP) its
+    single-qubit gates are not unique: they come from eigenvectors of a repeated eigenvalue,
+    so the ones it returns follow the last bits of the BLAS kernel the CPU selects. Which
+    layers then merge to the identity, or to a Z that the measurement absorbs, and are
+    dropped, differs from one CPU to another (a GHZ on 3 qubits has 6 or 7 PhasedXZ), while
+    the CZs do not. So every layer is kept, one ``PhasedXZ`` per qubit before, between and
+    after its CZs, identity or not, and the circuit is rebuilt with each operation as early
+    as it goes: its statistics then depend on the CZs alone.
+    """
+    import cirq
+
+    identity = np.eye(2, dtype=complex)
+    # The product of each qubit's single-qubit gates since its last other operation; every
+    # operation but a measurement opens a layer after it.
+    open_layers: dict[cirq.Qid, np.ndarray] = {}
+    operations: list[cirq.Operation] = []
+
+    def close_layer(qubit: cirq.Qid) -> None:
+        layer = open_layers.pop(qubit, identity)
+        operations.append(cirq.PhasedXZGate.from_matrix(layer).on(qubit))
+
+    for operation in circuit.all_operations():
+        if cirq.num_qubits(operation) == 1 and cirq.has_unitary(operation):
+            (qubit,) = operation.qubits
+            open_layers[qubit] = cirq.unitary(operation) @ open_layers.get(qubit, identity)
+            continue
+        for qubit in operation.qubits:
+            close_layer(qubit)
+        operations.append(operation)
+        if not cirq.is_measurement(operation):
+            open_layers.update(dict.fromkeys(operation.qubits, identity))
+    for qubit in list(open_layers):
+        close_layer(qubit)
+    return cirq.Circuit(operations)
+
+
+def _cirq_catalogue() -> list[CircuitStats]:
     return [
-        cirq_circuit_stats(
-            cirq.optimize_for_target_gateset(_CIRQ_BUILDERS[family](n), gateset=gateset)
-        )
+        cirq_circuit_stats(_cirq_compiled(_CIRQ_BUILDERS[family](n)))
         for family in FAMILIES
         for n in CATALOGUE_SIZES
     ]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 
 from qabuse_dagster.simulation.circuits import (
@@ -20,6 +21,9 @@ from qabuse_dagster.simulation.circuits import (
 from qabuse_dagster.simulation.twin import simulate
 from qabuse_dagster.telemetry.contract import validate_record
 from qabuse_dagster.telemetry.hashing import KeyedHasher
+
+if TYPE_CHECKING:
+    import cirq
 
 
 def test_catalogue_covers_every_family_and_size_in_order() -> None:
@@ -106,6 +110,8 @@ def test_cirq_catalogue_is_compiled_to_the_cz_gateset(
         assert stats.two_qubit_gates == stats.gate_counts["cz"]
         # One cirq.measure over every qubit.
         assert stats.gate_counts["measurement"] == 1
+        # One PhasedXZ layer per qubit before, between and after its CZs.
+        assert stats.gate_counts["phasedxz"] == stats.num_qubits + 2 * stats.gate_counts["cz"]
 
 
 def test_pennylane_catalogue_holds_pennylane_gates_not_templates(
@@ -202,3 +208,60 @@ def test_the_twin_reads_the_catalogue_without_importing_an_sdk() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def _nudged(operation: cirq.Operation, factor: float) -> cirq.Operation:
+    """``operation`` with its exponent scaled by ``factor``, a CZ left as it is.
+
+    A CZ is in the gate set the compiler targets and one ulp off it is not, so it would take
+    another path through the compiler, not the same path with other rounding.
+    """
+    import cirq
+
+    if operation.gate == cirq.CZ:
+        return operation
+    return cirq.pow(operation, factor, operation)
+
+
+@pytest.mark.parametrize("factor", [np.nextafter(1.0, 2.0), np.nextafter(1.0, 0.0)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cirq_statistics_do_not_depend_on_the_last_bit_of_an_exponent(
+    family: str, factor: float
+) -> None:
+    """One ulp on every exponent moves Cirq's KAK decompositions as another CPU's BLAS does.
+
+    Cirq's own output then differs: a GHZ on 3 qubits has 6 PhasedXZ rather than 7.
+    """
+    import cirq
+
+    from qabuse_dagster.simulation.circuit_families import _CIRQ_BUILDERS, _cirq_compiled
+    from qabuse_dagster.telemetry.circuit_stats import cirq_circuit_stats
+
+    for n in CATALOGUE_SIZES[:3]:
+        # Expanded first, as the compiler does, so that a QFT's controlled phases move too.
+        circuit = cirq.expand_composite(
+            _CIRQ_BUILDERS[family](n), no_decomp=lambda op: cirq.num_qubits(op) <= 2
+        )
+        nudged = cirq.map_operations(circuit, lambda op, _: _nudged(op, factor))
+        assert nudged != circuit
+        assert cirq_circuit_stats(_cirq_compiled(nudged)) == cirq_circuit_stats(
+            _cirq_compiled(circuit)
+        ), (family, n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cirq_catalogue_circuits_do_what_the_family_does(family: str) -> None:
+    import cirq
+
+    from qabuse_dagster.simulation.circuit_families import _CIRQ_BUILDERS, _cirq_compiled
+
+    circuit = _CIRQ_BUILDERS[family](CATALOGUE_SIZES[0])
+    compiled = _cirq_compiled(circuit)
+    assert {type(op.gate) for op in compiled.all_operations()} <= {
+        cirq.CZPowGate,
+        cirq.PhasedXZGate,
+        cirq.MeasurementGate,
+    }
+    cirq.testing.assert_circuits_with_terminal_measurements_are_equivalent(
+        compiled, circuit, atol=1e-6
+    )
