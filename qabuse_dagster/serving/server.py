@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from qabuse_dagster import settings
+from qabuse_dagster.processes import ChildProcesses
 from qabuse_dagster.serving.client import ScoringClient
 
 logger = logging.getLogger(__name__)
@@ -49,31 +49,15 @@ def bentoml_command(host: str, port: int) -> list[str]:
     return [_bin("bentoml"), "serve", SERVICE, "--host", host, "--port", str(port)]
 
 
-def _start(command: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    handle = log.open("ab")
-    # A session of its own, so stopping it also stops the workers it forks.
-    return subprocess.Popen(
-        list(command),
-        cwd=settings.PROJECT_ROOT,
-        env=server_env(),
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+def _start(
+    children: ChildProcesses,
+    command: Sequence[str],
+    log: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    return children.start(
+        command, cwd=settings.PROJECT_ROOT, env={**server_env(), **(env or {})}, log=log
     )
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @contextlib.contextmanager
@@ -83,22 +67,19 @@ def scoring_server(
     """Run ``bentoml serve`` for the block; yields a client once ``/readyz`` answers."""
     port = port or free_port(host)
     log = settings.paths().run / "bentoml.log"
-    process = _start(bentoml_command(host, port), log)
-    client = ScoringClient(f"http://{host}:{port}")
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not client.ready():
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"bentoml serve exited with {process.returncode}; see {log}:\n" + _tail(log)
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"endpoint not ready after {ready_timeout:.0f} s; see {log}")
-            time.sleep(0.5)
-        yield client
-    finally:
-        client.close()
-        _stop(process)
+    with ChildProcesses() as children:
+        process = _start(children, bentoml_command(host, port), log)
+        with contextlib.closing(ScoringClient(f"http://{host}:{port}")) as client:
+            deadline = time.monotonic() + ready_timeout
+            while not client.ready():
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"bentoml serve exited with {process.returncode}; see {log}:\n" + _tail(log)
+                    )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"endpoint not ready after {ready_timeout:.0f} s; see {log}")
+                time.sleep(0.5)
+            yield client
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -109,19 +90,13 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def serve_forever(host: str, port: int) -> int:
-    """``qabuse serve``: BentoML in the foreground until it exits or Ctrl-C."""
-    process = subprocess.Popen(
-        bentoml_command(host, port), cwd=settings.PROJECT_ROOT, env=server_env()
-    )
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        return process.wait()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    """``qabuse serve``: BentoML in the foreground until it exits, Ctrl-C or SIGTERM."""
+    with ChildProcesses() as children:
+        process = _start(children, bentoml_command(host, port))
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # bentoml and its workers are already stopped
+            return 0
 
 
 def run_stack(
@@ -134,8 +109,6 @@ def run_stack(
     from qabuse_dagster.pipeline import export_dagster_home
 
     export_dagster_home()
-    # SIGTERM (from `timeout`, systemd, a CI runner) must stop the servers too.
-    signal.signal(signal.SIGTERM, _interrupt)
     run_dir = settings.paths().run
     commands = {
         "dagster": [
@@ -162,20 +135,24 @@ def run_stack(
         ],
         "bentoml": bentoml_command("127.0.0.1", serve_port),
     }
-    processes = {name: _start(cmd, run_dir / f"{name}.log") for name, cmd in commands.items()}
-    say(f"Dagster UI      http://127.0.0.1:{dagster_port}")
-    say(f"MLflow UI       http://127.0.0.1:{mlflow_port}")
-    say(f"Scoring API     http://127.0.0.1:{serve_port}/score   (OpenAPI docs at /)")
-    say(f"logs in {run_dir}; the UIs take up to a minute to start; Ctrl-C stops all three")
-    try:
-        while True:
-            for name, process in processes.items():
-                if process.poll() is not None:
-                    say(f"{name} exited with {process.returncode}; see {run_dir / name}.log")
-                    return 1
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for process in processes.values():
-            _stop(process)
+    # MLflow's job runner (seven huey consumers for GenAI jobs qabuse never submits) would
+    # double the processes `up` starts and take most of the grace period to stop.
+    extra_env = {"mlflow": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}}
+    with ChildProcesses() as children:
+        processes = {
+            name: _start(children, command, run_dir / f"{name}.log", extra_env.get(name))
+            for name, command in commands.items()
+        }
+        say(f"Dagster UI      http://127.0.0.1:{dagster_port}")
+        say(f"MLflow UI       http://127.0.0.1:{mlflow_port}")
+        say(f"Scoring API     http://127.0.0.1:{serve_port}/score   (OpenAPI docs at /)")
+        say(f"logs in {run_dir}; the UIs take up to a minute to start; Ctrl-C stops all three")
+        try:
+            while True:
+                for name, process in processes.items():
+                    if process.poll() is not None:
+                        say(f"{name} exited with {process.returncode}; see {run_dir / name}.log")
+                        return 1
+                time.sleep(1.0)
+        except KeyboardInterrupt:  # the servers are already stopped
+            return 0
