@@ -159,18 +159,32 @@ def simulate(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Incident labels (JSONL) to keep beside the telemetry.",
 )
-def ingest(paths: tuple[Path, ...], labels: Path | None) -> None:
+@click.option(
+    "--tenant",
+    default="local",
+    show_default=True,
+    help="Who the records are stored as sent by; duplicates are judged per tenant.",
+)
+def ingest(paths: tuple[Path, ...], labels: Path | None, tenant: str) -> None:
     """Validate telemetry files (JSONL or Parquet) and stage them for the raw partitions.
 
-    Exits 1 when any record was rejected (they are kept in the quarantine).
+    Records outside the accepted time range (QABUSE_TELEMETRY_START to an hour past the
+    clock, QABUSE_MAX_CLOCK_SKEW_S) are rejected too. Exits 1 when any record was
+    rejected (they are kept in the quarantine).
     """
     from qabuse_dagster.evaluation.labels import LabelsError
     from qabuse_dagster.ingest.files import ingest_labels, ingest_telemetry
 
-    report = ingest_telemetry(paths, settings.paths())
+    if not tenant.strip():
+        raise click.BadParameter("must not be empty", param_hint="--tenant")
+    try:
+        report = ingest_telemetry(paths, settings.paths(), tenant=tenant.strip())
+    except ValueError as exc:  # a setting such as QABUSE_TELEMETRY_START is malformed
+        raise click.UsageError(str(exc)) from None
+    out_of_range = f" ({report.out_of_range} outside the time range)" if report.out_of_range else ""
     click.echo(
         f"{report.lines} lines: {report.accepted} accepted, {report.duplicates} duplicates,"
-        f" {report.rejected} rejected"
+        f" {report.rejected} rejected{out_of_range}"
     )
     for rejection in report.rejections[:10]:
         click.echo(f"  {rejection.source}:{rejection.line}: {rejection.reason}", err=True)
@@ -190,14 +204,26 @@ def ingest(paths: tuple[Path, ...], labels: Path | None) -> None:
 @click.option("--no-train", is_flag=True, help="Only compact telemetry and compute features.")
 def materialize(no_train: bool) -> None:
     """Materialise the asset graph over every hour waiting in the landing area."""
-    from qabuse_dagster.ingest.partitions import HOUR, landing_hours
-    from qabuse_dagster.pipeline import run_pipeline
+    from qabuse_dagster.ingest.partitions import landing_hours
+    from qabuse_dagster.pipeline import NothingToMaterialise, run_pipeline
 
     hours = landing_hours(settings.paths().landing)
     if not hours:
         raise click.ClickException("nothing to materialise: run `qabuse ingest` first")
-    result = run_pipeline(hours[0], hours[-1] + HOUR, train=not no_train)
-    click.echo(f"partitions {result.partitions[0]} .. {result.partitions[1]} materialised")
+    try:
+        result = run_pipeline(hours, train=not no_train)
+    except NothingToMaterialise as exc:
+        raise click.ClickException(str(exc)) from None
+    for hour in result.skipped_hours:
+        click.echo(
+            f"skipped landed hour {hour.isoformat()}: no hourly partition holds it (files "
+            f"left in {settings.paths().landing})",
+            err=True,
+        )
+    click.echo(
+        f"partitions {result.partitions[0]} .. {result.partitions[1]} materialised "
+        f"({len(result.telemetry_run_ids)} run(s) of consecutive hours)"
+    )
     if result.trained is not None:
         click.echo(
             f"model {result.trained.ref.name} v{result.trained.ref.version}; "
@@ -280,6 +306,49 @@ def serve(host: str, port: int) -> None:
     show_default=True,
     help="Server processes; they share the spool, the rate limits and the compaction.",
 )
+@click.option(
+    "--max-records",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Bodies with more records are answered 413, before any is validated.",
+)
+@click.option(
+    "--quarantine-mb-per-hour",
+    type=click.FloatRange(min=0),
+    default=64.0,
+    show_default=True,
+    help="Quarantine each token may fill per hour; later rejections are only counted.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has for its request line and headers, in all (then 408).",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds a client has for its body once the headers are in (then 408).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Open connections per process [default and ceiling: the open-files limit less "
+    "128 kept for the collector's files]. Over it, the oldest waiting for headers is shed.",
+)
+@click.option(
+    "--trusted-tenant",
+    "trusted_tenants",
+    multiple=True,
+    metavar="TENANT",
+    help="A tenant trusted with every API key (a provider's own gateway): it claims none and "
+    "is refused none. Other tenants may report the keys they reported first. Repeatable.",
+)
 def collector(
     host: str,
     port: int,
@@ -288,10 +357,17 @@ def collector(
     burst: int,
     compact_every: float,
     workers: int,
+    max_records: int,
+    quarantine_mb_per_hour: float,
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int | None,
+    trusted_tenants: tuple[str, ...],
 ) -> None:
     """Serve POST /v1/telemetry for HttpSink clients (foreground).
 
-    Tokens come from QABUSE_COLLECTOR_TOKENS: comma-separated name:token pairs.
+    Tokens come from QABUSE_COLLECTOR_TOKENS: comma-separated tenant:token pairs (a tenant
+    may hold several tokens). Each tenant's records are deduplicated among its own.
     """
     import os
 
@@ -303,8 +379,13 @@ def collector(
         raise click.UsageError(str(exc)) from None
     if not tokens:
         raise click.UsageError(
-            f"no client tokens: set {TOKENS_ENV} to comma-separated name:token pairs, "
+            f"no client tokens: set {TOKENS_ENV} to comma-separated tenant:token pairs, "
             f"e.g. {TOKENS_ENV}=ci:$(openssl rand -hex 24)"
+        )
+    unknown = sorted(set(trusted_tenants) - set(tokens.values()))
+    if unknown:
+        raise click.BadParameter(
+            f"{', '.join(unknown)} hold(s) no token in {TOKENS_ENV}", param_hint="--trusted-tenant"
         )
     click.echo(
         f"collector on http://{host}:{port}/v1/telemetry for {len(tokens)} client(s); "
@@ -321,6 +402,12 @@ def collector(
         burst=burst,
         compact_every_s=compact_every,
         workers=workers,
+        max_records=max_records,
+        quarantine_bytes_per_hour=int(quarantine_mb_per_hour * 1024 * 1024),
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        max_connections=max_connections,
+        trusted_tenants=trusted_tenants,
     )
 
 

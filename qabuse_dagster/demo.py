@@ -46,6 +46,7 @@ def _percentile(values: list[float], q: float) -> float:
 def run_demo(*, hours: float = 48.0, seed: int = 7, calls: int = 200) -> int:
     """Simulate → ingest → materialise via Dagster → serve → score → report. Returns exit code."""
     from qabuse_dagster.ingest.files import ingest_labels, ingest_telemetry
+    from qabuse_dagster.ingest.partitions import hours_between
     from qabuse_dagster.pipeline import run_pipeline
     from qabuse_dagster.serving.server import scoring_server
     from qabuse_dagster.simulation import simulate
@@ -77,7 +78,7 @@ def run_demo(*, hours: float = 48.0, seed: int = 7, calls: int = 200) -> int:
         console,
         "materialise the asset graph through Dagster (raw → features → Feast"
         " → training set → model → evaluation → @champion)",
-        lambda: run_pipeline(sim.start, sim.end),
+        lambda: run_pipeline(hours_between(sim.start, sim.end)),
     )
 
     evaluation, trained = result.evaluation, result.trained

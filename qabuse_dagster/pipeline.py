@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,13 +26,17 @@ QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_leve
 class PipelineResult:
     """What one pass through both jobs produced."""
 
-    telemetry_run_id: str
+    #: One telemetry run per span of consecutive hours.
+    telemetry_run_ids: tuple[str, ...]
     training_run_id: str
+    #: First and last partition materialised.
     partitions: tuple[str, str]
     evaluation: Any
     trained: Any
     champion_promoted: bool
     checks: dict[str, bool]
+    #: Hours asked for that no partition holds (before the first, after the open one).
+    skipped_hours: tuple[datetime, ...] = ()
 
     @property
     def failed_checks(self) -> list[str]:
@@ -50,21 +55,21 @@ def export_dagster_home() -> str:
     return str(home)
 
 
-def partition_range(start: datetime, end: datetime) -> tuple[str, str]:
-    """First and last hourly partition keys covering ``[start, end)``."""
-    from qabuse_dagster.defs.partitions import HOURLY_PARTITIONS
-
-    first = HOURLY_PARTITIONS.get_partition_key_for_timestamp(start.timestamp())
-    last = HOURLY_PARTITIONS.get_partition_key_for_timestamp(end.timestamp() - 1e-6)
-    return first, last
+class NothingToMaterialise(ValueError):
+    """No hour asked for has a partition."""
 
 
-def run_pipeline(start: datetime, end: datetime, *, train: bool = True) -> PipelineResult:
-    """Materialise raw telemetry and features for ``[start, end)``, then train and promote.
+def run_pipeline(hours: Iterable[datetime], *, train: bool = True) -> PipelineResult:
+    """Materialise raw telemetry and features for ``hours``, then train and promote.
 
-    Raw telemetry and features run as one single-run backfill over the whole range;
-    the training job then applies Feast, builds the training set, trains, registers,
-    evaluates and, if the blocking check passes, promotes the model to @champion.
+    Each span of consecutive hours runs as one single-run backfill, so sparse hours cost
+    time for those hours alone, never for the gap between them. Hours no partition holds
+    are skipped and reported. The training job then applies Feast, builds the training
+    set, trains, registers, evaluates and, if the blocking check passes, promotes the
+    model to @champion.
+
+    Raises:
+        NothingToMaterialise: none of ``hours`` has a partition.
     """
     from dagster import DagsterInstance
     from dagster._core.storage.tags import (
@@ -73,19 +78,39 @@ def run_pipeline(start: datetime, end: datetime, *, train: bool = True) -> Pipel
     )
 
     from qabuse_dagster.definitions import build_definitions
+    from qabuse_dagster.defs.partitions import partition_key, split_by_partitions
+    from qabuse_dagster.ingest.partitions import HOUR, contiguous_spans
 
+    inside, outside = split_by_partitions(hours)
+    if outside:
+        logger.warning("%d hour(s) outside the hourly partitions skipped", len(outside))
+    spans = contiguous_spans(inside)
+    if not spans:
+        raise NothingToMaterialise(
+            f"no hour to materialise: {len(outside)} hour(s) asked for, none inside the "
+            "hourly partitions (from QABUSE_TELEMETRY_START to the hour now open)"
+        )
     export_dagster_home()
     defs = build_definitions()
     instance = DagsterInstance.get()
-    first, last = partition_range(start, end)
-    telemetry = defs.resolve_job_def("telemetry_job").execute_in_process(
-        instance=instance,
-        run_config=QUIET_RUN_CONFIG,
-        tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
-    )
-    checks = _checks(telemetry)
+    run_ids: list[str] = []
+    checks: dict[str, bool] = {}
+    for start, end in spans:
+        telemetry = defs.resolve_job_def("telemetry_job").execute_in_process(
+            instance=instance,
+            run_config=QUIET_RUN_CONFIG,
+            tags={
+                ASSET_PARTITION_RANGE_START_TAG: partition_key(start),
+                ASSET_PARTITION_RANGE_END_TAG: partition_key(end - HOUR),
+            },
+        )
+        run_ids.append(telemetry.run_id)
+        for name, passed in _checks(telemetry).items():  # failed in any span: failed
+            checks[name] = checks.get(name, True) and passed
+    first, last = partition_key(spans[0][0]), partition_key(spans[-1][1] - HOUR)
+    skipped = tuple(outside)
     if not train:
-        return PipelineResult(telemetry.run_id, "", (first, last), None, None, False, checks)
+        return PipelineResult(tuple(run_ids), "", (first, last), None, None, False, checks, skipped)
     training = defs.resolve_job_def("training_job").execute_in_process(
         instance=instance, run_config=QUIET_RUN_CONFIG, raise_on_error=False
     )
@@ -104,7 +129,14 @@ def run_pipeline(start: datetime, end: datetime, *, train: bool = True) -> Pipel
         )
     checks.update(_checks(training))
     return PipelineResult(
-        telemetry.run_id, training.run_id, (first, last), evaluation, trained, promoted, checks
+        tuple(run_ids),
+        training.run_id,
+        (first, last),
+        evaluation,
+        trained,
+        promoted,
+        checks,
+        skipped,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +23,11 @@ MODEL_REFRESH_ENV = "QABUSE_MODEL_REFRESH_S"
 ONLINE_STORE_ENV = "QABUSE_ONLINE_STORE"
 REDIS_ENV = "QABUSE_REDIS"
 ONLINE_MAX_AGE_ENV = "QABUSE_ONLINE_MAX_AGE_S"
+TELEMETRY_START_ENV = "QABUSE_TELEMETRY_START"
+MAX_CLOCK_SKEW_ENV = "QABUSE_MAX_CLOCK_SKEW_S"
+
+#: The first hour of the raw partitions, and so the earliest telemetry accepted.
+DEFAULT_TELEMETRY_START = "2026-01-01T00:00:00Z"
 
 DEFAULT_MODEL_NAME = "qabuse-api-key-detector"
 CHAMPION_ALIAS = "champion"
@@ -163,3 +169,34 @@ def redis_connection_string() -> str:
 def online_max_age_seconds() -> float:
     """Oldest online feature vector still served as fresh; older ones are flagged stale."""
     return float(os.environ.get(ONLINE_MAX_AGE_ENV, "300"))
+
+
+def telemetry_start() -> datetime:
+    """The earliest instant telemetry may carry: the first hour of the raw partitions.
+
+    Records before it are quarantined at the door (``qabuse ingest``, the collector), since
+    no partition could hold them. An RFC 3339 instant; it is floored to its UTC hour.
+    """
+    text = os.environ.get(TELEMETRY_START_ENV, DEFAULT_TELEMETRY_START).strip()
+    try:
+        instant = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{TELEMETRY_START_ENV}={text!r}: expected an RFC 3339 instant such as "
+            f"{DEFAULT_TELEMETRY_START}"
+        ) from None
+    if instant.tzinfo is None:
+        raise ValueError(f"{TELEMETRY_START_ENV}={text!r}: give a UTC offset, e.g. a final Z")
+    return instant.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def max_clock_skew_seconds() -> float:
+    """How far ahead of the receiver's clock a record's timestamp may lie (default 1 hour)."""
+    text = os.environ.get(MAX_CLOCK_SKEW_ENV, "3600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 86_400:
+        raise ValueError(f"{MAX_CLOCK_SKEW_ENV}={text!r}: expected seconds from 0 to 86400")
+    return seconds

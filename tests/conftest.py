@@ -45,6 +45,7 @@ def qabuse_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def pipeline_run(qabuse_home: Path) -> PipelineRun:
     """26 simulated hours (a daily cycle plus the incident) through the whole asset graph."""
     from qabuse_dagster.ingest.files import ingest_labels, ingest_telemetry
+    from qabuse_dagster.ingest.partitions import hours_between
     from qabuse_dagster.pipeline import run_pipeline
     from qabuse_dagster.simulation import simulate
     from qabuse_dagster.telemetry.hashing import KeyedHasher
@@ -52,6 +53,6 @@ def pipeline_run(qabuse_home: Path) -> PipelineRun:
     sim = simulate(hours=26, seed=3, out=qabuse_home / "simulation", hasher=KeyedHasher.demo())
     report = ingest_telemetry([sim.telemetry_path], settings.paths())
     ingest_labels(sim.labels_path, settings.paths())
-    result = run_pipeline(sim.start, sim.end)
+    result = run_pipeline(hours_between(sim.start, sim.end))
     assert os.environ["DAGSTER_HOME"] == str(qabuse_home / "dagster")
     return PipelineRun(home=qabuse_home, simulation=sim, ingest=report, result=result)

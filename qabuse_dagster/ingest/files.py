@@ -2,7 +2,9 @@
 
 Valid records go to the hourly landing area (compacted into raw partitions by the
 ``raw_telemetry`` asset); each rejected line goes to the quarantine with its file,
-line number and reason. A bad line never costs the good lines around it.
+line number and reason. A bad line never costs the good lines around it. A valid record
+outside the accepted time range (`qabuse_dagster.ingest.time_range`) is rejected the same
+way: no partition could hold it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from pathlib import Path
 
 from qabuse_dagster.evaluation.labels import IncidentLabel, LabelsError, read_labels, write_labels
 from qabuse_dagster.ingest.partitions import stage_landing
-from qabuse_dagster.ingest.wire import spool_row_of, spool_rows_to_table, to_spool_row
+from qabuse_dagster.ingest.time_range import AcceptedRange
+from qabuse_dagster.ingest.wire import (
+    decode_json_line,
+    spool_row_of,
+    spool_rows_to_table,
+    to_spool_row,
+)
 from qabuse_dagster.settings import Paths
 from qabuse_dagster.telemetry.contract import (
     ContractViolation,
@@ -33,6 +41,8 @@ BATCH_SIZE = 100_000
 MAX_LINE_BYTES = 64 * 1024
 #: The contract sets no maximum on some integers; Parquet stores them as int64.
 INT64_MAX = 2**63 - 1
+#: The tenant `qabuse ingest` stores file records under unless told another.
+DEFAULT_FILE_TENANT = "local"
 
 
 @dataclass
@@ -54,6 +64,8 @@ class IngestReport:
     accepted: int = 0
     duplicates: int = 0
     rejected: int = 0
+    #: Of ``rejected``: valid records outside the accepted time range.
+    out_of_range: int = 0
     landing_files: list[Path] = field(default_factory=list)
     quarantine_file: Path | None = None
     rejections: list[Rejection] = field(default_factory=list)
@@ -100,24 +112,7 @@ def parse_line(raw: bytes) -> TelemetryRecord:
         ContractViolation: the line is too long, not UTF-8, not JSON, or not a valid
             record, or holds an integer no storage column can hold; names the field.
     """
-    if len(raw) > MAX_LINE_BYTES:
-        raise ContractViolation([("<line>", f"longer than {MAX_LINE_BYTES} bytes")])
-    try:
-        # Decoded as UTF-8 first: json.loads(bytes) would guess UTF-16 or UTF-32 too.
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ContractViolation(
-            [("<line>", f"not UTF-8 ({exc.reason} at byte {exc.start})")]
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ContractViolation(
-            [("<line>", f"not JSON: {exc.msg} at column {exc.colno}")]
-        ) from None
-    except RecursionError:
-        raise ContractViolation([("<line>", "JSON nested too deeply")]) from None
-    except ValueError as exc:
-        # json.loads refuses integers of more than 4300 digits with a plain ValueError.
-        raise ContractViolation([("<line>", f"not parseable: {exc}")]) from None
+    obj = decode_json_line(raw, MAX_LINE_BYTES)
     record = validate_record(obj)
     too_large = _beyond_int64(record)
     if too_large:
@@ -147,6 +142,8 @@ def ingest_telemetry(
     files: Iterable[Path],
     paths: Paths,
     *,
+    tenant: str = DEFAULT_FILE_TENANT,
+    accepted_range: AcceptedRange | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> IngestReport:
     """Validate telemetry files and stage their valid records for compaction.
@@ -156,12 +153,16 @@ def ingest_telemetry(
             Parquet files (``.parquet``), one record per row; a rejection names the line
             or row.
         paths: where landing files and the quarantine live.
+        tenant: who the records are stored as sent by; duplicates are judged per tenant.
+        accepted_range: timestamps accepted (default from the settings); a record
+            outside is rejected, like an invalid one.
         on_progress: called with the number of lines read since the last call.
 
     Returns:
         Counts, the landing files written and the quarantine file (if any line was rejected).
     """
     report = IngestReport()
+    bounds = (accepted_range or AcceptedRange.from_settings()).at()
     seen: set[tuple[str, str]] = set()
     batch: list[str] = []  # spool rows' canonical texts
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -172,7 +173,7 @@ def ingest_telemetry(
         if batch:
             table = spool_rows_to_table(batch)
             assert table is not None, "canonical texts always decode"
-            report.landing_files.extend(stage_landing(table, paths.landing))
+            report.landing_files.extend(stage_landing(table, paths.landing, tenant=tenant))
             batch.clear()
 
     try:
@@ -192,6 +193,10 @@ def ingest_telemetry(
                 try:
                     if row is None:
                         row = spool_row_of(parse_line(raw))
+                    out_of_range = bounds.reason(row.timestamp)
+                    if out_of_range is not None:
+                        report.out_of_range += 1
+                        raise ContractViolation([("timestamp", out_of_range)])
                 except ContractViolation as exc:
                     report.rejected += 1
                     rejection = Rejection(
@@ -221,11 +226,12 @@ def ingest_telemetry(
         if quarantine is not None:
             quarantine.close()
     logger.info(
-        "ingested %d lines: %d accepted, %d duplicates, %d rejected",
+        "ingested %d lines: %d accepted, %d duplicates, %d rejected (%d out of range)",
         report.lines,
         report.accepted,
         report.duplicates,
         report.rejected,
+        report.out_of_range,
     )
     return report
 

@@ -7,9 +7,14 @@ Layout under ``QABUSE_HOME``::
 
 A raw partition is rewritten whole and moved into place with ``os.replace``, so a
 reader sees the old file or the new one, never a torn one. Compaction merges the
-existing partition with its landing files, drops duplicates on (job_id, status)
+existing partition with its landing files, drops duplicates on (tenant, job_id, status)
 keeping the record accepted first, and only then deletes the landing files: a crash
 in between leaves landing files that the next compaction de-duplicates away.
+
+Landing files and raw partitions store the contract's columns and one more, ``tenant``:
+who sent the record (the collector token's tenant, or ``qabuse ingest --tenant``).
+Identity is per tenant, so one tenant's record can never shadow another's. Files written
+before tenants existed read with ``tenant`` null, one tenant of their own.
 """
 
 from __future__ import annotations
@@ -68,6 +73,13 @@ TELEMETRY_SCHEMA = pa.schema(
     ]
 )
 assert tuple(TELEMETRY_SCHEMA.names) == CONTRACT_COLUMNS, "Arrow schema drifted from the contract"
+
+#: Who sent a record: stored beside the contract's columns, not part of the contract.
+TENANT_COLUMN = "tenant"
+#: Landing files and raw partitions: the contract's columns, then the sending tenant.
+STORED_SCHEMA = TELEMETRY_SCHEMA.append(pa.field(TENANT_COLUMN, pa.string()))
+#: A record's identity in storage: the contract's (job_id, status), per tenant.
+IDENTITY_COLUMNS = (TENANT_COLUMN, "job_id", "status")
 
 
 @dataclass(frozen=True)
@@ -138,9 +150,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def stage_landing(table: pa.Table, landing_root: Path) -> list[Path]:
-    """Split validated records by hour into landing files, named in staging order.
+def stage_landing(table: pa.Table, landing_root: Path, *, tenant: str | None) -> list[Path]:
+    """Split validated records sent by ``tenant`` by hour into landing files, in staging order.
 
+    ``tenant`` is None only for records spooled before tenants existed.
     A name starts with the staging instant (nanoseconds, zero-padded), so compaction
     reads batches in the order they were accepted and keeps the first copy of a
     duplicate; a digest of the batch's identities follows, for tracing.
@@ -148,6 +161,9 @@ def stage_landing(table: pa.Table, landing_root: Path) -> list[Path]:
     written: list[Path] = []
     if table.num_rows == 0:
         return written
+    table = table.append_column(
+        STORED_SCHEMA.field(TENANT_COLUMN), pa.array([tenant] * table.num_rows, pa.string())
+    )
     hours = pc.floor_temporal(table["timestamp"], unit="hour")
     for hour_value in pc.unique(hours).to_pylist():
         part = table.filter(pc.equal(hours, pa.scalar(hour_value, hours.type)))
@@ -155,7 +171,7 @@ def stage_landing(table: pa.Table, landing_root: Path) -> list[Path]:
         for job_id, status in zip(
             part["job_id"].to_pylist(), part["status"].to_pylist(), strict=True
         ):
-            digest.update(f"{job_id}\x00{status}\x01".encode())
+            digest.update(f"{tenant}\x00{job_id}\x00{status}\x01".encode())
         staged = f"{time.time_ns():020d}"
         name = f"batch-{staged}-{digest.hexdigest()[:16]}.parquet"
         path = partition_dir(landing_root, hour_value) / name
@@ -165,23 +181,47 @@ def stage_landing(table: pa.Table, landing_root: Path) -> list[Path]:
 
 
 def landing_hours(landing_root: Path) -> list[datetime]:
-    """Hours that have landing files waiting to be compacted."""
+    """Hours that have landing files waiting to be compacted.
+
+    A folder whose name is no hour (put there by hand) is logged and passed over: it must
+    not stop the hours beside it.
+    """
     hours = set()
-    for path in landing_root.glob("date=*/hour=*/batch-*.parquet"):
-        day = path.parent.parent.name.removeprefix("date=")
-        hour = path.parent.name.removeprefix("hour=")
-        hours.add(datetime.strptime(f"{day} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC))
+    for folder in {p.parent for p in landing_root.glob("date=*/hour=*/batch-*.parquet")}:
+        day = folder.parent.name.removeprefix("date=")
+        hour = folder.name.removeprefix("hour=")
+        try:
+            hours.add(datetime.strptime(f"{day} {hour}", "%Y-%m-%d %H").replace(tzinfo=UTC))
+        except ValueError:
+            logger.warning("landing folder %s names no hour; left as it is", folder)
     return sorted(hours)
 
 
+def contiguous_spans(hours: Iterable[datetime]) -> list[tuple[datetime, datetime]]:
+    """Hours grouped into runs of consecutive hours, each as ``[first, last + 1 h)``.
+
+    Processing sparse hours span by span costs time for those hours only, never for the
+    empty stretch between the oldest and the newest. Hours must end before year 9999's
+    last hour (``AcceptedRange`` keeps them far from it).
+    """
+    spans: list[tuple[datetime, datetime]] = []
+    for hour in sorted({hour_of(h) for h in hours}):
+        if spans and spans[-1][1] == hour:
+            spans[-1] = (spans[-1][0], hour + HOUR)
+        else:
+            spans.append((hour, hour + HOUR))
+    return spans
+
+
 def compact_hour(hour: datetime, landing_root: Path, raw_root: Path) -> CompactionReport:
-    """Merge an hour's landing files into its raw partition, exactly once per (job_id, status)."""
+    """Merge an hour's landing files into its raw partition, once per (tenant, job_id, status)."""
     hour = hour_of(hour)
     target = partition_dir(raw_root, hour) / "part-0.parquet"
     landing = sorted(partition_dir(landing_root, hour).glob("batch-*.parquet"))
-    existing = pq.read_table(target, schema=TELEMETRY_SCHEMA) if target.exists() else None
+    # STORED_SCHEMA: a file from before tenants reads with the tenant null.
+    existing = pq.read_table(target, schema=STORED_SCHEMA) if target.exists() else None
     tables = ([existing] if existing is not None else []) + [
-        pq.read_table(p, schema=TELEMETRY_SCHEMA) for p in landing
+        pq.read_table(p, schema=STORED_SCHEMA) for p in landing
     ]
     previous_rows = existing.num_rows if existing is not None else 0
     if not tables:
@@ -211,7 +251,7 @@ def _drop_duplicate_identities(table: pa.Table) -> pa.Table:
     # Keep the first occurrence: rows of the existing partition come first, so an
     # accepted record is never replaced by a later copy.
     indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    first = indexed.group_by(["job_id", "status"], use_threads=False).aggregate([("_row", "min")])
+    first = indexed.group_by(list(IDENTITY_COLUMNS), use_threads=False).aggregate([("_row", "min")])
     keep = pc.sort_indices(first["_row_min"])
     return table.take(pc.take(first["_row_min"], keep))
 

@@ -1,16 +1,22 @@
-"""The collector's durable spool: accepted records in SQLite, deduplicated on (job_id, status).
+"""The collector's durable spool: accepted records in SQLite, deduplicated per tenant.
 
 A record the collector acknowledges is committed here first (WAL journal,
 ``synchronous=FULL``: the commit is fsynced), so an answer of 200 survives a crash of the
-process or the machine. Two tables:
+process or the machine. Every record arrives from a *tenant*, the owner of the token that
+sent it. Three tables:
 
-* ``identities``: the (job_id, status) of every record accepted in the last
+* ``identities``: the (tenant, job_id, status) of every record accepted in the last
   ``retention`` (default 7 days), with when. Its primary key makes acceptance idempotent
   across requests, restarts and collector processes: a record whose identity is there is
-  a duplicate.
-* ``batches``: the accepted records of each request, as canonical JSON lines in one row,
-  numbered in commit order; one row per request rather than per record costs a quarter
-  less per record.
+  a duplicate. Identity is per tenant, so a tenant that sends a guessed ``job_id`` first
+  shadows nothing of another tenant's.
+* ``batches``: the accepted records of each request and their tenant, as canonical JSON
+  lines in one row, numbered in commit order; one row per request rather than per record
+  costs a quarter less per record.
+* ``key_owners``: which tenant may report each API key. The first tenant to report a key
+  owns it; another tenant's records for it are refused (`Stored.foreign`), so no tenant
+  can feed records into another's features to get its keys throttled. A tenant trusted
+  with every key (a provider's own gateway) claims none and is never refused.
 
 `compact` stages the batches into the hourly landing area with `stage_landing`, then
 deletes them. A crash between the two stages them again next time; ``compact_hour``
@@ -31,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -58,22 +64,43 @@ DEFAULT_RETENTION = timedelta(days=7)
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS identities (
+        tenant TEXT NOT NULL,
         job_id TEXT NOT NULL,
         status TEXT NOT NULL,
         accepted_at INTEGER NOT NULL,
-        PRIMARY KEY (job_id, status)
+        PRIMARY KEY (tenant, job_id, status)
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS identities_by_age ON identities (accepted_at)",
     """CREATE TABLE IF NOT EXISTS batches (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        records TEXT NOT NULL
+        records TEXT NOT NULL,
+        tenant TEXT
     )""",
+    """CREATE TABLE IF NOT EXISTS key_owners (
+        api_key_id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        claimed_at INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+)
+#: The tenant of identities accepted before tenants existed: nobody's, so none is shadowed.
+LEGACY_TENANT = ""
+# The second layout had identities without a tenant, and batches without their tenant.
+_MIGRATE_V2 = (
+    "ALTER TABLE identities RENAME TO identities_v2",
+    "DROP INDEX IF EXISTS identities_by_age",
+    _SCHEMA[0],
+    _SCHEMA[1],
+    f"""INSERT INTO identities (tenant, job_id, status, accepted_at)
+        SELECT '{LEGACY_TENANT}', job_id, status, accepted_at FROM identities_v2""",
+    "DROP TABLE identities_v2",
+    "ALTER TABLE batches ADD COLUMN tenant TEXT",
 )
 # The first spool layout, a "records" table of one row per record: its rows move over as
 # one uncompacted batch (staging some twice is harmless, see above).
 _MIGRATE_V1 = (
-    """INSERT OR IGNORE INTO identities (job_id, status, accepted_at)
-        SELECT job_id, status, CAST(strftime('%s', 'now') AS INTEGER) FROM records""",
+    f"""INSERT OR IGNORE INTO identities (tenant, job_id, status, accepted_at)
+        SELECT '{LEGACY_TENANT}', job_id, status, CAST(strftime('%s', 'now') AS INTEGER)
+        FROM records""",
     """INSERT INTO batches (records)
         SELECT group_concat(record, char(10)) FROM (SELECT record FROM records ORDER BY rowid)
         HAVING count(*) > 0""",
@@ -100,6 +127,10 @@ def connect(database: Path) -> sqlite3.Connection:
     # 64 MiB of page cache: the (job_id, status) index is probed in random order.
     conn.execute("PRAGMA cache_size=-65536")
     with transaction(conn):
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(identities)")}
+        if columns and "tenant" not in columns:
+            for statement in _MIGRATE_V2:
+                conn.execute(statement)
         for statement in _SCHEMA:
             conn.execute(statement)
         old = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
@@ -127,6 +158,8 @@ class Stored:
 
     accepted: int
     duplicates: int
+    #: Index in the rows given -> the tenant that owns the row's API key (not stored).
+    foreign: dict[int, str] = field(default_factory=dict)
 
 
 class _WriterTurn:
@@ -164,32 +197,69 @@ class Spool:
         self._lock = threading.Lock()
         self._turn = _WriterTurn(database.with_name(database.name + ".writer-lock"))
 
-    def add(self, rows: Sequence[SpoolRow]) -> Stored:
-        """Commit the new ones of ``rows`` (durably) in one transaction; count the others."""
+    def add(self, rows: Sequence[SpoolRow], tenant: str, *, any_key: bool = False) -> Stored:
+        """Commit the new ones of ``rows`` from ``tenant`` (durably) in one transaction.
+
+        Duplicates (an identity ``tenant`` sent before) are counted. Rows for an API key
+        that another tenant owns are refused and named in `Stored.foreign`; the keys of
+        the others become ``tenant``'s if no one owned them. ``any_key``: a tenant
+        trusted with every key, which neither claims nor is refused any.
+        """
+        if not tenant:
+            raise ValueError("a tenant name is required")
         if not rows:
             return Stored(0, 0)
         now = int(time.time())
-        insert = "INSERT OR IGNORE INTO identities (job_id, status, accepted_at) VALUES (?, ?, ?)"
+        insert = (
+            "INSERT OR IGNORE INTO identities (tenant, job_id, status, accepted_at)"
+            " VALUES (?, ?, ?, ?)"
+        )
         with self._lock, self._turn, transaction(self._conn):
+            foreign = {} if any_key else self._claim_keys(rows, tenant, now)
+            owned = [row for i, row in enumerate(rows) if i not in foreign] if foreign else rows
             self._conn.execute("SAVEPOINT bulk")
             inserted = self._conn.executemany(
-                insert, [(row.job_id, row.status, now) for row in rows]
+                insert, [(tenant, row.job_id, row.status, now) for row in owned]
             ).rowcount
-            if inserted == len(rows):  # all new: the common case
-                new = rows
+            if inserted == len(owned):  # all new: the common case
+                new = owned
             else:  # some known (a retry, a replayed batch): find which, one by one
                 self._conn.execute("ROLLBACK TO bulk")
                 new = [
                     row
-                    for row in rows
-                    if self._conn.execute(insert, (row.job_id, row.status, now)).rowcount
+                    for row in owned
+                    if self._conn.execute(insert, (tenant, row.job_id, row.status, now)).rowcount
                 ]
             self._conn.execute("RELEASE bulk")
             if new:
                 self._conn.execute(
-                    "INSERT INTO batches (records) VALUES (?)", ("\n".join(r.text for r in new),)
+                    "INSERT INTO batches (records, tenant) VALUES (?, ?)",
+                    ("\n".join(r.text for r in new), tenant),
                 )
-        return Stored(accepted=len(new), duplicates=len(rows) - len(new))
+        return Stored(accepted=len(new), duplicates=len(owned) - len(new), foreign=foreign)
+
+    def _claim_keys(self, rows: Sequence[SpoolRow], tenant: str, now: int) -> dict[int, str]:
+        """Claim the unowned keys of ``rows`` for ``tenant``; rows whose key is another's."""
+        keys = list({row.api_key_id for row in rows})
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO key_owners (api_key_id, tenant, claimed_at) VALUES (?, ?, ?)",
+            [(key, tenant, now) for key in keys],
+        )
+        owners: dict[str, str] = {}
+        for start in range(0, len(keys), 500):  # SQLite's bound on host parameters
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            owners.update(
+                self._conn.execute(
+                    f"SELECT api_key_id, tenant FROM key_owners WHERE api_key_id IN ({marks})",
+                    chunk,
+                ).fetchall()
+            )
+        return {
+            i: owners[row.api_key_id]
+            for i, row in enumerate(rows)
+            if owners[row.api_key_id] != tenant
+        }
 
     def ping(self) -> None:
         """Raise if the database cannot be read."""
@@ -233,13 +303,14 @@ def _compact(database: Path, paths: Paths, batch: int, retention: timedelta) -> 
     total, written = 0, []
     conn = connect(database)
     try:
-        pending = deque(seq for (seq,) in conn.execute("SELECT seq FROM batches ORDER BY seq"))
+        pending = deque(conn.execute("SELECT seq, tenant FROM batches ORDER BY seq").fetchall())
         while pending:
-            # Whole batches, up to about `batch` records at a time.
+            # Whole batches of one tenant, up to about `batch` records at a time.
             seqs: list[int] = []
             texts: list[str] = []
-            while pending and len(texts) < batch:
-                seq = pending.popleft()
+            tenant = pending[0][1]
+            while pending and len(texts) < batch and pending[0][1] == tenant:
+                seq, _ = pending.popleft()
                 (records,) = conn.execute(
                     "SELECT records FROM batches WHERE seq = ?", (seq,)
                 ).fetchone()
@@ -251,7 +322,7 @@ def _compact(database: Path, paths: Paths, batch: int, retention: timedelta) -> 
             table = spool_rows_to_table(texts)
             if table is None:
                 table = records_to_table([validate_record(json.loads(t)) for t in texts])
-            written += stage_landing(table, paths.landing)
+            written += stage_landing(table, paths.landing, tenant=tenant)
             with transaction(conn):
                 conn.executemany("DELETE FROM batches WHERE seq = ?", [(s,) for s in seqs])
             total += len(texts)

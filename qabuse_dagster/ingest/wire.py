@@ -15,14 +15,19 @@ What both paths produce is a `SpoolRow`: the record's identity and its canonical
 (every field in schema order, ``null`` included, the timestamp as
 ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` in UTC), which is what the collector's spool stores and
 compaction reads back.
+
+The slow path decodes JSON with `load_json` (and NDJSON lines with `decode_json_line`):
+``json.loads``, except that an integer literal too long for Python (over 4,300 digits)
+stays one value the contract refuses in its own words, so it costs its record alone.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 import pyarrow as pa
@@ -32,6 +37,7 @@ from qabuse_dagster.telemetry.contract import (
     CONTRACT_COLUMNS,
     COUNTRY_PATTERN,
     HEX_HASH_PATTERN,
+    ContractViolation,
     Sdk,
     Status,
     TelemetryRecord,
@@ -106,10 +112,16 @@ assert WireRecord.__struct_fields__ == CONTRACT_COLUMNS, "wire record drifted fr
 
 
 class SpoolRow(NamedTuple):
-    """One accepted record as stored: its identity and its canonical JSON."""
+    """One accepted record as stored: its identity and its canonical JSON.
+
+    ``timestamp`` is the canonical ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` text, fixed width with a
+    four-digit year, so comparing two of them as strings compares the instants.
+    """
 
     job_id: str
     status: str
+    timestamp: str
+    api_key_id: str
     text: str
 
 
@@ -179,7 +191,10 @@ def array_to_spool_rows(body: bytes) -> list[SpoolRow] | None:
         return None
     # encode_lines ends every record with a newline; canonical JSON holds no raw newline.
     texts = _json.encode_lines(records).decode("utf-8").split("\n")[:-1]
-    return [SpoolRow(r.job_id, r.status, t) for r, t in zip(records, texts, strict=True)]
+    return [
+        SpoolRow(r.job_id, r.status, r.timestamp, r.api_key_id, t)
+        for r, t in zip(records, texts, strict=True)
+    ]
 
 
 _CANONICAL_TIMESTAMPS = re.compile(
@@ -220,13 +235,15 @@ def _finish(record: WireRecord) -> SpoolRow | None:
     if not _plain_patterns(record):
         return None
     # Every field, null included, in schema order: the same text as the slow path's.
-    return SpoolRow(record.job_id, record.status, _json.encode(record).decode("utf-8"))
+    text = _json.encode(record).decode("utf-8")
+    return SpoolRow(record.job_id, record.status, record.timestamp, record.api_key_id, text)
 
 
 def spool_row_of(record: TelemetryRecord) -> SpoolRow:
     """The spool row of a record the slow path accepted."""
-    text = _json.encode(record_to_json(record)).decode("utf-8")
-    return SpoolRow(record.job_id, record.status, text)
+    stored = record_to_json(record)
+    text = _json.encode(stored).decode("utf-8")
+    return SpoolRow(record.job_id, record.status, stored["timestamp"], record.api_key_id, text)
 
 
 def spool_rows_to_table(texts: Sequence[str]) -> pa.Table | None:
@@ -253,3 +270,77 @@ def spool_rows_to_table(texts: Sequence[str]) -> pa.Table | None:
         else:
             arrays.append(pa.array(values, field.type))
     return pa.Table.from_arrays(arrays, schema=TELEMETRY_SCHEMA)
+
+
+class LongInteger(int):
+    """An integer literal too long for Python's ``int(text)``, as `load_json` returns it.
+
+    Python refuses to convert more than ``sys.get_int_max_str_digits()`` digits (4,300 by
+    default). Such a literal is at least 10**4300 in size, beyond every bound of the
+    contract and of the storage columns, so it stands here as ±10**4300: the contract
+    refuses it where it is, with its own words ("must be <= ...", "exceeds the largest
+    storable integer ...", "expected a string, got integer"), and its repr shows the
+    literal's first digits and length.
+    """
+
+    digits: str  # the literal's sign and first digits
+    length: int  # its number of digits
+
+    def __repr__(self) -> str:
+        return f"{self.digits}... ({self.length} digits)"
+
+    __str__ = __repr__
+
+
+_LONG_MAGNITUDE = 10**4300
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # longer than sys.get_int_max_str_digits()
+        negative = text.startswith("-")
+        value = LongInteger(-_LONG_MAGNITUDE if negative else _LONG_MAGNITUDE)
+        value.digits = text[: 21 if negative else 20]
+        value.length = len(text) - negative
+        return value
+
+
+def load_json(text: str) -> Any:
+    """``json.loads``, except that an integer literal too long for Python is a `LongInteger`.
+
+    Raises:
+        json.JSONDecodeError: ``text`` is not JSON.
+        RecursionError: it is nested too deeply for the parser.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer literal beyond sys.get_int_max_str_digits()
+        # Only now a Python call per integer: the common case keeps the C parser's speed.
+        return json.loads(text, parse_int=_parse_int)
+
+
+def decode_json_line(raw: bytes, max_bytes: int) -> Any:
+    """One line of NDJSON telemetry, decoded (not yet validated).
+
+    Raises:
+        ContractViolation: the line is longer than ``max_bytes``, not UTF-8 (as the
+            contract's wire format requires: ``json.loads`` would guess UTF-16 too), not
+            JSON, or nested too deeply; the field is ``<line>``.
+    """
+    if len(raw) > max_bytes:
+        raise ContractViolation([("<line>", f"longer than {max_bytes} bytes")])
+    try:
+        return load_json(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ContractViolation(
+            [("<line>", f"not UTF-8 ({exc.reason} at byte {exc.start})")]
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ContractViolation(
+            [("<line>", f"not JSON: {exc.msg} at column {exc.colno}")]
+        ) from None
+    except RecursionError:
+        raise ContractViolation([("<line>", "JSON nested too deeply")]) from None

@@ -321,7 +321,10 @@ class HttpSink:
             parsed = {}
         refused = parsed.get("rejected")
         refused = refused if isinstance(refused, list) else []
-        n_refused = min(len(refused), len(batch))
+        # The collector details the first rejections only; rejected_total counts them all.
+        total = parsed.get("rejected_total")
+        counted = total if isinstance(total, int) and total >= len(refused) else len(refused)
+        n_refused = min(counted, len(batch))
         if n_refused:
             first = refused[0] if isinstance(refused[0], dict) else {}
             logger.warning(

@@ -158,12 +158,13 @@ def test_a_second_pass_on_the_same_home_dedups_and_registers_a_new_version(
     pipeline_run,
 ) -> None:
     from qabuse_dagster.ingest.files import ingest_telemetry
+    from qabuse_dagster.ingest.partitions import hours_between
     from qabuse_dagster.pipeline import run_pipeline
 
     sim = pipeline_run.simulation
     again = ingest_telemetry([sim.telemetry_path], settings.paths())
     assert again.accepted == sim.n_records
-    result = run_pipeline(sim.start, sim.end)
+    result = run_pipeline(hours_between(sim.start, sim.end))
     raw = ds.dataset(settings.paths().raw_telemetry, format="parquet", partitioning="hive")
     assert raw.count_rows() == sim.n_records  # replayed records stored once
     assert int(result.trained.ref.version) == int(pipeline_run.result.trained.ref.version) + 1

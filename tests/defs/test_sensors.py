@@ -24,7 +24,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> settings.Paths:
 
 
 def _land(paths: settings.Paths, hour: datetime, job: str) -> None:
-    stage_landing(records_to_table([record(job, hour + timedelta(minutes=5))]), paths.landing)
+    stage_landing(
+        records_to_table([record(job, hour + timedelta(minutes=5))]), paths.landing, tenant="t"
+    )
 
 
 def test_a_run_per_complete_hour_keyed_by_its_landed_state(home: settings.Paths) -> None:
@@ -32,10 +34,10 @@ def test_a_run_per_complete_hour_keyed_by_its_landed_state(home: settings.Paths)
     _land(home, HOUR_B, "b1")
     now = HOUR_B + timedelta(hours=1) + GRACE / 2  # hour B is not complete yet
 
-    first = landed_run_requests(now)
-    again = landed_run_requests(now)
+    first = landed_run_requests(now).requests
+    again = landed_run_requests(now).requests
     _land(home, HOUR_A, "a2")  # a late record for hour A
-    later = landed_run_requests(now)
+    later = landed_run_requests(now).requests
 
     assert [r.partition_key for r in first] == ["2026-11-02-10:00"]
     assert [r.run_key for r in again] == [r.run_key for r in first]  # Dagster skips a repeat
@@ -49,7 +51,7 @@ def test_compacted_hours_request_nothing_and_the_sensor_says_why(home: settings.
 
     result = landed_telemetry_sensor(build_sensor_context())
 
-    assert landed_run_requests(HOUR_A + timedelta(days=1)) == []
+    assert landed_run_requests(HOUR_A + timedelta(days=1)).requests == []
     assert isinstance(result, SkipReason)
 
 
@@ -60,3 +62,37 @@ def test_the_sensor_targets_the_hourly_slice(home: settings.Paths) -> None:
 
     assert [r.partition_key for r in result.run_requests] == ["2026-11-02-10:00"]
     assert landed_telemetry_sensor.job_name == "telemetry_job"
+
+
+@pytest.mark.parametrize(
+    "far",
+    [
+        datetime(2025, 6, 1, tzinfo=UTC),  # before the first partition
+        datetime(2099, 1, 1, tzinfo=UTC),  # after the open hour
+        datetime(1, 1, 1, tzinfo=UTC),  # a key the partition format cannot even spell
+        datetime(9999, 12, 31, 23, tzinfo=UTC),  # an hour with no next hour
+    ],
+)
+def test_a_landed_hour_outside_the_partitions_is_skipped_and_reported_not_fatal(
+    home: settings.Paths, far: datetime, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Landing written before the doors checked the range (or with another start).
+    _land(home, far.replace(minute=0), "far")
+    _land(home, HOUR_A, "a1")
+
+    result = landed_telemetry_sensor(build_sensor_context())
+
+    assert [r.partition_key for r in result.run_requests] == ["2026-11-02-10:00"]
+    assert landed_run_requests(datetime.now(UTC)).outside == [far.replace(minute=0)]
+    assert "outside the hourly partitions, skipped" in capfd.readouterr().err  # Dagster's log
+
+
+def test_a_landing_folder_that_names_no_hour_is_passed_over(home: settings.Paths) -> None:
+    _land(home, HOUR_A, "a1")
+    stray = home.landing / "date=2026-13-45" / "hour=99"
+    stray.mkdir(parents=True)
+    (stray / "batch-0-x.parquet").write_bytes(b"not parquet")
+
+    result = landed_telemetry_sensor(build_sensor_context())
+
+    assert [r.partition_key for r in result.run_requests] == ["2026-11-02-10:00"]

@@ -13,12 +13,15 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from qabuse_dagster.ingest.collector import create_app
 from qabuse_dagster.settings import Paths
+
+pytestmark = pytest.mark.fuzz  # a hostile-input suite: `make fuzz` runs it
 
 TOKEN = "schemathesis-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

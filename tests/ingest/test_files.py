@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from support.records import HEX_KEY, HEX_USER, record_dict
 
+from qabuse_dagster import settings
 from qabuse_dagster.evaluation.labels import LabelsError, read_labels
 from qabuse_dagster.ingest.files import MAX_LINE_BYTES, ingest_labels, ingest_telemetry
 from qabuse_dagster.ingest.partitions import compact_hour, landing_hours, read_raw
@@ -283,3 +284,67 @@ def test_parquet_files_are_ingested_row_by_row_like_jsonl(tmp_path: Path, paths:
     stored = read_raw(paths.raw_telemetry).sort_by("job_id")
     assert stored["job_id"].to_pylist() == [f"p{i}" for i in range(5)]
     assert stored.to_pylist() == table.sort_by("job_id").to_pylist()  # gate counts included
+
+
+FAR_DATED = {
+    "before-start": datetime(2025, 6, 1, tzinfo=UTC),
+    "year-1": datetime(1, 1, 1, tzinfo=UTC),
+    "far-future": datetime(2099, 1, 1, tzinfo=UTC),
+    "year-9999": datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC),
+}
+
+
+def test_records_outside_the_accepted_range_are_quarantined_with_a_reason(
+    tmp_path: Path, paths: Paths
+) -> None:
+    source = tmp_path / "mixed.jsonl"
+    lines = [_line(record_dict(f"ok-{i}", H0 + timedelta(minutes=i))) for i in range(3)]
+    lines += [_line(record_dict(job, at)) for job, at in FAR_DATED.items()]
+    source.write_bytes(b"".join(lines))
+
+    report = ingest_telemetry([source], paths)
+
+    assert (report.accepted, report.rejected, report.out_of_range) == (3, 4, 4)
+    quarantined = {json.loads(q["raw"])["job_id"]: q["reason"] for q in _quarantined(paths)}
+    assert set(quarantined) == set(FAR_DATED)
+    assert "before 2026-01-01T00:00:00.000000Z" in quarantined["before-start"]
+    assert "before" in quarantined["year-1"]
+    assert "ahead of the receiver's clock" in quarantined["far-future"]
+    assert quarantined["year-9999"].startswith("timestamp: 9999-12-31T23:59:59")
+    assert landing_hours(paths.landing) == [H0]
+
+
+def test_the_accepted_range_follows_its_settings(
+    tmp_path: Path, paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(settings.TELEMETRY_START_ENV, "2025-01-01T00:00:00Z")
+    monkeypatch.setenv(settings.MAX_CLOCK_SKEW_ENV, "0")
+    now = datetime.now(UTC)
+    source = tmp_path / "t.jsonl"
+    source.write_bytes(
+        _line(record_dict("old", FAR_DATED["before-start"]))
+        + _line(record_dict("ahead", now + timedelta(minutes=5)))
+    )
+
+    report = ingest_telemetry([source], paths)
+
+    assert (report.accepted, report.out_of_range) == (1, 1)
+    assert "ahead" in _quarantined(paths)[0]["raw"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        (settings.TELEMETRY_START_ENV, "last tuesday", "RFC 3339"),
+        (settings.TELEMETRY_START_ENV, "2026-01-01T00:00:00", "UTC offset"),
+        (settings.MAX_CLOCK_SKEW_ENV, "-5", "seconds from 0 to 86400"),
+        (settings.MAX_CLOCK_SKEW_ENV, "soon", "seconds from 0 to 86400"),
+    ],
+)
+def test_a_malformed_range_setting_is_named(
+    tmp_path: Path, paths: Paths, monkeypatch: pytest.MonkeyPatch, name: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=says) as error:
+        ingest_telemetry([], paths)
+    assert name in str(error.value)

@@ -14,6 +14,7 @@ from support.records import record
 
 from qabuse_dagster.ingest import partitions
 from qabuse_dagster.ingest.partitions import (
+    STORED_SCHEMA,
     TELEMETRY_SCHEMA,
     compact_hour,
     hour_of,
@@ -92,7 +93,7 @@ def test_stage_landing_splits_by_hour(paths: Paths) -> None:
             record("j4", H1),
         ]
     )
-    written = stage_landing(table, paths.landing)
+    written = stage_landing(table, paths.landing, tenant="t")
 
     assert len(written) == 2
     assert {p.parent for p in written} == {
@@ -108,8 +109,8 @@ def test_stage_landing_splits_by_hour(paths: Paths) -> None:
 
 def test_staging_a_batch_twice_stores_each_record_once(paths: Paths) -> None:
     table = records_to_table([record("j1", H0), record("j2", H1)])
-    first = stage_landing(table, paths.landing)
-    second = stage_landing(table, paths.landing)
+    first = stage_landing(table, paths.landing, tenant="t")
+    second = stage_landing(table, paths.landing, tenant="t")
     # Names follow staging order, so the replay lands beside the first batch...
     assert sorted(first) != sorted(second)
     assert all(a.name < b.name for a, b in zip(sorted(first), sorted(second), strict=True))
@@ -120,7 +121,7 @@ def test_staging_a_batch_twice_stores_each_record_once(paths: Paths) -> None:
 
 
 def test_stage_landing_of_an_empty_table_writes_nothing(paths: Paths) -> None:
-    assert stage_landing(records_to_table([]), paths.landing) == []
+    assert stage_landing(records_to_table([]), paths.landing, tenant="t") == []
     assert not paths.landing.exists() or _all_files(paths.landing) == []
 
 
@@ -128,8 +129,11 @@ def test_compact_hour_merges_landing_and_removes_it(paths: Paths) -> None:
     stage_landing(
         records_to_table([record("j2", H0 + timedelta(minutes=5)), record("j1", H0)]),
         paths.landing,
+        tenant="t",
     )
-    stage_landing(records_to_table([record("j3", H0 + timedelta(minutes=2))]), paths.landing)
+    stage_landing(
+        records_to_table([record("j3", H0 + timedelta(minutes=2))]), paths.landing, tenant="t"
+    )
 
     report = compact_hour(H0 + timedelta(minutes=17), paths.landing, paths.raw_telemetry)
 
@@ -139,17 +143,20 @@ def test_compact_hour_merges_landing_and_removes_it(paths: Paths) -> None:
     assert landing_hours(paths.landing) == []
     target = partition_dir(paths.raw_telemetry, H0) / "part-0.parquet"
     stored = pq.read_table(target)
-    assert stored.schema.equals(TELEMETRY_SCHEMA)
+    assert stored.schema.equals(STORED_SCHEMA)
+    assert stored["tenant"].to_pylist() == ["t", "t", "t"]
     # Sorted by timestamp.
     assert stored["job_id"].to_pylist() == ["j1", "j3", "j2"]
 
 
 def test_compact_hour_keeps_the_existing_record_over_a_later_copy(paths: Paths) -> None:
-    stage_landing(records_to_table([record("j1", H0, shots=100), record("j2", H0)]), paths.landing)
+    stage_landing(
+        records_to_table([record("j1", H0, shots=100), record("j2", H0)]), paths.landing, tenant="t"
+    )
     compact_hour(H0, paths.landing, paths.raw_telemetry)
 
     later_copy = record("j1", H0 + timedelta(minutes=9), shots=999, backend="other_backend")
-    stage_landing(records_to_table([later_copy, record("j3", H0)]), paths.landing)
+    stage_landing(records_to_table([later_copy, record("j3", H0)]), paths.landing, tenant="t")
     report = compact_hour(H0, paths.landing, paths.raw_telemetry)
 
     assert (report.rows, report.new_rows, report.duplicates_dropped) == (3, 1, 1)
@@ -171,7 +178,7 @@ def test_compact_hour_dedups_on_job_id_and_status(paths: Paths) -> None:
         record("j1", H0 + timedelta(seconds=3), "completed", shots=5),  # duplicate identity
         record("j2", H0, "completed"),
     ]
-    stage_landing(records_to_table(batch), paths.landing)
+    stage_landing(records_to_table(batch), paths.landing, tenant="t")
     report = compact_hour(H0, paths.landing, paths.raw_telemetry)
 
     assert (report.rows, report.duplicates_dropped) == (4, 1)
@@ -185,7 +192,7 @@ def test_compact_hour_dedups_on_job_id_and_status(paths: Paths) -> None:
 
 def test_compact_hour_is_idempotent(paths: Paths) -> None:
     batch = records_to_table([record("j1", H0), record("j2", H0 + timedelta(minutes=1))])
-    stage_landing(batch, paths.landing)
+    stage_landing(batch, paths.landing, tenant="t")
     compact_hour(H0, paths.landing, paths.raw_telemetry)
     target = partition_dir(paths.raw_telemetry, H0) / "part-0.parquet"
     before = target.read_bytes()
@@ -200,7 +207,7 @@ def test_compact_hour_is_idempotent(paths: Paths) -> None:
     assert target.read_bytes() == before
 
     # A replayed batch (as after a crash before the landing files were deleted).
-    stage_landing(batch, paths.landing)
+    stage_landing(batch, paths.landing, tenant="t")
     replay = compact_hour(H0, paths.landing, paths.raw_telemetry)
     assert (replay.rows, replay.new_rows, replay.duplicates_dropped) == (2, 0, 2)
     assert read_raw(paths.raw_telemetry).equals(pq.read_table(target, schema=TELEMETRY_SCHEMA))
@@ -226,13 +233,15 @@ def test_compact_hour_refuses_records_of_another_hour(paths: Paths) -> None:
 
 def test_compacted_partitions_read_as_a_hive_dataset(paths: Paths) -> None:
     stage_landing(
-        records_to_table([record("j1", H0), record("j2", H1), record("j3", H1)]), paths.landing
+        records_to_table([record("j1", H0), record("j2", H1), record("j3", H1)]),
+        paths.landing,
+        tenant="t",
     )
     for hour in landing_hours(paths.landing):
         compact_hour(hour, paths.landing, paths.raw_telemetry)
 
     table = ds.dataset(paths.raw_telemetry, partitioning="hive").to_table()
-    assert table.column_names == [*CONTRACT_COLUMNS, "date", "hour"]
+    assert table.column_names == [*CONTRACT_COLUMNS, "tenant", "date", "hour"]
     assert table.num_rows == 3
     hours = {(r["job_id"], str(r["date"]), int(r["hour"])) for r in table.to_pylist()}
     assert hours == {("j1", "2026-03-02", 13), ("j2", "2026-03-02", 14), ("j3", "2026-03-02", 14)}
@@ -250,7 +259,9 @@ def test_read_raw_filters_half_open_interval(paths: Paths) -> None:
         "inside": H1 + timedelta(minutes=1),
         "at_end": H1 + timedelta(minutes=20),
     }
-    stage_landing(records_to_table([record(j, t) for j, t in times.items()]), paths.landing)
+    stage_landing(
+        records_to_table([record(j, t) for j, t in times.items()]), paths.landing, tenant="t"
+    )
     _compact_all(paths)
 
     start, end = times["at_start"], times["at_end"]
@@ -267,7 +278,7 @@ def test_read_raw_filters_half_open_interval(paths: Paths) -> None:
 
 
 def test_read_raw_prunes_partitions_outside_the_range(paths: Paths) -> None:
-    stage_landing(records_to_table([record("j1", H0), record("j2", H1)]), paths.landing)
+    stage_landing(records_to_table([record("j1", H0), record("j2", H1)]), paths.landing, tenant="t")
     _compact_all(paths)
     # Corrupt the H0 partition: a read that opens it would fail.
     (partition_dir(paths.raw_telemetry, H0) / "part-0.parquet").write_bytes(b"not parquet")
@@ -327,10 +338,13 @@ def test_compact_hour_keeps_the_first_staged_of_two_pending_batches(paths: Paths
         for n in range(1000)
         if _landing_name(["j1", f"x{n}"]) < _landing_name(first_ids)
     )
-    stage_landing(records_to_table([record("j1", H0, shots=100), record("j2", H0)]), paths.landing)
+    stage_landing(
+        records_to_table([record("j1", H0, shots=100), record("j2", H0)]), paths.landing, tenant="t"
+    )
     stage_landing(
         records_to_table([record("j1", H0, shots=999), record(second_ids[1], H0)]),
         paths.landing,
+        tenant="t",
     )
     compact_hour(H0, paths.landing, paths.raw_telemetry)
 
@@ -348,3 +362,42 @@ def test_a_year_before_1000_gets_a_four_digit_folder_that_reads_back(tmp_path: P
 
     assert folder.relative_to(tmp_path).as_posix() == "date=0001-01-01/hour=05"
     assert landing_hours(tmp_path) == [early]
+
+
+def test_identity_is_per_tenant_so_no_tenant_shadows_another(paths: Paths) -> None:
+    # Tenant "mallory" sends a guessed job id first; the owner's record must still land.
+    guess = record("job-7", H0, backend="forged")
+    stage_landing(records_to_table([guess]), paths.landing, tenant="mallory")
+    stage_landing(records_to_table([record("job-7", H0)]), paths.landing, tenant="lab-a")
+    stage_landing(records_to_table([record("job-7", H0)]), paths.landing, tenant="lab-a")
+
+    report = compact_hour(H0, paths.landing, paths.raw_telemetry)
+
+    stored = pq.read_table(partition_dir(paths.raw_telemetry, H0) / "part-0.parquet")
+    assert (report.rows, report.duplicates_dropped) == (2, 1)
+    assert sorted(
+        zip(stored["tenant"].to_pylist(), stored["backend"].to_pylist(), strict=True)
+    ) == [
+        ("lab-a", "ibm_torino"),
+        ("mallory", "forged"),
+    ]
+    assert read_raw(paths.raw_telemetry).column_names == list(CONTRACT_COLUMNS)
+
+
+def test_a_partition_from_before_tenants_merges_with_its_tenant_null(paths: Paths) -> None:
+    target = partition_dir(paths.raw_telemetry, H0) / "part-0.parquet"
+    target.parent.mkdir(parents=True)
+    pq.write_table(records_to_table([record("j1", H0)]), target)  # contract columns only
+    stage_landing(records_to_table([record("j1", H0), record("j2", H0)]), paths.landing, tenant="t")
+
+    compact_hour(H0, paths.landing, paths.raw_telemetry)
+
+    stored = pq.read_table(target)
+    # Null is a tenant of its own: who sent the old row is unknown, so no one shadows it.
+    assert sorted(
+        zip(stored["job_id"].to_pylist(), stored["tenant"].fill_null("?").to_pylist(), strict=True)
+    ) == [
+        ("j1", "?"),
+        ("j1", "t"),
+        ("j2", "t"),
+    ]

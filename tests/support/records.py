@@ -5,7 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from qabuse_dagster.telemetry.contract import TelemetryRecord, validate_record
+from qabuse_dagster.telemetry.contract import (
+    TelemetryRecord,
+    format_rfc3339_utc,
+    validate_record,
+)
 
 HEX_USER = "1" * 64
 HEX_KEY = "2" * 64
@@ -13,7 +17,8 @@ HEX_CODE = "3" * 64
 
 
 def rfc3339(instant: datetime) -> str:
-    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The contract's own formatter: strftime's %Y drops the zero padding of year 1 on Linux.
+    return format_rfc3339_utc(instant.astimezone(UTC))
 
 
 def record_dict(job_id: str, at: datetime, status: str = "submitted", **extra: Any) -> dict:

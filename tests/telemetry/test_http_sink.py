@@ -185,6 +185,26 @@ def test_rejected_records_in_a_200_answer_are_counted_not_retried(
     assert (sink.sent, sink.rejected, sink.duplicates, sink.spooled) == (3, 2, 1, 0)
 
 
+def test_rejections_beyond_the_detailed_ones_are_counted_from_the_total(
+    collector: Collector, tmp_path: Path
+) -> None:
+    # The collector details the first rejections only and counts them all in rejected_total.
+    def bounded(batch: list[dict[str, Any]], _n: int) -> Reply:
+        body = {
+            "accepted": 1,
+            "duplicates": 0,
+            "rejected": [{"index": 0, "errors": [["shots", "bad"]]}],
+            "rejected_total": len(batch) - 1,
+        }
+        return 200, {}, json.dumps(body).encode()
+
+    collector.behaviour = bounded
+    sink = make_sink(collector.url, tmp_path)
+    sink.write(records(6))
+
+    assert (sink.sent, sink.rejected, sink.spooled) == (1, 5, 0)
+
+
 def test_server_down_spools_then_flush_replays_exactly_once(tmp_path: Path) -> None:
     url = dead_url()
     sink = make_sink(url, tmp_path, batch_size=3)
