@@ -11,7 +11,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export FEAST_USAGE ?= False
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install demo test test-fast lint format bench up lock clean
+.PHONY: install demo test test-fast fuzz lint format bench up lock clean
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
+
+# The hostile-input suites alone (schemathesis on every OpenAPI we serve, slow clients,
+# connection floods, far timestamps, huge numbers, amplification). Each has a fixed,
+# derandomised budget; `make test` runs them too, so CI does.
+fuzz: install
+	$(PY) -m pytest -m fuzz
 
 lint: install
 	$(VENV)/bin/ruff check .
