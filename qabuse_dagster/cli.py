@@ -321,6 +321,13 @@ def serve(host: str, port: int) -> None:
     help="Quarantine each token may fill per hour; later rejections are only counted.",
 )
 @click.option(
+    "--rejections-per-minute",
+    type=click.IntRange(min=1),
+    default=50_000,
+    show_default=True,
+    help="Rejected records a tenant may send per minute; past it, 429 until the minute ends.",
+)
+@click.option(
     "--header-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
@@ -359,6 +366,7 @@ def collector(
     workers: int,
     max_records: int,
     quarantine_mb_per_hour: float,
+    rejections_per_minute: int,
     header_timeout: float,
     body_timeout: float,
     max_connections: int | None,
@@ -404,6 +412,7 @@ def collector(
         workers=workers,
         max_records=max_records,
         quarantine_bytes_per_hour=int(quarantine_mb_per_hour * 1024 * 1024),
+        rejections_per_minute=rejections_per_minute,
         header_timeout_s=header_timeout,
         body_timeout_s=body_timeout,
         max_connections=max_connections,

@@ -4,6 +4,7 @@ worded by the contract, and never the cause of a good neighbour's loss."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -177,6 +178,26 @@ def test_the_quarantine_budget_is_shared_by_collectors_on_one_spool(paths: Paths
     ):
         assert one.post("/v1/telemetry", json=broken, headers=AUTH).json()["not_quarantined"]
         assert two.post("/v1/telemetry", json=broken, headers=AUTH).json()["not_quarantined"] == 100
+
+
+def test_a_tenant_past_its_rejection_budget_waits_for_the_next_minute(paths: Paths) -> None:
+    # Junk costs the slow path's CPU within every byte cap: the budget bounds it per minute.
+    junk = [record_dict(f"job-{i}", H0, sdk="braket") for i in range(30)]
+    if time.time() % 60 > 50:  # all three requests in one budget minute
+        time.sleep(61 - time.time() % 60)
+    with (
+        collector(paths, rejections_per_minute=50) as one,
+        collector(paths, rejections_per_minute=50) as two,  # another worker, one budget
+    ):
+        first = one.post("/v1/telemetry", json=junk, headers=AUTH)
+        crossing = two.post("/v1/telemetry", json=junk, headers=AUTH)
+        refused = one.post("/v1/telemetry", json=[record_dict("ok", H0)], headers=AUTH)
+
+    assert first.json()["rejected_total"] == 30
+    assert crossing.json()["rejected_total"] == 30  # answered in full as it crosses
+    assert refused.status_code == 429
+    assert "rejected records this minute" in refused.json()["detail"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
 
 
 @pytest.mark.parametrize("ndjson", [False, True])
