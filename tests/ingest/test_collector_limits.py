@@ -30,6 +30,8 @@ from qabuse_dagster.ingest.http_limits import DEFAULT_FD_RESERVE, ConnectionGuar
 from qabuse_dagster.ingest.spool import CompactReport
 from qabuse_dagster.settings import Paths
 
+pytestmark = pytest.mark.fuzz  # a hostile-input suite: `make fuzz` runs it
+
 H0 = datetime(2026, 3, 2, 13, 0, tzinfo=UTC)
 TOKEN = "limits-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -110,7 +112,6 @@ def landed_job_ids(paths: Paths) -> set[str]:
     return ids
 
 
-@pytest.mark.fuzz
 @pytest.mark.integration
 def test_a_flood_of_half_open_connections_starves_no_one(
     tmp_path: Path, many_open_files: None

@@ -18,6 +18,8 @@ from qabuse_dagster.ingest.collector import create_app
 from qabuse_dagster.ingest.files import INT64_MAX
 from qabuse_dagster.settings import Paths
 
+pytestmark = pytest.mark.fuzz  # a hostile-input suite: `make fuzz` runs it
+
 H0 = datetime(2026, 3, 2, 13, 0, tzinfo=UTC)
 TOKEN = "rejections-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -57,7 +59,6 @@ def quarantined(paths: Paths) -> list[dict[str, Any]]:
 # -- defect 3: a rejection costs about what the rejected input did -------------------------
 
 
-@pytest.mark.fuzz
 def test_a_body_of_empty_objects_is_answered_and_quarantined_in_bounded_bytes(
     paths: Paths,
 ) -> None:
@@ -214,7 +215,6 @@ def test_too_many_records_are_refused_before_any_is_validated(paths: Paths, ndjs
     assert len(quarantined(paths)) <= 1000
 
 
-@pytest.mark.fuzz
 def test_the_default_record_cap_refuses_a_body_of_empty_objects(
     client: TestClient, paths: Paths
 ) -> None:
