@@ -83,7 +83,7 @@ def run_pipeline(hours: Iterable[datetime], *, train: bool = True) -> PipelineRe
 
     inside, outside = split_by_partitions(hours)
     if outside:
-        logger.warning("%d hour(s) outside the hourly partitions skipped", len(outside))
+        logger.info("%d hour(s) outside the hourly partitions skipped", len(outside))
     spans = contiguous_spans(inside)
     if not spans:
         raise NothingToMaterialise(
