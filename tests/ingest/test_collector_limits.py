@@ -8,6 +8,7 @@ an unauthenticated request that announces a large body.
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import selectors
 import socket
@@ -53,11 +54,21 @@ def many_open_files() -> Iterator[None]:
     """Raise this process's soft RLIMIT_NOFILE for the flood's sockets, and restore it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = FLOOD + 512
+    raised_hard = hard
     if hard != resource.RLIM_INFINITY and hard < wanted:
-        pytest.skip(f"the hard open-files limit ({hard}) is below the {wanted} the flood needs")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+        try:  # root (CI, this machine kind) may raise the hard limit too
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, wanted))
+            raised_hard = wanted
+        except (ValueError, OSError):
+            why = f"the hard open-files limit ({hard}) is below the {wanted} the flood needs"
+            if os.environ.get("CI"):
+                pytest.fail(why)  # under CI the suite must run, never skip
+            pytest.skip(why)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), raised_hard))
     yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, raised_hard))
+    if raised_hard != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 class Flood:
@@ -265,9 +276,10 @@ def test_the_guard_sheds_the_oldest_connection_still_waiting_for_headers() -> No
 
 
 def test_the_connection_cap_leaves_a_reserve_of_descriptors() -> None:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        pytest.skip("no open-files limit to derive a cap from")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:  # give the process a finite limit to derive from
+        soft = 4096
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     room = soft - DEFAULT_FD_RESERVE
     assert ConnectionLimits().connection_cap() == room
     assert ConnectionLimits(max_connections=10 * soft).connection_cap() == room
