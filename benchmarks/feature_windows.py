@@ -138,6 +138,13 @@ NOT_IN_BASELINE = {
     "record, which the per-key resample does not hold",
     "hours_since_first_seen_24h": "a 24-hour activity history, not a window aggregate",
     "gap_before_latest_activity_min": "a 24-hour activity history, not a window aggregate",
+    "interarrival_cv_1h": "needs each submission's instant, not per-minute counts",
+    "active_hours_24h": "a 24-hour history, not a window aggregate",
+    "submissions_24h": "a 24-hour history, not a window aggregate",
+    "estimated_cost_24h": "a 24-hour history, not a window aggregate",
+    "submissions_1h_vs_24h": "a 24-hour history, not a window aggregate",
+    "cost_1h_vs_24h": "a 24-hour history, not a window aggregate",
+    "network_auth_failure_entities_1h": "needs every key's auth failures per network",
 }
 #: The features the pandas pipeline computes (all others of `FEATURE_NAMES`), compared
 #: row by row with ours.

@@ -11,7 +11,8 @@ from feast import FileSource, PushSource
 from feast.data_format import ParquetFormat
 
 from qabuse_dagster.features.definitions import ENTITY_COLUMNS, TIMESTAMP_COLUMN
-from qabuse_dagster.features.push import PUSH_SOURCES
+from qabuse_dagster.features.push import PUSH_SOURCES, SEQUENCE_PUSH_SOURCES
+from qabuse_dagster.features.store import sequence_folder
 from qabuse_dagster.settings import paths
 
 
@@ -42,4 +43,19 @@ user_windows_push_source = PushSource(
     name=PUSH_SOURCES[ENTITY_COLUMNS["user"]],
     batch_source=user_windows_source,
     description="Streaming rows of user_windows_source, pushed as each minute closes.",
+)
+
+api_key_sequence_source = FileSource(
+    name="api_key_sequence_source",
+    path=str(sequence_folder()),
+    file_format=ParquetFormat(),
+    timestamp_field=TIMESTAMP_COLUMN,
+    description="Per-api-key sequences of the last 60 minutes' per-minute counts: each key's "
+    "latest row of each hour (serving reads only the latest).",
+)
+
+api_key_sequence_push_source = PushSource(
+    name=SEQUENCE_PUSH_SOURCES[ENTITY_COLUMNS["api_key"]],
+    batch_source=api_key_sequence_source,
+    description="Streaming sequence rows of api_key_sequence_source, pushed as each minute closes.",
 )

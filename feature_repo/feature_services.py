@@ -10,6 +10,7 @@ from feature_views import (
     api_key_1h_fv,
     api_key_1m_fv,
     api_key_5m_fv,
+    api_key_sequence_fv,
     user_1h_fv,
     user_1m_fv,
     user_5m_fv,
@@ -38,6 +39,14 @@ api_key_features_v2 = FeatureService(
     features=[api_key_1m_fv, api_key_5m_fv, api_key_1h_fv],
     description="Every window feature of an api key (1 minute, 5 minutes, 1 hour): the "
     "inputs of the next api-key models.",
+    tags={"entity": "api_key"},
+)
+
+api_key_sequence_v1 = FeatureService(
+    name="api_key_sequence_v1",
+    features=[api_key_sequence_fv],
+    description="An api key's last 60 minutes of per-minute counts: the input of the "
+    "sequence (GRU autoencoder) detector, version 1.",
     tags={"entity": "api_key"},
 )
 

@@ -8,16 +8,23 @@ Each row carries all three windows; a view holds one window's columns
 
 from datetime import timedelta
 
-from data_sources import api_key_windows_push_source, user_windows_push_source
+from data_sources import (
+    api_key_sequence_push_source,
+    api_key_windows_push_source,
+    user_windows_push_source,
+)
 from entities import api_key, user
 from feast import Entity, FeatureView, Field, PushSource
-from feast.types import Float64, Int64
+from feast.types import Array, Float64, Int64
 
 from qabuse_dagster.features.definitions import (
     FEATURES_BY_NAME,
     FEATURES_BY_WINDOW,
+    SEQUENCE_COLUMNS,
+    SEQUENCE_MINUTES,
     WINDOW_LOOKBACK_MINUTES,
 )
+from qabuse_dagster.features.store import SEQUENCE_KIND
 
 # Historical retrieval returns an entity's latest row up to `ttl` old (rows stop 5 minutes
 # after its last record). A row's windows reach back twice their length (each is compared
@@ -68,3 +75,31 @@ api_key_1h_fv = _window_view(api_key, api_key_windows_push_source, "1h", "an api
 user_1m_fv = _window_view(user, user_windows_push_source, "1m", "a user")
 user_5m_fv = _window_view(user, user_windows_push_source, "5m", "a user")
 user_1h_fv = _window_view(user, user_windows_push_source, "1h", "a user")
+
+_CHANNELS = {
+    "submissions": "submissions",
+    "failures": "failed or rejected outcomes",
+    "auth_failures": "records with error code auth_failed",
+    "shots_sum": "shots of the submissions",
+    "distinct_code_hashes": "distinct code hashes submitted",
+}
+
+api_key_sequence_fv = FeatureView(
+    name="api_key_sequence",
+    entities=[api_key],
+    # Offline rows are each key's latest of an hour; streaming pushes keep online fresh.
+    ttl=timedelta(minutes=WINDOW_LOOKBACK_MINUTES),
+    schema=[
+        Field(
+            name=column,
+            dtype=Array(Int64),
+            description=f"Per minute, {_CHANNELS[channel]}: the {SEQUENCE_MINUTES} minutes "
+            "before the row, oldest first, 0 for silent minutes. Unit: per minute.",
+        )
+        for channel, column in SEQUENCE_COLUMNS.items()
+    ],
+    source=api_key_sequence_push_source,
+    online=True,
+    description="What an api key did in each of its last 60 minutes (sequence models).",
+    tags={"entity": "api_key", "kind": SEQUENCE_KIND},
+)

@@ -33,7 +33,8 @@ import pandas as pd
 from numpy.typing import NDArray
 from sklearn.ensemble import IsolationForest
 
-from models.base import BaseDetector
+from models.base import BaseDetector, deviation_contributions
+from models.thresholds import Contamination, ThresholdStrategy
 
 #: The tutorial's three features, in column order.
 BASELINE_FEATURES: tuple[str, ...] = ("submissions", "rolling_mean_5m", "zscore")
@@ -72,7 +73,8 @@ class TutorialBaselineDetector(BaseDetector):
         contamination: float = 0.01,
         random_state: int | None = 0,
     ) -> None:
-        super().__init__(contamination=contamination)
+        super().__init__()
+        self.contamination = contamination
         self.n_estimators = n_estimators
         self.random_state = random_state
 
@@ -123,11 +125,19 @@ class TutorialBaselineDetector(BaseDetector):
         ).reset_index(drop=True)
 
     def _fit(self, X: NDArray[np.float64]) -> None:
+        self.center_, self.spread_ = np.median(X, axis=0), np.std(X, axis=0)
         self.estimator_ = IsolationForest(
             n_estimators=self.n_estimators,
             contamination=self.contamination,
             random_state=self.random_state,
         ).fit(X)
+
+    def _strategy(self) -> ThresholdStrategy:
+        # The tutorial's rule: the 99th percentile of the training scores.
+        return Contamination(self.contamination)
+
+    def _explain(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
+        return deviation_contributions(X, self.center_, self.spread_)
 
     def _score(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
         # score_samples is higher for normal rows; negate for "higher = more anomalous".

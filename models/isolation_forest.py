@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Self
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
@@ -10,8 +10,15 @@ from sklearn.ensemble import IsolationForest
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MinMaxScaler
 
-from models.base import BaseDetector
+from models.base import BaseDetector, signed_log
 from models.fast_forest import CompiledForest
+from models.features import ROW_FEATURES
+from models.persistence import load_skops, save_skops
+from models.registry import DetectorFamily, register_family
+from models.thresholds import ThresholdStrategy
+
+#: The only non-default type a stored forest needs; nothing else is loaded.
+TRUSTED_TYPES = ("sklearn.tree._tree.Tree",)
 
 
 class IsolationForestDetector(BaseDetector):
@@ -31,9 +38,9 @@ class IsolationForestDetector(BaseDetector):
     Args:
         n_estimators: number of trees.
         max_samples: rows drawn per tree (int) or share of rows (float), as in scikit-learn.
-        contamination: expected anomalous share of training rows; sets ``threshold_``.
         random_state: seed for the forest.
         extrapolation_weight: weight of the beyond-the-range term; 0 gives the bare forest.
+        threshold_strategy: how ``fit`` sets ``threshold_`` (default 1% contamination).
 
     Example:
         >>> import numpy as np
@@ -51,11 +58,11 @@ class IsolationForestDetector(BaseDetector):
         self,
         n_estimators: int = 200,
         max_samples: int | float | str = "auto",
-        contamination: float = 0.01,
         random_state: int | None = 0,
         extrapolation_weight: float = 1.0,
+        threshold_strategy: ThresholdStrategy | None = None,
     ) -> None:
-        super().__init__(contamination=contamination)
+        super().__init__(threshold_strategy)
         self.n_estimators = n_estimators
         self.max_samples = max_samples
         self.random_state = random_state
@@ -64,7 +71,7 @@ class IsolationForestDetector(BaseDetector):
     @staticmethod
     def transform(X: NDArray[np.float64]) -> NDArray[np.float64]:
         """The signed log scaling applied before the forest sees the rows."""
-        return np.sign(X) * np.log1p(np.abs(X))
+        return signed_log(X)
 
     def _fit(self, X: NDArray[np.float64]) -> None:
         # The scaler does not change the forest (splits are scale-free); it records each
@@ -95,23 +102,40 @@ class IsolationForestDetector(BaseDetector):
         beyond = np.clip(scaled - 1.0, 0.0, None) + np.clip(-scaled, 0.0, None)
         return forest + self.extrapolation_weight * beyond.sum(axis=1)
 
-    @classmethod
-    def from_fitted(
-        cls,
-        estimator: Pipeline,
-        threshold: float,
-        n_features: int,
-        extrapolation_weight: float = 1.0,
-    ) -> Self:
-        """Rebuild a detector around a pipeline loaded from the model registry."""
-        forest = estimator["forest"]
-        detector = cls(
-            n_estimators=forest.n_estimators,
-            max_samples=forest.max_samples,
-            random_state=forest.random_state,
-            extrapolation_weight=extrapolation_weight,
-        )
-        detector.estimator_ = estimator
-        detector.threshold_ = float(threshold)
-        detector.n_features_in_ = int(n_features)
-        return detector
+    def _explain(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
+        """SHAP values of the forest (towards anomalous) plus each feature's extrapolation term."""
+        import shap
+
+        scaled = self.estimator_["range"].transform(self.transform(X))
+        explainer = getattr(self, "_explainer", None)
+        if explainer is None:
+            explainer = self._explainer = shap.TreeExplainer(self.estimator_["forest"])
+        # SHAP explains the mean path length (higher = normal): negate for "towards anomalous".
+        forest = -np.asarray(explainer.shap_values(scaled), dtype=np.float64)
+        beyond = np.clip(scaled - 1.0, 0.0, None) + np.clip(-scaled, 0.0, None)
+        return forest + self.extrapolation_weight * beyond
+
+
+def save(detector: BaseDetector, directory: Path) -> None:
+    save_skops(detector, directory)
+
+
+def load(directory: Path) -> IsolationForestDetector:
+    return load_skops(directory, IsolationForestDetector, TRUSTED_TYPES)
+
+
+FAMILY = register_family(
+    DetectorFamily(
+        name="isolation_forest",
+        input_kind="rows",
+        entity="api_key",
+        feature_service="api_key_isolation_forest_v1",
+        feature_names=ROW_FEATURES,
+        detector=IsolationForestDetector,
+        save=save,
+        load=load,
+        description="Isolation Forest over the api key's window features (signed-log scaled, "
+        "with a beyond-the-training-range term).",
+        params={"n_estimators": 200, "random_state": 0},
+    )
+)

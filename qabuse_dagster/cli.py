@@ -8,7 +8,7 @@ import sys
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import click
 
@@ -475,10 +475,10 @@ def up(dagster_port: int, mlflow_port: int, serve_port: int) -> None:
 )
 @click.option(
     "--detector",
-    type=click.Choice(["qabuse", "baseline", "both"]),
-    default="both",
+    default="all",
     show_default=True,
-    help="Detector to backtest; both puts the tutorial baseline beside qabuse.",
+    help="Detectors to backtest: all (every registered family, the ensemble champion and "
+    "the tutorial baseline) or a comma-separated list of family names, ensemble, baseline.",
 )
 @click.option(
     "--key-kinds",
@@ -491,15 +491,16 @@ def up(dagster_port: int, mlflow_port: int, serve_port: int) -> None:
     "json_out",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="Report JSON; with both detectors, the baseline's report sits under 'baseline'.",
+    help="Report JSON: the first detector's report (the ensemble's with all) at the top, "
+    "every detector's under 'detectors'.",
 )
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option(
     "--alert-budget",
     type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-    default=0.02,
+    default=0.01,
     show_default=True,
-    help="Share of training key-days the qabuse threshold lets alert.",
+    help="Share of training key-days each family's (and the ensemble's) threshold lets alert.",
 )
 @click.option(
     "--closed-loop/--no-closed-loop",
@@ -531,18 +532,18 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from qabuse_dagster.evaluation.backtest import DetectorParams
+    from qabuse_dagster.evaluation.families import ENSEMBLE, TrainingParams, resolve_names
     from qabuse_dagster.evaluation.html_report import write_html
     from qabuse_dagster.evaluation.labels import LabelsError, read_labels
     from qabuse_dagster.evaluation.report import (
+        BASELINE,
         KIND_TABLE_COLUMNS,
         BacktestError,
-        DetectorName,
         TelemetryFileError,
         kind_table_rows,
         log_to_mlflow,
         read_telemetry_jsonl,
-        run_backtest,
+        run_backtests,
     )
     from qabuse_dagster.simulation.twin import MANIFEST_FILE
 
@@ -559,21 +560,24 @@ def evaluate(
     cutoff = None
     if train_until is not None:
         cutoff = train_until if train_until.tzinfo else train_until.replace(tzinfo=UTC)
-    names: list[DetectorName] = (
-        ["qabuse", "baseline"] if detector == "both" else [cast(DetectorName, detector)]
-    )
+    wanted = [name.strip() for name in detector.split(",") if name.strip()]
+    if wanted == ["all"]:
+        names = [ENSEMBLE, *resolve_names("all"), BASELINE]
+    else:
+        try:
+            resolve_names([n for n in wanted if n not in (ENSEMBLE, BASELINE)])
+        except (KeyError, ValueError) as exc:
+            raise click.BadParameter(str(exc).strip("'\""), param_hint="--detector") from None
+        names = wanted
     try:
-        reports = [
-            run_backtest(
-                table,
-                incidents,
-                train_until=cutoff,
-                detector=name,
-                key_kinds=kinds,
-                params=DetectorParams(alert_budget=alert_budget),
-            )
-            for name in names
-        ]
+        reports = run_backtests(
+            table,
+            incidents,
+            train_until=cutoff,
+            detectors=names,
+            key_kinds=kinds,
+            params=TrainingParams(alert_budget=alert_budget),
+        )
     except BacktestError as exc:
         raise click.ClickException(f"{labels}: {exc}") from None
     manifest_path = telemetry.parent / MANIFEST_FILE
@@ -586,8 +590,9 @@ def evaluate(
                 raise
             click.echo(f"closed loop skipped: {exc.message}", err=True)
     out = reports[0].to_dict()
-    if len(reports) > 1:
-        out["baseline"] = reports[1].to_dict()
+    out["detectors"] = {report.detector: report.to_dict() for report in reports}
+    if BASELINE in out["detectors"]:
+        out["baseline"] = out["detectors"][BASELINE]
     if loop is not None:
         out["closed_loop"] = loop.to_dict()
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -629,8 +634,8 @@ def _closed_loop(
     alert_budget: float,
 ) -> ClosedLoopReport:
     """Rerun the twin of ``manifest_path`` with and without qabuse; click errors on misuse."""
-    from qabuse_dagster.evaluation.backtest import DetectorParams
     from qabuse_dagster.evaluation.closed_loop import closed_loop_backtest
+    from qabuse_dagster.evaluation.families import TrainingParams
     from qabuse_dagster.simulation.twin import TwinManifest
 
     try:
@@ -639,7 +644,7 @@ def _closed_loop(
             manifest,
             _hasher(manifest.demo_key),
             train_until=train_until,
-            params=DetectorParams(alert_budget=alert_budget),
+            params=TrainingParams(alert_budget=alert_budget),
             expected_keys=set(telemetry.column("api_key_id").to_pylist()),
             progress=True,
         )

@@ -105,7 +105,7 @@ def run_demo(*, hours: float = 48.0, seed: int = 7, calls: int = 200) -> int:
     incident_top = min(scored[k].score for k in incident_keys) > max(
         scored[k].score for k in benign_keys
     )
-    detected = evaluation is not None and evaluation.recall == 1.0
+    detected = evaluation is not None and evaluation.overall.recall == 1.0
     console.print(
         f"\n[bold]{'Incident detected' if detected else 'Incident NOT detected'}[/bold]; "
         "/score ranks the incident key "
@@ -158,16 +158,17 @@ def _print_report(
                 f"{outcome.kind}: {'DETECTED' if outcome.detected else 'missed'}, "
                 f"time to detect {ttd}",
             )
-        if evaluation.precision_at_k is not None:
+        overall = evaluation.overall
+        if overall.precision_at_k is not None:
             summary.add_row(
-                f"precision@{evaluation.k}",
-                f"{evaluation.precision_at_k:.2f} (keys ranked by their highest score)",
+                f"precision@{overall.k}",
+                f"{overall.precision_at_k:.2f} (keys ranked by their highest score)",
             )
         summary.add_row(
             "benign alert rate",
-            f"{evaluation.benign_alert_rate:.2%} of benign "
-            f"key-minutes ({evaluation.benign_keys_alerted}/{evaluation.benign_keys}"
-            " benign keys alerted at least once)",
+            f"{overall.benign_key_day_alert_rate:.2%} of benign key-days "
+            f"({overall.benign_key_days_alerted}/{overall.benign_key_days}), "
+            f"{overall.benign_row_alert_rate:.2%} of benign key-minutes",
         )
     summary.add_row(
         "/score latency",

@@ -1,35 +1,42 @@
-"""MLflow tracking and registry for qabuse detectors.
+"""MLflow tracking and registry for qabuse's detector families and the ensemble champion.
 
-Models are stored in the skops format, never pickle, and loaded back only through
-this module: the skops types we trust are listed here, not read from the model
-artifact, so a tampered artifact cannot widen them. Versions are addressed by
-alias (``@champion``, ``@challenger``), never by stage.
+Each family (`models.registry`) is one registered model, ``qabuse-<family>``; the
+ensemble champion is ``qabuse-api-key-detector`` (``QABUSE_MODEL_NAME``), whose version
+pins the family versions it combines. A version's artifact is the directory the
+family's own ``save`` writes (skops or safetensors and JSON: never pickle), and it is
+loaded back only through the family's ``load``, which trusts only the types the family
+names. Versions are addressed by alias (``@champion``, ``@challenger``), never by stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qabuse_dagster import settings
 
 if TYPE_CHECKING:
-    import pandas as pd
     from mlflow import MlflowClient
 
-    from models import IsolationForestDetector
+    from models import BaseDetector, EnsembleDetector
 
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "qabuse-detectors"
 MODEL_ARTIFACT = "detector"
-#: The only non-default types a stored Isolation Forest needs; nothing else is loaded.
-TRUSTED_SKOPS_TYPES = frozenset({"sklearn.tree._tree.Tree"})
+#: The ``family`` tag of the ensemble champion's versions.
+ENSEMBLE_FAMILY = "ensemble"
+
+
+def family_model_name(family: str) -> str:
+    """The registered model of one family: ``qabuse-<family>`` (dashes for underscores)."""
+    return f"qabuse-{family.replace('_', '-')}"
 
 
 class ModelNotFoundError(LookupError):
@@ -43,10 +50,12 @@ class ModelVersionRef:
     name: str
     version: str
     run_id: str
+    family: str
     threshold: float
     feature_names: tuple[str, ...]
     feature_service: str
-    extrapolation_weight: float = 1.0
+    #: For the ensemble: member family -> its registered version.
+    members: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -58,7 +67,16 @@ class LoadedDetector:
     """A detector loaded from the registry, with the version it came from."""
 
     ref: ModelVersionRef
-    detector: IsolationForestDetector
+    detector: BaseDetector
+
+
+@dataclass(frozen=True)
+class LoadedChampion:
+    """The ensemble champion and the member versions it pins, all loaded."""
+
+    ref: ModelVersionRef
+    ensemble: EnsembleDetector
+    members: dict[str, LoadedDetector]
 
 
 def configure(tracking_uri: str | None = None) -> MlflowClient:
@@ -85,76 +103,80 @@ def run_url(run_id: str, experiment_id: str, ui: str = "http://127.0.0.1:5000") 
 
 
 def log_detector(
-    detector: IsolationForestDetector,
+    detector: BaseDetector,
     *,
-    feature_names: tuple[str, ...],
-    feature_service: str,
-    input_example: pd.DataFrame,
+    family: str,
     params: Mapping[str, Any],
     metrics: Mapping[str, float],
     run_name: str,
     model_name: str | None = None,
+    members: Mapping[str, ModelVersionRef] | None = None,
     tracking_uri: str | None = None,
 ) -> tuple[ModelVersionRef, str]:
     """Log a fitted detector as a new run and register it as a new model version.
+
+    Args:
+        detector: a fitted family detector, or the `EnsembleDetector` (family
+            ``ensemble``, with ``members``: the registered versions it combines).
+        family: the registry name of its family.
+        params: run parameters.
+        metrics: run metrics.
+        run_name: the MLflow run's name.
+        model_name: registered model (default `family_model_name`, or
+            ``QABUSE_MODEL_NAME`` for the ensemble).
 
     Returns:
         The registered version and the experiment id of its run.
     """
     import mlflow
-    import sklearn
-    import skops
-    from mlflow.models import infer_signature
 
     client = configure(tracking_uri)
     experiment_id = ensure_experiment(client)
-    name = model_name or settings.model_name()
-    metadata = {
-        "threshold": detector.threshold_,
-        "feature_names": list(feature_names),
+    if family == ENSEMBLE_FAMILY:
+        from models.ensemble import save
+
+        name = model_name or settings.model_name()
+        feature_names: tuple[str, ...] = tuple(detector.members)  # type: ignore[attr-defined]
+        feature_service = ""
+        saver = save
+    else:
+        from models.registry import get_family
+
+        spec = get_family(family)
+        name = model_name or family_model_name(family)
+        feature_names, feature_service, saver = spec.feature_names, spec.feature_service, spec.save
+    pinned = {m: ref.version for m, ref in (members or {}).items()}
+    tags = {
+        "family": family,
+        "threshold": repr(detector.threshold_),
+        "feature_names": json.dumps(list(feature_names)),
         "feature_service": feature_service,
-        "detector": type(detector).__name__,
-        "extrapolation_weight": detector.extrapolation_weight,
-        "input_transform": "sign(x) * log1p(|x|)",
+        "members": json.dumps(pinned),
         "score_convention": "higher is more anomalous",
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
         mlflow.log_params(dict(params))
         mlflow.log_metrics(dict(metrics))
-        mlflow.set_tags({"qabuse.feature_service": feature_service})
-        example = input_example[list(feature_names)]
-        transformed = detector.transform(example.to_numpy(dtype=float))
-        signature = infer_signature(example, detector.estimator_.score_samples(transformed))
-        model_info = mlflow.sklearn.log_model(
-            detector.estimator_,
-            name=MODEL_ARTIFACT,
-            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
-            skops_trusted_types=sorted(TRUSTED_SKOPS_TYPES),
-            signature=signature,
-            metadata=metadata,
-            registered_model_name=name,
-            # Stated, not inferred: inference re-imports the model in a subprocess (seconds).
-            pip_requirements=[
-                f"scikit-learn=={sklearn.__version__}",
-                f"skops=={skops.__version__}",
-            ],
-        )
+        mlflow.set_tags({"qabuse.family": family, "qabuse.feature_service": feature_service})
+        with tempfile.TemporaryDirectory() as tmp:
+            saver(detector, Path(tmp))
+            mlflow.log_artifacts(tmp, MODEL_ARTIFACT)
+        source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
         run_id = run.info.run_id
-    version = str(model_info.registered_model_version)
-    client.set_model_version_tag(name, version, "threshold", repr(detector.threshold_))
-    client.set_model_version_tag(name, version, "feature_names", json.dumps(list(feature_names)))
-    client.set_model_version_tag(name, version, "feature_service", feature_service)
-    client.set_model_version_tag(
-        name, version, "extrapolation_weight", repr(detector.extrapolation_weight)
-    )
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):  # already registered
+        client.create_registered_model(name, tags={"family": family})
+    version = str(client.create_model_version(name, source, run_id, tags=tags).version)
     ref = ModelVersionRef(
         name=name,
         version=version,
         run_id=run_id,
-        threshold=detector.threshold_,
+        family=family,
+        threshold=float(detector.threshold_),
         feature_names=tuple(feature_names),
         feature_service=feature_service,
-        extrapolation_weight=detector.extrapolation_weight,
+        members=pinned,
     )
     logger.info("registered %s version %s (run %s)", name, version, run_id)
     return ref, experiment_id
@@ -177,18 +199,46 @@ def resolve_alias(
     except MlflowException as exc:
         raise ModelNotFoundError(
             f"no version of model {name!r} has alias @{alias} in {settings.mlflow_tracking_uri()}"
-            " (run `qabuse demo` or materialise champion_model first)"
+            " (run `qabuse demo` or materialise the models group first)"
         ) from exc
+    return _ref(name, version)
+
+
+def resolve_version(name: str, version: str, tracking_uri: str | None = None) -> ModelVersionRef:
+    return _ref(name, configure(tracking_uri).get_model_version(name, version))
+
+
+def _ref(name: str, version: Any) -> ModelVersionRef:
     tags = version.tags
+    if "family" not in tags:
+        raise ModelNotFoundError(
+            f"{name} v{version.version} predates detector families (no 'family' tag): "
+            "retrain with the models group"
+        )
     return ModelVersionRef(
         name=name,
         version=str(version.version),
         run_id=str(version.run_id),
+        family=tags["family"],
         threshold=float(tags["threshold"]),
         feature_names=tuple(json.loads(tags["feature_names"])),
-        feature_service=tags["feature_service"],
-        extrapolation_weight=float(tags.get("extrapolation_weight", 1.0)),
+        feature_service=tags.get("feature_service", ""),
+        members=json.loads(tags.get("members", "{}")),
     )
+
+
+def _load(ref: ModelVersionRef) -> Any:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=tmp))
+        if ref.family == ENSEMBLE_FAMILY:
+            from models.ensemble import load
+
+            return load(local)
+        from models.registry import get_family
+
+        return get_family(ref.family).load(local)
 
 
 def load_detector(
@@ -196,25 +246,22 @@ def load_detector(
     model_name: str | None = None,
     tracking_uri: str | None = None,
 ) -> LoadedDetector:
-    """Load the version behind ``alias`` from the registry, trusting only known skops types."""
-    import mlflow
-    import skops.io
-
-    from models import IsolationForestDetector
-
+    """Load the version behind ``alias`` through its family's own loader (no pickle)."""
     ref = resolve_alias(alias, model_name, tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=tmp))
-        model_file = local / "model.skops"
-        untrusted = set(skops.io.get_untrusted_types(file=model_file))
-        unexpected = untrusted - TRUSTED_SKOPS_TYPES
-        if unexpected:
-            raise ValueError(
-                f"{ref.uri} holds types qabuse does not trust: {sorted(unexpected)}; "
-                "refusing to load it"
-            )
-        estimator = skops.io.load(model_file, trusted=sorted(untrusted))
-    detector = IsolationForestDetector.from_fitted(
-        estimator, ref.threshold, len(ref.feature_names), ref.extrapolation_weight
-    )
-    return LoadedDetector(ref=ref, detector=detector)
+    return LoadedDetector(ref=ref, detector=_load(ref))
+
+
+def load_champion(
+    alias: str = settings.CHAMPION_ALIAS,
+    model_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> LoadedChampion:
+    """The ensemble behind ``alias`` and each member version it pins."""
+    ref = resolve_alias(alias, model_name, tracking_uri)
+    if ref.family != ENSEMBLE_FAMILY:
+        raise ModelNotFoundError(f"{ref.uri} is a {ref.family} detector, not the ensemble")
+    members = {}
+    for family, version in ref.members.items():
+        member = resolve_version(family_model_name(family), version, tracking_uri)
+        members[family] = LoadedDetector(ref=member, detector=_load(member))
+    return LoadedChampion(ref=ref, ensemble=_load(ref), members=members)

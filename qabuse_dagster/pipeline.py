@@ -114,8 +114,8 @@ def run_pipeline(hours: Iterable[datetime], *, train: bool = True) -> PipelineRe
     training = defs.resolve_job_def("training_job").execute_in_process(
         instance=instance, run_config=QUIET_RUN_CONFIG, raise_on_error=False
     )
-    evaluation = _output(training, "detector_evaluation")
-    trained = _output(training, "detector_model")
+    evaluation = _output(training, "ensemble_evaluation")
+    trained = _output(training, "ensemble_model")
     promoted = any(
         event.asset_key is not None and event.asset_key.to_user_string() == "champion_model"
         for event in training.get_asset_materialization_events()

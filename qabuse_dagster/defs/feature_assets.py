@@ -33,7 +33,7 @@ from qabuse_dagster.features.definitions import (
     TIMESTAMP_COLUMN,
     feature_schema,
 )
-from qabuse_dagster.features.windows import LOOKBACK, window_features
+from qabuse_dagster.features.windows import LOOKBACK, sequence_table, window_features
 from qabuse_dagster.ingest.partitions import hours_between, read_raw, write_parquet_atomic
 
 #: Raw hourly partitions before its own that a feature hour reads: rows look back `LOOKBACK`.
@@ -257,6 +257,11 @@ def feast_online_store(storage: QabuseStorage, feast: FeastResource) -> Material
         views = feast_ops.entity_views(store, entity)
         feast_ops.materialize(store, first, last + timedelta(seconds=1), views)
         loaded.append({"entity": entity, "views": ", ".join(views), "from": first, "to": last})
+    first, last = ranges["api_key"]
+    for view, table in _latest_serving_rows(storage, last).items():
+        if table.num_rows:
+            feast_ops.materialize(store, first, last + timedelta(seconds=1), [view])
+            loaded.append({"entity": "api_key", "views": view, "from": first, "to": last})
     return MaterializeResult(
         metadata={
             "feature_views": MetadataValue.json(report.feature_views),
@@ -271,6 +276,47 @@ def feast_online_store(storage: QabuseStorage, feast: FeastResource) -> Material
             "plan": MetadataValue.md(f"```\n{report.plan or 'no changes'}\n```"),
         }
     )
+
+
+def _latest_serving_rows(storage: QabuseStorage, last: datetime) -> dict[str, pa.Table]:
+    """Each active key's sequence and campaign rows at the last hour, written for Feast.
+
+    Serving reads only an entity's latest row, so these views hold the rows of the keys
+    active in the hour before ``last`` (the sequences of their latest minute, the campaign
+    graph built at its latest instants).
+    """
+    from models.campaign import CAMPAIGN_FEATURES, campaign_features
+
+    paths = storage.paths()
+    start = last - timedelta(hours=1)
+    telemetry = read_raw(
+        paths.raw_telemetry, start - timedelta(days=4), last + timedelta(minutes=1)
+    )
+    if telemetry.num_rows == 0:
+        return {}
+    end = last + timedelta(minutes=1)
+    rows = window_features(telemetry, start, end, features=["submissions_1m"]).to_pandas()
+    latest = rows.sort_values(TIMESTAMP_COLUMN).groupby(ENTITY_COLUMNS["api_key"]).tail(1)
+    sequences = sequence_table(telemetry, pa.Table.from_pandas(latest, preserve_index=False))
+    records = telemetry.to_pandas()
+    records["timestamp"] = pd.to_datetime(records["timestamp"], utc=True)
+    campaign = campaign_features(records, start, end)
+    campaign = campaign.sort_values(TIMESTAMP_COLUMN).groupby("api_key_id").tail(1)
+    campaign[list(CAMPAIGN_FEATURES)] = campaign[list(CAMPAIGN_FEATURES)].astype(float)
+    tables = {
+        "api_key_sequence": (feast_ops.sequence_folder(paths), sequences),
+        "api_key_campaign": (
+            feast_ops.campaign_folder(paths),
+            pa.Table.from_pandas(campaign.reset_index(drop=True), preserve_index=False),
+        ),
+    }
+    out = {}
+    for view, (folder, table) in tables.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        if table.num_rows:
+            write_parquet_atomic(table, folder / f"latest-{last:%Y%m%dT%H%M}.parquet")
+        out[view] = table
+    return out
 
 
 class TrainingSetConfig(Config):

@@ -1,10 +1,18 @@
-"""The detector: trained, registered in MLflow, evaluated, and promoted to @champion."""
+"""The detectors: one model -> evaluation -> alias chain per family, and the ensemble champion.
+
+`family_assets` is the factory: for each family of `models.registry` it makes
+``<family>_model`` (fitted before the cutoff, registered in MLflow as a new version of
+``qabuse-<family>`` with @challenger), ``<family>_evaluation`` (the challenger replayed
+after the cutoff and judged on the incident labels, with a blocking check) and
+``<family>_alias`` (@champion, only when the check passed). The ensemble's chain
+(``ensemble_model``, ``ensemble_evaluation``, ``champion_model``) combines the
+families' challengers; ``champion_model`` moves @champion of the model ``/score`` serves.
+The bodies call `qabuse_dagster.evaluation`: no model logic lives here.
+"""
 
 import json
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import pandas as pd
 from dagster import (
@@ -12,6 +20,8 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
     Config,
     MaterializeResult,
     MetadataValue,
@@ -19,20 +29,29 @@ from dagster import (
     asset,
 )
 
+from models.registry import families, get_family
 from qabuse_dagster import model_registry
 from qabuse_dagster.defs.resources import MlflowResource, QabuseStorage
-from qabuse_dagster.evaluation.backtest import DetectorParams, fit_detector, score_rows, time_cutoff
-from qabuse_dagster.evaluation.detection import evaluate_detections
+from qabuse_dagster.evaluation.backtest import time_cutoff
+from qabuse_dagster.evaluation.families import (
+    ENSEMBLE,
+    DetectorInputs,
+    TrainingParams,
+    detector_inputs,
+    family_scores,
+    fit_ensemble,
+    fit_family,
+)
 from qabuse_dagster.evaluation.labels import read_labels
 from qabuse_dagster.evaluation.plots import png_markdown, score_timeline_png
-from qabuse_dagster.features.definitions import DETECTOR_FEATURES
-from qabuse_dagster.features.store import FEATURE_SERVICE
+from qabuse_dagster.evaluation.report import BacktestReport, judge
+from qabuse_dagster.ingest.partitions import read_raw
 from qabuse_dagster.settings import CHALLENGER_ALIAS, CHAMPION_ALIAS
 
 
 @dataclass(frozen=True)
 class TrainedDetector:
-    """What the training asset hands to evaluation and promotion."""
+    """What a model asset hands to its evaluation and alias assets."""
 
     ref: model_registry.ModelVersionRef
     experiment_id: str
@@ -40,138 +59,100 @@ class TrainedDetector:
     run_url: str
 
 
-class DetectorConfig(Config):
-    """Training knobs, editable in the launchpad."""
+class HistoryConfig(Config):
+    """Which part of the stored telemetry trains (the rest evaluates)."""
 
     train_fraction: float = 0.6
-    n_estimators: int = 200
-    contamination: float = 0.01
+    alert_budget: float = 0.01
     random_state: int = 0
-    alert_budget: float = 0.02
+
+
+@dataclass(frozen=True)
+class History:
+    """The stored telemetry, the training cutoff and the training knobs."""
+
+    inputs: DetectorInputs
+    cutoff: datetime
+    params: TrainingParams
 
 
 @asset(
+    deps=["raw_telemetry"],
     group_name="models",
-    kinds={"scikitlearn", "mlflow"},
-    description="Isolation Forest fitted on the training rows before the time cutoff, "
-    "logged to MLflow (skops) and registered as a new version with alias @challenger.",
+    kinds={"pandas"},
+    description="All raw telemetry, split at a time cutoff: the families train before it "
+    "and are evaluated after it.",
 )
-def detector_model(
-    context: AssetExecutionContext,
-    config: DetectorConfig,
-    training_set: pd.DataFrame,
-    mlflow_store: MlflowResource,
-) -> Output[TrainedDetector]:
-    cutoff = time_cutoff(training_set["event_timestamp"], config.train_fraction)
-    history = training_set[training_set["event_timestamp"] < cutoff]
-    params = DetectorParams(
-        config.n_estimators, config.contamination, config.random_state, config.alert_budget
-    )
-    detector = fit_detector(history, DETECTOR_FEATURES, params)
-    ref, experiment_id = model_registry.log_detector(
-        detector,
-        feature_names=DETECTOR_FEATURES,
-        feature_service=FEATURE_SERVICE,
-        input_example=history.head(5),
-        params={
-            **params.__dict__,
-            "train_fraction": config.train_fraction,
-            "train_rows": len(history),
-            "cutoff": cutoff.isoformat(),
-        },
-        metrics={"threshold": detector.threshold_},
-        run_name=f"isolation-forest-{context.run.run_id[:8]}",
-        model_name=mlflow_store.model_name,
-        tracking_uri=mlflow_store.tracking_uri,
-    )
-    model_registry.set_alias(ref, CHALLENGER_ALIAS, mlflow_store.tracking_uri)
-    url = model_registry.run_url(ref.run_id, experiment_id, mlflow_store.ui_url)
+def detector_history(config: HistoryConfig, storage: QabuseStorage) -> Output[History]:
+    telemetry = read_raw(storage.paths().raw_telemetry)
+    if telemetry.num_rows == 0:
+        raise ValueError("no raw telemetry: materialise raw_telemetry first")
+    stamps = pd.to_datetime(telemetry["timestamp"].to_pandas(), utc=True)
+    cutoff = time_cutoff(stamps, config.train_fraction)
+    inputs = detector_inputs(telemetry, list(families()))
+    params = TrainingParams(alert_budget=config.alert_budget, random_state=config.random_state)
     return Output(
-        TrainedDetector(ref=ref, experiment_id=experiment_id, cutoff=cutoff, run_url=url),
+        History(inputs=inputs, cutoff=cutoff, params=params),
         metadata={
-            "model": MetadataValue.text(f"{ref.name} v{ref.version} (@{CHALLENGER_ALIAS})"),
-            "mlflow_run": MetadataValue.url(url),
-            "train_rows": MetadataValue.int(len(history)),
+            "records": MetadataValue.int(telemetry.num_rows),
             "cutoff": MetadataValue.text(cutoff.isoformat()),
-            "threshold": MetadataValue.float(detector.threshold_),
+            "families": MetadataValue.json(list(families())),
         },
     )
 
 
 class EvaluationFloors(Config):
-    """What a challenger must reach on labelled incidents to become @champion."""
+    """What a challenger must reach on labelled incidents to become @champion.
 
-    min_recall: float = 1.0
+    Promotion is gated on the benign key-day alert rate, the unit the threshold is
+    calibrated on; a single family need not see every kind (``min_recall`` 0), the
+    ensemble champion must.
+    """
+
+    min_recall: float = 0.0
     min_precision_at_k: float = 0.5
-    max_benign_alert_rate: float = 0.05
+    max_benign_key_day_alert_rate: float = 0.05
 
 
-@asset(
-    group_name="models",
-    kinds={"mlflow"},
-    check_specs=[
-        AssetCheckSpec(
-            "meets_floors",
-            asset="detector_evaluation",
-            blocking=True,
-            description="The challenger detects the labelled incidents with few benign "
-            "alerts; a failure blocks its promotion to @champion.",
-        )
-    ],
-    description="The challenger replayed on rows after the cutoff and scored against the "
-    "incident labels: detection, time to detect, precision@k, benign alert rate.",
-)
-def detector_evaluation(
-    config: EvaluationFloors,
-    training_set: pd.DataFrame,
-    detector_model: TrainedDetector,
+def _evaluate(
+    context: AssetExecutionContext,
+    name: str,
+    scored: pd.DataFrame,
+    trained: TrainedDetector,
+    history: History,
     storage: QabuseStorage,
     mlflow_store: MlflowResource,
+    floors: EvaluationFloors,
 ):
+    """Judge ``scored`` rows, log the figures to the version's run, yield output and check."""
     import mlflow
 
-    loaded = model_registry.load_detector(
-        CHALLENGER_ALIAS, mlflow_store.model_name, mlflow_store.tracking_uri
-    )
-    if loaded.ref.version != detector_model.ref.version:
-        raise RuntimeError(
-            f"@{CHALLENGER_ALIAS} moved to v{loaded.ref.version} while evaluating "
-            f"v{detector_model.ref.version}; rerun the models group"
-        )
-    scored = score_rows(loaded.detector, training_set, DETECTOR_FEATURES)
-    end = training_set["event_timestamp"].max() + pd.Timedelta(seconds=1)
     labels_path = storage.paths().labels
     labels = read_labels(labels_path) if labels_path.exists() else []
-    report = evaluate_detections(scored, labels, start=detector_model.cutoff, end=end)
-    incident_keys = {k for label in labels for k in (label.api_key_ids or [])}
-    evaluated = scored[scored["event_timestamp"] >= detector_model.cutoff]
-    reports_dir = storage.paths().reports
-    png = score_timeline_png(
-        evaluated,
-        loaded.ref.threshold,
-        incident_keys,
-        reports_dir / f"scores-v{loaded.ref.version}.png",
+    report = judge(
+        name, scored, trained.ref.threshold, history.inputs.telemetry, labels, trained.cutoff
     )
+    png = score_timeline_png(
+        report.scored,
+        trained.ref.threshold,
+        set().union(*map(set, report.incident_keys.values())),
+        storage.paths().reports / f"scores-{name}-v{trained.ref.version}.png",
+    )
+    overall = report.overall
     metrics = {
-        "benign_alert_rate": report.benign_alert_rate,
-        "eval_rows": float(report.rows),
-        "eval_alerts": float(report.alerts),
+        "benign_key_day_alert_rate": overall.benign_key_day_alert_rate,
+        "benign_row_alert_rate": overall.benign_row_alert_rate,
+        "eval_rows": float(report.eval_rows),
     }
-    if report.recall is not None:
-        metrics["recall"] = report.recall
-    if report.precision_at_k is not None:
-        metrics["precision_at_k"] = report.precision_at_k
-    detected = [o.time_to_detect_s for o in report.incidents if o.time_to_detect_s is not None]
-    if detected:
-        metrics["median_time_to_detect_s"] = float(pd.Series(detected).median())
+    for key in ("recall", "precision_at_k", "median_time_to_detect_s", "pr_auc"):
+        value = getattr(overall, key)
+        if value is not None:
+            metrics[key] = float(value)
     model_registry.configure(mlflow_store.tracking_uri)
-    with mlflow.start_run(run_id=loaded.ref.run_id):
+    with mlflow.start_run(run_id=trained.ref.run_id):
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(png), artifact_path="evaluation")
-        with tempfile.TemporaryDirectory() as tmp:
-            report_json = Path(tmp) / "detection_report.json"
-            report_json.write_text(json.dumps(report.to_dict(), indent=2))
-            mlflow.log_artifact(str(report_json), artifact_path="evaluation")
+        mlflow.log_dict(report.to_dict(), "evaluation/backtest_report.json")
     incidents = pd.DataFrame(
         [
             {
@@ -183,20 +164,16 @@ def detector_evaluation(
             for o in report.incidents
         ]
     )
-    ranked = pd.DataFrame(report.ranked_keys, columns=["api key", "max score", "incident key"])
     yield Output(
         report,
         metadata={
-            "model": MetadataValue.text(f"{loaded.ref.name} v{loaded.ref.version}"),
-            "mlflow_run": MetadataValue.url(detector_model.run_url),
-            **{name: MetadataValue.float(float(value)) for name, value in metrics.items()},
-            "labelled_incidents": MetadataValue.int(len(report.incidents)),
+            "model": MetadataValue.text(f"{trained.ref.name} v{trained.ref.version}"),
+            "mlflow_run": MetadataValue.url(trained.run_url),
+            **{key: MetadataValue.float(float(value)) for key, value in metrics.items()},
             "incidents": MetadataValue.md(
                 incidents.to_markdown(index=False) if not incidents.empty else "(no labels)"
             ),
-            "top_keys": MetadataValue.md(ranked.to_markdown(index=False, floatfmt=".4f")),
             "scores": MetadataValue.md(png_markdown(png, "scores over time")),
-            "scores_png": MetadataValue.path(str(png)),
         },
     )
     if not report.incidents:
@@ -204,46 +181,270 @@ def detector_evaluation(
             check_name="meets_floors",
             passed=False,
             severity=AssetCheckSeverity.WARN,
-            metadata={
-                "reason": "no labelled incident in the evaluation window; promotion "
-                "is not gated by quality"
-            },
+            metadata={"reason": "no labelled incident in the evaluation window"},
         )
         return
     passed = (
-        (report.recall or 0.0) >= config.min_recall
-        and (report.precision_at_k or 0.0) >= config.min_precision_at_k
-        and report.benign_alert_rate <= config.max_benign_alert_rate
+        (overall.recall or 0.0) >= floors.min_recall
+        and (overall.precision_at_k or 0.0) >= floors.min_precision_at_k
+        and overall.benign_key_day_alert_rate <= floors.max_benign_key_day_alert_rate
     )
+    context.log.info("%s: %s", name, "passes its floors" if passed else "misses its floors")
     yield AssetCheckResult(
         check_name="meets_floors",
         passed=passed,
         severity=AssetCheckSeverity.ERROR,
         metadata={
-            "recall": report.recall,
-            "precision_at_k": report.precision_at_k,
-            "benign_alert_rate": report.benign_alert_rate,
-            "floors": json.dumps(config.model_dump()),
+            "recall": overall.recall,
+            "precision_at_k": overall.precision_at_k,
+            "benign_key_day_alert_rate": overall.benign_key_day_alert_rate,
+            "floors": json.dumps(floors.model_dump()),
         },
     )
 
 
-@asset(
-    deps=["detector_evaluation"],
-    group_name="models",
-    kinds={"mlflow"},
-    description="The evaluated challenger promoted to alias @champion, which the scoring "
-    "endpoint serves. Runs only when detector_evaluation's blocking check passed.",
-)
-def champion_model(
-    detector_model: TrainedDetector, mlflow_store: MlflowResource
-) -> MaterializeResult:
-    ref = detector_model.ref
+def _trained(
+    context: AssetExecutionContext,
+    ref: model_registry.ModelVersionRef,
+    experiment_id: str,
+    cutoff: datetime,
+    mlflow_store: MlflowResource,
+) -> Output[TrainedDetector]:
+    model_registry.set_alias(ref, CHALLENGER_ALIAS, mlflow_store.tracking_uri)
+    url = model_registry.run_url(ref.run_id, experiment_id, mlflow_store.ui_url)
+    return Output(
+        TrainedDetector(ref=ref, experiment_id=experiment_id, cutoff=cutoff, run_url=url),
+        metadata={
+            "model": MetadataValue.text(f"{ref.name} v{ref.version} (@{CHALLENGER_ALIAS})"),
+            "mlflow_run": MetadataValue.url(url),
+            "cutoff": MetadataValue.text(cutoff.isoformat()),
+            "threshold": MetadataValue.float(ref.threshold),
+        },
+    )
+
+
+def _promote(trained: TrainedDetector, mlflow_store: MlflowResource) -> MaterializeResult:
+    ref = trained.ref
     model_registry.set_alias(ref, CHAMPION_ALIAS, mlflow_store.tracking_uri)
     return MaterializeResult(
         metadata={
             "model": MetadataValue.text(f"{ref.name} v{ref.version} (@{CHAMPION_ALIAS})"),
-            "mlflow_run": MetadataValue.url(detector_model.run_url),
+            "mlflow_run": MetadataValue.url(trained.run_url),
             "threshold": MetadataValue.float(ref.threshold),
         }
     )
+
+
+def family_assets(name: str) -> list[AssetsDefinition]:
+    """The model, evaluation and alias assets of one registered family."""
+    family = get_family(name)
+
+    @asset(
+        name=f"{name}_model",
+        group_name="models",
+        kinds={"mlflow"},
+        description=f"{family.description} Fitted before the cutoff with a key-day alert "
+        f"budget, registered as a new version of {model_registry.family_model_name(name)} "
+        f"(@{CHALLENGER_ALIAS}).",
+    )
+    def _model(
+        context: AssetExecutionContext, detector_history: History, mlflow_store: MlflowResource
+    ) -> Output[TrainedDetector]:
+        history = detector_history
+        detector = fit_family(family, history.inputs, history.cutoff, history.params)
+        ref, experiment_id = model_registry.log_detector(
+            detector,
+            family=name,
+            params={
+                **{k: v for k, v in family.params.items()},
+                "alert_budget": history.params.alert_budget,
+                "cutoff": history.cutoff.isoformat(),
+                "input_kind": family.input_kind,
+                "entity": family.entity,
+            },
+            metrics={"threshold": detector.threshold_},
+            run_name=f"{name}-{context.run.run_id[:8]}",
+            tracking_uri=mlflow_store.tracking_uri,
+        )
+        return _trained(context, ref, experiment_id, history.cutoff, mlflow_store)
+
+    @asset(
+        name=f"{name}_evaluation",
+        group_name="models",
+        kinds={"mlflow"},
+        ins={"trained": AssetIn(f"{name}_model")},
+        check_specs=[
+            AssetCheckSpec(
+                "meets_floors",
+                asset=f"{name}_evaluation",
+                blocking=True,
+                description="The challenger's benign key-day alert rate and precision@k "
+                "meet the floors; a failure blocks its @champion alias.",
+            )
+        ],
+        description=f"The {name} challenger replayed after the cutoff and judged on the "
+        "incident labels.",
+    )
+    def _evaluation(
+        context: AssetExecutionContext,
+        config: EvaluationFloors,
+        trained: TrainedDetector,
+        detector_history: History,
+        storage: QabuseStorage,
+        mlflow_store: MlflowResource,
+    ):
+        loaded = model_registry.load_detector(
+            CHALLENGER_ALIAS, trained.ref.name, mlflow_store.tracking_uri
+        )
+        _check_version(loaded.ref, trained.ref)
+        rows = detector_history.inputs.key_rows
+        future = rows[rows["event_timestamp"] >= trained.cutoff]
+        scored = future[["api_key_id", "event_timestamp"]].copy()
+        scored["score"] = family_scores(family, loaded.detector, detector_history.inputs, future)
+        scored["alert"] = scored["score"] > loaded.ref.threshold
+        yield from _evaluate(
+            context, name, scored, trained, detector_history, storage, mlflow_store, config
+        )
+
+    @asset(
+        name=f"{name}_alias",
+        deps=[f"{name}_evaluation"],
+        group_name="models",
+        kinds={"mlflow"},
+        ins={"trained": AssetIn(f"{name}_model")},
+        description=f"The evaluated {name} challenger as @{CHAMPION_ALIAS} of its model; "
+        "runs only when its evaluation's blocking check passed.",
+    )
+    def _alias(trained: TrainedDetector, mlflow_store: MlflowResource) -> MaterializeResult:
+        return _promote(trained, mlflow_store)
+
+    return [_model, _evaluation, _alias]
+
+
+def _check_version(
+    loaded: model_registry.ModelVersionRef, trained: model_registry.ModelVersionRef
+) -> None:
+    if loaded.version != trained.version:
+        raise RuntimeError(
+            f"@{CHALLENGER_ALIAS} of {trained.name} moved to v{loaded.version} while "
+            f"evaluating v{trained.version}; rerun the models group"
+        )
+
+
+FAMILY_ASSETS = [a for name in families() for a in family_assets(name)]
+
+
+@asset(
+    group_name="models",
+    kinds={"mlflow"},
+    deps=[f"{name}_model" for name in families()],
+    description="The ensemble champion: every family's challenger, scores standardised "
+    "at each family's own alert level and combined by their maximum, with its own key-day "
+    "budget; registered as a new version of the served model (@challenger), pinning the "
+    "family versions it combines.",
+)
+def ensemble_model(
+    context: AssetExecutionContext,
+    detector_history: History,
+    mlflow_store: MlflowResource,
+) -> Output[TrainedDetector]:
+    history = detector_history
+    rows = history.inputs.key_rows
+    train = rows[rows["event_timestamp"] < history.cutoff]
+    scores = train[["api_key_id", "event_timestamp"]].copy()
+    refs = {}
+    for name in families():
+        loaded = model_registry.load_detector(
+            CHALLENGER_ALIAS, model_registry.family_model_name(name), mlflow_store.tracking_uri
+        )
+        refs[name] = loaded.ref
+        scores[name] = family_scores(get_family(name), loaded.detector, history.inputs, train)
+    ensemble = fit_ensemble(scores, list(refs), history.params)
+    ref, experiment_id = model_registry.log_detector(
+        ensemble,
+        family=model_registry.ENSEMBLE_FAMILY,
+        params={
+            "members": ",".join(refs),
+            "alert_budget": history.params.alert_budget,
+            "cutoff": history.cutoff.isoformat(),
+            "combination": "max of scores standardised at each family's alert level",
+        },
+        metrics={"threshold": ensemble.threshold_},
+        run_name=f"ensemble-{context.run.run_id[:8]}",
+        model_name=mlflow_store.model_name,
+        members=refs,
+        tracking_uri=mlflow_store.tracking_uri,
+    )
+    return _trained(context, ref, experiment_id, history.cutoff, mlflow_store)
+
+
+class ChampionFloors(EvaluationFloors):
+    """The ensemble champion must detect every labelled incident."""
+
+    min_recall: float = 1.0
+
+
+@asset(
+    group_name="models",
+    kinds={"mlflow"},
+    ins={"trained": AssetIn("ensemble_model")},
+    check_specs=[
+        AssetCheckSpec(
+            "meets_floors",
+            asset="ensemble_evaluation",
+            blocking=True,
+            description="The ensemble detects every labelled incident within the benign "
+            "key-day alert budget; a failure blocks its promotion to @champion.",
+        )
+    ],
+    description="The ensemble challenger replayed after the cutoff and judged on the "
+    "incident labels: detection, time to detect, precision@k, benign alert rates.",
+)
+def ensemble_evaluation(
+    context: AssetExecutionContext,
+    config: ChampionFloors,
+    trained: TrainedDetector,
+    detector_history: History,
+    storage: QabuseStorage,
+    mlflow_store: MlflowResource,
+):
+    champion = model_registry.load_champion(
+        CHALLENGER_ALIAS, trained.ref.name, mlflow_store.tracking_uri
+    )
+    _check_version(champion.ref, trained.ref)
+    inputs = detector_history.inputs
+    rows = inputs.key_rows
+    future = rows[rows["event_timestamp"] >= trained.cutoff]
+    scores = future[["api_key_id", "event_timestamp"]].copy()
+    for name, member in champion.members.items():
+        scores[name] = family_scores(get_family(name), member.detector, inputs, future)
+    matrix = scores[list(champion.members)].to_numpy(dtype=float)
+    scored = scores[["api_key_id", "event_timestamp"]].copy()
+    scored["score"] = champion.ensemble.decision_function(matrix) if len(matrix) else []
+    scored["alert"] = scored["score"] > champion.ensemble.threshold_
+    yield from _evaluate(
+        context, ENSEMBLE, scored, trained, detector_history, storage, mlflow_store, config
+    )
+
+
+@asset(
+    deps=["ensemble_evaluation"],
+    group_name="models",
+    kinds={"mlflow"},
+    ins={"trained": AssetIn("ensemble_model")},
+    description="The evaluated ensemble promoted to alias @champion, which the scoring "
+    "endpoint serves. Runs only when ensemble_evaluation's blocking check passed.",
+)
+def champion_model(trained: TrainedDetector, mlflow_store: MlflowResource) -> MaterializeResult:
+    return _promote(trained, mlflow_store)
+
+
+__all__ = [
+    "FAMILY_ASSETS",
+    "BacktestReport",
+    "champion_model",
+    "detector_history",
+    "ensemble_evaluation",
+    "ensemble_model",
+    "family_assets",
+]

@@ -1,11 +1,13 @@
 """Closed-loop backtest: the twin rerun with qabuse mitigating, against the same twin without.
 
-`closed_loop_backtest` rebuilds the twin a manifest describes, fits the qabuse detector
-on its history through the production functions (`window_features`, `fit_detector`),
-then runs the evaluation part twice: once as planned (nobody intervenes) and once with
-`DetectorController` (the detector's alerts through a `MitigationPolicy`) deciding
-throttles, challenges and revocations while the twin runs. It reports what operators
-care about:
+`closed_loop_backtest` rebuilds the twin a manifest describes, fits every detector
+family and the ensemble champion on its history through the production functions
+(`qabuse_dagster.evaluation.families`), then runs the evaluation part twice: once as
+planned (nobody intervenes) and once with `DetectorController` (the champion's alerts
+through a `MitigationPolicy`) deciding throttles, challenges and revocations while the
+twin runs. A key is rescored on its own mitigated jobs by the families that read one
+key (rows, sequences); the families that read other entities (user rows, the campaign
+graph) keep their scores of the unmitigated twin. It reports what operators care about:
 
 * legitimate users' queue wait (mean, p50, p95, p99) with and without qabuse, overall
   and during each incident;
@@ -28,10 +30,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from models import IsolationForestDetector
-from qabuse_dagster.evaluation.backtest import DetectorParams, fit_detector, time_cutoff
-from qabuse_dagster.features.definitions import DETECTOR_FEATURES
-from qabuse_dagster.features.windows import window_features
+from models.base import score_floor
+from models.registry import get_family
+from qabuse_dagster.evaluation.backtest import time_cutoff
+from qabuse_dagster.evaluation.families import (
+    ENSEMBLE,
+    KEY_COLUMNS,
+    TrainedDetectors,
+    TrainingParams,
+    detector_inputs,
+    resolve_names,
+    score_families,
+    train_then_score,
+)
 from qabuse_dagster.response.policy import MitigationPolicy
 from qabuse_dagster.simulation.closed_loop import Decision, Plan, run_closed_loop
 from qabuse_dagster.simulation.jobs import Horizon, JobBatch, epoch_ms
@@ -69,24 +80,40 @@ def feature_input(jobs: JobBatch, until_ms: int | None = None) -> pa.Table:
         ran &= jobs.end_ms < until_ms
     status = np.where(jobs.rejected, "rejected", "submitted").astype(object)
     terminal = np.where(pd.isna(jobs.error_code[ran]), "completed", "failed").astype(object)
+    # A job's identity within the batch: its submit instant, key and position.
+    job_id = np.char.add(np.arange(len(jobs)).astype(str), "-")
+    job_id = np.char.add(job_id, jobs.submit_ms.astype(str)).astype(object)
+
+    def both(column: np.ndarray) -> pa.Array:
+        return pa.array(np.concatenate([column, column[ran]]))
+
+    error = np.where(jobs.rejected, jobs.error_code, None).astype(object)
     return pa.table(
         {
-            "api_key_id": pa.array(np.concatenate([jobs.api_key_id, jobs.api_key_id[ran]])),
+            "job_id": both(job_id),
+            "api_key_id": both(jobs.api_key_id),
+            "user": both(jobs.user),
             "timestamp": pa.array(
                 np.concatenate([jobs.submit_ms, jobs.end_ms[ran]]) * 1000, type=pa.int64()
             ).cast(_TS),
             "status": pa.array(np.concatenate([status, terminal])),
-            "shots": pa.array(np.concatenate([jobs.shots, jobs.shots[ran]])),
-            "code_hash": pa.array(np.concatenate([jobs.code_hash, jobs.code_hash[ran]])),
+            "shots": both(jobs.shots),
+            "num_circuits": both(jobs.num_circuits),
+            "code_hash": both(jobs.code_hash),
+            "backend": both(jobs.backend),
+            "client_agent": both(jobs.client_agent),
+            "source_ip_hash": both(jobs.source_ip_hash),
+            "error_code": pa.array(np.concatenate([error, jobs.error_code[ran]]), pa.string()),
         }
     )
 
 
 class DetectorController:
-    """Scores a key's window features with a detector; a policy turns alerts into decisions.
+    """Scores a key's jobs with the trained champion; a policy turns alerts into decisions.
 
     Args:
-        detector: A fitted detector; a row scoring above its ``threshold_`` alerts.
+        trained: The families and ensemble, fitted on history, with their scores of the
+            unmitigated twin (the cross-entity families' scores are kept from these).
         policy: The mitigation ladder.
         active_from: First instant whose feature rows it scores.
         initial_alerts: Alert instants per key of the unmitigated jobs, if already
@@ -96,14 +123,20 @@ class DetectorController:
 
     def __init__(
         self,
-        detector: IsolationForestDetector,
+        trained: TrainedDetectors,
         policy: MitigationPolicy,
         *,
         active_from: datetime,
         initial_alerts: dict[str, list[int]] | None = None,
         until_ms: int | None = None,
     ) -> None:
-        self.detector = detector
+        self.trained = trained
+        self.per_key = [
+            name
+            for name in trained.detectors
+            if get_family(name).input_kind != "graph" and get_family(name).entity == "api_key"
+        ]
+        self.cross = [name for name in trained.detectors if name not in self.per_key]
         self.until_ms = until_ms
         self.policy = policy
         self.active_from = active_from
@@ -135,17 +168,26 @@ class DetectorController:
         end = pd.Timestamp(end_ms, unit="ms", tz="UTC").to_pydatetime()
         if end <= self.active_from:
             return []
-        rows = window_features(
-            feature_input(jobs, self.until_ms), self.active_from, end, features=DETECTOR_FEATURES
+        inputs = detector_inputs(
+            feature_input(jobs, self.until_ms), self.per_key, self.active_from, end
         )
-        if rows.num_rows == 0:
+        rows = inputs.key_rows
+        if rows.empty:
             return []
-        scores = self.detector.decision_function(
-            np.column_stack([rows[name].to_numpy() for name in DETECTOR_FEATURES]).astype(float)
-        )
-        instants = rows["event_timestamp"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
-        instants = instants.to_numpy()
-        return np.sort(instants[scores > self.detector.threshold_]).tolist()
+        own = {name: self.trained.detectors[name] for name in self.per_key}
+        scores = score_families(own, inputs, rows)
+        if self.cross:
+            kept = self.trained.scored[[*KEY_COLUMNS, *self.cross]]
+            scores = scores.merge(kept, on=KEY_COLUMNS, how="left")
+            for name in self.cross:
+                floor = score_floor(self.trained.detectors[name])
+                scores[name] = scores[name].fillna(floor)
+        names = list(self.trained.detectors)
+        ensemble = self.trained.ensemble
+        assert ensemble is not None
+        combined = ensemble.decision_function(scores[names].to_numpy(dtype=np.float64))
+        instants = _epoch_ms(scores["event_timestamp"]).to_numpy()
+        return np.sort(instants[combined > ensemble.threshold_]).tolist()
 
 
 @dataclass(frozen=True)
@@ -221,7 +263,7 @@ def closed_loop_backtest(
     hasher: KeyedHasher,
     *,
     train_until: datetime | None = None,
-    params: DetectorParams | None = None,
+    params: TrainingParams | None = None,
     policy: MitigationPolicy | None = None,
     expected_keys: set[str] | None = None,
     progress: bool = False,
@@ -232,7 +274,7 @@ def closed_loop_backtest(
         manifest: The twin to rerun (written by `simulate` beside its telemetry).
         hasher: The hash key the twin was written with (else its keys differ).
         train_until: End of the training part; default the middle of the horizon.
-        params: The detector's knobs.
+        params: The families' training knobs.
         policy: The mitigation ladder.
         expected_keys: The api keys of the telemetry the twin wrote; when given, a
             rebuilt twin that lacks any of them (another hash key) is an error.
@@ -269,7 +311,7 @@ def _run_both(
     plan: Plan,
     horizon: Horizon,
     train_until: datetime | None,
-    params: DetectorParams | None,
+    params: TrainingParams | None,
     policy: MitigationPolicy | None,
     hasher: KeyedHasher,
     new_task: Callable[[str, int], Callable[[int], None]] | None,
@@ -277,25 +319,20 @@ def _run_both(
     planned = shared_queue(plan.jobs)
     records = feature_input(planned, until_ms=horizon.end_ms)
     last = horizon.end + timedelta(minutes=6)
-    rows = window_features(records, horizon.start, last, features=DETECTOR_FEATURES).to_pandas()
-    rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
     cutoff = time_cutoff(pd.Series([horizon.start, horizon.end]), 0.5)
     if train_until is not None:
         cutoff = train_until
     if not horizon.start < cutoff < horizon.end:
         raise ValueError(f"train_until {cutoff} lies outside the twin's horizon")
-    detector = fit_detector(
-        rows[rows["event_timestamp"] < cutoff], DETECTOR_FEATURES, params or DetectorParams()
-    )
-    future = rows[rows["event_timestamp"] >= cutoff]
-    scores = detector.decision_function(future[list(DETECTOR_FEATURES)].to_numpy(dtype=float))
-    alerting = future[scores > detector.threshold_]
+    inputs = detector_inputs(records, resolve_names("all"), horizon.start, last)
+    trained = train_then_score(inputs, cutoff, params)
+    alerting = trained.scored[trained.scored[f"{ENSEMBLE}_alert"]]
     initial: dict[str, list[int]] = {
         str(key): sorted(_epoch_ms(group["event_timestamp"]).tolist())
         for key, group in alerting.groupby("api_key_id")
     }
     controller = DetectorController(
-        detector,
+        trained,
         policy or MitigationPolicy(),
         active_from=cutoff,
         initial_alerts=initial,
@@ -320,7 +357,7 @@ def _run_both(
         loop.decisions,
         cutoff,
         horizon.end,
-        threshold=float(detector.threshold_),
+        threshold=float(trained.thresholds()[ENSEMBLE]),
     )
 
 

@@ -40,7 +40,7 @@ class DetectionReport:
     recall: float | None
     precision_at_k: float | None
     k: int
-    benign_alert_rate: float
+    benign_row_alert_rate: float
     benign_keys: int
     benign_keys_alerted: int
     rows: int
@@ -148,7 +148,7 @@ def evaluate_detections(
         recall=(sum(o.detected for o in outcomes) / len(outcomes)) if outcomes else None,
         precision_at_k=precision_at_k(list(by_key.index), active_keys, k) if active_keys else None,
         k=k,
-        benign_alert_rate=float(benign["alert"].mean()) if len(benign) else 0.0,
+        benign_row_alert_rate=float(benign["alert"].mean()) if len(benign) else 0.0,
         benign_keys=int(benign["api_key_id"].nunique()),
         benign_keys_alerted=int(benign.loc[benign["alert"], "api_key_id"].nunique()),
         rows=len(rows),

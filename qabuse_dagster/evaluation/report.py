@@ -32,18 +32,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
 from sklearn.metrics import average_precision_score
 
 from models import TutorialBaselineDetector
-from qabuse_dagster.evaluation.backtest import DetectorParams, fit_detector, score_rows, time_cutoff
+from qabuse_dagster.evaluation.backtest import time_cutoff
 from qabuse_dagster.evaluation.detection import IncidentOutcome, evaluate_detections, label_keys
+from qabuse_dagster.evaluation.families import (
+    ENSEMBLE,
+    TrainingParams,
+    detector_inputs,
+    resolve_names,
+    train_then_score,
+)
 from qabuse_dagster.evaluation.labels import FileLineError, IncidentLabel
-from qabuse_dagster.features.definitions import DETECTOR_FEATURES
-from qabuse_dagster.features.windows import window_features
 from qabuse_dagster.ingest.files import parse_line as parse_telemetry_line
 from qabuse_dagster.ingest.partitions import records_to_table
 from qabuse_dagster.telemetry.contract import ContractViolation
@@ -58,14 +63,17 @@ __all__ = [
     "KindMetrics",
     "LookalikeMetrics",
     "TelemetryFileError",
+    "judge",
     "log_to_mlflow",
     "read_telemetry_jsonl",
     "run_backtest",
+    "run_backtests",
 ]
 
 logger = logging.getLogger(__name__)
 
-DetectorName = Literal["qabuse", "baseline"]
+#: The tutorial pipeline every report is compared with.
+BASELINE = "baseline"
 #: MLflow experiment that holds one run per backtest.
 BACKTEST_EXPERIMENT = "qabuse-backtests"
 _SCORED_COLUMNS = ["api_key_id", "event_timestamp", "score", "alert"]
@@ -115,7 +123,8 @@ class KindMetrics:
     k: int
     pr_auc: float | None
     median_time_to_detect_s: float | None
-    benign_alert_rate: float
+    benign_key_day_alert_rate: float
+    benign_row_alert_rate: float
     benign_key_days: int
     benign_key_days_alerted: int
 
@@ -127,7 +136,7 @@ class LookalikeMetrics:
     keys: int
     key_days: int
     key_days_alerted: int
-    benign_alert_rate: float
+    benign_key_day_alert_rate: float
 
 
 @dataclass(frozen=True)
@@ -184,48 +193,49 @@ class BacktestReport:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
 
-def run_backtest(
+def run_backtests(
     telemetry: pa.Table,
     labels: Sequence[IncidentLabel],
     *,
+    detectors: Sequence[str] = (ENSEMBLE, BASELINE),
     train_until: datetime | None = None,
-    detector: DetectorName = "qabuse",
     key_kinds: Mapping[str, str] | None = None,
-    params: DetectorParams | None = None,
-) -> BacktestReport:
-    """Fit ``detector`` on telemetry before ``train_until``, score the rest, judge the alerts.
+    params: TrainingParams | None = None,
+) -> list[BacktestReport]:
+    """Fit each of ``detectors`` on telemetry before ``train_until``, score the rest, judge.
 
     Args:
         telemetry: contract records (``TELEMETRY_SCHEMA`` columns; at least ``user``,
-            ``api_key_id``, ``timestamp``, ``status``, ``shots``, ``code_hash``).
+            ``api_key_id``, ``timestamp``, ``status``).
         labels: incidents; those naming ``users`` cover every key those users used.
+        detectors: detector family names (`models.registry`), ``ensemble`` (the champion,
+            over every registered family) and ``baseline`` (`TutorialBaselineDetector`),
+            in the order of the returned reports.
         train_until: end of the training part (tz-aware); default: the middle of the
             telemetry's span.
-        detector: ``"qabuse"`` (production's window features and Isolation Forest) or
-            ``"baseline"`` (`TutorialBaselineDetector`).
         key_kinds: optional api key to tenant kind, e.g. from the simulator; benign keys
             are then also reported per kind.
-        params: the qabuse detector's knobs (default `DetectorParams()`).
+        params: the families' training knobs (default `TrainingParams()`).
 
     Returns:
-        The report over the evaluation window ``[train_until, end of telemetry]``.
+        One report per detector over the evaluation window ``[train_until, end]``.
 
     Raises:
-        BacktestError: no telemetry, a cutoff outside the span, or a label naming keys
-            or users absent from the telemetry (the message names the incident).
+        BacktestError: no telemetry, a cutoff outside the span, an unknown detector, or
+            a label naming keys or users absent from the telemetry.
     """
     if telemetry.num_rows == 0:
         raise BacktestError("no telemetry records to backtest")
-    frame = telemetry.select(["user", "api_key_id", "timestamp", "status"]).to_pandas()
+    frame = telemetry.select(["user", "api_key_id", "timestamp", "status", "job_id"]).to_pandas()
     frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
     first, last = frame["timestamp"].min(), frame["timestamp"].max()
+    if train_until is not None and train_until.tzinfo is None:
+        raise BacktestError("train_until must be timezone-aware")
     cutoff = (
         time_cutoff(frame["timestamp"], 0.5)
         if train_until is None
         else pd.Timestamp(train_until).tz_convert("UTC").to_pydatetime()
     )
-    if train_until is not None and train_until.tzinfo is None:
-        raise BacktestError("train_until must be timezone-aware")
     if not first < cutoff <= last:
         raise BacktestError(
             f"train_until {cutoff.isoformat()} leaves no training or no evaluation data: "
@@ -234,13 +244,83 @@ def run_backtest(
     pairs = frame[["user", "api_key_id"]].drop_duplicates()
     user_keys: dict[str, list[str]] = pairs.groupby("user")["api_key_id"].agg(list).to_dict()
     _check_labels(labels, set(pairs["api_key_id"]), set(user_keys))
+    try:
+        wanted = list(detectors)
+        family_names = (
+            resolve_names("all")
+            if ENSEMBLE in wanted
+            else resolve_names([d for d in wanted if d != BASELINE])
+        )
+    except KeyError as exc:
+        raise BacktestError(f"unknown detector: {exc.args[0]}") from None
+    scored: dict[str, tuple[pd.DataFrame, float, int]] = {}
+    if family_names:
+        inputs = detector_inputs(telemetry, family_names)
+        trained = train_then_score(inputs, cutoff, params, ensemble=ENSEMBLE in wanted)
+        for name, threshold in trained.thresholds().items():
+            scored[name] = (trained.scored_for(name), threshold, trained.train_rows)
+    if BASELINE in wanted:
+        scored[BASELINE] = _score_baseline(frame, pairs, cutoff)
+    return [
+        _judge(name, *scored[name], labels, cutoff, last, user_keys, key_kinds) for name in wanted
+    ]
 
-    if detector == "qabuse":
-        scored, threshold, train_rows = _score_qabuse(telemetry, first, last, cutoff, params)
-    elif detector == "baseline":
-        scored, threshold, train_rows = _score_baseline(frame, pairs, cutoff)
-    else:
-        raise BacktestError(f"unknown detector {detector!r}: use 'qabuse' or 'baseline'")
+
+def run_backtest(
+    telemetry: pa.Table,
+    labels: Sequence[IncidentLabel],
+    *,
+    detector: str = ENSEMBLE,
+    train_until: datetime | None = None,
+    key_kinds: Mapping[str, str] | None = None,
+    params: TrainingParams | None = None,
+) -> BacktestReport:
+    """`run_backtests` of one detector."""
+    return run_backtests(
+        telemetry,
+        labels,
+        detectors=[detector],
+        train_until=train_until,
+        key_kinds=key_kinds,
+        params=params,
+    )[0]
+
+
+def judge(
+    name: str,
+    scored: pd.DataFrame,
+    threshold: float,
+    telemetry: pa.Table,
+    labels: Sequence[IncidentLabel],
+    cutoff: datetime,
+    *,
+    train_rows: int = 0,
+    key_kinds: Mapping[str, str] | None = None,
+) -> BacktestReport:
+    """The report of rows another caller scored (``api_key_id, event_timestamp, score, alert``).
+
+    The Dagster evaluation assets judge registered versions with it, `run_backtests`
+    judges freshly fitted ones: the figures are computed by the same code.
+    """
+    frame = telemetry.select(["user", "api_key_id", "timestamp"]).to_pandas()
+    pairs = frame[["user", "api_key_id"]].drop_duplicates()
+    user_keys: dict[str, list[str]] = pairs.groupby("user")["api_key_id"].agg(list).to_dict()
+    last = pd.to_datetime(frame["timestamp"], utc=True).max()
+    return _judge(name, scored, threshold, train_rows, labels, cutoff, last, user_keys, key_kinds)
+
+
+def _judge(
+    name: str,
+    scored: pd.DataFrame,
+    threshold: float,
+    train_rows: int,
+    labels: Sequence[IncidentLabel],
+    cutoff: datetime,
+    last: pd.Timestamp,
+    user_keys: Mapping[str, Sequence[str]],
+    key_kinds: Mapping[str, str] | None,
+) -> BacktestReport:
+    scored = scored[_SCORED_COLUMNS].reset_index(drop=True)
     eval_end = (
         scored["event_timestamp"].max().to_pydatetime() + timedelta(seconds=1)
         if not scored.empty
@@ -252,24 +332,19 @@ def run_backtest(
     keys_of = {label.incident_id: sorted(label_keys(label, user_keys)) for label in labels}
     all_incident_keys = {key for keys in keys_of.values() for key in keys}
     benign = _key_days(scored[~scored["api_key_id"].isin(all_incident_keys)])
+    benign_rows = scored.loc[~scored["api_key_id"].isin(all_incident_keys), "alert"]
+    row_rate = float(benign_rows.mean()) if len(benign_rows) else 0.0
     active = {o.incident_id for o in overall_report.incidents}
     active_labels = [label for label in labels if label.incident_id in active]
     kinds = sorted({label.kind for label in active_labels})
-    per_kind = {
-        kind: _kind_metrics(
-            scored,
-            [label for label in active_labels if label.kind == kind],
-            labels,
-            keys_of,
-            user_keys,
-            benign,
-            cutoff,
-            eval_end,
+
+    def metrics(group: Sequence[IncidentLabel]) -> KindMetrics:
+        return _kind_metrics(
+            scored, group, labels, keys_of, user_keys, benign, row_rate, cutoff, eval_end
         )
-        for kind in kinds
-    }
+
     return BacktestReport(
-        detector=detector,
+        detector=name,
         train_until=cutoff,
         eval_start=cutoff,
         eval_end=eval_end,
@@ -277,10 +352,11 @@ def run_backtest(
         train_rows=train_rows,
         eval_rows=len(scored),
         incidents=overall_report.incidents,
-        overall=_kind_metrics(
-            scored, active_labels, labels, keys_of, user_keys, benign, cutoff, eval_end
-        ),
-        per_kind=per_kind,
+        overall=metrics(active_labels),
+        per_kind={
+            kind: metrics([label for label in active_labels if label.kind == kind])
+            for kind in kinds
+        },
         lookalikes=_lookalikes(scored, all_incident_keys, key_kinds) if key_kinds else {},
         incident_keys={o.incident_id: keys_of[o.incident_id] for o in overall_report.incidents},
         incident_windows={label.incident_id: (label.start, label.end) for label in active_labels},
@@ -302,25 +378,6 @@ def _check_labels(labels: Sequence[IncidentLabel], keys: set[str], users: set[st
                 f"incident {label.incident_id!r} names {' and '.join(problems)} absent from "
                 "the telemetry: are these labels for another telemetry set (or hash key)?"
             )
-
-
-def _score_qabuse(
-    telemetry: pa.Table,
-    first: pd.Timestamp,
-    last: pd.Timestamp,
-    cutoff: datetime,
-    params: DetectorParams | None,
-) -> tuple[pd.DataFrame, float, int]:
-    # Rows exist up to 5 minutes after a key's last record (its windows still hold it).
-    start = first.floor("min").to_pydatetime()
-    end = (last.floor("min") + pd.Timedelta(minutes=6)).to_pydatetime()
-    rows = window_features(telemetry, start, end, features=DETECTOR_FEATURES).to_pandas()
-    rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
-    history = rows[rows["event_timestamp"] < cutoff]
-    future = rows[rows["event_timestamp"] >= cutoff]
-    fitted = fit_detector(history, DETECTOR_FEATURES, params or DetectorParams())
-    scored = score_rows(fitted, future, DETECTOR_FEATURES)
-    return scored[_SCORED_COLUMNS].reset_index(drop=True), fitted.threshold_, len(history)
 
 
 def _score_baseline(
@@ -369,6 +426,7 @@ def _kind_metrics(
     keys_of: Mapping[str, Sequence[str]],
     user_keys: Mapping[str, Sequence[str]],
     benign: _KeyDays,
+    benign_row_rate: float,
     start: datetime,
     end: datetime,
 ) -> KindMetrics:
@@ -399,7 +457,8 @@ def _kind_metrics(
         k=outcome.k if group_keys else 0,
         pr_auc=pr_auc,
         median_time_to_detect_s=float(pd.Series(ttd).median()) if ttd else None,
-        benign_alert_rate=benign.rate,
+        benign_key_day_alert_rate=benign.rate,
+        benign_row_alert_rate=benign_row_rate,
         benign_key_days=benign.key_days,
         benign_key_days_alerted=benign.alerted,
     )
@@ -417,7 +476,7 @@ def _lookalikes(
             keys=int(rows["api_key_id"].nunique()),
             key_days=days.key_days,
             key_days_alerted=days.alerted,
-            benign_alert_rate=days.rate,
+            benign_key_day_alert_rate=days.rate,
         )
     return dict(sorted(out.items()))
 
@@ -429,7 +488,7 @@ def log_to_mlflow(
 ) -> list[str]:
     """Log each report's overall and per-kind metrics as a run in `BACKTEST_EXPERIMENT`.
 
-    With ``closed_loop``, the qabuse run also gets its figures (``closed_loop.*``) and
+    With ``closed_loop``, the ensemble run also gets its figures (``closed_loop.*``) and
     its JSON as an artifact.
 
     Returns:
@@ -458,7 +517,7 @@ def log_to_mlflow(
                 metrics.update(
                     {f"{kind}.{k}": v for k, v in _numeric(asdict(kind_metrics)).items()}
                 )
-            if closed_loop is not None and report.detector == "qabuse":
+            if closed_loop is not None and report.detector == ENSEMBLE:
                 from qabuse_dagster.evaluation.closed_loop import closed_loop_metrics
 
                 metrics.update(closed_loop_metrics(closed_loop))
@@ -503,7 +562,8 @@ def kind_table_rows(reports: Sequence[BacktestReport]) -> list[list[str]]:
                     format_metric(m.median_time_to_detect_s, digits=0),
                     format_metric(m.precision_at_k),
                     format_metric(m.pr_auc),
-                    f"{m.benign_alert_rate:.3f} ({m.benign_key_days_alerted}/{m.benign_key_days})",
+                    f"{m.benign_key_day_alert_rate:.3f} "
+                    f"({m.benign_key_days_alerted}/{m.benign_key_days})",
                 ]
             )
     lookalike_kinds = sorted({kind for r in reports for kind in r.lookalikes})
@@ -511,7 +571,7 @@ def kind_table_rows(reports: Sequence[BacktestReport]) -> list[list[str]]:
         for r in reports:
             lm = r.lookalikes.get(kind)
             if lm is not None:
-                rate = f"{lm.benign_alert_rate:.3f} ({lm.key_days_alerted}/{lm.key_days})"
+                rate = f"{lm.benign_key_day_alert_rate:.3f} ({lm.key_days_alerted}/{lm.key_days})"
                 rows.append([f"benign: {kind}", r.detector, "-", "-", "-", "-", "-", rate])
     return rows
 

@@ -14,19 +14,34 @@ The definition has two halves, shared by both engines so their numbers agree:
    vectorised numpy over a whole table, `qabuse_dagster.features.streaming` incrementally,
    record by record. Both follow these conventions:
 
-   * a *submission* is a ``submitted`` or ``rejected`` record (a rejected request is a
-     submission the API refused, so no ``submitted`` record exists for it); shots, code
-     hashes, networks, client agents and backends are read from submissions;
+   * a *submission* is the earliest record of each job (``job_id``, per entity), at that
+     record's timestamp, whatever its status: an event stream (``submitted``, then a
+     terminal record) and a job log (one terminal record per job) count a job once. A
+     record is its job's earliest when no record of the same job lies in the
+     `JOB_MEMORY_MINUTES` before it (ties at one instant go by `SUBMISSION_PRECEDENCE`,
+     ``submitted`` first), so a record arriving a day after the last one of its job counts
+     again; a record without a ``job_id`` is a submission when it is ``submitted`` or
+     ``rejected``. Records are unique by identity (``job_id``, ``status``), as ingest
+     keeps them. Shots, code hashes, networks, client agents, backends and the cost are
+     read from that earliest record only (a field null there counts as absent even if a
+     later record of the job carries it);
    * an *outcome* is a ``completed``, ``failed``, ``cancelled`` or ``rejected`` record,
      and a *failure* a ``failed`` or ``rejected`` one;
    * an *auth failure* is any record with ``error_code`` ``auth_failed``;
    * a *runtime* is the ``runtime_s`` of a ``completed`` record;
-   * the *estimated cost* of a ``submitted`` record is ``shots x num_circuits x depth x
-     backend weight`` in QPU shot-layers (`backend_cost_weight`; an analytic job counts
-     one shot, an unknown circuit count 1, an unknown or zero depth 1);
+   * the *estimated cost* of a submission that is not ``rejected`` is ``shots x
+     num_circuits x depth x backend weight`` in QPU shot-layers (`backend_cost_weight`;
+     an analytic job counts one shot, an unknown circuit count 1, an unknown or zero
+     depth 1);
    * the *backend load* of a submission is the number of submissions (by every entity) to
      its backend in its minute; the *code-hash sharing* of a submission is the number of
-     other entities that submitted its code hash in the hour ending with its minute.
+     other entities that submitted its code hash in the hour ending with its minute; the
+     *network auth failures* of a record with a ``source_ip_hash`` are the number of other
+     entities with an auth failure from that network in the hour ending with its minute;
+   * the *inter-arrival gaps* of a window are the differences, in whole milliseconds,
+     between its consecutive submission instants (floored to the millisecond);
+   * *per-minute sequences* (`SEQUENCE_CHANNELS`) hold, per channel, the integer sums of
+     the entity's minutes ``t - 60 .. t - 1``, oldest first, zeros for silent minutes.
 
 2. *Features* (`FEATURES`): `derive` turns aggregate columns into feature columns with
    numpy, the same code for both engines. Ratios over an empty denominator are 0, so the
@@ -48,6 +63,32 @@ ENTITY_COLUMNS: dict[str, str] = {"api_key": "api_key_id", "user": "user"}
 WINDOWS: dict[str, int] = {"1m": 1, "5m": 5, "1h": 60}
 #: How far back a row's entity-age and gap features look, in minutes.
 ACTIVITY_LOOKBACK_MINUTES = 24 * 60
+#: A record is its job's submission unless a record of the same job lies this many
+#: minutes before it: how long the engines remember job ids (an entity's state lives a day).
+JOB_MEMORY_MINUTES = ACTIVITY_LOOKBACK_MINUTES
+#: Order of the records of one job at one instant: the first is the job's submission.
+SUBMISSION_PRECEDENCE: dict[str, int] = {
+    status: rank
+    for rank, status in enumerate(
+        ("submitted", "queued", "running", "rejected", "completed", "failed", "cancelled")
+    )
+}
+#: Length of the day-long windows (submissions, cost and active hours over 24 h).
+DAY_MINUTES = 24 * 60
+#: Per-minute channels of the sequences a sequence model reads, in channel order: per
+#: minute, submissions, failed or rejected outcomes, auth failures, shots of the
+#: submissions and distinct code hashes submitted.
+SEQUENCE_CHANNELS: tuple[str, ...] = (
+    "submissions",
+    "failures",
+    "auth_failures",
+    "shots_sum",
+    "distinct_code_hashes",
+)
+#: Minutes per sequence: ``t - 60 .. t - 1``, oldest first.
+SEQUENCE_MINUTES = 60
+#: Sequence channel -> its feature column (a list of `SEQUENCE_MINUTES` int64 values).
+SEQUENCE_COLUMNS: dict[str, str] = {c: f"{c}_last_60_min" for c in SEQUENCE_CHANNELS}
 #: How far back a row's window aggregates look (the previous hour-long window).
 WINDOW_LOOKBACK_MINUTES = 2 * 60
 #: Sharing of a code hash counts the other entities that used it in this many minutes.
@@ -101,7 +142,7 @@ def _window_specs(suffix: str, minutes: int) -> list[FeatureSpec]:
         FeatureSpec(
             "submissions_1m",
             "jobs",
-            "Submissions (submitted or rejected) in the last minute.",
+            "Submissions (jobs, counted at their earliest record) in the last minute.",
             suffix,
             integer=True,
         )
@@ -270,6 +311,61 @@ FEATURES: tuple[FeatureSpec, ...] = (
         integer=True,
         high=float(ACTIVITY_LOOKBACK_MINUTES),
     ),
+    FeatureSpec(
+        "interarrival_cv_1h",
+        "ratio",
+        "Coefficient of variation (std / mean) of the gaps between consecutive submissions "
+        "in the last hour, at millisecond resolution: near 0 for a regular bot, above 1 for "
+        "bursty people (0 with fewer than 3 submissions or no gap).",
+        "1h",
+    ),
+    FeatureSpec(
+        "active_hours_24h",
+        "hours",
+        "Distinct hours of the day (UTC) with a submission in the last 24 hours: 24 for a "
+        "key that never sleeps.",
+        "1h",
+        integer=True,
+        high=24.0,
+    ),
+    FeatureSpec(
+        "submissions_24h",
+        "jobs",
+        "Submissions in the last 24 hours.",
+        "1h",
+        integer=True,
+    ),
+    FeatureSpec(
+        "estimated_cost_24h",
+        "QPU shot-layers",
+        "Estimated cost (as estimated_cost_1h) of the jobs submitted in the last 24 hours.",
+        "1h",
+    ),
+    FeatureSpec(
+        "submissions_1h_vs_24h",
+        "ratio",
+        "Submissions in the last hour over the mean hourly submissions of the last 24 hours "
+        "(1: as usual; 24: the whole day in the last hour; 0 without submissions).",
+        "1h",
+        high=24.0,
+    ),
+    FeatureSpec(
+        "cost_1h_vs_24h",
+        "ratio",
+        "Estimated cost in the last hour over the mean hourly estimated cost of the last 24 "
+        "hours (0 without cost).",
+        "1h",
+        high=24.0,
+    ),
+    FeatureSpec(
+        "network_auth_failure_entities_1h",
+        "entities",
+        "Largest number of other entities with an auth failure, in the hour up to it, from "
+        "a network this entity sent a record from in the last hour: credential stuffing "
+        "spread over keys.",
+        "1h",
+        integer=True,
+    ),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 FEATURES_BY_NAME: dict[str, FeatureSpec] = {f.name: f for f in FEATURES}
@@ -304,6 +400,17 @@ def feature_schema(
     )
 
 
+def sequence_schema(entity_column: str = "api_key_id") -> pa.Schema:
+    """Columns and types of the per-minute sequence rows of one entity (`SEQUENCE_COLUMNS`)."""
+    return pa.schema(
+        [
+            (entity_column, pa.string()),
+            (TIMESTAMP_COLUMN, pa.timestamp("us", tz="UTC")),
+            *((column, pa.list_(pa.int64())) for column in SEQUENCE_COLUMNS.values()),
+        ]
+    )
+
+
 # Aggregates per window length W (suffix `_W`, W in minutes), then per row.
 WINDOW_INT_AGGREGATES = (
     "subs",  # submissions
@@ -333,11 +440,18 @@ ROW_INT_AGGREGATES = (
     "p95_subs",  # RATE_PERCENTILE of per-minute submissions over t - 60 .. t - 1
     "first_seen_min",  # t minus the first active minute in the last 24 h
     "gap_min",  # latest active minute minus the one before (1440 when none)
+    "iat_span_ms",  # last minus first submission instant of t - 60 .. t - 1, in ms
+    "iat_sq_ms",  # sum of the squared gaps between consecutive ones, in ms^2
+    "subs_day",  # submissions in t - 1440 .. t - 1
+    "active_hours_day",  # distinct hours of the day of those submissions' minutes
+    "net_auth_max",  # largest network auth failures of a record in t - 60 .. t - 1
 )
+ROW_FLOAT_AGGREGATES = ("cost_day",)  # cost of the submissions in t - 1440 .. t - 1
 AGGREGATES: tuple[str, ...] = (
     *(f"{name}_{w}" for w in WINDOWS.values() for name in WINDOW_INT_AGGREGATES),
     *(f"{name}_{w}" for w in WINDOWS.values() for name in WINDOW_FLOAT_AGGREGATES),
     *ROW_INT_AGGREGATES,
+    *ROW_FLOAT_AGGREGATES,
 )
 
 
@@ -354,6 +468,19 @@ def _zscore(last: np.ndarray, hist_sum: np.ndarray, hist_sq: np.ndarray) -> np.n
     meansq = hist_sq / 59.0
     std = np.maximum(np.sqrt(np.maximum(meansq - mean**2, 0.0)), ZSCORE_STD_FLOOR)
     return (last - mean) / std
+
+
+def _interarrival_cv(n: np.ndarray, span: np.ndarray, sq: np.ndarray) -> np.ndarray:
+    """std / mean of ``n - 1`` gaps summing to ``span`` with squares summing to ``sq``.
+
+    With ``g = n - 1`` gaps, ``std / mean = sqrt(g * sq - span**2) / span``.
+    """
+    n, span, sq = (np.asarray(x, dtype=np.float64) for x in (n, span, sq))
+    out = np.zeros(len(n), dtype=np.float64)
+    some = (n >= 3) & (span > 0)
+    spread = (n[some] - 1) * sq[some] - span[some] * span[some]
+    out[some] = np.sqrt(np.maximum(spread, 0.0)) / span[some]
+    return out
 
 
 #: Reads one aggregate column by its `AGGREGATES` name.
@@ -415,6 +542,19 @@ _FORMULAS: dict[str, Callable[[Getter], np.ndarray]] = {
     "submissions_per_min_p95_1h": lambda get: np.asarray(get("p95_subs")),
     "hours_since_first_seen_24h": lambda get: np.asarray(get("first_seen_min")) / 60.0,
     "gap_before_latest_activity_min": lambda get: np.asarray(get("gap_min")),
+    "interarrival_cv_1h": lambda get: _interarrival_cv(
+        np.asarray(get("subs_60")), np.asarray(get("iat_span_ms")), np.asarray(get("iat_sq_ms"))
+    ),
+    "active_hours_24h": lambda get: np.asarray(get("active_hours_day")),
+    "submissions_24h": lambda get: np.asarray(get("subs_day")),
+    "estimated_cost_24h": lambda get: np.asarray(get("cost_day")) / float(COST_SCALE),
+    "submissions_1h_vs_24h": lambda get: ratio(
+        np.asarray(get("subs_60")) * (DAY_MINUTES // 60), np.asarray(get("subs_day"))
+    ),
+    "cost_1h_vs_24h": lambda get: ratio(
+        np.asarray(get("cost_60")) * float(DAY_MINUTES // 60), np.asarray(get("cost_day"))
+    ),
+    "network_auth_failure_entities_1h": lambda get: np.asarray(get("net_auth_max")),
 }
 assert set(_FORMULAS) == set(FEATURE_NAMES), set(_FORMULAS) ^ set(FEATURE_NAMES)
 

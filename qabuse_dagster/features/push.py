@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from qabuse_dagster.features.definitions import ENTITY_COLUMNS, TIMESTAMP_COLUMN
+from qabuse_dagster.features.definitions import ENTITY_COLUMNS, SEQUENCE_COLUMNS, TIMESTAMP_COLUMN
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -24,6 +24,8 @@ PUSH_SOURCES: dict[str, str] = {
 }
 #: The api-key push source, the default.
 PUSH_SOURCE = PUSH_SOURCES[ENTITY_COLUMNS["api_key"]]
+#: Entity column -> the `PushSource` of its per-minute sequences (api keys only).
+SEQUENCE_PUSH_SOURCES: dict[str, str] = {ENTITY_COLUMNS["api_key"]: "api_key_sequence_push_source"}
 
 
 def latest_per_key(rows: pa.Table, entity_column: str = ENTITY_COLUMNS["api_key"]) -> pa.Table:
@@ -44,7 +46,9 @@ def push_online(
 
     Args:
         store: An applied feature store (`qabuse_dagster.features.store.open_store`).
-        rows: Feature rows with the columns of `window_features` for ``entity_column``.
+        rows: Feature rows with the columns of `window_features` for ``entity_column``;
+            rows of ``StreamingWindows(sequences=True)`` also carry the sequence columns,
+            which go to the entity's sequence push source (`SEQUENCE_PUSH_SOURCES`).
         entity_column: The rows' entity column (a value of `ENTITY_COLUMNS`); it picks the
             push source (`PUSH_SOURCES`) feeding that entity's feature views.
     """
@@ -56,6 +60,17 @@ def push_online(
     latest = latest_per_key(rows, entity_column)
     if latest.num_rows == 0:
         return 0
+    sequences = [c for c in SEQUENCE_COLUMNS.values() if c in latest.column_names]
+    if sequences:
+        if entity_column not in SEQUENCE_PUSH_SOURCES:
+            raise ValueError(f"no sequence push source for {entity_column!r}")
+        keys = [entity_column, TIMESTAMP_COLUMN]
+        store.push(
+            SEQUENCE_PUSH_SOURCES[entity_column],
+            latest.select([*keys, *sequences]).to_pandas(),
+            to=PushMode.ONLINE,
+        )
+        latest = latest.drop_columns(sequences)
     store.push(source, latest.to_pandas(), to=PushMode.ONLINE)
     logger.debug("pushed %d rows to %s", latest.num_rows, source)
     return latest.num_rows

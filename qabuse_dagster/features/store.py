@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 FEATURE_SERVICE = "api_key_detector_v1"
 #: Every window feature of a user.
 USER_FEATURE_SERVICE = "user_features_v1"
+#: An api key's last 60 minutes of per-minute channels (`definitions.SEQUENCE_COLUMNS`).
+SEQUENCE_FEATURE_SERVICE = "api_key_sequence_v1"
+#: The tag ``kind`` of the sequence views: `entity_views` leaves them out by default.
+SEQUENCE_KIND = "sequence"
 _API_KEY = ENTITY_COLUMNS["api_key"]
 _REPO_LOCK = threading.Lock()
 
@@ -123,9 +127,35 @@ def feature_service(store: FeatureStore, name: str = FEATURE_SERVICE) -> Feature
     return store.get_feature_service(name)
 
 
-def entity_views(store: FeatureStore, entity: str) -> list[str]:
-    """The names of the feature views of one Feast entity (``api_key``, ``user``), sorted."""
-    return sorted(view.name for view in store.list_feature_views() if entity in view.entities)
+def sequence_folder(paths: settings.Paths | None = None) -> Path:
+    """The offline folder of the api-key sequence rows (the ``api_key_sequence`` view's).
+
+    Beside the window tables; one Parquet file per hour holding each key's latest row of
+    that hour (`windows.sequence_table`), since serving reads only the latest.
+    """
+    return (paths or settings.paths()).features / "api_key_sequences"
+
+
+def campaign_folder(paths: settings.Paths | None = None) -> Path:
+    """The offline folder of the api-key campaign rows (the ``api_key_campaign`` view's)."""
+    return (paths or settings.paths()).features / "api_key_campaign"
+
+
+def entity_views(store: FeatureStore, entity: str, *, sequences: bool = False) -> list[str]:
+    """The names of the feature views of one Feast entity (``api_key``, ``user``), sorted.
+
+    Args:
+        store: An applied store.
+        entity: The Feast entity name.
+        sequences: Include the per-minute sequence views (tag ``kind=sequence``), whose
+            offline rows are written apart from the window tables; default only windows.
+    """
+    return sorted(
+        view.name
+        for view in store.list_feature_views()
+        if entity in view.entities
+        and (view.tags.get("kind") is None or (sequences and view.tags["kind"] == SEQUENCE_KIND))
+    )
 
 
 def materialize(

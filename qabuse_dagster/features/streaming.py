@@ -28,6 +28,7 @@ memory two hours after their minute; an entity's state is dropped after a day of
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -42,30 +43,38 @@ from sortedcontainers import SortedList
 from qabuse_dagster.features.definitions import (
     ACTIVITY_LOOKBACK_MINUTES,
     AGGREGATES,
+    DAY_MINUTES,
     ENTITY_COLUMNS,
     FEATURE_NAMES,
+    JOB_MEMORY_MINUTES,
     RATE_PERCENTILE_RANK,
+    SEQUENCE_CHANNELS,
+    SEQUENCE_MINUTES,
     SHARING_MINUTES,
+    SUBMISSION_PRECEDENCE,
     TIMESTAMP_COLUMN,
     WINDOW_INT_AGGREGATES,
     WINDOWS,
     backend_cost_weight,
     derive,
     feature_schema,
+    sequence_schema,
 )
 
 logger = logging.getLogger(__name__)
 
-# Status -> bit set; the conventions of `definitions`: a rejected record is a submission,
-# an outcome and a failure at once. Other statuses only make the minute active.
-_SUBMISSION, _OUTCOME, _FAILURE, _REJECTED, _SUBMITTED, _COMPLETED = 1, 2, 4, 8, 16, 32
+# Status -> bit set; the conventions of `definitions`: a rejected record is an outcome and
+# a failure at once. Which record is a submission is decided when its minute closes.
+_OUTCOME, _FAILURE, _REJECTED, _COMPLETED = 2, 4, 8, 32
 _STATUS_BITS = {
-    "submitted": _SUBMISSION | _SUBMITTED,
-    "rejected": _SUBMISSION | _OUTCOME | _FAILURE | _REJECTED,
+    "rejected": _OUTCOME | _FAILURE | _REJECTED,
     "completed": _OUTCOME | _COMPLETED,
     "cancelled": _OUTCOME,
     "failed": _OUTCOME | _FAILURE,
 }
+# Statuses that make a record without a job id a submission.
+_SUBMISSION_STATUSES = frozenset({"submitted", "rejected"})
+_LAST_PRECEDENCE = len(SUBMISSION_PRECEDENCE)
 # Bucket slots (a list, not an object: attribute access costs on the per-record path).
 # Slots 0 .. _N_SUMS - 1 are integers summed over windows (the cost too: a whole number
 # of hundredths, exact as a Python int); _LOAD, the squares and _SHARE are filled in when
@@ -75,7 +84,11 @@ _SUBS, _SHOTS, _SHOTS_N, _OUTCOMES, _FAILURES, _REJ, _AUTH, _LOAD, _SUBS_SQ, _FA
 )
 _N_SUMS = 11
 _SHOTS_MAX, _SHARE, _CODES, _NETWORKS, _AGENTS, _RUNTIMES, _BACKENDS = range(11, 18)
-_MAXED = (_SHOTS_MAX, _SUBS, _SHARE)  # slots whose window maximum is a feature
+# Candidate submissions (decided when the minute closes), networks of every record and of
+# the auth failures, the network auth failures, and the submissions' instants (ms) as
+# (first, last, sum of squared gaps) or None.
+_CANDIDATES, _ALL_NETS, _AUTH_NETS, _NET_AUTH, _IAT = range(18, 23)
+_MAXED = (_SHOTS_MAX, _SUBS, _SHARE, _NET_AUTH)  # slots whose window maximum is a feature
 _DISTINCT = (_CODES, _NETWORKS, _AGENTS)
 _FULL = tuple(WINDOWS.values())  # windows with every aggregate: 1, 5, 60 minutes
 _PREVIOUS = tuple(2 * w for w in _FULL)  # windows whose sums give the previous window's
@@ -84,6 +97,7 @@ _MINUTE_US = 60_000_000
 _MICROSECOND = timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NEVER = -(2**62)  # the watermark before any record: nothing is late
+_JOB_MEMORY_US = JOB_MEMORY_MINUTES * _MINUTE_US
 _COST_WEIGHTS: dict[str | None, int] = {}  # backend -> `backend_cost_weight`, cached
 _EXTRA_FIELDS = (
     "num_circuits",
@@ -93,6 +107,7 @@ _EXTRA_FIELDS = (
     "error_code",
     "source_ip_hash",
     "client_agent",
+    "job_id",
 )
 
 
@@ -116,16 +131,27 @@ class StreamRecord(NamedTuple):
     error_code: str | None = None
     source_ip_hash: str | None = None
     client_agent: str | None = None
+    job_id: str | None = None
 
 
 def _new_bucket() -> list[Any]:
-    return [0] * _N_SUMS + [0, 0, set(), set(), set(), [], {}]
+    return [0] * _N_SUMS + [0, 0, set(), set(), set(), [], {}, [], set(), set(), 0, None]
 
 
 class _Window:
     """The buckets of one entity's last ``length`` minutes, with running aggregates."""
 
-    __slots__ = ("buckets", "counts", "full", "length", "maxima", "runtimes", "sums")
+    __slots__ = (
+        "buckets",
+        "counts",
+        "full",
+        "iat",
+        "iat_sq",
+        "length",
+        "maxima",
+        "runtimes",
+        "sums",
+    )
 
     def __init__(self, length: int, full: bool) -> None:
         self.length = length
@@ -136,13 +162,24 @@ class _Window:
         self.runtimes: SortedList | None = SortedList() if full else None
         # Per maxed slot, (minute, value) with values decreasing: the front is the maximum.
         self.maxima: tuple[deque[tuple[int, int]], ...] = (
-            (deque(), deque(), deque()) if full else ()
+            tuple(deque() for _ in _MAXED) if full else ()
         )
+        # The hour's submission instants, per bucket with any: (first, last, squared gaps)
+        # in ms; ``iat_sq`` sums the squared gaps between consecutive submissions.
+        self.iat: deque[tuple[int, int, int]] | None = deque() if length == _HOUR else None
+        self.iat_sq = 0
 
     def add(self, minute: int, bucket: list[Any]) -> None:
         self.buckets.append((minute, bucket))
         # zip stops at the shorter: the first _N_SUMS slots.
         self.sums = [a + b for a, b in zip(self.sums, bucket, strict=False)]
+        iat = bucket[_IAT]
+        if self.iat is not None and iat is not None:
+            if self.iat:
+                gap = iat[0] - self.iat[-1][1]
+                self.iat_sq += gap * gap
+            self.iat_sq += iat[2]
+            self.iat.append(iat)
         if self.full:
             for counts, slot in zip(self.counts, _DISTINCT, strict=True):
                 for value in bucket[slot]:
@@ -167,6 +204,12 @@ class _Window:
         while buckets and buckets[0][0] < oldest:
             _, old = buckets.popleft()
             self.sums = [a - b for a, b in zip(self.sums, old, strict=False)]
+            if self.iat is not None and old[_IAT] is not None:
+                _, last, squares = self.iat.popleft()
+                self.iat_sq -= squares
+                if self.iat:
+                    gap = self.iat[0][0] - last
+                    self.iat_sq -= gap * gap
             if self.full:
                 for maxima in self.maxima:
                     if maxima and maxima[0][0] < oldest:
@@ -181,6 +224,13 @@ class _Window:
                 for runtime in old[_RUNTIMES]:
                     self.runtimes.remove(runtime)  # type: ignore[union-attr]
 
+    def interarrival(self) -> tuple[int, int]:
+        """The span (ms) of the window's submissions, and their squared gaps' sum."""
+        iat = self.iat
+        if not iat:
+            return 0, 0
+        return iat[-1][1] - iat[0][0], self.iat_sq
+
     def median_runtime(self) -> float:
         runtimes = self.runtimes
         n = len(runtimes)  # type: ignore[arg-type]
@@ -189,10 +239,58 @@ class _Window:
         return (runtimes[(n - 1) // 2] + runtimes[n // 2]) / 2  # type: ignore[index]
 
 
+class _DayWindow:
+    """Submissions, cost and active hours of the day of one entity's last 1440 minutes."""
+
+    __slots__ = ("active_hours", "cost", "entries", "hours", "subs")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[int, int, int]] = deque()  # (minute, subs, cost)
+        self.subs = 0
+        self.cost = 0
+        self.hours = [0] * 24  # per hour of the day, minutes with submissions
+        self.active_hours = 0
+
+    def add(self, minute: int, bucket: list[Any]) -> None:
+        subs = bucket[_SUBS]
+        if not subs:
+            return
+        cost = bucket[_COST]
+        self.entries.append((minute, subs, cost))
+        self.subs += subs
+        self.cost += cost
+        hour = minute // 60 % 24
+        self.hours[hour] += 1
+        if self.hours[hour] == 1:
+            self.active_hours += 1
+
+    def expire(self, t: int) -> None:
+        """Drop the minutes before ``t - DAY_MINUTES``."""
+        entries, oldest = self.entries, t - DAY_MINUTES
+        while entries and entries[0][0] < oldest:
+            minute, subs, cost = entries.popleft()
+            self.subs -= subs
+            self.cost -= cost
+            hour = minute // 60 % 24
+            self.hours[hour] -= 1
+            if not self.hours[hour]:
+                self.active_hours -= 1
+
+
 class _EntityState:
     """Everything one entity needs to produce its next rows."""
 
-    __slots__ = ("activity", "buckets", "last_minute", "next_row", "pending", "windows")
+    __slots__ = (
+        "activity",
+        "buckets",
+        "day",
+        "job_log",
+        "jobs",
+        "last_minute",
+        "next_row",
+        "pending",
+        "windows",
+    )
 
     def __init__(self) -> None:
         # Buckets no row has read yet (they may arrive out of order), by minute; the
@@ -201,22 +299,101 @@ class _EntityState:
         self.pending: list[int] = []
         self.windows = {w: _Window(w, full=w in _FULL) for w in sorted({*_FULL, *_PREVIOUS})}
         self.activity: deque[int] = deque()  # active minutes of the last day, read so far
+        self.day = _DayWindow()
         self.next_row = 0
         self.last_minute = 0
+        # Job id -> instant (us) of its latest record in closed minutes, within the job
+        # memory; the log, in instant order, expires them.
+        self.jobs: dict[str, int] = {}
+        self.job_log: deque[tuple[int, str]] = deque()
+
+    def resolve_submissions(self, minute: int, bucket: list[Any]) -> None:
+        """Decide which of a closing minute's records are their job's submission, and add
+        those to the bucket; minutes close in order, so every earlier record is known."""
+        candidates = bucket[_CANDIDATES]
+        jobs, log = self.jobs, self.job_log
+        horizon = minute * _MINUTE_US - _JOB_MEMORY_US
+        while log and log[0][0] < horizon:
+            at, job = log.popleft()
+            if jobs.get(job) == at:
+                del jobs[job]
+        if not candidates:
+            return
+        candidates.sort(key=_instant_then_precedence)
+        instants: list[int] = []
+        for (
+            t,
+            _,
+            job,
+            status,
+            shots,
+            code_hash,
+            network,
+            agent,
+            backend,
+            circuits,
+            depth,
+        ) in candidates:
+            if job is not None:
+                last = jobs.get(job)
+                jobs[job] = t
+                log.append((t, job))
+                if last is not None and last >= t - _JOB_MEMORY_US:
+                    continue
+            bucket[_SUBS] += 1
+            instants.append(t // 1000)
+            if shots is not None:
+                bucket[_SHOTS] += shots
+                bucket[_SHOTS_N] += 1
+                if shots > bucket[_SHOTS_MAX]:
+                    bucket[_SHOTS_MAX] = shots
+            if code_hash is not None:
+                bucket[_CODES].add(code_hash)
+            if network is not None:
+                bucket[_NETWORKS].add(network)
+            if agent is not None:
+                bucket[_AGENTS].add(agent)
+            backends = bucket[_BACKENDS]
+            backends[backend] = backends.get(backend, 0) + 1
+            if status != "rejected":
+                weight = _COST_WEIGHTS.get(backend)
+                if weight is None:
+                    weight = _COST_WEIGHTS[backend] = backend_cost_weight(backend)
+                bucket[_COST] += (
+                    (shots if shots is not None else 1)
+                    * (circuits if circuits is not None else 1)
+                    * max(depth if depth is not None else 1, 1)
+                    * weight
+                )
+        bucket[_CANDIDATES] = None
+        if instants:
+            squares = sum((b - a) * (b - a) for a, b in itertools.pairwise(instants))
+            bucket[_IAT] = (instants[0], instants[-1], squares)
+
+
+def _instant_then_precedence(candidate: tuple[Any, ...]) -> tuple[int, int]:
+    return candidate[0], candidate[1]
 
 
 class _SharingIndex:
-    """Per code hash, the entities that submitted it in the last hour (closed minutes)."""
+    """Per value (a code hash, a network), the entities that recorded it in the last hour.
 
-    def __init__(self) -> None:
+    Buckets register the values of slot ``register``; each bucket's ``out`` slot gets the
+    largest number of *other* entities that registered one of its ``query`` values in the
+    hour ending with its minute (closed minutes).
+    """
+
+    def __init__(self, register: int, query: int, out: int) -> None:
+        self.register, self.query, self.out = register, query, out
         self.last_seen: dict[str, dict[str, int]] = {}  # hash -> entity -> latest minute
         self.log: dict[str, deque[tuple[int, str]]] = {}  # hash -> (minute, entity) in order
         self.touched: deque[tuple[int, str]] = deque()  # (minute, hash), to forget old hashes
 
     def close_minute(self, minute: int, buckets: list[tuple[str, list[Any]]]) -> None:
-        """Record the minute's submissions, then set each bucket's ``_SHARE``."""
+        """Record the minute's values, then set each bucket's ``out`` slot."""
+        register, query, out = self.register, self.query, self.out
         for entity, bucket in buckets:
-            for code in bucket[_CODES]:
+            for code in bucket[register]:
                 seen = self.last_seen.get(code)
                 if seen is None:
                     seen = self.last_seen[code] = {}
@@ -226,11 +403,13 @@ class _SharingIndex:
                     self.log[code].append((minute, entity))
                     self.touched.append((minute, code))
         horizon = minute - SHARING_MINUTES + 1  # the hour ending with this minute
-        for _, bucket in buckets:
+        for entity, bucket in buckets:
             share = 0
-            for code in bucket[_CODES]:
-                share = max(share, self._entities(code, horizon) - 1)
-            bucket[_SHARE] = share
+            for code in bucket[query]:
+                if code in self.last_seen:
+                    others = self._entities(code, horizon) - (entity in self.last_seen[code])
+                    share = max(share, others)
+            bucket[out] = share
         while self.touched and self.touched[0][0] < horizon:
             _, code = self.touched.popleft()
             if code in self.last_seen and not self._entities(code, horizon):
@@ -254,6 +433,9 @@ class StreamingWindows:
         on_late: Called with each record that arrived too late to count; without it,
             late records are logged. Either way `late_records` counts them.
         entity_column: ``api_key_id`` or ``user``: whose rows to compute.
+        sequences: Also give each row its per-minute sequences: the rows then carry the
+            `definitions.SEQUENCE_COLUMNS` (lists of 60 ints) after the features, as
+            `windows.minute_sequences` computes them for the same instants.
 
     One consumer feeds an instance (it is not thread-safe); shard by entity to scale
     (the cross-entity features, backend load and code-hash sharing, then see one shard).
@@ -274,6 +456,7 @@ class StreamingWindows:
         allowed_lateness: timedelta = timedelta(seconds=30),
         on_late: Callable[[Any], None] | None = None,
         entity_column: str = ENTITY_COLUMNS["api_key"],
+        sequences: bool = False,
     ) -> None:
         if allowed_lateness < timedelta(0):
             raise ValueError("allowed_lateness must not be negative")
@@ -285,7 +468,11 @@ class StreamingWindows:
         self.allowed_lateness = allowed_lateness
         self.on_late = on_late
         self.entity_column = entity_column
+        self.sequences = sequences
         self.schema = feature_schema(entity_column)
+        if sequences:
+            extra = list(sequence_schema(entity_column))[2:]
+            self.schema = pa.schema([*self.schema, *extra])
         self.late_records = 0
         # Event time in integer microseconds: float seconds would round a watermark
         # across a record a microsecond away from it.
@@ -298,7 +485,8 @@ class StreamingWindows:
         self._idle: list[tuple[int, str]] = []  # (minute its state expires, entity)
         self._open: dict[int, list[tuple[str, list[Any]]]] = {}  # minute -> its buckets
         self._open_minutes: list[int] = []  # heap of the keys of _open
-        self._sharing = _SharingIndex()
+        self._sharing = _SharingIndex(_CODES, _CODES, _SHARE)
+        self._network_auth = _SharingIndex(_AUTH_NETS, _ALL_NETS, _NET_AUTH)
         self._late_reported = 0
 
     @property
@@ -361,37 +549,31 @@ class StreamingWindows:
                 at_minute = self._open[minute] = []
                 heapq.heappush(self._open_minutes, minute)
             at_minute.append((entity, bucket))
-        circuits, depth, backend, runtime, error_code, network, agent = extra
+        circuits, depth, backend, runtime, error_code, network, agent, job = extra
+        if network is not None:
+            bucket[_ALL_NETS].add(network)
         if error_code == "auth_failed":
             bucket[_AUTH] += 1
-        bits = _STATUS_BITS.get(status, 0)
-        if not bits:
-            return True
-        if bits & _SUBMISSION:
-            bucket[_SUBS] += 1
-            if shots is not None:
-                bucket[_SHOTS] += shots
-                bucket[_SHOTS_N] += 1
-                if shots > bucket[_SHOTS_MAX]:
-                    bucket[_SHOTS_MAX] = shots
-            if code_hash is not None:
-                bucket[_CODES].add(code_hash)
             if network is not None:
-                bucket[_NETWORKS].add(network)
-            if agent is not None:
-                bucket[_AGENTS].add(agent)
-            backends = bucket[_BACKENDS]
-            backends[backend] = backends.get(backend, 0) + 1
-            if bits & _SUBMITTED:
-                weight = _COST_WEIGHTS.get(backend)
-                if weight is None:
-                    weight = _COST_WEIGHTS[backend] = backend_cost_weight(backend)
-                bucket[_COST] += (
-                    (shots if shots is not None else 1)
-                    * (circuits if circuits is not None else 1)
-                    * max(depth if depth is not None else 1, 1)
-                    * weight
+                bucket[_AUTH_NETS].add(network)
+        if job is not None or status in _SUBMISSION_STATUSES:
+            # Whether it is its job's submission is known once its minute closes.
+            bucket[_CANDIDATES].append(
+                (
+                    t,
+                    SUBMISSION_PRECEDENCE.get(status, _LAST_PRECEDENCE),
+                    job,
+                    status,
+                    shots,
+                    code_hash,
+                    network,
+                    agent,
+                    backend,
+                    circuits,
+                    depth,
                 )
+            )
+        bits = _STATUS_BITS.get(status, 0)
         if bits & _OUTCOME:
             bucket[_OUTCOMES] += 1
             if bits & _FAILURE:
@@ -447,6 +629,8 @@ class StreamingWindows:
         while self._open_minutes and self._open_minutes[0] < until:
             minute = heapq.heappop(self._open_minutes)
             buckets = self._open.pop(minute)
+            for entity, bucket in buckets:
+                self._entities[entity].resolve_submissions(minute, bucket)
             load: dict[str | None, int] = {}
             for _, bucket in buckets:
                 for backend, n in bucket[_BACKENDS].items():
@@ -456,6 +640,7 @@ class StreamingWindows:
                 bucket[_SUBS_SQ] = bucket[_SUBS] * bucket[_SUBS]
                 bucket[_FAIL_SQ] = bucket[_FAILURES] * bucket[_FAILURES]
             self._sharing.close_minute(minute, buckets)
+            self._network_auth.close_minute(minute, buckets)
 
     def _emit(self, until: int) -> pa.Table:
         """Rows of every active entity at instants up to minute ``until``, then cleanup."""
@@ -466,7 +651,7 @@ class StreamingWindows:
         rows: list[tuple[Any, ...]] = []
         for entity in list(self._active):
             state = self._entities[entity]
-            _emit_entity(entity, state, until, rows)
+            _emit_entity(entity, state, until, rows, self.sequences)
             if not state.windows[5].buckets and not state.pending:
                 self._active.discard(entity)
                 expiry = state.last_minute + ACTIVITY_LOOKBACK_MINUTES + 2
@@ -495,6 +680,17 @@ class StreamingWindows:
         if not rows:
             return self.schema.empty_table()
         columns = list(zip(*rows, strict=True))
+        sequence_columns: list[pa.Array] = []
+        if self.sequences:
+            per_row = columns.pop()
+            for c in range(len(SEQUENCE_CHANNELS)):
+                flat = np.fromiter(
+                    (v for row in per_row for v in row[c]),
+                    dtype=np.int64,
+                    count=len(per_row) * SEQUENCE_MINUTES,
+                )
+                offsets = np.arange(len(per_row) + 1, dtype=np.int32) * SEQUENCE_MINUTES
+                sequence_columns.append(pa.ListArray.from_arrays(offsets, flat))
         aggregates = {
             name: np.asarray(values) for name, values in zip(AGGREGATES, columns[2:], strict=True)
         }
@@ -505,6 +701,7 @@ class StreamingWindows:
                 pa.array(columns[0], pa.string()),
                 pc.multiply(minutes, _MINUTE_US).cast(self.schema.field(TIMESTAMP_COLUMN).type),
                 *(pa.array(features[name]) for name in FEATURE_NAMES),
+                *sequence_columns,
             ],
             schema=self.schema,
         )
@@ -558,9 +755,15 @@ def _window_values(window: _Window, double: _Window) -> tuple[int, ...]:
     )
 
 
-def _emit_entity(entity: str, state: _EntityState, until: int, rows: list[tuple[Any, ...]]) -> None:
+def _emit_entity(
+    entity: str,
+    state: _EntityState,
+    until: int,
+    rows: list[tuple[Any, ...]],
+    sequences: bool = False,
+) -> None:
     """Append the rows of one entity at instants ``state.next_row ..= until``."""
-    windows = state.windows
+    windows, day = state.windows, state.day
     all_windows = tuple(windows.values())
     five = windows[5]
     pending, buckets, activity = state.pending, state.buckets, state.activity
@@ -580,14 +783,18 @@ def _emit_entity(entity: str, state: _EntityState, until: int, rows: list[tuple[
             b1 = buckets.pop(minute)  # later records of its minute are late: forget it
             for window in all_windows:
                 window.add(minute, b1)
+            day.add(minute, b1)
             activity.append(minute)
         for window in all_windows:
             if window.buckets and window.buckets[0][0] < t - window.length:
                 window.expire(t)
+        if day.entries and day.entries[0][0] < t - DAY_MINUTES:
+            day.expire(t)
         while activity and activity[0] < t - ACTIVITY_LOOKBACK_MINUTES:
             activity.popleft()
         if five.buckets:
-            rows.append(_row(entity, t, b1, windows, activity))
+            row = _row(entity, t, b1, windows, activity, day)
+            rows.append((*row, _sequence(t, windows[_HOUR])) if sequences else row)
         t += 1
     state.next_row = t
 
@@ -598,6 +805,7 @@ def _row(
     b1: list[Any] | None,
     windows: dict[int, _Window],
     activity: deque[int],
+    day: _DayWindow,
 ) -> tuple[Any, ...]:
     """(entity, minute, *AGGREGATES) of the row at minute ``t``."""
     values: list[Any] = [entity, t]
@@ -627,5 +835,32 @@ def _row(
         percentile,
         t - activity[0],
         activity[-1] - activity[-2] if len(activity) > 1 else ACTIVITY_LOOKBACK_MINUTES,
+        *hour.interarrival(),
+        day.subs,
+        day.active_hours,
+        hour.maximum(3),  # network auth failures
+        float(day.cost),  # exact int, rounded once
     ]
     return tuple(values)
+
+
+# Bucket slot of each `SEQUENCE_CHANNELS` channel (distinct code hashes: the set's size).
+_SEQUENCE_SLOTS = {
+    "submissions": _SUBS,
+    "failures": _FAILURES,
+    "auth_failures": _AUTH,
+    "shots_sum": _SHOTS,
+    "distinct_code_hashes": _CODES,
+}
+
+
+def _sequence(t: int, hour: _Window) -> tuple[list[int], ...]:
+    """Per `SEQUENCE_CHANNELS` channel, the values of minutes ``t - 60 .. t - 1``."""
+    out = tuple([0] * SEQUENCE_MINUTES for _ in SEQUENCE_CHANNELS)
+    start = t - SEQUENCE_MINUTES
+    for minute, bucket in hour.buckets:
+        at = minute - start
+        for values, channel in zip(out, SEQUENCE_CHANNELS, strict=True):
+            value = bucket[_SEQUENCE_SLOTS[channel]]
+            values[at] = len(value) if isinstance(value, set) else value
+    return out

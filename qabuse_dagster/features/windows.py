@@ -39,13 +39,18 @@ import pyarrow.compute as pc
 from qabuse_dagster.features.definitions import (
     ACTIVITY_LOOKBACK_MINUTES,
     AGGREGATES,
+    DAY_MINUTES,
     DETECTOR_FEATURES,
     ENTITY_COLUMNS,
     FEATURE_NAMES,
     FEATURES,
     FEATURES_BY_WINDOW,
+    JOB_MEMORY_MINUTES,
     RATE_PERCENTILE_RANK,
+    SEQUENCE_CHANNELS,
+    SEQUENCE_MINUTES,
     SHARING_MINUTES,
+    SUBMISSION_PRECEDENCE,
     TIMESTAMP_COLUMN,
     WINDOWS,
     ZSCORE_STD_FLOOR,
@@ -54,6 +59,7 @@ from qabuse_dagster.features.definitions import (
     backend_cost_weight,
     derive,
     feature_schema,
+    sequence_schema,
 )
 
 __all__ = [
@@ -69,14 +75,19 @@ __all__ = [
     "ZSCORE_STD_FLOOR",
     "FeatureSpec",
     "feature_schema",
+    "minute_sequences",
+    "sequence_table",
     "window_features",
 ]
 
 logger = logging.getLogger(__name__)
 
 ENTITY_COLUMN = ENTITY_COLUMNS["api_key"]
-#: History a row needs beyond its own instant: the entity-age and gap features' day.
-LOOKBACK = timedelta(minutes=ACTIVITY_LOOKBACK_MINUTES)
+#: History a row needs beyond its own instant: the day of the entity-age, gap and day-long
+#: features, and before it the job memory that decides which record is a job's submission.
+LOOKBACK = timedelta(minutes=ACTIVITY_LOOKBACK_MINUTES + JOB_MEMORY_MINUTES)
+_ROW_HISTORY_US = max(ACTIVITY_LOOKBACK_MINUTES, DAY_MINUTES) * 60_000_000
+_JOB_MEMORY_US = JOB_MEMORY_MINUTES * 60_000_000
 #: Columns and types of the api-key feature rows (the Feast offline source's).
 FEATURE_SCHEMA = feature_schema(ENTITY_COLUMN)
 
@@ -90,11 +101,13 @@ _SUMMED = ("subs", "shots_sum", "shots_n", "outcomes", "failures", "rejected", "
 # of the previous entity.
 _PAD = ACTIVITY_LOOKBACK_MINUTES + 10
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
+#: Records without a job id are submissions when of these statuses.
 _SUBMISSION = pa.array(["submitted", "rejected"])
 _OUTCOME = pa.array(["completed", "failed", "cancelled", "rejected"])
 _FAILURE = pa.array(["failed", "rejected"])
 #: Columns read when present; a table without one reads as all null.
 _OPTIONAL = {
+    "job_id": pa.string(),
     "shots": pa.int64(),
     "code_hash": pa.string(),
     "num_circuits": pa.int64(),
@@ -165,9 +178,7 @@ def window_features(
             "(`qabuse features` lists them)"
         )
     start_us, end_us = _us(start), _us(end)
-    events = _Events.read(
-        telemetry, entity_column, start_us - LOOKBACK // timedelta(microseconds=1), end_us
-    )
+    events = _Events.read(telemetry, entity_column, start_us - _ROW_HISTORY_US, end_us)
     grid = _Grid(events)
     rows = grid.rows(start_us, end_us)
     # Rows in chunks, so the aggregates of only one chunk are held at a time.
@@ -196,6 +207,136 @@ def window_features(
     return result
 
 
+#: Query rows of `minute_sequences` per chunk (60 x channels int64 each: ~160 MB).
+_SEQUENCE_CHUNK = 1 << 16
+
+
+def minute_sequences(
+    telemetry: pa.Table,
+    entity_ids: Sequence[str] | pa.Array | pa.ChunkedArray,
+    instants: Sequence[datetime] | pa.Array | pa.ChunkedArray | np.ndarray,
+    entity_column: str = ENTITY_COLUMN,
+) -> np.ndarray:
+    """Per (entity, instant) pair, its last `SEQUENCE_MINUTES` minutes of `SEQUENCE_CHANNELS`.
+
+    Args:
+        telemetry: contract records covering ``[min(instants) - LOOKBACK, max(instants))``
+            (only the hour before each instant is summed; the earlier day decides which
+            records are submissions).
+        entity_ids: The entities, one per pair (unknown ones get zeros).
+        instants: The rows' instants (tz-aware datetimes, a timestamp array, or numpy
+            ``datetime64``), minute boundaries like ``event_timestamp``; another instant
+            reads the whole minutes before its own.
+        entity_column: ``api_key_id`` or ``user``.
+
+    Returns:
+        int64 array of shape ``(n, SEQUENCE_MINUTES, len(SEQUENCE_CHANNELS))``: per pair,
+        minutes ``t - 60 .. t - 1`` oldest first, zeros where the entity was silent. Rows
+        go through in chunks, so the temporaries stay small whatever ``n``; the result
+        itself is ``n x 60 x 5 x 8`` bytes (2.4 GB per million pairs).
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from datetime import UTC, datetime
+        >>> t0 = datetime(2026, 1, 1, tzinfo=UTC)
+        >>> records = pa.table({"api_key_id": ["k"], "timestamp": [t0], "status": ["submitted"],
+        ...                     "shots": [100], "code_hash": ["c"]})
+        >>> seq = minute_sequences(records, ["k"], [t0.replace(minute=2)])
+        >>> seq.shape, seq[0, -2].tolist(), seq[0, -1].tolist()
+        ((1, 60, 5), [1, 0, 0, 100, 1], [0, 0, 0, 0, 0])
+    """
+    if entity_column not in ENTITY_COLUMNS.values():
+        raise ValueError(
+            f"entity_column {entity_column!r}: expected one of {sorted(ENTITY_COLUMNS.values())}"
+        )
+    keys = (
+        pa.array(entity_ids, pa.string())
+        if not isinstance(entity_ids, pa.Array | pa.ChunkedArray)
+        else entity_ids
+    )
+    at_us = _instants_us(instants)
+    if len(keys) != len(at_us):
+        raise ValueError(f"{len(keys)} entity ids but {len(at_us)} instants")
+    out = np.zeros((len(at_us), SEQUENCE_MINUTES, len(SEQUENCE_CHANNELS)), dtype=np.int64)
+    if len(at_us) == 0:
+        return out
+    minute = at_us // _MINUTE_US
+    events = _Events.read(
+        telemetry,
+        entity_column,
+        (int(minute.min()) - SEQUENCE_MINUTES) * _MINUTE_US,
+        int(minute.max()) * _MINUTE_US,
+    )
+    if len(events.minute) == 0:
+        return out
+    grid = _Grid(events)
+    channels = grid.sequence_channels()
+    entity = _numpy(pc.fill_null(pc.index_in(keys, value_set=events.entity_names), -1))
+    # Out-of-grid instants clip into the entity's padding, where no cell lies.
+    offset = np.clip(minute - grid.minute0, 0, grid.n_minutes)
+    queries = np.where(entity >= 0, entity * grid.n_minutes + offset, -1)
+    flat = out.reshape(-1, len(SEQUENCE_CHANNELS))  # a view: row-minutes by channel
+    for at in range(0, len(queries), _SEQUENCE_CHUNK):
+        q = queries[at : at + _SEQUENCE_CHUNK]
+        known = np.flatnonzero(q >= 0)
+        q = q[known]
+        first = np.searchsorted(grid.cells, q - SEQUENCE_MINUTES, side="left")
+        n = np.searchsorted(grid.cells, q, side="left") - first  # at most 60 cells
+        # Every (row, cell) pair at once: the cells of row i are first[i] .. first[i] + n[i].
+        row = np.repeat(np.arange(len(q)), n)
+        cell = first[row] + (np.arange(len(row)) - np.repeat(np.cumsum(n) - n, n))
+        minute_at = grid.cells[cell] - (q[row] - SEQUENCE_MINUTES)
+        flat[(at + known[row]) * SEQUENCE_MINUTES + minute_at] = channels[cell]
+    return out
+
+
+def sequence_table(
+    telemetry: pa.Table, rows: pa.Table, entity_column: str = ENTITY_COLUMN
+) -> pa.Table:
+    """The sequence rows (`definitions.sequence_schema`) of each (entity, event_timestamp)
+    of ``rows`` (feature rows, or any table with those two columns), in its order."""
+    sequences = minute_sequences(
+        telemetry, rows[entity_column], rows[TIMESTAMP_COLUMN], entity_column
+    )
+    return _sequence_arrays(rows[entity_column], rows[TIMESTAMP_COLUMN], sequences, entity_column)
+
+
+def _sequence_arrays(
+    entities: pa.Array | pa.ChunkedArray,
+    instants: pa.Array | pa.ChunkedArray,
+    sequences: np.ndarray,
+    entity_column: str,
+) -> pa.Table:
+    n = len(sequences)
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * SEQUENCE_MINUTES)
+    columns = [
+        pa.ListArray.from_arrays(
+            offsets, pa.array(np.ascontiguousarray(sequences[:, :, c]).ravel())
+        )
+        for c in range(len(SEQUENCE_CHANNELS))
+    ]
+    schema = sequence_schema(entity_column)
+    return pa.Table.from_arrays(
+        [
+            pa.chunked_array(entities).cast(pa.string()),
+            pa.chunked_array(instants).cast(_TIMESTAMP),
+            *columns,
+        ],
+        schema=schema,
+    )
+
+
+def _instants_us(
+    instants: Sequence[datetime] | pa.Array | pa.ChunkedArray | np.ndarray,
+) -> np.ndarray:
+    if isinstance(instants, np.ndarray) and np.issubdtype(instants.dtype, np.datetime64):
+        return instants.astype("datetime64[us]").astype(np.int64)
+    array = instants if isinstance(instants, pa.Array | pa.ChunkedArray) else pa.array(instants)
+    if not pa.types.is_timestamp(array.type) or array.type.tz is None:
+        raise ValueError("minute_sequences needs tz-aware instants")
+    return _numpy(pc.cast(pc.cast(array, _TIMESTAMP), pa.int64())).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class _Events:
     """The records in a time span as numpy columns; entities numbered in name order."""
@@ -203,8 +344,8 @@ class _Events:
     entity: np.ndarray
     entity_names: pa.Array
     minute: np.ndarray
+    ms: np.ndarray  # the instant, floored to the millisecond
     is_submission: np.ndarray
-    is_submitted: np.ndarray
     is_outcome: np.ndarray
     is_failure: np.ndarray
     is_rejected: np.ndarray
@@ -220,8 +361,10 @@ class _Events:
 
     @classmethod
     def read(cls, telemetry: pa.Table, entity_column: str, from_us: int, to_us: int) -> _Events:
+        """The records in ``[from_us, to_us)``; those up to `JOB_MEMORY_MINUTES` before it
+        are read too, to tell which records are their job's submission."""
         ts = pc.cast(pc.cast(telemetry["timestamp"], _TIMESTAMP), pa.int64())
-        keep = pc.and_(pc.greater_equal(ts, from_us), pc.less(ts, to_us))
+        keep = pc.and_(pc.greater_equal(ts, from_us - _JOB_MEMORY_US), pc.less(ts, to_us))
         table = telemetry.filter(keep)
         n = table.num_rows
 
@@ -235,11 +378,16 @@ class _Events:
         by_name = pc.sort_indices(entities.dictionary).to_numpy()
         rank = np.empty(len(by_name), dtype=np.int64)
         rank[by_name] = np.arange(len(by_name))
+        entity = rank[_numpy(entities.indices)]
+        us = _numpy(ts.filter(keep))
         status = table["status"]
+        is_submission = _first_of_job(
+            entity, _codes(pc.dictionary_encode(column("job_id"))), us, status
+        )
+        is_rejected = _numpy(pc.equal(status, "rejected").fill_null(False))
         shots = column("shots")
         shots_np = _numpy(pc.fill_null(shots, 0)).astype(np.int64)
         has_shots = _numpy(pc.is_valid(shots))
-        is_submitted = _numpy(pc.equal(status, "submitted").fill_null(False))
         backend = pc.dictionary_encode(column("backend"))
         weights = np.array(
             [backend_cost_weight(b) for b in backend.dictionary.to_pylist()]
@@ -257,25 +405,57 @@ class _Events:
         )
         runtime = _numpy(pc.fill_null(pc.cast(column("runtime_s"), pa.float64()), np.nan))
         completed = _numpy(pc.equal(status, "completed").fill_null(False))
+        # The job memory's records only decided the submissions: drop them.
+        span = us >= from_us
         return cls(
-            entity=rank[_numpy(entities.indices)],
+            entity=entity[span],
             entity_names=entities.dictionary.take(pa.array(by_name)),
-            minute=_numpy(ts.filter(keep)) // _MINUTE_US,
-            is_submission=_numpy(pc.is_in(status, _SUBMISSION)),
-            is_submitted=is_submitted,
-            is_outcome=_numpy(pc.is_in(status, _OUTCOME)),
-            is_failure=_numpy(pc.is_in(status, _FAILURE)),
-            is_rejected=_numpy(pc.equal(status, "rejected").fill_null(False)),
-            is_auth_failure=_numpy(pc.equal(column("error_code"), "auth_failed").fill_null(False)),
-            shots=shots_np,
-            has_shots=has_shots,
-            cost=np.where(is_submitted, cost, 0.0),
-            runtime=np.where(completed, runtime, np.nan),
-            backend=backend_code,
-            codes=_codes(pc.dictionary_encode(column("code_hash"))),
-            networks=_codes(pc.dictionary_encode(column("source_ip_hash"))),
-            agents=_codes(pc.dictionary_encode(column("client_agent"))),
+            minute=us[span] // _MINUTE_US,
+            ms=us[span] // 1000,
+            is_submission=is_submission[span],
+            is_outcome=_numpy(pc.is_in(status, _OUTCOME))[span],
+            is_failure=_numpy(pc.is_in(status, _FAILURE))[span],
+            is_rejected=is_rejected[span],
+            is_auth_failure=_numpy(pc.equal(column("error_code"), "auth_failed").fill_null(False))[
+                span
+            ],
+            shots=shots_np[span],
+            has_shots=has_shots[span],
+            cost=np.where(is_submission & ~is_rejected, cost, 0.0)[span],
+            runtime=np.where(completed, runtime, np.nan)[span],
+            backend=backend_code[span],
+            codes=_codes(pc.dictionary_encode(column("code_hash")))[span],
+            networks=_codes(pc.dictionary_encode(column("source_ip_hash")))[span],
+            agents=_codes(pc.dictionary_encode(column("client_agent")))[span],
         )
+
+
+def _first_of_job(
+    entity: np.ndarray, job: np.ndarray, us: np.ndarray, status: pa.ChunkedArray
+) -> np.ndarray:
+    """Per record, whether it is its job's submission (`definitions` conventions).
+
+    Records of one (entity, job) sorted by instant, then `SUBMISSION_PRECEDENCE`: a record
+    is the submission when the one before it lies more than `JOB_MEMORY_MINUTES` earlier,
+    or there is none. Without a job id, ``submitted`` and ``rejected`` records are.
+    """
+    encoded = pc.dictionary_encode(status.combine_chunks())
+    precedence = np.array(
+        [
+            SUBMISSION_PRECEDENCE.get(name, len(SUBMISSION_PRECEDENCE))
+            for name in encoded.dictionary.to_pylist()
+        ]
+        + [len(SUBMISSION_PRECEDENCE)],
+        dtype=np.int64,
+    )
+    order = np.lexsort((precedence[_codes(encoded)], us, job, entity))
+    e, j, t = entity[order], job[order], us[order]
+    earliest = np.ones(len(order), dtype=bool)
+    earliest[1:] = (e[1:] != e[:-1]) | (j[1:] != j[:-1]) | (t[1:] - t[:-1] > _JOB_MEMORY_US)
+    first = np.empty(len(order), dtype=bool)
+    first[order] = earliest
+    without_job = _numpy(pc.is_in(status, _SUBMISSION))
+    return np.where(job >= 0, first, without_job)
 
 
 class _Grid:
@@ -335,6 +515,7 @@ class _Grid:
                 "shots_max": lambda: self._cell_max(e.is_submission & e.has_shots, e.shots),
                 "peak_subs": lambda: self.subs,
                 "share_max": self._code_sharing,
+                "net_auth": self._network_auth_failures,
             }[name]()
             self._max_tables[name] = _SparseMax(values)
         return self._max_tables[name]
@@ -342,7 +523,12 @@ class _Grid:
     def distinct(self, name: str, window: int) -> _DistinctCounter:
         if (name, window) not in self._distinct:
             e = self.events
-            codes = {"codes": e.codes, "networks": e.networks, "agents": e.agents}[name]
+            codes = {
+                "codes": e.codes,
+                "networks": e.networks,
+                "agents": e.agents,
+                "hours": e.minute // 60 % 24,  # the hour of the day
+            }[name]
             mask = e.is_submission & (codes >= 0)
             self._distinct[name, window] = _DistinctCounter(
                 group=e.entity[mask],
@@ -418,6 +604,83 @@ class _Grid:
         np.maximum.at(out, self.inverse[mask], sharing - 1)
         return out
 
+    def sequence_channels(self) -> np.ndarray:
+        """Per cell, the `SEQUENCE_CHANNELS` values: an (n_cells, channels) int64 array."""
+        e = self.events
+        coded = e.is_submission & (e.codes >= 0)
+        n_codes = int(e.codes.max()) + 1 if coded.any() else 1
+        pairs = _unique_sorted(self.inverse[coded] * n_codes + e.codes[coded])
+        values = {
+            "submissions": self.subs,
+            "failures": self._cell_sums("failures"),
+            "auth_failures": self._cell_sums("auth"),
+            "shots_sum": self._cell_sums("shots_sum"),
+            "distinct_code_hashes": np.bincount(pairs // n_codes, minlength=self.n_cells),
+        }
+        return np.stack([values[c].astype(np.int64) for c in SEQUENCE_CHANNELS], axis=1)
+
+    def _network_auth_failures(self) -> np.ndarray:
+        """Per cell, the largest network auth failures of one of its records.
+
+        For a record from network ``n`` in minute ``m``: the distinct entities with an
+        auth failure from ``n`` in minutes ``m - 59 .. m``, itself excluded.
+        """
+        e = self.events
+        out = np.zeros(self.n_cells, dtype=np.int64)
+        failed = e.is_auth_failure & (e.networks >= 0)
+        if not failed.any():
+            return out
+        n_entities = int(e.entity.max()) + 1
+        window = {"window": SHARING_MINUTES, "n_minutes": self.n_minutes}
+        entities = _DistinctCounter(
+            group=e.networks[failed], value=e.entity[failed], offset=self.offset[failed], **window
+        )
+        itself = _DistinctCounter(
+            group=e.networks[failed] * n_entities + e.entity[failed],
+            value=np.zeros(int(failed.sum()), dtype=np.int64),
+            offset=self.offset[failed],
+            **window,
+        )
+        sent = e.networks >= 0
+        network, entity, at = e.networks[sent], e.entity[sent], self.offset[sent] + 1
+        others = entities.at(network * self.n_minutes + at) - itself.at(
+            (network * n_entities + entity) * self.n_minutes + at
+        )
+        np.maximum.at(out, self.inverse[sent], others)
+        return out
+
+    @cached_property
+    def submission_times(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Submissions by cell then instant: their cells, instants (ms), squared-gap prefix.
+
+        ``prefix[i]`` sums the squared gaps before submission ``i`` to its predecessor
+        (0 across entities, and for gaps over an hour, which no window holds).
+        """
+        e = self.events
+        at = np.flatnonzero(e.is_submission)
+        order = np.lexsort((e.ms[at], self.event_cell[at]))
+        cells, ms = self.event_cell[at][order], e.ms[at][order]
+        gaps = np.zeros(len(ms), dtype=np.int64)
+        gaps[1:] = ms[1:] - ms[:-1]
+        same = np.zeros(len(ms), dtype=bool)
+        same[1:] = cells[1:] // self.n_minutes == cells[:-1] // self.n_minutes
+        gaps = np.where(same & (gaps <= SHARING_MINUTES * 60_000), gaps, 0)
+        return cells, ms, _prefix(gaps * gaps)
+
+    def _interarrival(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, the span (ms) of its last hour's submissions and their squared gaps."""
+        cells, ms, squares = self.submission_times
+        first = np.searchsorted(cells, rows - 60, side="left")
+        last = np.searchsorted(cells, rows - 1, side="right")
+        some = last - first >= 2
+        span = np.zeros(len(rows), dtype=np.int64)
+        sq = np.zeros(len(rows), dtype=np.int64)
+        f, lst = first[some], last[some]
+        span[some] = ms[lst - 1] - ms[f]
+        # The gaps of submissions first + 1 .. last - 1 to their predecessors.
+        sq[some] = squares[lst] - squares[f + 1]
+        return span, sq
+
     def rows(self, start_us: int, end_us: int) -> np.ndarray:
         """Cells of the rows: the 5 minute boundaries after each active minute, in span."""
         rows = _unique_sorted((self.cells[:, None] + np.arange(1, 6)).ravel())
@@ -475,6 +738,19 @@ class _Grid:
                 agg[name] = self.window_sum(summed, rows, 60, 2)
         if "p95_subs" in needed:
             agg["p95_subs"] = self._rate_percentile(rows)
+        if "iat_span_ms" in needed or "iat_sq_ms" in needed:
+            span, sq = self._interarrival(rows)
+            for name, values in (("iat_span_ms", span), ("iat_sq_ms", sq)):
+                if name in needed:
+                    agg[name] = values
+        if "net_auth_max" in needed:
+            agg["net_auth_max"] = self.max_table("net_auth").query(*self.bounds(rows, 60, 1))
+        if "subs_day" in needed:
+            agg["subs_day"] = self.window_sum("subs", rows, DAY_MINUTES, 1)
+        if "cost_day" in needed:
+            agg["cost_day"] = self._cost_sum(*self.bounds(rows, DAY_MINUTES, 1))
+        if "active_hours_day" in needed:
+            agg["active_hours_day"] = self.distinct("hours", DAY_MINUTES).at(rows)
         first, last = self.bounds(rows, ACTIVITY_LOOKBACK_MINUTES, 1)
         if "first_seen_min" in needed:
             agg["first_seen_min"] = rows - self.cells[first]
@@ -531,7 +807,7 @@ class _Grid:
         """Per row, the cost of cells ``first .. last - 1``, exactly as summed one by one.
 
         Exact from the prefix sums while the grand total stays below 2**53; past that
-        (hostile shot counts), the cells are summed in time order.
+        (hostile shot counts), the cells are summed in time order (up to a day of cells).
         """
         if self.cost_prefix is not None:
             return self.cost_prefix[last] - self.cost_prefix[first]

@@ -9,6 +9,17 @@ from qabuse_dagster.telemetry.contract import HEX_HASH_PATTERN
 HEX_ID_PATTERN = HEX_HASH_PATTERN
 
 
+class FeatureContribution(BaseModel):
+    """One feature's part in a family's score."""
+
+    feature: str
+    contribution: float = Field(description="The family's own attribution (SHAP for trees).")
+    value: float | None = Field(
+        description="The feature's value (null for a sequence channel).",
+        json_schema_extra={"nullable": True},
+    )
+
+
 class ScoreResponse(BaseModel):
     """What ``POST /score`` answers."""
 
@@ -18,8 +29,20 @@ class ScoreResponse(BaseModel):
     threshold: float
     model_name: str
     model_version: str = Field(description="The exact registry version that scored.")
-    feature_service: str
-    features: dict[str, float] = Field(description="The online feature values used.")
+    feature_service: str = Field(description="The Feast feature services read (comma-separated).")
+    family_scores: dict[str, float] = Field(
+        description="Each detector family's own score (its units; higher is more anomalous)."
+    )
+    family_standardised: dict[str, float] = Field(
+        description="Each family's score on the ensemble's common scale: 1.0 is the family's "
+        "own alert level. The ensemble score is the largest of them."
+    )
+    family_versions: dict[str, str] = Field(description="Registry version of each family.")
+    top_family: str = Field(description="The family whose standardised score is the ensemble's.")
+    top_features: list[FeatureContribution] = Field(
+        description="The features that drove the top family's score, largest first."
+    )
+    features: dict[str, float] = Field(description="The online scalar feature values used.")
     stale: bool = Field(
         description="The features are older than the staleness bound (QABUSE_ONLINE_MAX_AGE_S): "
         "the key was scored anyway, on what it did then, not now."

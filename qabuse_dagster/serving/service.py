@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from datetime import timedelta
 from typing import Annotated, Any, cast
 
 import bentoml
+import numpy as np
 from bentoml.exceptions import NotFound, ServiceUnavailable
 from pydantic import Field
 from starlette.responses import JSONResponse
@@ -34,12 +34,12 @@ EXAMPLE_KEY = "0123456789abcdef" * 4
 
 
 class _Champion:
-    """The @champion detector and Feast store, loaded once, followed when @champion moves.
+    """The @champion ensemble, its member families and their online inputs, loaded once.
 
     Every ``refresh_s`` seconds a request asks the registry which version @champion
-    names (one small query); when it changed, that version is loaded before scoring, so
-    a promotion reaches the endpoint without a restart and every answer names the
-    version that produced it.
+    names (one small query); when it changed, that version and the member versions it
+    pins are loaded before scoring, so a promotion reaches the endpoint without a
+    restart and every answer names the version that produced it.
     """
 
     def __init__(self, refresh_s: float) -> None:
@@ -47,7 +47,7 @@ class _Champion:
         self.refresh_s = refresh_s
         self.loaded: Any = None
         self.store: Any = None
-        self.service: Any = None
+        self.inputs: Any = None
         self.error: str | None = None
         self._checked = 0.0
 
@@ -58,23 +58,24 @@ class _Champion:
                 self._load()
             if self.loaded is None:
                 raise ServiceUnavailable(f"no model to score with: {self.error}")
-            return self.loaded, self.store, self.service
+            return self.loaded, self.store, self.inputs
 
     def _load(self) -> None:
         from qabuse_dagster.features.store import open_store
-        from qabuse_dagster.model_registry import ModelNotFoundError, load_detector, resolve_alias
+        from qabuse_dagster.model_registry import ModelNotFoundError, load_champion, resolve_alias
+        from qabuse_dagster.serving.online import OnlineInputs
 
         self._checked = time.monotonic()
         try:
             current = self.loaded.ref.version if self.loaded is not None else None
             if current is not None and resolve_alias(settings.CHAMPION_ALIAS).version == current:
                 return
-            loaded = load_detector(settings.CHAMPION_ALIAS)
+            loaded = load_champion(settings.CHAMPION_ALIAS)
             if self.store is None:
                 self.store = open_store()
             # Registry changes (a new feature service) are picked up with the new model.
             self.store.refresh_registry()
-            self.service = self.store.get_feature_service(loaded.ref.feature_service)
+            self.inputs = OnlineInputs.resolve(self.store, loaded)
             self.loaded, self.error = loaded, None
             logger.info("serving %s v%s", loaded.ref.name, loaded.ref.version)
         except ModelNotFoundError as exc:
@@ -131,24 +132,34 @@ class Scorer:
                 examples=[EXAMPLE_KEY],
             ),
         ],
+        user: Annotated[
+            str | None,
+            Field(
+                pattern=HEX_ID_PATTERN,
+                description="Keyed hash of the submitting user, when the caller knows it: "
+                "the user-level family then scores the user's rows too.",
+                json_schema_extra={"nullable": True},
+            ),
+        ] = None,
     ) -> ScoreResponse:
         """Score one api key's current behaviour; higher scores are more anomalous."""
-        from qabuse_dagster.features.store import online_vectors
-
-        loaded, store, service = self.champion.get()
+        loaded, store, inputs = self.champion.get()
         ref = loaded.ref
-        vector = online_vectors(store, [api_key_id], service, max_age=self.max_age)[0]
-        values = [vector.values.get(name) for name in ref.feature_names]
-        if all(value is None for value in values):
+        online = inputs.read(store, api_key_id, user, max_age=self.max_age)
+        if not online.known:
             raise NotFound(
                 f"api key {api_key_id} has no online features: it is unknown, or has not "
                 "submitted since the last materialisation"
             )
-        features = {
-            name: (float(v) if v is not None and math.isfinite(float(v)) else 0.0)
-            for name, v in zip(ref.feature_names, values, strict=True)
+        raw = {
+            name: float(inputs.score(name, member.detector, online))
+            for name, member in loaded.members.items()
         }
-        score = float(loaded.detector.decision_function([list(features.values())])[0])
+        matrix = np.array([[raw[name] for name in loaded.ensemble.members]])
+        standardised = loaded.ensemble.standardise(matrix)[0]
+        score = float(standardised.max())
+        top = str(loaded.ensemble.members[int(standardised.argmax())])
+        contributions = inputs.explain(top, loaded.members[top].detector, online)
         return ScoreResponse(
             api_key_id=api_key_id,
             score=score,
@@ -156,11 +167,19 @@ class Scorer:
             threshold=ref.threshold,
             model_name=ref.name,
             model_version=ref.version,
-            feature_service=ref.feature_service,
-            features=features,
+            feature_service=",".join(inputs.services),
+            family_scores=raw,
+            family_standardised={
+                name: float(z)
+                for name, z in zip(loaded.ensemble.members, standardised, strict=True)
+            },
+            family_versions={name: m.ref.version for name, m in loaded.members.items()},
+            top_family=top,
+            top_features=contributions,
+            features=online.scalars,
             # Fails open: a vector older than the bound is still scored, and flagged.
-            stale=vector.stale,
-            feature_age_s=vector.age_s,
+            stale=online.stale,
+            feature_age_s=online.age_s,
         )
 
 

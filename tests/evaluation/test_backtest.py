@@ -8,17 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models import IsolationForestDetector
-from qabuse_dagster.evaluation.backtest import (
-    DetectorParams,
-    calibrate_threshold,
-    fit_detector,
-    score_rows,
-    time_cutoff,
-)
+from models import IsolationForestDetector, KeyDayBudget, key_day_groups
+from qabuse_dagster.evaluation.backtest import time_cutoff
+from qabuse_dagster.evaluation.families import TrainingParams
 
 FEATURES = ("f1", "f2", "f3")
-PARAMS = DetectorParams(n_estimators=30, contamination=0.05, random_state=0)
 
 
 def _rows(n: int = 400, seed: int = 0) -> pd.DataFrame:
@@ -52,46 +46,6 @@ def test_time_cutoff_rejects_no_rows() -> None:
         time_cutoff(pd.Series([], dtype="datetime64[ns, UTC]"), 0.5)
 
 
-def test_fit_detector_raises_on_empty_rows() -> None:
-    with pytest.raises(ValueError, match="no training rows"):
-        fit_detector(_rows().iloc[:0], FEATURES, PARAMS)
-
-
-def test_fit_detector_uses_params_and_only_the_named_features() -> None:
-    detector = fit_detector(_rows(), FEATURES, PARAMS)
-
-    assert isinstance(detector, IsolationForestDetector)
-    assert detector.n_features_in_ == len(FEATURES)
-    assert (detector.n_estimators, detector.contamination, detector.random_state) == (
-        PARAMS.n_estimators,
-        PARAMS.contamination,
-        PARAMS.random_state,
-    )
-    assert np.isfinite(detector.threshold_)
-
-
-def test_score_rows_adds_score_and_alert() -> None:
-    train = _rows(seed=0)
-    detector = fit_detector(train, FEATURES, PARAMS)
-    new = _rows(50, seed=1)
-    new.loc[7, list(FEATURES)] = [60.0, 60.0, 60.0]  # a planted outlier
-    before = new.copy()
-
-    scored = score_rows(detector, new, FEATURES)
-
-    pd.testing.assert_frame_equal(new, before)  # the input is left alone
-    assert list(scored.columns) == [*new.columns, "score", "alert"]
-    pd.testing.assert_frame_equal(scored[list(new.columns)], new)
-    assert scored["alert"].dtype == bool
-    np.testing.assert_array_equal(
-        scored["score"].to_numpy(), detector.decision_function(new[list(FEATURES)].to_numpy())
-    )
-    np.testing.assert_array_equal(scored["alert"], scored["score"] > detector.threshold_)
-    assert scored.loc[7, "alert"]
-    assert scored["score"].idxmax() == 7
-    assert scored["alert"].mean() <= 0.3
-
-
 def _key_day_alert_share(rows: pd.DataFrame, scores: np.ndarray, threshold: float) -> float:
     days = rows["event_timestamp"].dt.floor("D")
     alerted = pd.Series(scores > threshold).groupby([rows["api_key_id"], days]).any()
@@ -103,7 +57,8 @@ def test_calibrated_threshold_keeps_training_key_days_within_the_budget(budget: 
     rows = _rows(n=7 * 24 * 60, seed=4)  # 7 keys over 7 days: 49 key-days
     scores = np.random.default_rng(5).gamma(2.0, size=len(rows))
 
-    threshold = calibrate_threshold(scores, rows["api_key_id"], rows["event_timestamp"], budget)
+    groups = key_day_groups(rows["api_key_id"], rows["event_timestamp"])
+    threshold = KeyDayBudget(budget).threshold(scores, groups)
 
     share = _key_day_alert_share(rows, scores, threshold)
     assert share <= budget
@@ -112,11 +67,16 @@ def test_calibrated_threshold_keeps_training_key_days_within_the_budget(budget: 
     assert _key_day_alert_share(rows, scores, lower) > budget or share == 0.0
 
 
-def test_fit_detector_sets_the_threshold_from_the_key_day_budget() -> None:
+def test_fit_sets_the_threshold_from_the_key_day_budget_of_its_groups() -> None:
     rows = _rows(n=7 * 24 * 60, seed=6)
-    params = DetectorParams(n_estimators=30, random_state=0, alert_budget=0.1)
+    detector = IsolationForestDetector(
+        n_estimators=30, random_state=0, threshold_strategy=KeyDayBudget(0.1)
+    )
 
-    detector = fit_detector(rows, FEATURES, params)
+    detector.fit(
+        rows[list(FEATURES)].to_numpy(),
+        groups=key_day_groups(rows["api_key_id"], rows["event_timestamp"]),
+    )
 
     scores = detector.decision_function(rows[list(FEATURES)].to_numpy())
     assert _key_day_alert_share(rows, scores, detector.threshold_) <= 0.1
@@ -129,4 +89,6 @@ def test_fit_detector_sets_the_threshold_from_the_key_day_budget() -> None:
 @pytest.mark.parametrize("budget", [0.0, 1.0, -0.1])
 def test_alert_budget_outside_the_open_unit_interval_is_refused(budget: float) -> None:
     with pytest.raises(ValueError, match="alert_budget"):
-        DetectorParams(alert_budget=budget)
+        TrainingParams(alert_budget=budget)
+    with pytest.raises(ValueError, match="budget"):
+        KeyDayBudget(budget)

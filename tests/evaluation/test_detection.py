@@ -143,7 +143,7 @@ def test_recall_over_several_incidents() -> None:
     assert report.recall == 0.5
 
 
-def test_benign_alert_rate_counts_only_keys_in_no_incident() -> None:
+def test_benign_row_alert_rate_counts_only_keys_in_no_incident() -> None:
     scored = _scored(
         [
             (ABUSER, 12, 0.9, True),
@@ -156,14 +156,14 @@ def test_benign_alert_rate_counts_only_keys_in_no_incident() -> None:
     )
     report = _evaluate(scored, [_label()])
 
-    assert report.benign_alert_rate == pytest.approx(1 / 4)
+    assert report.benign_row_alert_rate == pytest.approx(1 / 4)
     assert report.benign_keys == 2
     assert report.benign_keys_alerted == 1
 
 
-def test_benign_alert_rate_is_zero_without_benign_rows() -> None:
+def test_benign_row_alert_rate_is_zero_without_benign_rows() -> None:
     report = _evaluate(_scored([(ABUSER, 12, 0.9, True)]), [_label()])
-    assert report.benign_alert_rate == 0.0
+    assert report.benign_row_alert_rate == 0.0
     assert report.benign_keys == 0
 
 
@@ -194,7 +194,7 @@ def test_incidents_and_rows_outside_the_window_are_ignored() -> None:
     assert report.recall == 1.0
     assert report.rows == 2
     assert report.alerts == 1
-    assert report.benign_alert_rate == 0.0
+    assert report.benign_row_alert_rate == 0.0
 
 
 def test_no_active_incident_gives_no_recall() -> None:

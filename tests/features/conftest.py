@@ -19,9 +19,15 @@ import pandas as pd
 import pytest
 
 from qabuse_dagster import settings
-from qabuse_dagster.features.definitions import DETECTOR_FEATURES, ENTITY_COLUMNS, TIMESTAMP_COLUMN
+from qabuse_dagster.features.definitions import (
+    DETECTOR_FEATURES,
+    ENTITY_COLUMNS,
+    SEQUENCE_COLUMNS,
+    SEQUENCE_MINUTES,
+    TIMESTAMP_COLUMN,
+)
 from qabuse_dagster.features.local_redis import local_redis, redis_server_binary
-from qabuse_dagster.features.store import apply_repo, materialize, open_store
+from qabuse_dagster.features.store import apply_repo, materialize, open_store, sequence_folder
 
 FRESH_KEY = "a1" * 32
 STALE_KEY = "b2" * 32
@@ -51,6 +57,8 @@ class SeededStore:
     #: Every feature value per key (api keys and the user), as written.
     values: dict[str, dict[str, float | int]]
     event_times: dict[str, datetime]
+    #: Per api key, its sequence columns as written (``api_key_sequence``).
+    sequences: dict[str, dict[str, list[int]]]
     #: Feast's connection string of the Redis server; None for SQLite.
     redis: str | None = None
 
@@ -63,8 +71,13 @@ def _feature_values(store: Any, seed: int) -> dict[str, float | int]:
     """Distinct, exactly representable values; integers where the views' field is Int64."""
     from feast.types import Int64
 
-    # Every entity's views carry the same feature names; one value per name.
-    fields = {f.name: f.dtype for view in store.list_feature_views() for f in view.features}
+    # Every entity's window views carry the same feature names; one value per name.
+    fields = {
+        f.name: f.dtype
+        for view in store.list_feature_views()
+        for f in view.features
+        if f.name not in SEQUENCE_COLUMNS.values()
+    }
     return {
         name: (seed * 100 + i if dtype == Int64 else seed + i / 4)
         for i, (name, dtype) in enumerate(sorted(fields.items()))
@@ -98,9 +111,25 @@ def seed_store(home: Path, online_store: str, redis: str | None = None) -> Seede
             source = settings.paths().entity_windows(entity)
             source.mkdir(parents=True, exist_ok=True)
             rows.to_parquet(source / "seed.parquet", index=False)
+        # Distinct sequences per key and channel (minute i of channel c: seed, c, i).
+        sequences = {
+            key: {
+                column: [seed * 10_000 + c * 100 + i for i in range(SEQUENCE_MINUTES)]
+                for c, column in enumerate(SEQUENCE_COLUMNS.values())
+            }
+            for seed, key in enumerate(AGES, start=1)
+        }
+        folder = sequence_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(
+            [
+                {ENTITY_COLUMNS["api_key"]: key, TIMESTAMP_COLUMN: event_times[key], **columns}
+                for key, columns in sequences.items()
+            ]
+        ).to_parquet(folder / "seed.parquet", index=False)
         # Every view of both entities.
         materialize(store, written_at - timedelta(days=1), written_at + timedelta(minutes=1))
-    return SeededStore(store, home, online_store, written_at, values, event_times, redis)
+    return SeededStore(store, home, online_store, written_at, values, event_times, sequences, redis)
 
 
 def require_redis_server() -> None:

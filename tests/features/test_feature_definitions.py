@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from datetime import UTC, datetime, timedelta
@@ -16,11 +17,14 @@ from hypothesis import strategies as st
 from qabuse_dagster.features.definitions import (
     ACTIVITY_LOOKBACK_MINUTES,
     AGGREGATES,
+    DAY_MINUTES,
     DETECTOR_FEATURES,
     FEATURE_NAMES,
     FEATURES,
+    JOB_MEMORY_MINUTES,
     RATE_PERCENTILE_RANK,
     SHARING_MINUTES,
+    SUBMISSION_PRECEDENCE,
     WINDOWS,
     aggregates_for,
     backend_cost_weight,
@@ -67,12 +71,44 @@ def _cost(r: dict[str, Any]) -> float:
     return float(shots * circuits * depth * backend_cost_weight(r["backend"]))
 
 
+def _submission_ids(records: list[dict[str, Any]], entity: str) -> set[int]:
+    """``id`` of each record that is its job's submission: a job counts at its earliest."""
+    out = set()
+    for r in records:
+        if r.get("job_id") is None:
+            if r["status"] in _SUBMISSION:
+                out.add(id(r))
+            continue
+        key = (r["timestamp"], SUBMISSION_PRECEDENCE[r["status"]])
+        before = [
+            o
+            for o in records
+            if o[entity] == r[entity]
+            and o.get("job_id") == r["job_id"]
+            and (o["timestamp"], SUBMISSION_PRECEDENCE[o["status"]]) < key
+        ]
+        if not any(
+            r["timestamp"] - o["timestamp"] <= timedelta(minutes=JOB_MEMORY_MINUTES) for o in before
+        ):
+            out.add(id(r))
+    return out
+
+
+def _ms(record: dict[str, Any]) -> int:
+    return (record["timestamp"] - T0) // timedelta(milliseconds=1)
+
+
 def _oracle(records: list[dict[str, Any]], entity: str) -> dict[tuple[str, int], dict]:
     """Aggregates per (entity, row minute) straight from the definitions' conventions."""
     by_entity: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_entity.setdefault(r[entity], []).append(r)
-    subs_all = [r for r in records if r["status"] in _SUBMISSION]
+    sub_ids = _submission_ids(records, entity)
+
+    def is_sub(r: dict[str, Any]) -> bool:
+        return id(r) in sub_ids
+
+    subs_all = [r for r in records if is_sub(r)]
     out = {}
     for name, own in by_entity.items():
         active = {_minute(r) for r in own}
@@ -88,10 +124,15 @@ def _oracle(records: list[dict[str, Any]], entity: str) -> dict[tuple[str, int],
                     for m in range(lo, hi + 1)
                 ]
 
+            def subs_per_minute(lo: int, hi: int, own: list = own) -> list[int]:
+                return [
+                    sum(1 for r in own if _minute(r) == m and is_sub(r)) for m in range(lo, hi + 1)
+                ]
+
             for w in WINDOWS.values():
                 rs = span(t - w, t - 1)
                 prev = span(t - 2 * w, t - w - 1)
-                subs = [r for r in rs if r["status"] in _SUBMISSION]
+                subs = [r for r in rs if is_sub(r)]
                 shots = [r["shots"] for r in subs if r["shots"] is not None]
                 agg[f"subs_{w}"] = len(subs)
                 agg[f"shots_sum_{w}"] = sum(shots)
@@ -108,11 +149,11 @@ def _oracle(records: list[dict[str, Any]], entity: str) -> dict[tuple[str, int],
                     )
                     for s in subs
                 )
-                agg[f"prev_subs_{w}"] = sum(r["status"] in _SUBMISSION for r in prev)
+                agg[f"prev_subs_{w}"] = sum(is_sub(r) for r in prev)
                 agg[f"prev_outcomes_{w}"] = sum(r["status"] in _OUTCOME for r in prev)
                 agg[f"prev_failures_{w}"] = sum(r["status"] in _FAILURE for r in prev)
                 agg[f"shots_max_{w}"] = max(shots, default=0)
-                agg[f"peak_subs_{w}"] = max(per_minute(t - w, t - 1, _SUBMISSION))
+                agg[f"peak_subs_{w}"] = max(subs_per_minute(t - w, t - 1))
                 agg[f"share_max_{w}"] = max(
                     (
                         len(
@@ -135,23 +176,48 @@ def _oracle(records: list[dict[str, Any]], entity: str) -> dict[tuple[str, int],
                     ("agents", "client_agent"),
                 ):
                     agg[f"{agg_name}_{w}"] = len({s[field] for s in subs} - {None})
-                agg[f"cost_{w}"] = math.fsum(_cost(r) for r in rs if r["status"] == "submitted")
+                agg[f"cost_{w}"] = math.fsum(_cost(r) for r in subs if r["status"] != "rejected")
                 runtimes = [
                     r["runtime_s"]
                     for r in rs
                     if r["status"] == "completed" and r["runtime_s"] is not None
                 ]
                 agg[f"median_runtime_{w}"] = float(np.median(runtimes)) if runtimes else 0.0
-            subs_hist = per_minute(t - 60, t - 2, _SUBMISSION)
+            subs_hist = subs_per_minute(t - 60, t - 2)
             fail_hist = per_minute(t - 60, t - 2, _FAILURE)
             agg["hist_subs"] = sum(subs_hist)
             agg["hist_subs_sq"] = sum(x * x for x in subs_hist)
             agg["hist_failures"] = sum(fail_hist)
             agg["hist_failures_sq"] = sum(x * x for x in fail_hist)
-            agg["p95_subs"] = sorted(per_minute(t - 60, t - 1, _SUBMISSION))[RATE_PERCENTILE_RANK]
+            agg["p95_subs"] = sorted(subs_per_minute(t - 60, t - 1))[RATE_PERCENTILE_RANK]
             day = sorted(m for m in active if t - ACTIVITY_LOOKBACK_MINUTES <= m <= t - 1)
             agg["first_seen_min"] = t - day[0]
             agg["gap_min"] = day[-1] - day[-2] if len(day) > 1 else ACTIVITY_LOOKBACK_MINUTES
+            instants = sorted(_ms(r) for r in span(t - 60, t - 1) if is_sub(r))
+            gaps = [b - a for a, b in itertools.pairwise(instants)]
+            agg["iat_span_ms"] = sum(gaps)
+            agg["iat_sq_ms"] = sum(g * g for g in gaps)
+            day_subs = [r for r in span(t - DAY_MINUTES, t - 1) if is_sub(r)]
+            agg["subs_day"] = len(day_subs)
+            agg["cost_day"] = math.fsum(_cost(r) for r in day_subs if r["status"] != "rejected")
+            agg["active_hours_day"] = len({r["timestamp"].hour for r in day_subs})
+            agg["net_auth_max"] = max(
+                (
+                    len(
+                        {
+                            o[entity]
+                            for o in records
+                            if o["error_code"] == "auth_failed"
+                            and o["source_ip_hash"] == r["source_ip_hash"]
+                            and _minute(r) - SHARING_MINUTES < _minute(o) <= _minute(r)
+                        }
+                        - {r[entity]}
+                    )
+                    for r in span(t - 60, t - 1)
+                    if r["source_ip_hash"] is not None
+                ),
+                default=0,
+            )
             assert set(agg) == set(AGGREGATES)
             out[name, t] = agg
     return out
@@ -181,6 +247,8 @@ def _random_records(seed: int) -> list[dict[str, Any]]:
                 error_code=rng.choice([None, None, "auth_failed", "timeout"]),
                 source_ip_hash=rng.choice([None, "n1", "n2"]),
                 client_agent=rng.choice(["qiskit", "cirq"]),
+                # Jobs with several records (an event stream), one (a job log), or none.
+                job_id=rng.choice([None, *(f"j{i}" for i in range(40))]),
             )
         )
     return records

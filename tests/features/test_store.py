@@ -19,9 +19,12 @@ from qabuse_dagster.features.definitions import (
     FEATURE_NAMES,
     FEATURES_BY_NAME,
     FEATURES_BY_WINDOW,
+    SEQUENCE_COLUMNS,
+    SEQUENCE_MINUTES,
 )
 from qabuse_dagster.features.store import (
     FEATURE_SERVICE,
+    SEQUENCE_FEATURE_SERVICE,
     USER_FEATURE_SERVICE,
     entity_views,
     historical_features,
@@ -109,14 +112,20 @@ def _service_features(store, name: str) -> list[str]:  # type: ignore[no-untyped
 
 
 def test_the_registry_holds_a_view_per_entity_and_window(seeded_sqlite) -> None:
-    from feast.types import Float64, Int64
+    from feast.types import Array, Float64, Int64
 
     store = seeded_sqlite.store
     views = {view.name: view for view in store.list_feature_views()}
     assert set(views) == {
         f"{entity}_{window}" for entity in ("api_key", "user") for window in ("1m", "5m", "1h")
-    }
+    } | {"api_key_sequence"}
     assert entity_views(store, "user") == ["user_1h", "user_1m", "user_5m"]
+    assert entity_views(store, "api_key") == ["api_key_1h", "api_key_1m", "api_key_5m"]
+    assert "api_key_sequence" in entity_views(store, "api_key", sequences=True)
+    sequence_view = views.pop("api_key_sequence")
+    assert [f.name for f in sequence_view.features] == list(SEQUENCE_COLUMNS.values())
+    assert {f.dtype for f in sequence_view.features} == {Array(Int64)}
+    assert sequence_view.batch_source.name == "api_key_sequence_source"
     for name, view in views.items():
         entity, window = name.rsplit("_", 1)
         assert view.entities == [entity]
@@ -135,6 +144,7 @@ def test_each_service_reads_exactly_its_models_features(seeded_sqlite) -> None:
     assert {s.name for s in store.list_feature_services()} == {
         "api_key_detector_v1",
         "api_key_features_v2",
+        "api_key_sequence_v1",
         "user_features_v1",
     }
     # The deployed detector's inputs, in its order, whatever the views hold besides.
@@ -173,3 +183,23 @@ def test_a_users_row_round_trips_offline_to_online(seeded_sqlite) -> None:
     assert (vector.age_s, vector.stale) == (45.0, False)
     # An api key is no user: the user views have nothing for it.
     assert unknown.event_timestamp is None and set(unknown.values.values()) == {None}
+
+
+def test_sequences_round_trip_offline_to_online_as_arrays(seeded_sqlite) -> None:
+    store, key = seeded_sqlite.store, seeded_sqlite.fresh_key
+    written = seeded_sqlite.sequences[key]
+    assert tuple(_service_features(store, SEQUENCE_FEATURE_SERVICE)) == tuple(
+        SEQUENCE_COLUMNS.values()
+    )
+    fresh, unknown = online_features(
+        store, [key, seeded_sqlite.unknown_key], SEQUENCE_FEATURE_SERVICE
+    )
+    assert fresh == {"api_key_id": key, **written}
+    assert all(len(v) == SEQUENCE_MINUTES for v in written.values())
+    assert set(unknown.values()) - {seeded_sqlite.unknown_key} == {None}
+    offline = historical_features(
+        store,
+        pd.DataFrame({"api_key_id": [key], "event_timestamp": [seeded_sqlite.event_times[key]]}),
+        SEQUENCE_FEATURE_SERVICE,
+    )
+    assert {c: list(offline.loc[0, c]) for c in SEQUENCE_COLUMNS.values()} == written

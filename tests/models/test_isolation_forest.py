@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skops.io
 from numpy.typing import NDArray
 from sklearn.metrics import roc_auc_score
 
 from models.base import BaseDetector
-from models.isolation_forest import IsolationForestDetector
+from models.isolation_forest import IsolationForestDetector, load, save
+from models.thresholds import Contamination
 
 N_FEATURES = 4
 FAST = {"n_estimators": 50, "random_state": 0}
@@ -31,16 +31,16 @@ def train() -> NDArray[np.float64]:
 
 @pytest.fixture(scope="module")
 def fitted(train: NDArray[np.float64]) -> IsolationForestDetector:
-    return IsolationForestDetector(contamination=0.05, **FAST).fit(train)
+    return IsolationForestDetector(threshold_strategy=Contamination(0.05), **FAST).fit(train)
 
 
 def test_init_stores_parameters_only() -> None:
     params = {
         "n_estimators": 7,
         "max_samples": 64,
-        "contamination": 0.9,  # validated by fit, not by __init__
         "random_state": 3,
         "extrapolation_weight": 2.5,
+        "threshold_strategy": Contamination(0.2),
     }
     detector = IsolationForestDetector(**params)
 
@@ -62,7 +62,7 @@ def test_fit_rejects_contamination_outside_range(
     train: NDArray[np.float64], contamination: float
 ) -> None:
     with pytest.raises(ValueError, match="contamination"):
-        IsolationForestDetector(contamination=contamination, **FAST).fit(train)
+        IsolationForestDetector(threshold_strategy=Contamination(contamination), **FAST).fit(train)
 
 
 def test_predict_is_binary_and_flags_about_contamination(
@@ -71,7 +71,7 @@ def test_predict_is_binary_and_flags_about_contamination(
     flags = fitted.predict(train)
     assert set(np.unique(flags)) <= {0, 1}
     assert flags.shape == (len(train),)
-    assert abs(flags.mean() - fitted.contamination) <= 0.01
+    assert abs(flags.mean() - 0.05) <= 0.01
     scores = fitted.decision_function(train)
     np.testing.assert_array_equal(flags, (scores > fitted.threshold_).astype(int))
 
@@ -92,7 +92,7 @@ def test_roc_auc_on_planted_outliers() -> None:
     perm = rng.permutation(len(data))
     data, truth = data[perm], truth[perm]
 
-    detector = IsolationForestDetector(contamination=0.02, **FAST).fit(data)
+    detector = IsolationForestDetector(threshold_strategy=Contamination(0.02), **FAST).fit(data)
     assert roc_auc_score(truth, detector.decision_function(data)) >= 0.95
     assert detector.predict(data)[truth == 1].mean() >= 0.9
 
@@ -180,40 +180,24 @@ def test_zero_extrapolation_weight_gives_the_bare_forest(
     assert far_weighted > edge_weighted
 
 
-def test_from_fitted_round_trip_through_skops(
+def test_save_and_load_round_trip_without_pickle(
     fitted: IsolationForestDetector, train: NDArray[np.float64], tmp_path: Path
 ) -> None:
-    file = tmp_path / "detector.skops"
-    skops.io.dump(fitted.estimator_, file)
-    loaded = skops.io.load(file, trusted=["sklearn.tree._tree.Tree"])
-
-    restored = IsolationForestDetector.from_fitted(
-        loaded, fitted.threshold_, fitted.n_features_in_, fitted.extrapolation_weight
-    )
+    save(fitted, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.json", "estimator.skops"]
+    restored = load(tmp_path)
     probe = np.vstack([train[:100], 10.0 * train.max(axis=0)])
     np.testing.assert_array_equal(
         restored.decision_function(probe), fitted.decision_function(probe)
     )
-    np.testing.assert_array_equal(restored.predict(probe), fitted.predict(probe))
     assert restored.threshold_ == fitted.threshold_
     assert restored.n_estimators == fitted.n_estimators
-    assert restored.random_state == fitted.random_state
-    with pytest.raises(ValueError, match="expected 4 features"):
-        restored.decision_function(np.ones((1, 3)))
+    assert restored.threshold_strategy == fitted.threshold_strategy
 
 
-def test_same_random_state_gives_identical_scores(train: NDArray[np.float64]) -> None:
-    probe = _normal(100, seed=5)
-    a = IsolationForestDetector(n_estimators=50, random_state=11).fit(train)
-    b = IsolationForestDetector(n_estimators=50, random_state=11).fit(train)
-    c = IsolationForestDetector(n_estimators=50, random_state=12).fit(train)
-    np.testing.assert_array_equal(a.decision_function(probe), b.decision_function(probe))
-    assert a.threshold_ == b.threshold_
-    assert not np.array_equal(a.decision_function(probe), c.decision_function(probe))
-
-
-def test_transform_is_signed_log() -> None:
-    x = np.array([[-9.0, 0.0, 9.0]])
-    np.testing.assert_allclose(
-        IsolationForestDetector.transform(x), [[-np.log(10.0), 0.0, np.log(10.0)]]
-    )
+def test_explain_points_at_the_feature_that_is_off(fitted: IsolationForestDetector) -> None:
+    row = np.full((1, N_FEATURES), 5.0)
+    row[0, 2] = 60.0
+    contributions = fitted.explain(row)
+    assert contributions.shape == (1, N_FEATURES)
+    assert int(np.argmax(contributions[0])) == 2
