@@ -37,10 +37,12 @@ test-fast: install
 fuzz: install
 	$(PY) -m pytest -m fuzz
 
+# lint-imports checks the layer rule of DESIGN.md (contracts in pyproject.toml).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix .

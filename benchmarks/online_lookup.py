@@ -105,7 +105,6 @@ def _redis_version(binary: str) -> str:
 def run(settings: Settings, console: Console) -> BenchmarkResult:
     """Materialise both stores, time alternating one-key lookups, check the vectors agree."""
     from qabuse_dagster import settings as qabuse_settings
-    from qabuse_dagster.features.local_redis import local_redis, redis_server_binary
     from qabuse_dagster.features.store import (
         apply_repo,
         entity_views,
@@ -114,6 +113,9 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
         online_features,
         open_store,
     )
+
+    # A test fixture (tests/support); ``python -m benchmarks`` runs from the repository root.
+    from tests.support.local_redis import local_redis, redis_server_binary
 
     result = BenchmarkResult(
         name=NAME, title="Online feature lookup, one key (Redis vs SQLite)", baseline=BASELINE

@@ -5,10 +5,12 @@ scale, then combined. The scale is the family's own alert level: a family's scor
 ``s`` becomes ``(s - median) / (reference - median)``, with the median and the
 reference (the score at the key-day alert budget) taken from its training scores, so
 0 is a typical row and 1 a row at the family's own alert threshold whatever units the
-family scores in. The combined score is the largest standardised score (pyod's
-*maximization*): any family that sees something strongly enough is heard. Its
-threshold is calibrated on the combined training scores with the same key-day budget,
-so adding families does not add benign alerts on the training key-days.
+family scores in. The combined score is the mean of the ``top_k`` largest standardised
+scores of the row (``top_k=1`` is pyod's *maximization*, all members its *average*):
+one family far out still carries the row, while one family's marginal novelty (a
+benign tenant doing something new in one family's eyes) needs others to agree. Its
+threshold is calibrated with the same key-day budget on the combined scores of rows the
+families did not train on (`qabuse_dagster.evaluation.families.calibration_start`).
 
 The explanation names, per row, each family's standardised score; the family with the
 largest one drove the alert.
@@ -34,6 +36,7 @@ class EnsembleDetector(BaseDetector):
 
     Args:
         members: family names, one per column of the score matrix.
+        top_k: how many of a row's largest standardised scores are averaged.
         reference_budget: key-day budget whose family score is the unit (1.0) of each
             standardised score.
         threshold_strategy: how ``fit`` sets the combined threshold (a key-day budget).
@@ -41,7 +44,7 @@ class EnsembleDetector(BaseDetector):
     Example:
         >>> rng = np.random.default_rng(0)
         >>> S = rng.normal(size=(1000, 2))
-        >>> det = EnsembleDetector(["a", "b"]).fit(S)
+        >>> det = EnsembleDetector(["a", "b"], top_k=1).fit(S)
         >>> bool(det.decision_function([[0.0, 9.0]])[0] > det.threshold_)
         True
     """
@@ -49,11 +52,13 @@ class EnsembleDetector(BaseDetector):
     def __init__(
         self,
         members: Sequence[str] = (),
+        top_k: int = 3,
         reference_budget: float = 0.01,
         threshold_strategy: ThresholdStrategy | None = None,
     ) -> None:
         super().__init__(threshold_strategy)
         self.members = members
+        self.top_k = top_k
         self.reference_budget = reference_budget
 
     def fit(
@@ -68,6 +73,8 @@ class EnsembleDetector(BaseDetector):
     def _fit(self, X: NDArray[np.float64]) -> None:
         if X.shape[1] != len(self.members):
             raise ValueError(f"{X.shape[1]} score columns for {len(self.members)} members")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
         budget = KeyDayBudget(self.reference_budget)
         self.center_ = np.median(X, axis=0)
         reference = np.array([budget.threshold(X[:, j], self._groups) for j in range(X.shape[1])])
@@ -82,10 +89,21 @@ class EnsembleDetector(BaseDetector):
         return np.asarray((data - self.center_) / self.scale_, dtype=np.float64)
 
     def _score(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
-        return np.asarray(((X - self.center_) / self.scale_).max(axis=1), dtype=np.float64)
+        return combine(np.asarray((X - self.center_) / self.scale_), self.top_k)
 
     def _explain(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
         return np.asarray((X - self.center_) / self.scale_, dtype=np.float64)
+
+
+def combine(standardised: NDArray[np.float64], top_k: int) -> NDArray[np.float64]:
+    """The mean of each row's ``top_k`` largest standardised scores.
+
+    >>> combine(np.array([[0.0, 4.0, 1.0], [1.0, 1.0, 1.0]]), 2).tolist()
+    [2.5, 1.0]
+    """
+    k = min(top_k, standardised.shape[1])
+    largest = -np.partition(-standardised, k - 1, axis=1)[:, :k]
+    return np.asarray(largest.mean(axis=1), dtype=np.float64)
 
 
 def save(detector: BaseDetector, directory: Path) -> None:

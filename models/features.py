@@ -1,9 +1,9 @@
 """The window features each row family reads (names from `qabuse_dagster.features.definitions`).
 
 Chosen for signals an abuse engineer recognises, not for any one scenario: volume and
-its change against the entity's own past, timing regularity, cost, failures and auth
-failures, key sharing (networks, client agents), campaign hints (code-hash sharing)
-and the entity's age.
+its change against the entity's own past, timing regularity, activity around the
+clock, cost, failures and auth failures (spread across one network's keys), and key
+sharing (networks, client agents).
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ INTENSITY = (
     "auth_failures_5m",
     "auth_failures_1h",
 )
-#: Who submits and what: key sharing, campaigns, age.
+#: Who submits and what: key sharing. Not the key's age (within a day's lookback a new
+#: key and one back after a quiet day look the same, and keys come back after a day all
+#: the time) and not code-hash sharing (a class running one notebook shares it too):
+#: coordination and newness are the campaign family's, which reads them from the graph
+#: and from days of history.
 IDENTITY = (
     "distinct_code_hashes_5m",
     "distinct_networks_1h",
     "distinct_client_agents_1h",
-    "code_hash_sharing_1h",
-    "hours_since_first_seen_24h",
-    "gap_before_latest_activity_min",
 )
 #: Long-horizon signals: regularity, activity around the clock, change against the day.
 HISTORY = (
@@ -68,8 +69,6 @@ COMPACT_FEATURES: tuple[str, ...] = _available(
         "fail_rate_1h",
         "auth_failures_1h",
         "distinct_networks_1h",
-        "code_hash_sharing_1h",
-        "hours_since_first_seen_24h",
         "interarrival_cv_1h",
         "active_hours_24h",
         "submissions_1h_vs_24h",

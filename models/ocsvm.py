@@ -26,7 +26,7 @@ class OneClassSvmDetector(BaseDetector):
 
     The RBF kernel vanishes far from every training row, so the SVM alone scores every
     distant row alike; as for the forest, the score adds ``extrapolation_weight`` times
-    the row's distance beyond the training range (in robust-scaled units), zero inside it.
+    the row's distance beyond the training range (in units of that range), zero inside it.
 
     Args:
         nu: upper bound on the share of training rows outside the learned support.
@@ -86,7 +86,11 @@ class OneClassSvmDetector(BaseDetector):
         self.low_, self.high_ = scaled.min(axis=0), scaled.max(axis=0)
 
     def _beyond(self, scaled: NDArray[np.float64]) -> NDArray[np.float64]:
-        return np.clip(scaled - self.high_, 0.0, None) + np.clip(self.low_ - scaled, 0.0, None)
+        # In units of each feature's training range, as the forest's term: a rare event
+        # (a feature at 0 in nearly every row) is not a leap because its spread is 0.
+        span = np.where(self.high_ - self.low_ > 0, self.high_ - self.low_, 1.0)
+        beyond = np.clip(scaled - self.high_, 0.0, None) + np.clip(self.low_ - scaled, 0.0, None)
+        return np.asarray(beyond / span, dtype=np.float64)
 
     def _score(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
         # The pipeline's decision function on its fitted state, without scikit-learn's

@@ -137,7 +137,12 @@ def strategy_to_dict(strategy: ThresholdStrategy | None) -> dict[str, Any] | Non
     if strategy is None:
         return None
     if isinstance(strategy, KeyDayBudget):
-        return {"kind": "key_day_budget", "budget": strategy.budget}
+        return {
+            "kind": "key_day_budget",
+            "budget": strategy.budget,
+            "min_exceedances": strategy.min_exceedances,
+            "tail_share": strategy.tail_share,
+        }
     if isinstance(strategy, Contamination):
         return {"kind": "contamination", "contamination": strategy.contamination}
     raise TypeError(f"cannot store threshold strategy {strategy!r}")
@@ -147,7 +152,11 @@ def strategy_from_dict(data: Mapping[str, Any] | None) -> ThresholdStrategy | No
     if data is None:
         return None
     if data.get("kind") == "key_day_budget":
-        return KeyDayBudget(float(data["budget"]))
+        return KeyDayBudget(
+            float(data["budget"]),
+            min_exceedances=int(data.get("min_exceedances", 10)),
+            tail_share=float(data.get("tail_share", 0.2)),
+        )
     if data.get("kind") == "contamination":
         return Contamination(float(data["contamination"]))
     raise ValueError(f"unknown threshold strategy {json.dumps(dict(data))}")

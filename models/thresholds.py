@@ -57,16 +57,26 @@ class Contamination:
 class KeyDayBudget:
     """At most ``budget`` of the training groups (key-days) may have a row above the threshold.
 
-    Each group keeps its highest score. Of ``n`` groups ``floor(n * budget)`` may alert,
-    so the threshold is the highest group maximum below those. Without group ids every
-    row is its own group.
+    Each group keeps its highest score. Of ``n`` groups ``floor(n * budget)`` may alert;
+    with at least ``min_exceedances`` of them the threshold is the highest group maximum
+    below those (the empirical quantile). With fewer, the empirical quantile is the
+    sample's maximum or near it, a noisy estimate that new data exceeds far more often
+    than ``budget``; the threshold is then extrapolated from the tail of the maxima by
+    peaks over threshold with exponential excesses (a generalised Pareto tail of shape
+    0): over ``u``, the maxima's ``1 - tail_share`` quantile, a share ``p_u`` of groups
+    exceeds it by ``m`` on average, and ``P(max > u + x) = p_u * exp(-x / m)``, so the
+    ``budget`` quantile is ``u + m * ln(p_u / budget)``. Never below the empirical one.
+    Without group ids every row is its own group.
 
     >>> groups = np.array([0, 0, 1, 1, 2, 2, 3, 3])
-    >>> KeyDayBudget(0.25).threshold(np.array([1.0, 5, 2, 2, 3, 3, 9, 4]), groups)
+    >>> KeyDayBudget(0.25, min_exceedances=1).threshold(
+    ...     np.array([1.0, 5, 2, 2, 3, 3, 9, 4]), groups)
     5.0
     """
 
     budget: float = 0.01
+    min_exceedances: int = 10
+    tail_share: float = 0.2
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget < 1.0:
@@ -83,8 +93,22 @@ class KeyDayBudget:
             if len(ids) != len(scores):
                 raise ValueError(f"{len(ids)} group ids for {len(scores)} scores")
             maxima = np.sort(pd.Series(scores).groupby(ids).max().to_numpy())
-        allowed = math.floor(len(maxima) * self.budget)
-        return float(maxima[len(maxima) - 1 - allowed])
+        n = len(maxima)
+        allowed = math.floor(n * self.budget)
+        empirical = float(maxima[n - 1 - allowed])
+        if allowed >= self.min_exceedances:
+            return empirical
+        return max(empirical, _exponential_tail(maxima, self.budget, self.tail_share))
+
+
+def _exponential_tail(sorted_maxima: NDArray[np.float64], budget: float, share: float) -> float:
+    n = len(sorted_maxima)
+    k = max(math.ceil(n * share), 3)
+    if n < 2 * k:
+        return float(sorted_maxima[-1])
+    u = float(sorted_maxima[n - k - 1])
+    mean_excess = float(np.mean(sorted_maxima[n - k :] - u))
+    return u + mean_excess * math.log((k / n) / budget)
 
 
 def key_day_groups(keys: ArrayLike, timestamps: ArrayLike) -> NDArray[np.int64]:

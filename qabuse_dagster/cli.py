@@ -172,8 +172,8 @@ def ingest(paths: tuple[Path, ...], labels: Path | None, tenant: str) -> None:
     clock, QABUSE_MAX_CLOCK_SKEW_S) are rejected too. Exits 1 when any record was
     rejected (they are kept in the quarantine).
     """
-    from qabuse_dagster.evaluation.labels import LabelsError
     from qabuse_dagster.ingest.files import ingest_labels, ingest_telemetry
+    from qabuse_dagster.telemetry.labels import LabelsError
 
     if not tenant.strip():
         raise click.BadParameter("must not be empty", param_hint="--tenant")
@@ -423,10 +423,11 @@ def collector(
 @main.command()
 @click.option(
     "--hours",
-    type=click.FloatRange(min=24),
-    default=48.0,
+    type=click.FloatRange(min=72),
+    default=96.0,
     show_default=True,
-    help="Simulated horizon (at least a day, so training sees a daily cycle).",
+    help="Simulated horizon: a day whose day-long features warm up, then at least a day "
+    "of training with its daily cycle, then the incidents.",
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option(
@@ -449,7 +450,7 @@ def demo(hours: float, seed: int, calls: int) -> None:
 @click.option("--serve-port", type=int, default=3001, show_default=True)
 def up(dagster_port: int, mlflow_port: int, serve_port: int) -> None:
     """Start the Dagster UI, the MLflow UI and the scoring endpoint until Ctrl-C."""
-    from qabuse_dagster.serving.server import run_stack
+    from qabuse_dagster.stack import run_stack
 
     sys.exit(run_stack(dagster_port, mlflow_port, serve_port, click.echo))
 
@@ -534,7 +535,6 @@ def evaluate(
 
     from qabuse_dagster.evaluation.families import ENSEMBLE, TrainingParams, resolve_names
     from qabuse_dagster.evaluation.html_report import write_html
-    from qabuse_dagster.evaluation.labels import LabelsError, read_labels
     from qabuse_dagster.evaluation.report import (
         BASELINE,
         KIND_TABLE_COLUMNS,
@@ -546,6 +546,7 @@ def evaluate(
         run_backtests,
     )
     from qabuse_dagster.simulation.twin import MANIFEST_FILE
+    from qabuse_dagster.telemetry.labels import LabelsError, read_labels
 
     try:
         table = read_telemetry_jsonl(telemetry)

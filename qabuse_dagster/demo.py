@@ -43,7 +43,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def run_demo(*, hours: float = 48.0, seed: int = 7, calls: int = 200) -> int:
+def run_demo(*, hours: float = 96.0, seed: int = 7, calls: int = 200) -> int:
     """Simulate → ingest → materialise via Dagster → serve → score → report. Returns exit code."""
     from qabuse_dagster.ingest.files import ingest_labels, ingest_telemetry
     from qabuse_dagster.ingest.partitions import hours_between

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,7 +138,7 @@ def log_detector(
         name = model_name or settings.model_name()
         feature_names: tuple[str, ...] = tuple(detector.members)  # type: ignore[attr-defined]
         feature_service = ""
-        saver = save
+        saver: Callable[[BaseDetector, Path], None] = save
     else:
         from models.registry import get_family
 

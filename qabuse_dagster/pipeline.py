@@ -40,7 +40,32 @@ class PipelineResult:
 
     @property
     def failed_checks(self) -> list[str]:
-        return sorted(name for name, passed in self.checks.items() if not passed)
+        """Checks that failed, but for the families' promotion gates (`held_families`)."""
+        return sorted(
+            name
+            for name, passed in self.checks.items()
+            if not passed and _family_gate(name) is None
+        )
+
+    @property
+    def held_families(self) -> list[str]:
+        """Families whose challenger missed its floors, so kept its previous @champion.
+
+        A family need not see every kind on its own; its gate failing holds back its
+        alias and fails no run. The ensemble's gate (``ensemble_evaluation``) is not one.
+        """
+        return sorted(
+            family
+            for name, passed in self.checks.items()
+            if not passed and (family := _family_gate(name)) is not None
+        )
+
+
+def _family_gate(check: str) -> str | None:
+    asset, _, name = check.partition(":")
+    if name != "meets_floors" or asset == "ensemble_evaluation":
+        return None
+    return asset.removesuffix("_evaluation")
 
 
 def export_dagster_home() -> str:

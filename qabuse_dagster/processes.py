@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,6 +56,17 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 # The dispositions a child starts from; see _exec.
 _RESET_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGPIPE", "SIGXFSZ")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now, for a child server to bind.
+
+    The port is free when this returns, not reserved: another process can take it before
+    the child binds.
+    """
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def exit_with_parent(signum: int = signal.SIGTERM) -> None:

@@ -43,14 +43,14 @@ def qabuse_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def pipeline_run(qabuse_home: Path) -> PipelineRun:
-    """26 simulated hours (a daily cycle plus the incident) through the whole asset graph."""
+    """4 simulated days (a warm-up day, training, the incident) through the whole asset graph."""
     from qabuse_dagster.ingest.files import ingest_labels, ingest_telemetry
     from qabuse_dagster.ingest.partitions import hours_between
     from qabuse_dagster.pipeline import run_pipeline
     from qabuse_dagster.simulation import simulate
     from qabuse_dagster.telemetry.hashing import KeyedHasher
 
-    sim = simulate(hours=26, seed=3, out=qabuse_home / "simulation", hasher=KeyedHasher.demo())
+    sim = simulate(hours=96, seed=3, out=qabuse_home / "simulation", hasher=KeyedHasher.demo())
     report = ingest_telemetry([sim.telemetry_path], settings.paths())
     ingest_labels(sim.labels_path, settings.paths())
     result = run_pipeline(hours_between(sim.start, sim.end))

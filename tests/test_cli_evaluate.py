@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from qabuse_dagster import settings
 from qabuse_dagster.cli import main
+from qabuse_dagster.evaluation.families import resolve_names
 from qabuse_dagster.simulation import SimulationResult, simulate
 from qabuse_dagster.telemetry.hashing import KeyedHasher
 
@@ -25,7 +26,7 @@ def _evaluate(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_happy_path_writes_json_html_and_prints_both_rows(
+def test_happy_path_writes_json_html_and_prints_every_detector(
     twin: SimulationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(settings.MLFLOW_URI_ENV, raising=False)
@@ -42,12 +43,24 @@ def test_happy_path_writes_json_html_and_prints_both_rows(
     )
     assert code == 0, output
     report = json.loads(out_json.read_text())
-    assert report["detector"] == "qabuse" and report["baseline"]["detector"] == "baseline"
-    assert {"recall", "precision_at_k", "pr_auc", "benign_alert_rate"} <= set(report["overall"])
+    # --detector all: the champion at the top, then every family, then the baseline.
+    assert report["detector"] == "ensemble"
+    assert list(report["detectors"]) == ["ensemble", *resolve_names("all"), "baseline"]
+    assert report["baseline"] == report["detectors"]["baseline"]
+    top = {k: v for k, v in report.items() if k not in ("detectors", "baseline", "closed_loop")}
+    assert top == report["detectors"]["ensemble"]
+    assert {
+        "recall",
+        "precision_at_k",
+        "pr_auc",
+        "benign_key_day_alert_rate",
+        "benign_row_alert_rate",
+    } <= set(report["overall"])
     assert report["incidents"][0]["kind"] == "runaway_ci"
     assert "runaway_ci" in report["per_kind"]
     rows = [line for line in output.splitlines() if "runaway_ci" in line]
-    assert any("qabuse" in r for r in rows) and any("baseline" in r for r in rows)
+    for name in report["detectors"]:
+        assert any(name in r for r in rows), name
     page = out_html.read_text()
     assert "data:image/png;base64," in page
     # twin.json sits beside the telemetry: the twin is rerun with qabuse mitigating.
@@ -69,11 +82,84 @@ def test_no_closed_loop_skips_the_rerun(twin: SimulationResult, tmp_path: Path) 
         "--json",
         str(out_json),
         "--detector",
-        "qabuse",
+        "isolation_forest,baseline",
         "--no-closed-loop",
     )
     assert code == 0, output
-    assert "closed_loop" not in json.loads(out_json.read_text())
+    report = json.loads(out_json.read_text())
+    assert "closed_loop" not in report
+    # A list: its first detector at the top, in the order given.
+    assert report["detector"] == "isolation_forest"
+    assert list(report["detectors"]) == ["isolation_forest", "baseline"]
+    assert report["baseline"]["detector"] == "baseline"
+
+
+def test_the_alert_budget_sets_each_familys_threshold(
+    twin: SimulationResult, tmp_path: Path
+) -> None:
+    thresholds = {}
+    for budget in ("0.2", "0.001"):
+        out_json = tmp_path / f"r{budget}.json"
+        code, output = _evaluate(
+            "--telemetry",
+            str(twin.telemetry_path),
+            "--labels",
+            str(twin.labels_path),
+            "--json",
+            str(out_json),
+            "--detector",
+            "isolation_forest",
+            "--no-closed-loop",
+            "--alert-budget",
+            budget,
+        )
+        assert code == 0, output
+        report = json.loads(out_json.read_text())
+        assert "baseline" not in report
+        thresholds[budget] = report["threshold"]
+    assert thresholds["0.2"] < thresholds["0.001"]
+
+
+@pytest.mark.parametrize("budget", ["0", "1", "-0.1", "lots"])
+def test_an_alert_budget_outside_0_1_is_refused(
+    twin: SimulationResult, tmp_path: Path, budget: str
+) -> None:
+    output = _fail(
+        [
+            "--telemetry",
+            str(twin.telemetry_path),
+            "--labels",
+            str(twin.labels_path),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--alert-budget",
+            budget,
+        ]
+    )
+    assert "--alert-budget" in output
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("spec", ["nope", "isolation_forest,nope", "lof,lof"])
+def test_an_unknown_or_repeated_detector_is_refused(
+    twin: SimulationResult, tmp_path: Path, spec: str
+) -> None:
+    output = _fail(
+        [
+            "--telemetry",
+            str(twin.telemetry_path),
+            "--labels",
+            str(twin.labels_path),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--detector",
+            spec,
+        ]
+    )
+    assert "--detector" in output
+    if "nope" in spec:
+        assert "nope" in output and "isolation_forest" in output  # the known ones are listed
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_closed_loop_without_a_twin_manifest_says_what_is_missing(
@@ -89,6 +175,8 @@ def test_closed_loop_without_a_twin_manifest_says_what_is_missing(
             str(twin.labels_path),
             "--json",
             str(tmp_path / "r.json"),
+            "--detector",
+            "isolation_forest",
             "--closed-loop",
         ]
     )
@@ -111,7 +199,7 @@ def test_a_twin_whose_hash_key_is_not_set_skips_the_closed_loop(
         "--json",
         str(out_json),
         "--detector",
-        "qabuse",
+        "isolation_forest",
     )
     assert code == 0, output
     assert "closed loop skipped" in output and "QABUSE_HASH_KEY" in output

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from qabuse_dagster import settings
-from qabuse_dagster.serving.server import free_port
+from qabuse_dagster.processes import free_port
 
 pytestmark = [
     pytest.mark.integration,

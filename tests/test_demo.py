@@ -1,4 +1,4 @@
-"""``qabuse demo`` end to end, as a user runs it, at a small size."""
+"""``qabuse demo`` end to end, as a user runs it: four simulated days, few calls."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_demo_detects_the_incident_and_leaves_a_champion(tmp_path: Path) -> None
     env.pop("DAGSTER_HOME", None)
     qabuse = Path(sys.executable).parent / "qabuse"
     completed = subprocess.run(
-        [str(qabuse), "demo", "--hours", "24", "--seed", "11", "--calls", "20"],
+        [str(qabuse), "demo", "--hours", "96", "--seed", "11", "--calls", "20"],
         env=env,
         capture_output=True,
         text=True,

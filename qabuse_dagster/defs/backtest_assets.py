@@ -8,7 +8,6 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from qabuse_dagster.defs.resources import MlflowResource, QabuseStorage
 from qabuse_dagster.evaluation.families import ENSEMBLE, resolve_names
 from qabuse_dagster.evaluation.html_report import write_html
-from qabuse_dagster.evaluation.labels import read_labels
 from qabuse_dagster.evaluation.report import (
     BASELINE,
     KIND_TABLE_COLUMNS,
@@ -17,6 +16,7 @@ from qabuse_dagster.evaluation.report import (
     run_backtests,
 )
 from qabuse_dagster.ingest.partitions import read_raw
+from qabuse_dagster.telemetry.labels import read_labels
 
 
 @asset(

@@ -87,7 +87,8 @@ def feature_input(jobs: JobBatch, until_ms: int | None = None) -> pa.Table:
     def both(column: np.ndarray) -> pa.Array:
         return pa.array(np.concatenate([column, column[ran]]))
 
-    error = np.where(jobs.rejected, jobs.error_code, None).astype(object)
+    error = jobs.error_code.astype(object).copy()
+    error[~jobs.rejected] = None  # a submission record carries the refusal's code only
     return pa.table(
         {
             "job_id": both(job_id),

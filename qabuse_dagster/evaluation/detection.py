@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from qabuse_dagster.evaluation.labels import IncidentLabel
+from qabuse_dagster.telemetry.labels import IncidentLabel
 
 #: How long after an incident's end its records still fill a (5-minute) window.
 WINDOW_TAIL = timedelta(minutes=5)

@@ -31,12 +31,15 @@ import pyarrow as pa
 from models import BaseDetector, EnsembleDetector, KeyDayBudget, key_day_groups
 from models.base import score_floor
 from models.registry import DetectorFamily, families, get_family
+from qabuse_dagster.features.definitions import ACTIVITY_LOOKBACK_MINUTES
 from qabuse_dagster.features.windows import minute_sequences, window_features
 
 __all__ = [
     "ENSEMBLE",
     "DetectorInputs",
     "TrainedDetectors",
+    "calibration_rows",
+    "calibration_start",
     "detector_inputs",
     "fit_ensemble",
     "fit_families",
@@ -49,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: The name of the ensemble champion's scores and report rows.
 ENSEMBLE = "ensemble"
+#: Rows this long after the telemetry's first record have their day-long features whole.
+WARM_UP = timedelta(minutes=ACTIVITY_LOOKBACK_MINUTES)
 #: How often campaign rows are computed over the trailing window.
 CAMPAIGN_EVERY = timedelta(minutes=5)
 KEY_COLUMNS = ["api_key_id", "event_timestamp"]
@@ -62,16 +67,24 @@ class TrainingParams:
         alert_budget: share of training key-days allowed an alert, per family and for
             the ensemble (the threshold strategy is a `KeyDayBudget` of it).
         random_state: seed of every family (and of their subsamples).
+        calibration_fraction: the last share of the (warmed-up) history the families do
+            not train on; the ensemble is standardised and calibrated on their scores of
+            it, out of sample, as they will score new rows (see `calibration_start`).
         overrides: per family, constructor arguments replacing its registered params.
     """
 
     alert_budget: float = 0.01
     random_state: int = 0
+    calibration_fraction: float = 1 / 3
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alert_budget < 1.0:
             raise ValueError(f"alert_budget must lie in (0, 1), got {self.alert_budget}")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise ValueError(
+                f"calibration_fraction must lie in [0, 1), got {self.calibration_fraction}"
+            )
 
 
 def resolve_names(spec: str | Iterable[str]) -> list[str]:
@@ -98,6 +111,12 @@ class DetectorInputs:
     start: datetime
     end: datetime
     family_names: tuple[str, ...]
+
+    @cached_property
+    def history_start(self) -> pd.Timestamp:
+        """The telemetry's first record."""
+        first = pa.compute.min(self.telemetry["timestamp"]).as_py()
+        return pd.Timestamp(first).tz_convert("UTC")
 
     @cached_property
     def key_rows(self) -> pd.DataFrame:
@@ -191,16 +210,64 @@ def _entity_column(family: DetectorFamily) -> str:
     return "user" if family.entity == "user" and family.input_kind != "graph" else "api_key_id"
 
 
+def warmed_up(inputs: DetectorInputs, rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` whose day-long history lies inside the telemetry (`WARM_UP` after its start).
+
+    A row's 24-hour features (key age, activity around the clock, change against the
+    day) read the day before it: in the telemetry's first day every key looks new and
+    idle, which no key looks like later. Models learn normal from warmed-up rows only;
+    the first day is used as a last resort when nothing after it precedes the cutoff.
+    """
+    later = rows[rows["event_timestamp"] >= inputs.history_start + WARM_UP]
+    if later.empty and not rows.empty:
+        logger.warning(
+            "no training rows after the telemetry's first %s: training on rows whose "
+            "day-long features are still warming up (simulate or ingest more history)",
+            WARM_UP,
+        )
+        return rows
+    return later
+
+
+def calibration_start(
+    inputs: DetectorInputs, cutoff: datetime, params: TrainingParams | None = None
+) -> datetime:
+    """Where the families' training ends and the ensemble's calibration slice begins.
+
+    In-sample scores are lower than the scores of rows a model never saw (each family
+    has fitted its own training rows), so an ensemble calibrated on them alerts more
+    than its budget on new data. The families train before this instant and the
+    ensemble is calibrated on their scores of ``[calibration_start, cutoff)``. With
+    under a day of warmed-up history there is no slice to spare: the cutoff itself.
+    """
+    params = params or TrainingParams()
+    warm = (inputs.history_start + WARM_UP).to_pydatetime()
+    if params.calibration_fraction == 0.0 or cutoff - warm < timedelta(days=1):
+        return cutoff
+    return cutoff - (cutoff - warm) * params.calibration_fraction
+
+
+def calibration_rows(
+    inputs: DetectorInputs, cutoff: datetime, params: TrainingParams | None = None
+) -> pd.DataFrame:
+    """The api key rows the ensemble is calibrated on: ``[calibration_start, cutoff)``,
+    warmed up (all warmed-up rows before ``cutoff`` when there is no slice to spare)."""
+    rows = inputs.key_rows
+    history = warmed_up(inputs, rows[rows["event_timestamp"] < cutoff])
+    start = calibration_start(inputs, cutoff, params)
+    return history[history["event_timestamp"] >= start] if start < cutoff else history
+
+
 def fit_family(
     family: DetectorFamily,
     inputs: DetectorInputs,
     cutoff: datetime,
     params: TrainingParams | None = None,
 ) -> BaseDetector:
-    """Fit ``family`` on its rows before ``cutoff`` with a key-day budget threshold."""
+    """Fit ``family`` on its warmed-up rows before ``cutoff`` with a key-day budget."""
     params = params or TrainingParams()
     rows = inputs.own_rows(family)
-    history = rows[rows["event_timestamp"] < cutoff]
+    history = warmed_up(inputs, rows[rows["event_timestamp"] < cutoff])
     if history.empty:
         raise ValueError(
             f"{family.name}: no training rows before {cutoff.isoformat()}: simulate or "
@@ -211,6 +278,8 @@ def fit_family(
         history = history.sort_values("event_timestamp", kind="stable")
     X, history = inputs.family_matrix(family, history)
     overrides = dict(params.overrides.get(family.name, {}))
+    if "random_state" in family.detector._get_param_names():
+        overrides.setdefault("random_state", params.random_state)
     detector = family.build(KeyDayBudget(params.alert_budget), **overrides)
     detector.fit(X, groups=_groups(history, _entity_column(family)))
     return detector
@@ -336,10 +405,14 @@ def train_then_score(
     *,
     ensemble: bool = True,
 ) -> TrainedDetectors:
-    """Fit every family of ``inputs`` (and the ensemble) before ``cutoff``; score the rest."""
-    detectors = fit_families(inputs, cutoff, params)
+    """Fit every family (and the ensemble) before ``cutoff``; score the rest.
+
+    The families train on the warmed-up rows before `calibration_start`, the ensemble
+    on their scores of the rows from there to ``cutoff``.
+    """
+    detectors = fit_families(inputs, calibration_start(inputs, cutoff, params), params)
     rows = inputs.key_rows
-    history = rows[rows["event_timestamp"] < cutoff]
+    history = calibration_rows(inputs, cutoff, params)
     future = rows[rows["event_timestamp"] >= cutoff]
     train_scores = score_families(detectors, inputs, history)
     scored = score_families(detectors, inputs, future)

@@ -48,10 +48,10 @@ from qabuse_dagster.evaluation.families import (
     resolve_names,
     train_then_score,
 )
-from qabuse_dagster.evaluation.labels import FileLineError, IncidentLabel
 from qabuse_dagster.ingest.files import parse_line as parse_telemetry_line
 from qabuse_dagster.ingest.partitions import records_to_table
 from qabuse_dagster.telemetry.contract import ContractViolation
+from qabuse_dagster.telemetry.labels import FileLineError, IncidentLabel
 
 if TYPE_CHECKING:  # the closed loop imports the twin; only its report type is named here
     from qabuse_dagster.evaluation.closed_loop import ClosedLoopReport
@@ -226,7 +226,7 @@ def run_backtests(
     """
     if telemetry.num_rows == 0:
         raise BacktestError("no telemetry records to backtest")
-    frame = telemetry.select(["user", "api_key_id", "timestamp", "status", "job_id"]).to_pandas()
+    frame = telemetry.select(["user", "api_key_id", "timestamp", "status"]).to_pandas()
     frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
     first, last = frame["timestamp"].min(), frame["timestamp"].max()
     if train_until is not None and train_until.tzinfo is None:

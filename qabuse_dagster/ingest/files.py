@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from qabuse_dagster.evaluation.labels import IncidentLabel, LabelsError, read_labels, write_labels
 from qabuse_dagster.ingest.partitions import stage_landing
 from qabuse_dagster.ingest.time_range import AcceptedRange
 from qabuse_dagster.ingest.wire import (
@@ -32,6 +31,7 @@ from qabuse_dagster.telemetry.contract import (
     format_rfc3339_utc,
     validate_record,
 )
+from qabuse_dagster.telemetry.labels import IncidentLabel, LabelsError, read_labels, write_labels
 
 logger = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ class ScoreResponse(BaseModel):
     )
     family_standardised: dict[str, float] = Field(
         description="Each family's score on the ensemble's common scale: 1.0 is the family's "
-        "own alert level. The ensemble score is the largest of them."
+        "own alert level. The ensemble score is the mean of the largest few of them."
     )
     family_versions: dict[str, str] = Field(description="Registry version of each family.")
-    top_family: str = Field(description="The family whose standardised score is the ensemble's.")
+    top_family: str = Field(description="The family with the largest standardised score.")
     top_features: list[FeatureContribution] = Field(
         description="The features that drove the top family's score, largest first."
     )

@@ -5,15 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from qabuse_dagster import settings
-from qabuse_dagster.processes import ChildProcesses
+from qabuse_dagster.processes import ChildProcesses, free_port
 from qabuse_dagster.serving.client import ScoringClient
 
 logger = logging.getLogger(__name__)
@@ -21,16 +20,10 @@ logger = logging.getLogger(__name__)
 SERVICE = "qabuse_dagster.serving.service:Scorer"
 
 
-def _bin(name: str) -> str:
+def console_script(name: str) -> str:
     """A console script of this environment (beside the running interpreter)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def server_env() -> dict[str, str]:
@@ -46,15 +39,16 @@ def server_env() -> dict[str, str]:
 
 
 def bentoml_command(host: str, port: int) -> list[str]:
-    return [_bin("bentoml"), "serve", SERVICE, "--host", host, "--port", str(port)]
+    return [console_script("bentoml"), "serve", SERVICE, "--host", host, "--port", str(port)]
 
 
-def _start(
+def start_server(
     children: ChildProcesses,
     command: Sequence[str],
     log: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
+    """Start one server in ``children`` from the project root, with :func:`server_env`."""
     return children.start(
         command, cwd=settings.PROJECT_ROOT, env={**server_env(), **(env or {})}, log=log
     )
@@ -68,7 +62,7 @@ def scoring_server(
     port = port or free_port(host)
     log = settings.paths().run / "bentoml.log"
     with ChildProcesses() as children:
-        process = _start(children, bentoml_command(host, port), log)
+        process = start_server(children, bentoml_command(host, port), log)
         with contextlib.closing(ScoringClient(f"http://{host}:{port}")) as client:
             deadline = time.monotonic() + ready_timeout
             while not client.ready():
@@ -92,67 +86,8 @@ def _tail(path: Path, lines: int = 20) -> str:
 def serve_forever(host: str, port: int) -> int:
     """``qabuse serve``: BentoML in the foreground until it exits, Ctrl-C or SIGTERM."""
     with ChildProcesses() as children:
-        process = _start(children, bentoml_command(host, port))
+        process = start_server(children, bentoml_command(host, port))
         try:
             return process.wait()
         except KeyboardInterrupt:  # bentoml and its workers are already stopped
-            return 0
-
-
-def run_stack(
-    dagster_port: int, mlflow_port: int, serve_port: int, say: Callable[[str], None]
-) -> int:
-    """``qabuse up``: Dagster UI, MLflow UI and the endpoint, until Ctrl-C, SIGTERM or one exits.
-
-    ``say`` shows the URLs and what happened (the CLI passes ``click.echo``).
-    """
-    from qabuse_dagster.pipeline import export_dagster_home
-
-    export_dagster_home()
-    run_dir = settings.paths().run
-    commands = {
-        "dagster": [
-            _bin("dagster"),
-            "dev",
-            "-w",
-            str(settings.PROJECT_ROOT / "workspace.yaml"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(dagster_port),
-        ],
-        "mlflow": [
-            _bin("mlflow"),
-            "ui",
-            "--backend-store-uri",
-            settings.mlflow_tracking_uri(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-        ],
-        "bentoml": bentoml_command("127.0.0.1", serve_port),
-    }
-    # MLflow's job runner (seven huey consumers for GenAI jobs qabuse never submits) would
-    # double the processes `up` starts and take most of the grace period to stop.
-    extra_env = {"mlflow": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}}
-    with ChildProcesses() as children:
-        processes = {
-            name: _start(children, command, run_dir / f"{name}.log", extra_env.get(name))
-            for name, command in commands.items()
-        }
-        say(f"Dagster UI      http://127.0.0.1:{dagster_port}")
-        say(f"MLflow UI       http://127.0.0.1:{mlflow_port}")
-        say(f"Scoring API     http://127.0.0.1:{serve_port}/score   (OpenAPI docs at /)")
-        say(f"logs in {run_dir}; the UIs take up to a minute to start; Ctrl-C stops all three")
-        try:
-            while True:
-                for name, process in processes.items():
-                    if process.poll() is not None:
-                        say(f"{name} exited with {process.returncode}; see {run_dir / name}.log")
-                        return 1
-                time.sleep(1.0)
-        except KeyboardInterrupt:  # the servers are already stopped
             return 0

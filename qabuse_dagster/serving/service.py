@@ -157,7 +157,7 @@ class Scorer:
         }
         matrix = np.array([[raw[name] for name in loaded.ensemble.members]])
         standardised = loaded.ensemble.standardise(matrix)[0]
-        score = float(standardised.max())
+        score = float(loaded.ensemble.decision_function(matrix)[0])
         top = str(loaded.ensemble.members[int(standardised.argmax())])
         contributions = inputs.explain(top, loaded.members[top].detector, online)
         return ScoreResponse(

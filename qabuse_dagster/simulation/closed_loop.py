@@ -44,9 +44,9 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from qabuse_dagster.evaluation.labels import IncidentLabel
 from qabuse_dagster.simulation.jobs import MINUTE_MS, JobBatch
 from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.labels import IncidentLabel
 
 __all__ = [
     "ACTIONS",

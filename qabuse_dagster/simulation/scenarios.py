@@ -27,7 +27,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from qabuse_dagster.evaluation.labels import IncidentLabel
 from qabuse_dagster.simulation.circuits import select_circuits
 from qabuse_dagster.simulation.jobs import (
     MINUTE_MS,
@@ -42,6 +41,7 @@ from qabuse_dagster.simulation.jobs import (
 )
 from qabuse_dagster.simulation.tenants import SDK_VERSIONS, Tenant, make_identity
 from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.labels import IncidentLabel
 
 __all__ = [
     "CLEAN_HISTORY_FRACTION",

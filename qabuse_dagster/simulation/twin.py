@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qabuse_dagster.evaluation.labels import IncidentLabel, write_labels
 from qabuse_dagster.simulation.closed_loop import Controller, Decision, Plan, run_closed_loop
 from qabuse_dagster.simulation.jobs import Horizon, JobBatch, epoch_ms
 from qabuse_dagster.simulation.queue import Backend, schedule
@@ -50,6 +49,7 @@ from qabuse_dagster.simulation.scenarios import (
 )
 from qabuse_dagster.simulation.tenants import Tenant, benign_roster, lookalike_roster
 from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.labels import IncidentLabel, write_labels
 
 __all__ = [
     "DEFAULT_START",

@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
+from models.registry import families, get_family
 from qabuse_dagster import model_registry, settings
 from qabuse_dagster.features import store as feast_ops
 from qabuse_dagster.features.definitions import DETECTOR_FEATURES, FEATURE_NAMES, feature_schema
@@ -24,8 +25,10 @@ ASSETS = {
     "user_window_features",
     "feast_online_store",
     "training_set",
-    "detector_model",
-    "detector_evaluation",
+    "detector_history",
+    *(f"{family}_{step}" for family in families() for step in ("model", "evaluation")),
+    "ensemble_model",
+    "ensemble_evaluation",
     "champion_model",
 }
 
@@ -34,7 +37,8 @@ def test_every_asset_check_passes(pipeline_run) -> None:
     checks = pipeline_run.result.checks
     assert {
         "raw_telemetry:identity_unique",
-        "detector_evaluation:meets_floors",
+        "ensemble_evaluation:meets_floors",
+        *(f"{family}_evaluation:meets_floors" for family in families()),
         *(
             f"{entity}_window_features:{check}"
             for entity in ("api_key", "user")
@@ -42,6 +46,8 @@ def test_every_asset_check_passes(pipeline_run) -> None:
         ),
     } <= set(checks)
     assert pipeline_run.result.failed_checks == []
+    # A family's gate may hold it back; the champion's may not.
+    assert set(pipeline_run.result.held_families) < set(families())
 
 
 def test_raw_partitions_are_one_hive_dataset_with_contract_columns(pipeline_run) -> None:
@@ -56,9 +62,10 @@ def test_raw_partitions_are_one_hive_dataset_with_contract_columns(pipeline_run)
 
 def test_incident_detected_with_floors(pipeline_run) -> None:
     evaluation = pipeline_run.result.evaluation
-    assert evaluation.recall >= 1.0
-    assert evaluation.precision_at_k >= 1.0
-    assert evaluation.benign_alert_rate <= 0.05
+    assert evaluation.detector == "ensemble"
+    assert evaluation.overall.recall >= 1.0
+    assert evaluation.overall.precision_at_k >= 1.0
+    assert evaluation.overall.benign_key_day_alert_rate <= 0.05
     (outcome,) = evaluation.incidents
     assert outcome.kind == "runaway_ci"
     assert outcome.detected and 0 < outcome.time_to_detect_s <= 300
@@ -69,15 +76,26 @@ def test_champion_alias_points_at_the_trained_version(pipeline_run) -> None:
     champion = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
     assert pipeline_run.result.champion_promoted
     assert champion.version == trained.ref.version
-    assert champion.feature_names == DETECTOR_FEATURES
-    loaded = model_registry.load_detector(settings.CHAMPION_ALIAS)
-    assert loaded.detector.threshold_ == pytest.approx(trained.ref.threshold)
+    assert champion.family == model_registry.ENSEMBLE_FAMILY
+    # The champion pins one registered version of every family.
+    assert set(champion.members) == set(families())
+    loaded = model_registry.load_champion(settings.CHAMPION_ALIAS)
+    assert loaded.ensemble.threshold_ == pytest.approx(trained.ref.threshold)
+    assert list(loaded.ensemble.members) == list(families())
+    for family, member in loaded.members.items():
+        assert member.ref.name == model_registry.family_model_name(family)
+        assert member.ref.version == champion.members[family]
+        assert member.ref.feature_names == get_family(family).feature_names
 
 
 def test_registry_refuses_a_model_with_untrusted_types(pipeline_run, monkeypatch) -> None:
-    monkeypatch.setattr(model_registry, "TRUSTED_SKOPS_TYPES", frozenset())
+    import models.isolation_forest as forest
+
+    monkeypatch.setattr(forest, "TRUSTED_TYPES", ())
     with pytest.raises(ValueError, match="does not trust"):
-        model_registry.load_detector(settings.CHAMPION_ALIAS)
+        model_registry.load_detector(
+            settings.CHAMPION_ALIAS, model_registry.family_model_name("isolation_forest")
+        )
 
 
 def test_online_features_hold_the_incident_and_nothing_for_unknown_keys(pipeline_run) -> None:
@@ -138,7 +156,16 @@ def test_runs_and_materialisations_are_in_the_instance_the_ui_reads(pipeline_run
     instance = DagsterInstance.get()
     for name in ASSETS:
         assert instance.get_latest_materialization_event(AssetKey(name)) is not None, name
-    assert instance.get_run_by_id(pipeline_run.result.training_run_id).is_success
+    run = instance.get_run_by_id(pipeline_run.result.training_run_id)
+    held = {f"{family}_evaluation" for family in pipeline_run.result.held_families}
+    failed = {
+        event.step_key
+        for event in instance.all_logs(run.run_id)
+        if event.dagster_event is not None and event.dagster_event.is_step_failure
+    }
+    # Only the blocking gates of held-back families fail a step; the champion's chain ran.
+    assert failed == held
+    assert instance.get_latest_materialization_event(AssetKey("champion_model")) is not None
 
 
 def test_dagster_cli_loads_the_code_location() -> None:
@@ -174,7 +201,7 @@ def test_a_second_pass_on_the_same_home_dedups_and_registers_a_new_version(
     assert result.failed_checks == []
 
 
-def test_backtest_job_reports_qabuse_beside_the_baseline(pipeline_run) -> None:
+def test_backtest_job_reports_every_family_beside_the_baseline(pipeline_run) -> None:
     import json
 
     from dagster import DagsterInstance
@@ -193,7 +220,8 @@ def test_backtest_job_reports_qabuse_beside_the_baseline(pipeline_run) -> None:
     assert "runaway_ci" in metadata["per_kind"].value
     assert "baseline" in metadata["per_kind"].value
     report = json.loads((settings.paths().reports / "backtest.json").read_text())
-    assert report["detector"] == "qabuse" and report["baseline"]["detector"] == "baseline"
+    assert report["detector"] == "ensemble" and report["baseline"]["detector"] == "baseline"
+    assert set(report["detectors"]) == {"ensemble", "baseline", *families()}
     assert report["overall"]["recall"] >= 1.0
     assert {i["kind"] for i in report["incidents"]} == {"runaway_ci"}
     assert (settings.paths().reports / "backtest.html").stat().st_size > 10_000

@@ -13,7 +13,7 @@ from qabuse_dagster.evaluation.detection import (
     evaluate_detections,
     precision_at_k,
 )
-from qabuse_dagster.evaluation.labels import IncidentLabel
+from qabuse_dagster.telemetry.labels import IncidentLabel
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
+from support.local_redis import local_redis, redis_server_binary
 
 from qabuse_dagster import settings
 from qabuse_dagster.features.definitions import (
@@ -26,7 +27,6 @@ from qabuse_dagster.features.definitions import (
     SEQUENCE_MINUTES,
     TIMESTAMP_COLUMN,
 )
-from qabuse_dagster.features.local_redis import local_redis, redis_server_binary
 from qabuse_dagster.features.store import apply_repo, materialize, open_store, sequence_folder
 
 FRESH_KEY = "a1" * 32

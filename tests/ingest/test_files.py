@@ -11,10 +11,10 @@ import pytest
 from support.records import HEX_KEY, HEX_USER, record_dict
 
 from qabuse_dagster import settings
-from qabuse_dagster.evaluation.labels import LabelsError, read_labels
 from qabuse_dagster.ingest.files import MAX_LINE_BYTES, ingest_labels, ingest_telemetry
 from qabuse_dagster.ingest.partitions import compact_hour, landing_hours, read_raw
 from qabuse_dagster.settings import Paths
+from qabuse_dagster.telemetry.labels import LabelsError, read_labels
 
 H0 = datetime(2026, 3, 2, 13, 0, tzinfo=UTC)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from models.registry import families, get_family
 from qabuse_dagster import model_registry, settings
 from qabuse_dagster.serving.client import ScoringError
 from qabuse_dagster.serving.server import scoring_server
@@ -31,15 +32,28 @@ def test_incident_key_scores_above_every_benign_key(pipeline_run, client) -> Non
     assert sum(b.anomalous for b in benign) <= 2
 
 
-def test_response_names_the_exact_champion_version_and_features(pipeline_run, client) -> None:
+def test_response_names_the_champion_every_family_and_what_drove_the_score(
+    pipeline_run, client
+) -> None:
     (incident_key,) = pipeline_run.simulation.incident_api_key_ids
     champion = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
     response = client.score(incident_key)
     assert response.model_name == champion.name
     assert response.model_version == champion.version
-    assert response.feature_service == champion.feature_service
-    assert list(response.features) == list(champion.feature_names)
     assert response.threshold == pytest.approx(champion.threshold)
+    # Each family's own score and version, and the ensemble's combination of them.
+    assert response.family_versions == dict(champion.members)
+    assert set(response.family_scores) == set(families()) == set(response.family_standardised)
+    top = max(response.family_standardised, key=response.family_standardised.__getitem__)
+    assert response.top_family == top
+    assert response.score <= response.family_standardised[top] + 1e-9
+    # The top family's own attribution names its inputs, largest first.
+    names = [c.feature for c in response.top_features]
+    assert names and set(names) <= set(get_family(top).feature_names)
+    contributions = [c.contribution for c in response.top_features]
+    assert contributions == sorted(contributions, reverse=True)
+    services = {get_family(name).feature_service for name in families()}
+    assert set(response.feature_service.split(",")) == services
 
 
 def test_unknown_key_is_404_with_a_reason(client) -> None:
@@ -79,22 +93,16 @@ def test_server_still_scores_after_hostile_requests(pipeline_run, client) -> Non
 def test_a_promotion_reaches_the_running_endpoint(pipeline_run, client) -> None:
     import time
 
-    import pandas as pd
-
-    from qabuse_dagster.features.definitions import DETECTOR_FEATURES
-
     (incident_key,) = pipeline_run.simulation.incident_api_key_ids
     before = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
-    loaded = model_registry.load_detector(settings.CHAMPION_ALIAS)
-    example = pd.DataFrame([[0.0] * len(DETECTOR_FEATURES)], columns=list(DETECTOR_FEATURES))
+    loaded = model_registry.load_champion(settings.CHAMPION_ALIAS)
     promoted, _ = model_registry.log_detector(
-        loaded.detector,
-        feature_names=loaded.ref.feature_names,
-        feature_service=loaded.ref.feature_service,
-        input_example=example,
+        loaded.ensemble,
+        family=model_registry.ENSEMBLE_FAMILY,
         params={"purpose": "promotion test"},
         metrics={},
         run_name="promotion-test",
+        members={name: member.ref for name, member in loaded.members.items()},
     )
     model_registry.set_alias(promoted, settings.CHAMPION_ALIAS)
     try:
@@ -128,16 +136,22 @@ def test_fresh_features_are_not_flagged(pipeline_run, client) -> None:
 
     import pandas as pd
 
-    from qabuse_dagster.features.store import entity_views, online_features, open_store
+    from qabuse_dagster.features.store import open_store
 
     (incident_key,) = pipeline_run.simulation.incident_api_key_ids
     fresh_key = "fe" * 32
     store = open_store()
-    # The key's whole api-key vector (every view), copied to a new key with a fresh time.
-    (row,) = online_features(store, [incident_key], "api_key_features_v2")
-    written = pd.DataFrame([{**row, "api_key_id": fresh_key, "event_timestamp": datetime.now(UTC)}])
-    for name in entity_views(store, "api_key"):
-        view = store.get_feature_view(name)
+    # The key's whole api-key vector (every view: windows, sequences, campaign), copied
+    # to a new key with a fresh time.
+    views = [v for v in store.list_feature_views() if "api_key" in v.entities]
+    refs = [f"{v.name}:{f.name}" for v in views for f in v.features]
+    row = store.get_online_features(features=refs, entity_rows=[{"api_key_id": incident_key}])
+    values = {name: column[0] for name, column in row.to_dict().items()}
+    written = pd.DataFrame(
+        [{**values, "api_key_id": fresh_key, "event_timestamp": datetime.now(UTC)}]
+    )
+    for view in views:
+        name = view.name
         columns = ["api_key_id", "event_timestamp", *(f.name for f in view.features)]
         store.write_to_online_store(name, written[columns])
     fresh, stale = client.score(fresh_key), client.score(incident_key)

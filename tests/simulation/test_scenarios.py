@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 from jsonschema import Draft202012Validator
 
-from qabuse_dagster.evaluation.labels import IncidentLabel, read_labels
 from qabuse_dagster.simulation import SimulationResult, simulate
 from qabuse_dagster.simulation.circuits import circuit_catalogue
 from qabuse_dagster.simulation.jobs import Horizon, sample_jobs
@@ -36,6 +35,7 @@ from qabuse_dagster.simulation.scenarios import (
 from qabuse_dagster.simulation.tenants import benign_roster, make_identity
 from qabuse_dagster.simulation.twin import DEFAULT_START
 from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.labels import IncidentLabel, read_labels
 
 _SCHEMAS = Path(__file__).resolve().parents[2] / "qabuse_dagster" / "telemetry" / "schemas"
 

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from jsonschema import Draft202012Validator
 
-from qabuse_dagster.evaluation.labels import read_labels
 from qabuse_dagster.simulation import SimulationResult, simulate
 from qabuse_dagster.simulation.tenants import MAX_BENIGN_JOBS_PER_MINUTE
 from qabuse_dagster.simulation.twin import DEFAULT_START
 from qabuse_dagster.telemetry.contract import format_rfc3339_utc, validate_record
 from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.labels import read_labels
 
 _REPO = Path(__file__).resolve().parents[2]
 _PACKAGED_SCHEMAS = _REPO / "qabuse_dagster" / "telemetry" / "schemas"

@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-from qabuse_dagster.serving.server import free_port
+from qabuse_dagster.processes import free_port
 
 logger = logging.getLogger(__name__)
 

@@ -21,15 +21,15 @@ from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 from support.contract_cases import FAST
 
-from qabuse_dagster.evaluation import labels as labels_module
-from qabuse_dagster.evaluation.labels import (
+from qabuse_dagster.telemetry import labels as labels_module
+from qabuse_dagster.telemetry.contract import JSON_INPUT_CONTEXT, errors_from_validation
+from qabuse_dagster.telemetry.labels import (
     IncidentLabel,
     LabelsError,
     label_to_json,
     read_labels,
     write_labels,
 )
-from qabuse_dagster.telemetry.contract import JSON_INPUT_CONTEXT, errors_from_validation
 
 SCHEMA: dict[str, Any] = json.loads(
     (files("qabuse_dagster.telemetry") / "schemas" / "incident-labels.v1.schema.json").read_text(

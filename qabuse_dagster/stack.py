@@ -1,0 +1,73 @@
+"""``qabuse up``: the Dagster UI, the MLflow UI and the scoring endpoint, run together.
+
+An entry point beside ``cli.py``: it starts the orchestration (``dagster dev``, whose
+home :mod:`qabuse_dagster.pipeline` sets) and the serving layer's endpoint, so it sits
+above both in the layers of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from qabuse_dagster import settings
+from qabuse_dagster.pipeline import export_dagster_home
+from qabuse_dagster.processes import ChildProcesses
+from qabuse_dagster.serving.server import bentoml_command, console_script, start_server
+
+
+def run_stack(
+    dagster_port: int, mlflow_port: int, serve_port: int, say: Callable[[str], None]
+) -> int:
+    """``qabuse up``: Dagster UI, MLflow UI and the endpoint, until Ctrl-C, SIGTERM or one exits.
+
+    ``say`` shows the URLs and what happened (the CLI passes ``click.echo``).
+    """
+    export_dagster_home()
+    run_dir = settings.paths().run
+    commands = {
+        "dagster": [
+            console_script("dagster"),
+            "dev",
+            "-w",
+            str(settings.PROJECT_ROOT / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(dagster_port),
+        ],
+        "mlflow": [
+            console_script("mlflow"),
+            "ui",
+            "--backend-store-uri",
+            settings.mlflow_tracking_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+        ],
+        "bentoml": bentoml_command("127.0.0.1", serve_port),
+    }
+    # MLflow's job runner (seven huey consumers for GenAI jobs qabuse never submits) would
+    # double the processes `up` starts and take most of the grace period to stop.
+    extra_env = {"mlflow": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}}
+    with ChildProcesses() as children:
+        processes = {
+            name: start_server(children, command, run_dir / f"{name}.log", extra_env.get(name))
+            for name, command in commands.items()
+        }
+        say(f"Dagster UI      http://127.0.0.1:{dagster_port}")
+        say(f"MLflow UI       http://127.0.0.1:{mlflow_port}")
+        say(f"Scoring API     http://127.0.0.1:{serve_port}/score   (OpenAPI docs at /)")
+        say(f"logs in {run_dir}; the UIs take up to a minute to start; Ctrl-C stops all three")
+        try:
+            while True:
+                for name, process in processes.items():
+                    if process.poll() is not None:
+                        say(f"{name} exited with {process.returncode}; see {run_dir / name}.log")
+                        return 1
+                time.sleep(1.0)
+        except KeyboardInterrupt:  # the servers are already stopped
+            return 0
