@@ -44,6 +44,8 @@ def _pipeline_scores(detector: OneClassSvmDetector, X: np.ndarray) -> np.ndarray
     data = signed_log(X)
     scaled = detector.estimator_["scale"].transform(data)
     beyond = np.clip(scaled - detector.high_, 0, None) + np.clip(detector.low_ - scaled, 0, None)
+    span = detector.high_ - detector.low_
+    beyond = beyond / np.where(span > 0, span, 1.0)  # in units of the training range
     margin = detector.estimator_.decision_function(data)
     return -margin + detector.extrapolation_weight * beyond.sum(axis=1)
 
