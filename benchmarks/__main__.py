@@ -20,6 +20,7 @@ from benchmarks import (
     feature_windows,
     instrumentation,
     online_lookup,
+    scoring,
     streaming,
 )
 from benchmarks.report import RESULTS_DIR, BenchmarkResult, comparison_table, write_json
@@ -31,6 +32,7 @@ BENCHMARKS = (
     online_lookup.NAME,
     instrumentation.NAME,
     collector.NAME,
+    scoring.NAME,
 )
 
 #: ``--quick``: sizes for the smoke test, seconds rather than minutes.
@@ -42,6 +44,8 @@ QUICK_STREAMING = streaming.Settings(records=20_000, api_keys=20, days=1.0, push
 QUICK_ONLINE_LOOKUP = online_lookup.Settings(api_keys=50, lookups=200, warmup=20)
 QUICK_INSTRUMENTATION = instrumentation.Settings(calls=20, blocks=2)
 QUICK_COLLECTOR = collector.Settings(records=3_000, batch=500, rounds=1)
+#: Without ``--scoring-home`` a quick run still builds (and trains) a home: a minute or two.
+QUICK_SCORING = scoring.Settings(calls=100, warmup=20)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="feature_windows: seconds per side after which no further repeat starts "
         "(default 60; a side that takes minutes runs once)",
     )
+    parser.add_argument(
+        "--scoring-home",
+        type=Path,
+        help="scoring: an existing QABUSE_HOME with a @champion and online features "
+        "(default: build one in a temporary folder, a minute or two)",
+    )
     parser.add_argument("--only", choices=BENCHMARKS, help="run one benchmark")
     parser.add_argument(
         "--results-dir", type=Path, default=RESULTS_DIR, help=f"default {RESULTS_DIR}"
@@ -90,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.scoring_home is not None and not args.scoring_home.is_dir():
+        parser.error(f"--scoring-home {args.scoring_home} is not a folder")
     return args
 
 
@@ -119,6 +131,12 @@ def streaming_settings(args: argparse.Namespace) -> streaming.Settings:
     return (
         settings if args.stream_records is None else replace(settings, records=args.stream_records)
     )
+
+
+def scoring_settings(args: argparse.Namespace) -> scoring.Settings:
+    """The scoring sizes: quick or default, on the home given, if any."""
+    settings = QUICK_SCORING if args.quick else scoring.Settings()
+    return settings if args.scoring_home is None else replace(settings, home=args.scoring_home)
 
 
 def summary_table(results: list[BenchmarkResult]) -> Table:
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         collector.NAME: lambda: collector.run(
             QUICK_COLLECTOR if args.quick else collector.Settings(), console
         ),
+        scoring.NAME: lambda: scoring.run(scoring_settings(args), console),
     }
     results = []
     for name in BENCHMARKS:

@@ -24,6 +24,7 @@ from feature_views import (
 )
 
 from models.features import COMPACT_FEATURES, ROW_FEATURES
+from models.timing import TIMING_FEATURES
 from qabuse_dagster.features.store import campaign_folder
 
 CAMPAIGN_FEATURES = (
@@ -75,6 +76,12 @@ api_key_lof_v1 = FeatureService(
     features=_inputs(_KEY_VIEWS, COMPACT_FEATURES),
     description="Inputs of the Local Outlier Factor family, version 1.",
     tags={"entity": "api_key", "family": "lof"},
+)
+api_key_timing_v1 = FeatureService(
+    name="api_key_timing_v1",
+    features=_inputs(_KEY_VIEWS, TIMING_FEATURES),
+    description="Inputs of the timing (rhythm) Isolation Forest family, version 1.",
+    tags={"entity": "api_key", "family": "timing_isolation_forest"},
 )
 user_isolation_forest_v1 = FeatureService(
     name="user_isolation_forest_v1",

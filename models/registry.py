@@ -40,6 +40,7 @@ BUILTIN_MODULES = (
     "models.sequence",
     "models.campaign",
     "models.user_level",
+    "models.timing",
 )
 
 

@@ -64,7 +64,7 @@ class TrainedDetector:
 class HistoryConfig(Config):
     """Which part of the stored telemetry trains (the rest evaluates)."""
 
-    train_fraction: float = 0.6
+    train_fraction: float = 0.5
     alert_budget: float = 0.01
     random_state: int = 0
 

@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
 #: Rows this long after the telemetry's first record have their day-long features whole.
 WARM_UP = timedelta(minutes=ACTIVITY_LOOKBACK_MINUTES)
+NO_WARM_UP = timedelta(0)
+#: History before the cutoff below which the ensemble is calibrated in sample: split
+#: out of less, the families and the slice would each see under a daily cycle.
+MIN_SPLIT_HISTORY = timedelta(days=3)
 #: How often campaign rows are computed over the trailing window.
 CAMPAIGN_EVERY = timedelta(minutes=5)
 KEY_COLUMNS = ["api_key_id", "event_timestamp"]
@@ -70,12 +74,16 @@ class TrainingParams:
         calibration_fraction: the last share of the (warmed-up) history the families do
             not train on; the ensemble is standardised and calibrated on their scores of
             it, out of sample, as they will score new rows (see `calibration_start`).
+        warm_up: rows this soon after the telemetry's first record are left out of
+            training (see `warmed_up`); none by default, `WARM_UP` (a day) for a
+            deployment whose history starts with the day-long features still filling.
         overrides: per family, constructor arguments replacing its registered params.
     """
 
     alert_budget: float = 0.01
     random_state: int = 0
     calibration_fraction: float = 1 / 3
+    warm_up: timedelta = NO_WARM_UP
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -210,20 +218,26 @@ def _entity_column(family: DetectorFamily) -> str:
     return "user" if family.entity == "user" and family.input_kind != "graph" else "api_key_id"
 
 
-def warmed_up(inputs: DetectorInputs, rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` whose day-long history lies inside the telemetry (`WARM_UP` after its start).
+def warmed_up(
+    inputs: DetectorInputs, rows: pd.DataFrame, params: TrainingParams | None = None
+) -> pd.DataFrame:
+    """``rows`` at least ``params.warm_up`` after the telemetry's first record.
 
-    A row's 24-hour features (key age, activity around the clock, change against the
-    day) read the day before it: in the telemetry's first day every key looks new and
-    idle, which no key looks like later. Models learn normal from warmed-up rows only;
-    the first day is used as a last resort when nothing after it precedes the cutoff.
+    A row's 24-hour features (activity around the clock, change against the day) read
+    the day before it, so in the telemetry's first day every entity looks as if it had
+    just started. The row families do not read the entity's age, so those rows only
+    widen what training calls normal (measured on the twin: leaving the first day out
+    cost a third of a week's training and raised benign alerts), and by default they
+    are kept. The rows before the warm-up are used as a last resort when nothing after
+    it precedes the cutoff.
     """
-    later = rows[rows["event_timestamp"] >= inputs.history_start + WARM_UP]
+    warm_up = (params or TrainingParams()).warm_up
+    later = rows[rows["event_timestamp"] >= inputs.history_start + warm_up]
     if later.empty and not rows.empty:
         logger.warning(
             "no training rows after the telemetry's first %s: training on rows whose "
             "day-long features are still warming up (simulate or ingest more history)",
-            WARM_UP,
+            warm_up,
         )
         return rows
     return later
@@ -237,12 +251,15 @@ def calibration_start(
     In-sample scores are lower than the scores of rows a model never saw (each family
     has fitted its own training rows), so an ensemble calibrated on them alerts more
     than its budget on new data. The families train before this instant and the
-    ensemble is calibrated on their scores of ``[calibration_start, cutoff)``. With
-    under a day of warmed-up history there is no slice to spare: the cutoff itself.
+    ensemble is calibrated on their scores of ``[calibration_start, cutoff)``. The
+    families need whole days to learn a daily cycle, and so does the slice: with under
+    `MIN_SPLIT_HISTORY` of (warmed-up) history there is none to spare, and the ensemble
+    is calibrated in sample (the cutoff itself), its key-day budget's tail
+    extrapolation making up for part of the difference.
     """
     params = params or TrainingParams()
-    warm = (inputs.history_start + WARM_UP).to_pydatetime()
-    if params.calibration_fraction == 0.0 or cutoff - warm < timedelta(days=1):
+    warm = (inputs.history_start + params.warm_up).to_pydatetime()
+    if params.calibration_fraction == 0.0 or cutoff - warm < MIN_SPLIT_HISTORY:
         return cutoff
     return cutoff - (cutoff - warm) * params.calibration_fraction
 
@@ -253,7 +270,7 @@ def calibration_rows(
     """The api key rows the ensemble is calibrated on: ``[calibration_start, cutoff)``,
     warmed up (all warmed-up rows before ``cutoff`` when there is no slice to spare)."""
     rows = inputs.key_rows
-    history = warmed_up(inputs, rows[rows["event_timestamp"] < cutoff])
+    history = warmed_up(inputs, rows[rows["event_timestamp"] < cutoff], params)
     start = calibration_start(inputs, cutoff, params)
     return history[history["event_timestamp"] >= start] if start < cutoff else history
 
@@ -267,7 +284,7 @@ def fit_family(
     """Fit ``family`` on its warmed-up rows before ``cutoff`` with a key-day budget."""
     params = params or TrainingParams()
     rows = inputs.own_rows(family)
-    history = warmed_up(inputs, rows[rows["event_timestamp"] < cutoff])
+    history = warmed_up(inputs, rows[rows["event_timestamp"] < cutoff], params)
     if history.empty:
         raise ValueError(
             f"{family.name}: no training rows before {cutoff.isoformat()}: simulate or "

@@ -316,7 +316,8 @@ FEATURES: tuple[FeatureSpec, ...] = (
         "ratio",
         "Coefficient of variation (std / mean) of the gaps between consecutive submissions "
         "in the last hour, at millisecond resolution: near 0 for a regular bot, above 1 for "
-        "bursty people (0 with fewer than 3 submissions or no gap).",
+        "bursty people (1, the value of random arrivals, with fewer than 3 submissions or "
+        "no gap: no evidence either way).",
         "1h",
     ),
     FeatureSpec(
@@ -473,10 +474,13 @@ def _zscore(last: np.ndarray, hist_sum: np.ndarray, hist_sq: np.ndarray) -> np.n
 def _interarrival_cv(n: np.ndarray, span: np.ndarray, sq: np.ndarray) -> np.ndarray:
     """std / mean of ``n - 1`` gaps summing to ``span`` with squares summing to ``sq``.
 
-    With ``g = n - 1`` gaps, ``std / mean = sqrt(g * sq - span**2) / span``.
+    With ``g = n - 1`` gaps, ``std / mean = sqrt(g * sq - span**2) / span``; 1 where
+    that is undefined.
     """
     n, span, sq = (np.asarray(x, dtype=np.float64) for x in (n, span, sq))
-    out = np.zeros(len(n), dtype=np.float64)
+    # Undefined (under 3 submissions, or all at one instant): 1, as for random arrivals,
+    # so "no evidence" never reads as "perfectly regular" (0).
+    out = np.ones(len(n), dtype=np.float64)
     some = (n >= 3) & (span > 0)
     spread = (n[some] - 1) * sq[some] - span[some] * span[some]
     out[some] = np.sqrt(np.maximum(spread, 0.0)) / span[some]

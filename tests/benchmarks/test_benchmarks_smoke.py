@@ -18,10 +18,14 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+def quick_run(
+    tmp_path_factory: pytest.TempPathFactory, pipeline_run
+) -> tuple[subprocess.CompletedProcess, Path]:
     results = tmp_path_factory.mktemp("bench-results")
+    # The scoring benchmark serves the session's trained home instead of training its own.
+    home = ["--scoring-home", str(pipeline_run.home)]
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(results)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(results), *home],
         cwd=_REPO,
         capture_output=True,
         text=True,
@@ -131,3 +135,23 @@ def test_collector_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -
     result = _result(results, "collector")
     _assert_ratios(result)
     assert result["accepted"] == result["records"] == result["compacted"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_scoring_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, results = quick_run
+    result = _result(results, "scoring")
+    # ok: every /score answer was a 200 with every family's score and top features.
+    _assert_ratios(result)
+    assert {"p50 latency", "p99 latency"} <= result["comparisons"].keys()
+    assert result["bad_answers"] == 0 and result["home_built"] is False
+    assert result["api_keys"] >= 2 and result["incident_keys"] >= 1
+    assert len(result["families"]) >= 2
+    for side in ("scorer", "echo"):
+        latency = result["latency_ms"][side]
+        assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"], side
+        assert latency["p99_ms"] <= latency["max_ms"], side
+    # The absolute bound is recorded, never asserted: a test machine's times are not the spec.
+    assert result["p99_bound_ms"] > 0 and isinstance(result["p99_within_bound"], bool)
+    assert result["ratio_ours_over_echo"]["p99"] > 0

@@ -137,14 +137,17 @@ def _tiny_inputs(first: datetime, last: datetime) -> DetectorInputs:
 def test_calibration_start_with_short_and_long_history() -> None:
     first = datetime(2026, 5, 1, tzinfo=UTC)
     inputs = _tiny_inputs(first, first + timedelta(days=10))
-    short = first + WARM_UP + timedelta(hours=20)
-    assert calibration_start(inputs, short) == short
+    warm = TrainingParams(warm_up=WARM_UP)
+    short = first + WARM_UP + timedelta(days=2, hours=20)
+    assert calibration_start(inputs, short, warm) == short
     long = first + WARM_UP + timedelta(days=3)
-    assert calibration_start(inputs, long) == first + WARM_UP + timedelta(days=2)
-    half = TrainingParams(calibration_fraction=0.5)
+    assert calibration_start(inputs, long, warm) == first + WARM_UP + timedelta(days=2)
+    half = TrainingParams(calibration_fraction=0.5, warm_up=WARM_UP)
     assert calibration_start(inputs, long, half) == first + WARM_UP + timedelta(days=1.5)
-    none = TrainingParams(calibration_fraction=0.0)
+    none = TrainingParams(calibration_fraction=0.0, warm_up=WARM_UP)
     assert calibration_start(inputs, long, none) == long
+    # Without a warm-up the slice is a third of the whole history before the cutoff.
+    assert calibration_start(inputs, long) == long - (long - first) / 3
 
 
 def test_warmed_up_drops_the_first_day(caplog: pytest.LogCaptureFixture) -> None:
@@ -152,11 +155,13 @@ def test_warmed_up_drops_the_first_day(caplog: pytest.LogCaptureFixture) -> None
     inputs = _tiny_inputs(first, first + timedelta(days=2))
     stamps = pd.date_range(first, first + timedelta(hours=47), freq="h", tz="UTC")
     rows = pd.DataFrame({"api_key_id": "k", "event_timestamp": stamps})
-    kept = warmed_up(inputs, rows)
+    warm = TrainingParams(warm_up=WARM_UP)
+    assert len(warmed_up(inputs, rows)) == 48  # no warm-up by default
+    kept = warmed_up(inputs, rows, warm)
     assert kept["event_timestamp"].min() == first + WARM_UP
     assert len(kept) == 24
     with caplog.at_level(logging.WARNING):
-        early = warmed_up(inputs, rows[rows["event_timestamp"] < first + WARM_UP])
+        early = warmed_up(inputs, rows[rows["event_timestamp"] < first + WARM_UP], warm)
     assert len(early) == 24  # nothing warmed up: the first day rather than nothing
     assert "warming up" in caplog.text
 

@@ -75,8 +75,8 @@ def _feature_values(store: Any, seed: int) -> dict[str, float | int]:
     fields = {
         f.name: f.dtype
         for view in store.list_feature_views()
+        if view.tags.get("kind") is None  # the window views, not sequences or campaigns
         for f in view.features
-        if f.name not in SEQUENCE_COLUMNS.values()
     }
     return {
         name: (seed * 100 + i if dtype == Int64 else seed + i / 4)
@@ -127,6 +127,22 @@ def seed_store(home: Path, online_store: str, redis: str | None = None) -> Seede
                 for key, columns in sequences.items()
             ]
         ).to_parquet(folder / "seed.parquet", index=False)
+        # Campaign features (the graph family's view): one row per key, in no group.
+        from models.campaign import CAMPAIGN_FEATURES
+        from qabuse_dagster.features.store import campaign_folder
+
+        campaign = campaign_folder()
+        campaign.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(
+            [
+                {
+                    ENTITY_COLUMNS["api_key"]: key,
+                    TIMESTAMP_COLUMN: event_times[key],
+                    **dict.fromkeys(CAMPAIGN_FEATURES, 0.0),
+                }
+                for key in sequences
+            ]
+        ).to_parquet(campaign / "seed.parquet", index=False)
         # Every view of both entities.
         materialize(store, written_at - timedelta(days=1), written_at + timedelta(minutes=1))
     return SeededStore(store, home, online_store, written_at, values, event_times, sequences, redis)

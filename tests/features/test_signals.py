@@ -65,7 +65,8 @@ def test_a_regular_bot_has_no_interarrival_variation_and_a_burst_has_much() -> N
     # Two submissions: one gap, no variation to speak of.
     assert rows["human", T0 + MINUTE]["interarrival_cv_1h"] == 0.0  # 4 equal gaps
     two = _rows([_rec("k", timedelta(0)), _rec("k", timedelta(seconds=30))])
-    assert two["k", T0 + MINUTE]["interarrival_cv_1h"] == 0.0
+    # Too few gaps to tell: the value of random arrivals, never "perfectly regular".
+    assert two["k", T0 + MINUTE]["interarrival_cv_1h"] == 1.0
 
 
 def test_day_features_count_hours_submissions_and_cost_against_the_day() -> None:

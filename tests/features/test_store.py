@@ -118,7 +118,7 @@ def test_the_registry_holds_a_view_per_entity_and_window(seeded_sqlite) -> None:
     views = {view.name: view for view in store.list_feature_views()}
     assert set(views) == {
         f"{entity}_{window}" for entity in ("api_key", "user") for window in ("1m", "5m", "1h")
-    } | {"api_key_sequence"}
+    } | {"api_key_sequence", "api_key_campaign"}
     assert entity_views(store, "user") == ["user_1h", "user_1m", "user_5m"]
     assert entity_views(store, "api_key") == ["api_key_1h", "api_key_1m", "api_key_5m"]
     assert "api_key_sequence" in entity_views(store, "api_key", sequences=True)
@@ -126,6 +126,9 @@ def test_the_registry_holds_a_view_per_entity_and_window(seeded_sqlite) -> None:
     assert [f.name for f in sequence_view.features] == list(SEQUENCE_COLUMNS.values())
     assert {f.dtype for f in sequence_view.features} == {Array(Int64)}
     assert sequence_view.batch_source.name == "api_key_sequence_source"
+    campaign_view = views.pop("api_key_campaign")
+    assert campaign_view.tags["kind"] == "campaign"
+    assert campaign_view.batch_source.name == "api_key_campaign_source"
     for name, view in views.items():
         entity, window = name.rsplit("_", 1)
         assert view.entities == [entity]
@@ -141,12 +144,19 @@ def test_the_registry_holds_a_view_per_entity_and_window(seeded_sqlite) -> None:
 
 def test_each_service_reads_exactly_its_models_features(seeded_sqlite) -> None:
     store = seeded_sqlite.store
+    from models.registry import families
+
+    # One service per detector family (exactly its inputs), besides the older ones.
     assert {s.name for s in store.list_feature_services()} == {
         "api_key_detector_v1",
         "api_key_features_v2",
-        "api_key_sequence_v1",
         "user_features_v1",
+        *(family.feature_service for family in families().values()),
     }
+    for family in families().values():
+        if family.input_kind == "rows":
+            served = _service_features(store, family.feature_service)
+            assert sorted(served) == sorted(family.feature_names), family.name
     # The deployed detector's inputs, in its order, whatever the views hold besides.
     assert tuple(_service_features(store, FEATURE_SERVICE)) == DETECTOR_FEATURES
     assert tuple(_service_features(store, "api_key_features_v2")) == FEATURE_NAMES
