@@ -17,6 +17,7 @@ from qabuse_dagster.features.definitions import (
     ACTIVITY_LOOKBACK_MINUTES,
     ENTITY_COLUMNS,
     FEATURES,
+    JOB_MEMORY_MINUTES,
     feature_schema,
 )
 from qabuse_dagster.features.windows import window_features
@@ -47,8 +48,10 @@ def test_each_entity_has_an_asset_reading_a_day_of_raw_partitions(entity: str) -
     asset = getattr(feature_assets, f"{entity}_window_features")
     assert asset.key == AssetKey(f"{entity}_window_features")
     mapping = asset.get_partition_mapping(AssetKey("raw_telemetry"))
-    # Rows look back 24 h (entity age, gap), so an hour reads the 24 hours before it.
-    assert mapping.start_offset == -ACTIVITY_LOOKBACK_MINUTES // 60 == -24
+    # Rows look back 24 h (entity age, gap), and whether a record is its job's first one
+    # looks back a further day (the job memory), so an hour reads the 48 hours before it.
+    assert mapping.start_offset == -(ACTIVITY_LOOKBACK_MINUTES + JOB_MEMORY_MINUTES) // 60
+    assert mapping.start_offset == -48
     assert {spec.name for spec in asset.check_specs} == {
         "no_nulls",
         "value_ranges",
