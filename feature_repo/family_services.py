@@ -23,26 +23,10 @@ from feature_views import (
     user_5m_fv,
 )
 
+from models.campaign import CAMPAIGN_FEATURES
 from models.features import COMPACT_FEATURES, ROW_FEATURES
 from models.timing import TIMING_FEATURES
 from qabuse_dagster.features.store import campaign_folder
-
-CAMPAIGN_FEATURES = (
-    "group_keys_1h",
-    "sync_lift_1h",
-    "sync_share_1h",
-    "group_networks_1h",
-    "group_users_1h",
-    "group_new_share_1h",
-    "volume_similarity_1h",
-    "group_keys_24h",
-    "sync_lift_24h",
-    "sync_share_24h",
-    "group_networks_24h",
-    "group_users_24h",
-    "group_new_share_24h",
-    "volume_similarity_24h",
-)
 
 
 def _inputs(views: list[FeatureView], names: tuple[str, ...]) -> list[FeatureView]:
@@ -59,35 +43,45 @@ def _inputs(views: list[FeatureView], names: tuple[str, ...]) -> list[FeatureVie
 _KEY_VIEWS = [api_key_1m_fv, api_key_5m_fv, api_key_1h_fv]
 _USER_VIEWS = [user_1m_fv, user_5m_fv, user_1h_fv]
 
-api_key_isolation_forest_v1 = FeatureService(
-    name="api_key_isolation_forest_v1",
-    features=_inputs(_KEY_VIEWS, ROW_FEATURES),
-    description="Inputs of the api-key Isolation Forest family, version 1.",
-    tags={"entity": "api_key", "family": "isolation_forest"},
+
+def _family_service(
+    name: str, views: list[FeatureView], names: tuple[str, ...], family: str, what: str
+) -> FeatureService:
+    entity = "user" if views is _USER_VIEWS else "api_key"
+    return FeatureService(
+        name=name,
+        features=_inputs(views, names),
+        description=f"Inputs of the {what} family, version 1.",
+        tags={"entity": entity, "family": family},
+    )
+
+
+api_key_isolation_forest_v1 = _family_service(
+    "api_key_isolation_forest_v1",
+    _KEY_VIEWS,
+    ROW_FEATURES,
+    "isolation_forest",
+    "api-key Isolation Forest",
 )
-api_key_ocsvm_v1 = FeatureService(
-    name="api_key_ocsvm_v1",
-    features=_inputs(_KEY_VIEWS, ROW_FEATURES),
-    description="Inputs of the One-Class SVM family, version 1.",
-    tags={"entity": "api_key", "family": "ocsvm"},
+api_key_ocsvm_v1 = _family_service(
+    "api_key_ocsvm_v1", _KEY_VIEWS, ROW_FEATURES, "ocsvm", "One-Class SVM"
 )
-api_key_lof_v1 = FeatureService(
-    name="api_key_lof_v1",
-    features=_inputs(_KEY_VIEWS, COMPACT_FEATURES),
-    description="Inputs of the Local Outlier Factor family, version 1.",
-    tags={"entity": "api_key", "family": "lof"},
+api_key_lof_v1 = _family_service(
+    "api_key_lof_v1", _KEY_VIEWS, COMPACT_FEATURES, "lof", "Local Outlier Factor"
 )
-api_key_timing_v1 = FeatureService(
-    name="api_key_timing_v1",
-    features=_inputs(_KEY_VIEWS, TIMING_FEATURES),
-    description="Inputs of the timing (rhythm) Isolation Forest family, version 1.",
-    tags={"entity": "api_key", "family": "timing_isolation_forest"},
+api_key_timing_v1 = _family_service(
+    "api_key_timing_v1",
+    _KEY_VIEWS,
+    TIMING_FEATURES,
+    "timing_isolation_forest",
+    "timing (rhythm) Isolation Forest",
 )
-user_isolation_forest_v1 = FeatureService(
-    name="user_isolation_forest_v1",
-    features=_inputs(_USER_VIEWS, ROW_FEATURES),
-    description="Inputs of the user-level Isolation Forest family, version 1.",
-    tags={"entity": "user", "family": "user_isolation_forest"},
+user_isolation_forest_v1 = _family_service(
+    "user_isolation_forest_v1",
+    _USER_VIEWS,
+    ROW_FEATURES,
+    "user_isolation_forest",
+    "user-level Isolation Forest",
 )
 
 api_key_campaign_source = FileSource(
