@@ -145,8 +145,19 @@ class TutorialBaselineDetector(BaseDetector):
 
     @staticmethod
     def _minute_counts(telemetry: pd.DataFrame) -> pd.DataFrame:
-        """Submissions per user per minute, zero-filled between each user's first and last."""
-        subs = telemetry.loc[telemetry["status"].isin(SUBMISSION_STATUSES), ["user", "timestamp"]]
+        """Submissions per user per minute, zero-filled between each user's first and last.
+
+        With a ``job_id`` column a job counts once, at its earliest record, whatever its
+        status, so a job log (one terminal record per job) counts as the event stream
+        does; without one, submission records are counted, as the tutorial does.
+        """
+        if "job_id" in telemetry.columns:
+            first = telemetry.sort_values("timestamp", kind="stable").drop_duplicates("job_id")
+            subs = first[["user", "timestamp"]]
+        else:
+            subs = telemetry.loc[
+                telemetry["status"].isin(SUBMISSION_STATUSES), ["user", "timestamp"]
+            ]
         if subs.empty:
             return pd.DataFrame(columns=["user", "minute", "submissions"])
         counts = (

@@ -226,7 +226,9 @@ def run_backtests(
     """
     if telemetry.num_rows == 0:
         raise BacktestError("no telemetry records to backtest")
-    frame = telemetry.select(["user", "api_key_id", "timestamp", "status"]).to_pandas()
+    columns = ["user", "api_key_id", "timestamp", "status"]
+    columns += ["job_id"] if "job_id" in telemetry.column_names else []
+    frame = telemetry.select(columns).to_pandas()
     frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
     first, last = frame["timestamp"].min(), frame["timestamp"].max()
     if train_until is not None and train_until.tzinfo is None:

@@ -95,3 +95,24 @@ def test_unfitted_and_empty_inputs() -> None:
         TutorialBaselineDetector().fit_frame(no_submissions)
     det = TutorialBaselineDetector().fit_frame(_telemetry())
     assert det.score_frame(no_submissions).empty
+
+
+def test_a_job_log_counts_each_job_once_like_the_event_stream() -> None:
+    t0 = pd.Timestamp("2026-03-02T00:00:00Z")
+    submitted = t0 + pd.to_timedelta(np.arange(120) * 7, unit="s")
+    jobs = [f"job-{i}" for i in range(120)]
+    stream = pd.DataFrame(
+        {
+            "user": "u1",
+            "job_id": jobs * 2,
+            "status": ["submitted"] * 120 + ["completed"] * 120,
+            "timestamp": list(submitted) + list(submitted + pd.Timedelta(seconds=3)),
+        }
+    )
+    # One record per job, its terminal one, at the instant it was submitted.
+    job_log = stream[stream["status"] == "completed"].assign(timestamp=list(submitted))
+    counted = TutorialBaselineDetector._minute_counts(stream)
+    assert counted["submissions"].sum() == 120  # each job once, not twice
+    pd.testing.assert_frame_equal(counted, TutorialBaselineDetector._minute_counts(job_log))
+    # Without job ids the tutorial's rule: submission records only.
+    assert TutorialBaselineDetector._minute_counts(job_log.drop(columns="job_id")).empty
