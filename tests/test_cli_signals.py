@@ -40,6 +40,18 @@ READY_WITHIN_S = 120.0
 MARKER_ENV = "QABUSE_TEST_PROCESS_MARKER"
 
 
+def _signals(pid: int) -> str:
+    """Blocked, ignored and caught signal masks and the command of a process (diagnostics)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "gone"
+    masks = [
+        line.replace("\t", " ") for line in status if line[:6] in ("SigBlk", "SigIgn", "SigCgt")
+    ]
+    return f"{_command_line(pid)[:60]!r} {' '.join(masks)}"
+
+
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, ppid) of a process, or None once it is gone."""
     try:
@@ -194,7 +206,9 @@ def _assert_stops(run: Run, signum: signal.Signals, ports: list[int]) -> None:
     left = {pid: _stat(pid) for pid in (tree | _marked(run.marker)) if _alive(pid)}
     assert stopped, (
         f"{signum.name}: after {time.monotonic() - started:.1f} s still alive: {left}; "
-        f"ports open: {[p for p in ports if not _refuses(p)]}"
+        f"ports open: {[p for p in ports if not _refuses(p)]}; "
+        f"signals: { ({pid: _signals(pid) for pid in left}) }; "
+        f"this process blocks {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
     )
     assert run.process.poll() is not None
 
@@ -285,7 +299,9 @@ def test_what_outlives_the_grace_period_is_killed_descendants_too() -> None:
         assert _wait(lambda: _sleeping(run) == 2, 10.0), run.tree()
         tree = run.tree()
         run.process.send_signal(signal.SIGTERM)
-        assert _wait(lambda: not any(_alive(pid) for pid in tree), 5.0)
+        assert _wait(lambda: not any(_alive(pid) for pid in tree), 5.0), {
+            pid: _signals(pid) for pid in tree if _alive(pid)
+        }
         assert run.process.wait(1) == -signal.SIGTERM  # as if it had not handled it
     finally:
         for pid in run.tree():
