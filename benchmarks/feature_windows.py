@@ -139,6 +139,8 @@ NOT_IN_BASELINE = {
     "hours_since_first_seen_24h": "a 24-hour activity history, not a window aggregate",
     "gap_before_latest_activity_min": "a 24-hour activity history, not a window aggregate",
     "interarrival_cv_1h": "needs each submission's instant, not per-minute counts",
+    "interarrival_regularity_1h": "needs each submission's instant, not per-minute counts",
+    "interarrival_regularity_24h": "each submission's instant over 24 hours",
     "active_hours_24h": "a 24-hour history, not a window aggregate",
     "submissions_24h": "a 24-hour history, not a window aggregate",
     "estimated_cost_24h": "a 24-hour history, not a window aggregate",

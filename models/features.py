@@ -43,7 +43,8 @@ IDENTITY = (
 )
 #: Long-horizon signals: regularity, activity around the clock, change against the day.
 HISTORY = (
-    "interarrival_cv_1h",
+    "interarrival_regularity_1h",
+    "interarrival_regularity_24h",
     "active_hours_24h",
     "submissions_1h_vs_24h",
     "cost_1h_vs_24h",
@@ -69,7 +70,7 @@ COMPACT_FEATURES: tuple[str, ...] = _available(
         "fail_rate_1h",
         "auth_failures_1h",
         "distinct_networks_1h",
-        "interarrival_cv_1h",
+        "interarrival_regularity_1h",
         "active_hours_24h",
         "submissions_1h_vs_24h",
     ),

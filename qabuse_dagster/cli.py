@@ -499,7 +499,7 @@ def up(dagster_port: int, mlflow_port: int, serve_port: int) -> None:
 @click.option(
     "--alert-budget",
     type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-    default=0.01,
+    default=settings.DEFAULT_ALERT_BUDGET,
     show_default=True,
     help="Share of training key-days each family's (and the ensemble's) threshold lets alert.",
 )

@@ -47,7 +47,7 @@ from qabuse_dagster.evaluation.families import (
 from qabuse_dagster.evaluation.plots import png_markdown, score_timeline_png
 from qabuse_dagster.evaluation.report import BacktestReport, judge
 from qabuse_dagster.ingest.partitions import read_raw
-from qabuse_dagster.settings import CHALLENGER_ALIAS, CHAMPION_ALIAS
+from qabuse_dagster.settings import CHALLENGER_ALIAS, CHAMPION_ALIAS, DEFAULT_ALERT_BUDGET
 from qabuse_dagster.telemetry.labels import read_labels
 
 
@@ -65,7 +65,7 @@ class HistoryConfig(Config):
     """Which part of the stored telemetry trains (the rest evaluates)."""
 
     train_fraction: float = 0.5
-    alert_budget: float = 0.01
+    alert_budget: float = DEFAULT_ALERT_BUDGET
     random_state: int = 0
 
 

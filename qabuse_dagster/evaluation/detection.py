@@ -30,6 +30,16 @@ class IncidentOutcome:
     detected: bool
     time_to_detect_s: float | None
     first_alert: datetime | None
+    #: The incident keys' first feature row after its start (the earliest moment any
+    #: detector could alert: a minute after their first submission in the incident).
+    first_row: datetime | None = None
+
+    @property
+    def delay_after_first_row_s(self) -> float | None:
+        """Time from the first row a detector could alert on to its first alert."""
+        if self.first_alert is None or self.first_row is None:
+            return None
+        return (self.first_alert - self.first_row).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -49,9 +59,11 @@ class DetectionReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for incident in out["incidents"]:
-            first = incident["first_alert"]
-            incident["first_alert"] = first.isoformat() if first is not None else None
+        for incident, outcome in zip(out["incidents"], self.incidents, strict=True):
+            for name in ("first_alert", "first_row"):
+                at = incident[name]
+                incident[name] = at.isoformat() if at is not None else None
+            incident["delay_after_first_row_s"] = outcome.delay_after_first_row_s
         return out
 
 
@@ -121,13 +133,14 @@ def evaluate_detections(
     outcomes = []
     for label in active:
         keys = keys_of[label.incident_id]
-        during = rows[
+        rows_during = rows[
             rows["api_key_id"].isin(keys)
             & (rows["event_timestamp"] > label.start)
             & (rows["event_timestamp"] <= label.end + WINDOW_TAIL)
-            & rows["alert"]
         ]
+        during = rows_during[rows_during["alert"]]
         first = during["event_timestamp"].min() if not during.empty else None
+        first_row = rows_during["event_timestamp"].min() if not rows_during.empty else None
         outcomes.append(
             IncidentOutcome(
                 incident_id=label.incident_id,
@@ -137,6 +150,7 @@ def evaluate_detections(
                 if first is not None
                 else None,
                 first_alert=first.to_pydatetime() if first is not None else None,
+                first_row=first_row.to_pydatetime() if first_row is not None else None,
             )
         )
     benign = rows[~rows["api_key_id"].isin(incident_keys)]

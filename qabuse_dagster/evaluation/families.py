@@ -33,6 +33,7 @@ from models.base import score_floor
 from models.registry import DetectorFamily, families, get_family
 from qabuse_dagster.features.definitions import ACTIVITY_LOOKBACK_MINUTES
 from qabuse_dagster.features.windows import minute_sequences, window_features
+from qabuse_dagster.settings import DEFAULT_ALERT_BUDGET
 
 __all__ = [
     "ENSEMBLE",
@@ -80,7 +81,7 @@ class TrainingParams:
         overrides: per family, constructor arguments replacing its registered params.
     """
 
-    alert_budget: float = 0.01
+    alert_budget: float = DEFAULT_ALERT_BUDGET
     random_state: int = 0
     calibration_fraction: float = 1 / 3
     warm_up: timedelta = NO_WARM_UP

@@ -123,6 +123,9 @@ class KindMetrics:
     k: int
     pr_auc: float | None
     median_time_to_detect_s: float | None
+    #: Median of the detected incidents' `IncidentOutcome.delay_after_first_row_s`: the
+    #: detector's own delay, without the wait for the abuse's first submission.
+    median_delay_after_first_row_s: float | None
     benign_key_day_alert_rate: float
     benign_row_alert_rate: float
     benign_key_days: int
@@ -179,6 +182,8 @@ class BacktestReport:
                     "detected": o.detected,
                     "time_to_detect_s": o.time_to_detect_s,
                     "first_alert": o.first_alert.isoformat() if o.first_alert else None,
+                    "first_row": o.first_row.isoformat() if o.first_row else None,
+                    "delay_after_first_row_s": o.delay_after_first_row_s,
                     "api_key_ids": self.incident_keys[o.incident_id],
                 }
                 for o in self.incidents
@@ -451,6 +456,11 @@ def _kind_metrics(
         else None
     )
     ttd = [o.time_to_detect_s for o in outcome.incidents if o.time_to_detect_s is not None]
+    delays = [
+        o.delay_after_first_row_s
+        for o in outcome.incidents
+        if o.delay_after_first_row_s is not None
+    ]
     return KindMetrics(
         incidents=len(outcome.incidents),
         detected=sum(o.detected for o in outcome.incidents),
@@ -459,6 +469,7 @@ def _kind_metrics(
         k=outcome.k if group_keys else 0,
         pr_auc=pr_auc,
         median_time_to_detect_s=float(pd.Series(ttd).median()) if ttd else None,
+        median_delay_after_first_row_s=float(pd.Series(delays).median()) if delays else None,
         benign_key_day_alert_rate=benign.rate,
         benign_row_alert_rate=benign_row_rate,
         benign_key_days=benign.key_days,
@@ -540,6 +551,7 @@ KIND_TABLE_COLUMNS = [
     "incidents",
     "recall",
     "median TTD (s)",
+    "median delay after first row (s)",
     "precision@k",
     "PR-AUC",
     "benign alert rate (key-days)",
@@ -562,6 +574,7 @@ def kind_table_rows(reports: Sequence[BacktestReport]) -> list[list[str]]:
                     str(m.incidents),
                     format_metric(m.recall),
                     format_metric(m.median_time_to_detect_s, digits=0),
+                    format_metric(m.median_delay_after_first_row_s, digits=0),
                     format_metric(m.precision_at_k),
                     format_metric(m.pr_auc),
                     f"{m.benign_key_day_alert_rate:.3f} "
@@ -574,7 +587,7 @@ def kind_table_rows(reports: Sequence[BacktestReport]) -> list[list[str]]:
             lm = r.lookalikes.get(kind)
             if lm is not None:
                 rate = f"{lm.benign_key_day_alert_rate:.3f} ({lm.key_days_alerted}/{lm.key_days})"
-                rows.append([f"benign: {kind}", r.detector, "-", "-", "-", "-", "-", rate])
+                rows.append([f"benign: {kind}", r.detector, "-", "-", "-", "-", "-", "-", rate])
     return rows
 
 

@@ -50,6 +50,7 @@ The definition has two halves, shared by both engines so their numbers agree:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -94,6 +95,13 @@ WINDOW_LOOKBACK_MINUTES = 2 * 60
 #: Sharing of a code hash counts the other entities that used it in this many minutes.
 SHARING_MINUTES = 60
 ZSCORE_STD_FLOOR = 1.0
+#: The inter-arrival CV range the regularity feature reads (a clock, and far burstier
+#: than any arrival process a key shows in an hour).
+REGULARITY_CV_FLOOR = 0.001
+REGULARITY_CV_CEILING = 100.0
+#: Gaps a regularity needs: a few submissions of one loop are evenly spaced by chance or
+#: by construction, a rhythm is not made of 3 (fewer: 0, no evidence).
+REGULARITY_MIN_GAPS = 6
 #: Nearest-rank percentile of per-minute submissions over the last hour.
 RATE_PERCENTILE = 95
 #: 0-based rank of that percentile among the hour's 60 per-minute counts.
@@ -321,6 +329,31 @@ FEATURES: tuple[FeatureSpec, ...] = (
         "1h",
     ),
     FeatureSpec(
+        "interarrival_regularity_1h",
+        "decades",
+        "How regular the last hour's submissions are, in decades: -log10 of "
+        "interarrival_cv_1h (floored at 0.001), so 0 for random arrivals, 1 for gaps ten "
+        "times steadier, up to 3 for a clock; negative for bursts; 0 with fewer than "
+        f"{REGULARITY_MIN_GAPS} gaps. The log scale keeps the gap between a steady poller "
+        "(cv 0.1) and a steady person (cv 0.5) as wide as the one between a person and a "
+        "burst.",
+        "1h",
+        low=-math.log10(REGULARITY_CV_CEILING),
+        high=-math.log10(REGULARITY_CV_FLOOR),
+    ),
+    FeatureSpec(
+        "interarrival_regularity_24h",
+        "decades",
+        "interarrival_regularity_1h over the last 24 hours: -log10 of the coefficient of "
+        "variation of the gaps of at most an hour between consecutive submissions (longer "
+        "gaps are breaks between sessions and left out); 0 with fewer than "
+        f"{REGULARITY_MIN_GAPS} such gaps. A poller steady all day stays high; a person, "
+        "a test suite or an optimiser loop, bursty between breaks, does not.",
+        "1h",
+        low=-math.log10(REGULARITY_CV_CEILING),
+        high=-math.log10(REGULARITY_CV_FLOOR),
+    ),
+    FeatureSpec(
         "active_hours_24h",
         "hours",
         "Distinct hours of the day (UTC) with a submission in the last 24 hours: 24 for a "
@@ -446,6 +479,11 @@ ROW_INT_AGGREGATES = (
     "subs_day",  # submissions in t - 1440 .. t - 1
     "active_hours_day",  # distinct hours of the day of those submissions' minutes
     "net_auth_max",  # largest network auth failures of a record in t - 60 .. t - 1
+    # Gaps of at most SHARING_MINUTES between consecutive submissions of t - 1440 .. t - 1
+    # (the first one's, reaching back before, left out): their number, sum and squares.
+    "iat_day_gaps",
+    "iat_day_sum_ms",
+    "iat_day_sq_ms",
 )
 ROW_FLOAT_AGGREGATES = ("cost_day",)  # cost of the submissions in t - 1440 .. t - 1
 AGGREGATES: tuple[str, ...] = (
@@ -472,19 +510,29 @@ def _zscore(last: np.ndarray, hist_sum: np.ndarray, hist_sq: np.ndarray) -> np.n
 
 
 def _interarrival_cv(n: np.ndarray, span: np.ndarray, sq: np.ndarray) -> np.ndarray:
-    """std / mean of ``n - 1`` gaps summing to ``span`` with squares summing to ``sq``.
+    """std / mean of the ``n - 1`` gaps between ``n`` submissions spanning ``span``."""
+    return _gap_cv(np.asarray(n) - 1, span, sq, 2)
 
-    With ``g = n - 1`` gaps, ``std / mean = sqrt(g * sq - span**2) / span``; 1 where
-    that is undefined.
+
+def _gap_cv(gaps: np.ndarray, total: np.ndarray, sq: np.ndarray, least: int) -> np.ndarray:
+    """std / mean of ``gaps`` gaps summing to ``total`` with squares summing to ``sq``.
+
+    ``std / mean = sqrt(gaps * sq - total**2) / total``; 1 where that is undefined (fewer
+    than ``least`` gaps, or all of length 0).
     """
-    n, span, sq = (np.asarray(x, dtype=np.float64) for x in (n, span, sq))
-    # Undefined (under 3 submissions, or all at one instant): 1, as for random arrivals,
-    # so "no evidence" never reads as "perfectly regular" (0).
-    out = np.ones(len(n), dtype=np.float64)
-    some = (n >= 3) & (span > 0)
-    spread = (n[some] - 1) * sq[some] - span[some] * span[some]
-    out[some] = np.sqrt(np.maximum(spread, 0.0)) / span[some]
+    g, total, sq = (np.asarray(x, dtype=np.float64) for x in (gaps, total, sq))
+    # Undefined: 1, as for random arrivals, so "no evidence" never reads as "perfectly
+    # regular" (0).
+    out = np.ones(len(g), dtype=np.float64)
+    some = (g >= least) & (total > 0)
+    spread = g[some] * sq[some] - total[some] * total[some]
+    out[some] = np.sqrt(np.maximum(spread, 0.0)) / total[some]
     return out
+
+
+def _regularity(cv: np.ndarray) -> np.ndarray:
+    """``-log10(cv)``, with ``cv`` clipped to [`REGULARITY_CV_FLOOR`, `REGULARITY_CV_CEILING`]."""
+    return -np.log10(np.clip(cv, REGULARITY_CV_FLOOR, REGULARITY_CV_CEILING))
 
 
 #: Reads one aggregate column by its `AGGREGATES` name.
@@ -548,6 +596,22 @@ _FORMULAS: dict[str, Callable[[Getter], np.ndarray]] = {
     "gap_before_latest_activity_min": lambda get: np.asarray(get("gap_min")),
     "interarrival_cv_1h": lambda get: _interarrival_cv(
         np.asarray(get("subs_60")), np.asarray(get("iat_span_ms")), np.asarray(get("iat_sq_ms"))
+    ),
+    "interarrival_regularity_1h": lambda get: _regularity(
+        _gap_cv(
+            np.asarray(get("subs_60")) - 1,
+            np.asarray(get("iat_span_ms")),
+            np.asarray(get("iat_sq_ms")),
+            REGULARITY_MIN_GAPS,
+        )
+    ),
+    "interarrival_regularity_24h": lambda get: _regularity(
+        _gap_cv(
+            np.asarray(get("iat_day_gaps")),
+            np.asarray(get("iat_day_sum_ms")),
+            np.asarray(get("iat_day_sq_ms")),
+            REGULARITY_MIN_GAPS,
+        )
     ),
     "active_hours_24h": lambda get: np.asarray(get("active_hours_day")),
     "submissions_24h": lambda get: np.asarray(get("subs_day")),

@@ -98,6 +98,7 @@ _MICROSECOND = timedelta(microseconds=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NEVER = -(2**62)  # the watermark before any record: nothing is late
 _JOB_MEMORY_US = JOB_MEMORY_MINUTES * _MINUTE_US
+_SESSION_GAP_MS = SHARING_MINUTES * 60_000  # longer gaps between submissions are breaks
 _COST_WEIGHTS: dict[str | None, int] = {}  # backend -> `backend_cost_weight`, cached
 _EXTRA_FIELDS = (
     "num_circuits",
@@ -240,23 +241,34 @@ class _Window:
 
 
 class _DayWindow:
-    """Submissions, cost and active hours of the day of one entity's last 1440 minutes."""
+    """Submissions, cost, active hours and gaps of one entity's last 1440 minutes."""
 
-    __slots__ = ("active_hours", "cost", "entries", "hours", "subs")
+    __slots__ = ("active_hours", "cost", "entries", "gaps", "hours", "subs")
 
     def __init__(self) -> None:
-        self.entries: deque[tuple[int, int, int]] = deque()  # (minute, subs, cost)
+        # (minute, subs, cost, first instant, last instant, squared gaps between them) of
+        # each minute with submissions, instants in ms.
+        self.entries: deque[tuple[int, int, int, int, int, int]] = deque()
         self.subs = 0
         self.cost = 0
         self.hours = [0] * 24  # per hour of the day, minutes with submissions
         self.active_hours = 0
+        # Counted gaps (at most SHARING_MINUTES) between consecutive submissions, the
+        # first submission's own left out: their number, sum and squared sum in ms.
+        self.gaps = [0, 0, 0]
 
     def add(self, minute: int, bucket: list[Any]) -> None:
         subs = bucket[_SUBS]
         if not subs:
             return
         cost = bucket[_COST]
-        self.entries.append((minute, subs, cost))
+        first, last, squares = bucket[_IAT]
+        if self.entries:
+            self._count(first - self.entries[-1][4], 1)
+        self.gaps[0] += subs - 1  # the minute's own gaps, all under a minute
+        self.gaps[1] += last - first
+        self.gaps[2] += squares
+        self.entries.append((minute, subs, cost, first, last, squares))
         self.subs += subs
         self.cost += cost
         hour = minute // 60 % 24
@@ -264,13 +276,24 @@ class _DayWindow:
         if self.hours[hour] == 1:
             self.active_hours += 1
 
+    def _count(self, gap: int, sign: int) -> None:
+        if gap <= _SESSION_GAP_MS:
+            self.gaps[0] += sign
+            self.gaps[1] += sign * gap
+            self.gaps[2] += sign * gap * gap
+
     def expire(self, t: int) -> None:
         """Drop the minutes before ``t - DAY_MINUTES``."""
         entries, oldest = self.entries, t - DAY_MINUTES
         while entries and entries[0][0] < oldest:
-            minute, subs, cost = entries.popleft()
+            minute, subs, cost, first, last, squares = entries.popleft()
             self.subs -= subs
             self.cost -= cost
+            self.gaps[0] -= subs - 1
+            self.gaps[1] -= last - first
+            self.gaps[2] -= squares
+            if entries:
+                self._count(entries[0][3] - last, -1)
             hour = minute // 60 % 24
             self.hours[hour] -= 1
             if not self.hours[hour]:
@@ -839,6 +862,7 @@ def _row(
         day.subs,
         day.active_hours,
         hour.maximum(3),  # network auth failures
+        *day.gaps,
         float(day.cost),  # exact int, rounded once
     ]
     return tuple(values)

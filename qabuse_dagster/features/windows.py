@@ -650,11 +650,13 @@ class _Grid:
         return out
 
     @cached_property
-    def submission_times(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Submissions by cell then instant: their cells, instants (ms), squared-gap prefix.
+    def submission_times(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Submissions by cell then instant: their cells, instants (ms) and gap prefixes.
 
-        ``prefix[i]`` sums the squared gaps before submission ``i`` to its predecessor
-        (0 across entities, and for gaps over an hour, which no window holds).
+        A submission's gap is the time since its entity's previous submission, counted
+        when it is at most `SHARING_MINUTES` (longer ones are breaks between sessions, and
+        no hour holds them). ``prefixes["squares"][i]`` sums the squared counted gaps of
+        the submissions before ``i``; ``"gaps"`` their lengths; ``"counted"`` their number.
         """
         e = self.events
         at = np.flatnonzero(e.is_submission)
@@ -662,14 +664,20 @@ class _Grid:
         cells, ms = self.event_cell[at][order], e.ms[at][order]
         gaps = np.zeros(len(ms), dtype=np.int64)
         gaps[1:] = ms[1:] - ms[:-1]
-        same = np.zeros(len(ms), dtype=bool)
-        same[1:] = cells[1:] // self.n_minutes == cells[:-1] // self.n_minutes
-        gaps = np.where(same & (gaps <= SHARING_MINUTES * 60_000), gaps, 0)
-        return cells, ms, _prefix(gaps * gaps)
+        counted = np.zeros(len(ms), dtype=bool)
+        counted[1:] = cells[1:] // self.n_minutes == cells[:-1] // self.n_minutes
+        counted &= gaps <= SHARING_MINUTES * 60_000
+        gaps = np.where(counted, gaps, 0)
+        prefixes = {
+            "squares": _prefix(gaps * gaps),
+            "gaps": _prefix(gaps),
+            "counted": _prefix(counted.astype(np.int64)),
+        }
+        return cells, ms, prefixes
 
     def _interarrival(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row, the span (ms) of its last hour's submissions and their squared gaps."""
-        cells, ms, squares = self.submission_times
+        cells, ms, prefixes = self.submission_times
         first = np.searchsorted(cells, rows - 60, side="left")
         last = np.searchsorted(cells, rows - 1, side="right")
         some = last - first >= 2
@@ -678,8 +686,27 @@ class _Grid:
         f, lst = first[some], last[some]
         span[some] = ms[lst - 1] - ms[f]
         # The gaps of submissions first + 1 .. last - 1 to their predecessors.
-        sq[some] = squares[lst] - squares[f + 1]
+        sq[some] = prefixes["squares"][lst] - prefixes["squares"][f + 1]
         return span, sq
+
+    def _day_interarrival(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Per row, the number, sum and squared sum of the counted gaps of its last day.
+
+        The gaps of the day's submissions to their predecessors, the first one's (which
+        reaches back before the day) left out.
+        """
+        cells, _, prefixes = self.submission_times
+        first = np.searchsorted(cells, rows - DAY_MINUTES, side="left")
+        last = np.searchsorted(cells, rows - 1, side="right")
+        start = np.minimum(first + 1, last)
+        return {
+            name: prefixes[key][last] - prefixes[key][start]
+            for name, key in (
+                ("iat_day_gaps", "counted"),
+                ("iat_day_sum_ms", "gaps"),
+                ("iat_day_sq_ms", "squares"),
+            )
+        }
 
     def rows(self, start_us: int, end_us: int) -> np.ndarray:
         """Cells of the rows: the 5 minute boundaries after each active minute, in span."""
@@ -741,6 +768,10 @@ class _Grid:
         if "iat_span_ms" in needed or "iat_sq_ms" in needed:
             span, sq = self._interarrival(rows)
             for name, values in (("iat_span_ms", span), ("iat_sq_ms", sq)):
+                if name in needed:
+                    agg[name] = values
+        if needed & {"iat_day_gaps", "iat_day_sum_ms", "iat_day_sq_ms"}:
+            for name, values in self._day_interarrival(rows).items():
                 if name in needed:
                     agg[name] = values
         if "net_auth_max" in needed:

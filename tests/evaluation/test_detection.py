@@ -92,10 +92,14 @@ def test_detected_incident_with_exact_time_to_detect() -> None:
     assert outcome.detected is True
     assert outcome.time_to_detect_s == 180.0
     assert outcome.first_alert == T0 + 13 * MINUTE
+    # The first row it could have alerted on came at minute 12: one row late.
+    assert outcome.first_row == T0 + 12 * MINUTE
+    assert outcome.delay_after_first_row_s == 60.0
     assert report.recall == 1.0
     assert report.rows == 7
     assert report.alerts == 4
     assert report.to_dict()["incidents"][0]["first_alert"] == (T0 + 13 * MINUTE).isoformat()
+    assert report.to_dict()["incidents"][0]["delay_after_first_row_s"] == 60.0
 
 
 def test_alert_only_before_the_incident_is_a_miss() -> None:

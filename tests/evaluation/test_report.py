@@ -44,6 +44,7 @@ _METRICS = {
         "benign_key_day_alert_rate": {"type": "number", "minimum": 0, "maximum": 1},
         "benign_row_alert_rate": {"type": "number", "minimum": 0, "maximum": 1},
         "median_time_to_detect_s": _NUMBER_OR_NULL,
+        "median_delay_after_first_row_s": _NUMBER_OR_NULL,
     },
 }
 REPORT_SCHEMA = {
@@ -62,6 +63,7 @@ REPORT_SCHEMA = {
                     "kind": {"type": "string"},
                     "detected": {"type": "boolean"},
                     "time_to_detect_s": {"type": ["number", "null"], "minimum": 0},
+                    "delay_after_first_row_s": {"type": ["number", "null"], "minimum": 0},
                 },
             },
         },

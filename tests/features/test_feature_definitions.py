@@ -201,6 +201,14 @@ def _oracle(records: list[dict[str, Any]], entity: str) -> dict[tuple[str, int],
             agg["subs_day"] = len(day_subs)
             agg["cost_day"] = math.fsum(_cost(r) for r in day_subs if r["status"] != "rejected")
             agg["active_hours_day"] = len({r["timestamp"].hour for r in day_subs})
+            day_gaps = [
+                b - a
+                for a, b in itertools.pairwise(sorted(_ms(r) for r in day_subs))
+                if b - a <= SHARING_MINUTES * 60_000
+            ]
+            agg["iat_day_gaps"] = len(day_gaps)
+            agg["iat_day_sum_ms"] = sum(day_gaps)
+            agg["iat_day_sq_ms"] = sum(g * g for g in day_gaps)
             agg["net_auth_max"] = max(
                 (
                     len(

@@ -69,6 +69,47 @@ def test_a_regular_bot_has_no_interarrival_variation_and_a_burst_has_much() -> N
     assert two["k", T0 + MINUTE]["interarrival_cv_1h"] == 1.0
 
 
+def _cv(gaps: list[int]) -> float:
+    mean = sum(gaps) / len(gaps)
+    return math.sqrt(sum(g * g for g in gaps) / len(gaps) - mean**2) / mean
+
+
+def test_a_poller_steady_all_day_stays_regular_and_a_session_worker_does_not() -> None:
+    # A poller every 4 minutes, 2 s late every other time, for 10 hours.
+    poller = [_rec("poller", timedelta(minutes=4 * i, seconds=2 * (i % 2))) for i in range(150)]
+    # A worker: 12 submissions a minute apart, a 50-minute break, again, for 10 hours.
+    worker = [_rec("worker", timedelta(hours=h, minutes=i)) for h in range(10) for i in range(12)]
+    rows = _rows(poller + worker)
+    at = T0 + timedelta(hours=10)
+    # Poller gaps alternate 242 s and 238 s: cv about 2 / 240.
+    poller_gaps = [242_000 if i % 2 == 0 else 238_000 for i in range(149)]
+    assert rows["poller", at]["interarrival_regularity_24h"] == pytest.approx(
+        -math.log10(_cv(poller_gaps)), rel=1e-9
+    )
+    # Worker gaps: 11 of 60 s per hour, then 49 min to the next hour's first (under the
+    # hour's cap, so counted); the 1-hour window sees one session and reads it as steady.
+    worker_gaps = ([60_000] * 11 + [49 * 60_000]) * 9 + [60_000] * 11
+    worker_row = rows["worker", T0 + timedelta(hours=9, minutes=12)]
+    assert worker_row["interarrival_regularity_24h"] == pytest.approx(
+        -math.log10(_cv(worker_gaps)), rel=1e-9
+    )
+    assert worker_row["interarrival_regularity_24h"] < 0 < worker_row["interarrival_regularity_1h"]
+    # Under 6 gaps: no evidence (0), however steady they look.
+    for window in ("1h", "24h"):
+        name = f"interarrival_regularity_{window}"
+        assert rows["poller", T0 + timedelta(minutes=21)][name] == 0.0  # 5 gaps
+        assert rows["poller", T0 + timedelta(minutes=25)][name] > 2.0  # 6 gaps
+
+
+def test_gaps_longer_than_an_hour_are_breaks_not_part_of_the_rhythm() -> None:
+    # Bursts of 11 submissions a second apart, with two-hour breaks between bursts.
+    records = [_rec("k", timedelta(hours=2 * b, seconds=i)) for b in range(3) for i in range(11)]
+    rows = _rows(records)
+    row = rows["k", T0 + timedelta(hours=4, minutes=1)]
+    assert row["interarrival_regularity_24h"] == 3.0  # 30 equal 1-s gaps: the floor's value
+    assert row["submissions_24h"] == 33
+
+
 def test_day_features_count_hours_submissions_and_cost_against_the_day() -> None:
     # One submission at the start of each of 20 hours, then 10 in the last hour.
     records = [_rec("k", timedelta(hours=h)) for h in range(20)]
