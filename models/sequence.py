@@ -295,10 +295,26 @@ class SequenceAutoencoderDetector(BaseDetector):
         return np.asarray(z**2 / level.shape[1], dtype=np.float64)
 
     def _score(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
-        return self._channel_terms(X).sum(axis=1)
+        return self._one_row_terms(X).sum(axis=1)
 
     def _explain(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
-        return self._channel_terms(X)
+        return self._one_row_terms(X)
+
+    def _one_row_terms(self, X: NDArray[np.float64]) -> NDArray[np.float64]:
+        """`_channel_terms`, remembered for the last single sequence.
+
+        A /score request scores a key and then explains the family that scored highest:
+        for this family both are the same forward pass, run once.
+        """
+        if len(X) != 1:
+            return self._channel_terms(X)
+        key = X.tobytes()
+        last = getattr(self, "_last_row", None)  # one tuple: atomic under threads
+        if last is not None and last[0] == key:
+            return np.array(last[1])
+        terms = self._channel_terms(X)
+        self._last_row = (key, terms.copy())
+        return terms
 
 
 def _default_strategy() -> ThresholdStrategy:
@@ -333,7 +349,10 @@ def _errors(network: Any, scaled: Any) -> tuple[NDArray[np.float64], NDArray[np.
     levels, errors = [], []
     network.eval()
     threads = torch.get_num_threads()
-    if len(scaled) <= SINGLE_THREAD_ROWS:
+    # A few rows (a /score request) gain nothing from intra-op threads; switching costs
+    # a little, so it happens only when needed.
+    switch = len(scaled) <= SINGLE_THREAD_ROWS and threads != 1
+    if switch:
         torch.set_num_threads(1)
     try:
         with torch.inference_mode():
@@ -342,7 +361,8 @@ def _errors(network: Any, scaled: Any) -> tuple[NDArray[np.float64], NDArray[np.
                 errors.append(((network(batch) - batch) ** 2).mean(dim=1).numpy())
                 levels.append(batch.mean(dim=1).numpy())
     finally:
-        torch.set_num_threads(threads)
+        if switch:
+            torch.set_num_threads(threads)
     level = np.concatenate(levels).astype(np.float64)
     log_error = np.log(np.concatenate(errors).astype(np.float64) + ERROR_FLOOR)
     return level, log_error

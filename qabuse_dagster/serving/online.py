@@ -120,6 +120,17 @@ class OnlineInputs:
         stale = age_s is None or age_s > max_age.total_seconds()
         return OnlineRead(values=values, user_values=user_values, age_s=age_s, stale=stale)
 
+    def warm_up(self, members: dict[str, BaseDetector]) -> None:
+        """Score and explain an all-zero input with every member, once.
+
+        A family builds its scoring caches on first use (a compiled forest, shap's tree
+        explainer: up to a second); done here, at load, no request pays for it.
+        """
+        empty = OnlineRead(values={}, user_values={}, age_s=None, stale=True)
+        for name, detector in members.items():
+            self.score(name, detector, empty)
+            self.explain(name, detector, empty)
+
     def _matrix(self, family: DetectorFamily, online: OnlineRead) -> np.ndarray | None:
         if family.input_kind == "sequences":
             channels = []

@@ -148,6 +148,25 @@ def test_explain_blames_the_channel_carrying_the_anomaly(
     np.testing.assert_allclose(contributions.sum(axis=1), fitted.decision_function(sequences))
 
 
+def test_one_sequence_scored_then_explained_agrees_with_the_batch(
+    fitted: SequenceAutoencoderDetector,
+) -> None:
+    # /score scores one key, then explains it: the second call reuses the first's pass.
+    sequences = np.concatenate(
+        [normal_sequences(2, np.random.default_rng(5)), job_bursts(2, np.random.default_rng(6))]
+    )
+    scores, terms = fitted.decision_function(sequences), fitted.explain(sequences)
+    for i in range(len(sequences)):
+        row = sequences[i : i + 1]
+        assert fitted.decision_function(row)[0] == pytest.approx(scores[i], rel=1e-5)
+        explained = fitted.explain(row)
+        np.testing.assert_allclose(explained[0], terms[i], rtol=1e-5)
+        explained[0, :] = -1.0  # a caller's edit does not reach the next answer
+        np.testing.assert_allclose(fitted.explain(row)[0], terms[i], rtol=1e-5)
+    # Scored one after the other, a normal hour and a burst are told apart, not mixed up.
+    assert fitted.decision_function(sequences[3:4])[0] > fitted.decision_function(sequences[:1])[0]
+
+
 def test_chunk_iterator_scores_like_the_array(fitted: SequenceAutoencoderDetector) -> None:
     sequences = normal_sequences(300, np.random.default_rng(4))
     chunks = (sequences[i : i + 70] for i in range(0, 300, 70))
