@@ -1,14 +1,22 @@
 """The champion's inputs read online: one Feast read per entity for every member family.
 
-`OnlineInputs.resolve` turns the members' feature services into one list of feature
-references per entity (api key, user), once per loaded champion; a request then costs
-one online read for the key (and one for the user, when the caller names it), and each
-family's input is cut from that read: its rows, its sequence channels (array features)
-or its campaign features.
+`OnlineInputs.resolve` turns the members' feature services into the feature views and
+features to read per entity (api key, user), once per loaded champion; a request then
+costs one online-store read per view for the key (and for the user, when the caller
+names it), and each family's input is cut from that read: its rows, its sequence
+channels (array features) or its campaign features.
+
+The read goes to the configured online store's own ``online_read`` (the interface every
+Feast online store implements: SQLite, Redis, ...), view by view, and converts the
+values with Feast's ``feast_value_type_to_python_type``: the values and timestamps
+``FeatureStore.get_online_features`` returns, without its per-call resolution of the
+references against the registry and its response assembly (about half of a /score's
+read). A test holds the two equal.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,8 +52,17 @@ class OnlineRead:
         return {
             name: float(v)
             for name, v in self.values.items()
-            if v is not None and not isinstance(v, list) and np.isfinite(float(v))
+            if v is not None and not isinstance(v, list) and math.isfinite(float(v))
         }
+
+
+def _views(store: Any, refs: list[str]) -> ViewReads:
+    """``view:feature`` references grouped by feature view, in first-seen order."""
+    grouped: dict[str, list[str]] = {}
+    for ref in refs:
+        view, feature = ref.split(":", 1)
+        grouped.setdefault(view, []).append(feature)
+    return [(store.get_feature_view(view), names) for view, names in grouped.items()]
 
 
 def _online_names(family: DetectorFamily) -> list[str]:
@@ -54,14 +71,26 @@ def _online_names(family: DetectorFamily) -> list[str]:
     return list(family.feature_names)
 
 
+#: Per feature view: the view and the features read from it.
+ViewReads = list[tuple[Any, list[str]]]
+
+
 @dataclass
 class OnlineInputs:
-    """Feature references per entity for a champion's member families."""
+    """Feature references per entity for a champion's member families.
+
+    ``key_refs`` and ``user_refs`` are ``view:feature`` references (what
+    ``get_online_features`` takes); ``key_views`` and ``user_views`` the same, grouped
+    by feature view, for the direct read.
+    """
 
     families: dict[str, DetectorFamily]
     key_refs: list[str]
     user_refs: list[str]
     services: list[str] = field(default_factory=list)
+    key_views: ViewReads = field(default_factory=list)
+    user_views: ViewReads = field(default_factory=list)
+    online_store: Any = None
 
     @classmethod
     def resolve(cls, store: Any, champion: Any) -> OnlineInputs:
@@ -82,43 +111,58 @@ class OnlineInputs:
                     f"feature service {family.feature_service} lacks {sorted(missing)}, "
                     f"inputs of the {family.name} family"
                 )
+        from feast.infra.online_stores.helpers import get_online_store_from_config
+
+        key_list, user_list = list(key_refs.values()), list(user_refs.values())
         return cls(
             families=members,
-            key_refs=list(key_refs.values()),
-            user_refs=list(user_refs.values()),
+            key_refs=key_list,
+            user_refs=user_list,
             services=sorted({f.feature_service for f in members.values()}),
+            key_views=_views(store, key_list),
+            user_views=_views(store, user_list),
+            online_store=get_online_store_from_config(store.config.online_store),
         )
 
     def read(
         self, store: Any, api_key_id: str, user: str | None, *, max_age: timedelta
     ) -> OnlineRead:
-        from feast.online_response import TIMESTAMP_POSTFIX
-
-        response = store.get_online_features(
-            features=self.key_refs, entity_rows=[{"api_key_id": api_key_id}]
-        ).to_dict(include_event_timestamps=True)
-        names = [ref.split(":", 1)[1] for ref in self.key_refs]
-        values = {name: response[name][0] for name in names}
-        seconds = [
-            response[f"{name}{TIMESTAMP_POSTFIX}"][0]
-            for name in names
-            if values[name] is not None and response[f"{name}{TIMESTAMP_POSTFIX}"][0] > 0
-        ]
+        values, stamps = self._read(store, self.key_views, "api_key_id", api_key_id)
         age_s = None
-        if seconds:
-            oldest = datetime.fromtimestamp(min(seconds), UTC)
-            age_s = (datetime.now(UTC) - oldest).total_seconds()
+        if stamps:
+            age_s = (datetime.now(UTC) - min(stamps)).total_seconds()
         user_values = None
-        if user is not None and self.user_refs:
-            user_response = store.get_online_features(
-                features=self.user_refs, entity_rows=[{"user": user}]
-            ).to_dict()
-            user_values = {
-                ref.split(":", 1)[1]: user_response[ref.split(":", 1)[1]][0]
-                for ref in self.user_refs
-            }
+        if user is not None and self.user_views:
+            user_values, _ = self._read(store, self.user_views, "user", user)
         stale = age_s is None or age_s > max_age.total_seconds()
         return OnlineRead(values=values, user_values=user_values, age_s=age_s, stale=stale)
+
+    def _read(
+        self, store: Any, views: ViewReads, join_key: str, value: str
+    ) -> tuple[dict[str, Any], list[datetime]]:
+        """Each feature's value (None when absent), and the event time of each view read."""
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type
+
+        entity = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
+        values: dict[str, Any] = {}
+        stamps: list[datetime] = []
+        for view, names in views:
+            # A copy: the Redis store appends its timestamp field to the list it is given.
+            ((stamp, found),) = self.online_store.online_read(
+                config=store.config,
+                table=view,
+                entity_keys=[entity],
+                requested_features=list(names),
+            )
+            found = found or {}
+            for name in names:
+                proto = found.get(name)
+                values[name] = feast_value_type_to_python_type(proto) if proto else None
+            if stamp is not None and any(values[name] is not None for name in names):
+                stamps.append(stamp.astimezone(UTC) if stamp.tzinfo else stamp.replace(tzinfo=UTC))
+        return values, stamps
 
     def warm_up(self, members: dict[str, BaseDetector]) -> None:
         """Score and explain an all-zero input with every member, once.
@@ -143,7 +187,7 @@ class OnlineInputs:
             return None
         row = [source.get(name) for name in family.feature_names]
         return np.asarray(
-            [[float(v) if v is not None and np.isfinite(float(v)) else 0.0 for v in row]]
+            [[float(v) if v is not None and math.isfinite(float(v)) else 0.0 for v in row]]
         )
 
     def score(self, name: str, detector: BaseDetector, online: OnlineRead) -> float:

@@ -87,3 +87,33 @@ def test_the_default_stays_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(settings.ONLINE_STORE_ENV, "cassandra")
     with pytest.raises(ValueError, match=settings.ONLINE_STORE_ENV):
         feature_store_yaml(repo)
+
+
+def test_the_scorers_direct_read_matches_feast_on_redis(seeded_redis) -> None:
+    from types import SimpleNamespace
+
+    from models.registry import families
+    from qabuse_dagster.serving.online import OnlineInputs
+
+    store = seeded_redis.store
+    inputs = OnlineInputs.resolve(store, SimpleNamespace(members=list(families())))
+    keys = [seeded_redis.fresh_key, seeded_redis.stale_key, seeded_redis.unknown_key]
+    for key in keys:
+        read = inputs.read(store, key, seeded_redis.user, max_age=timedelta(minutes=5))
+        generic = store.get_online_features(
+            features=inputs.key_refs, entity_rows=[{"api_key_id": key}]
+        ).to_dict()
+        assert read.values == {
+            ref.split(":", 1)[1]: generic[ref.split(":", 1)[1]][0] for ref in inputs.key_refs
+        }
+        user = store.get_online_features(
+            features=inputs.user_refs, entity_rows=[{"user": seeded_redis.user}]
+        ).to_dict()
+        assert read.user_values == {
+            ref.split(":", 1)[1]: user[ref.split(":", 1)[1]][0] for ref in inputs.user_refs
+        }
+    fresh = inputs.read(store, keys[0], None, max_age=timedelta(minutes=5))
+    assert fresh.known and fresh.values[next(iter(seeded_redis.sequences[keys[0]]))] == list(
+        next(iter(seeded_redis.sequences[keys[0]].values()))
+    )
+    assert not inputs.read(store, keys[2], None, max_age=timedelta(minutes=5)).known
