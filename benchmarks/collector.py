@@ -31,10 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from benchmarks.contract_validation import simulated_records
-from benchmarks.report import BenchmarkResult, busy_machine_note, comparison, load_average
+from benchmarks.report import (
+    BenchmarkResult,
+    busy_machine_note,
+    comparison,
+    load_average,
+    progress_display,
+)
 
 NAME = "collector"
 BASELINE = "qabuse ingest of the same records from a JSONL file (in-process, no HTTP)"
@@ -160,13 +166,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
     load_averages = [load_average()]
     with (
         tempfile.TemporaryDirectory(prefix="qabuse-bench-collector-") as tmp,
-        Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
+        progress_display(console) as progress,
     ):
         task = progress.add_task(f"simulating {settings.records:,} records", total=None)
         records, _ = simulated_records(settings.records, 6.0, settings.seed)

@@ -20,9 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
-from benchmarks.report import BenchmarkResult, busy_machine_note, comparison, load_average
+from benchmarks.report import (
+    BenchmarkResult,
+    busy_machine_note,
+    comparison,
+    load_average,
+    progress_display,
+)
 
 NAME = "contract_validation"
 BASELINE = "jsonschema Draft202012Validator.iter_errors (format asserted)"
@@ -105,13 +111,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
         return not list(validator.iter_errors(record))
 
     load_averages = [load_average()]
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with progress_display(console) as progress:
         task = progress.add_task(f"simulating {settings.records:,} records", total=None)
         records, hours = simulated_records(settings.records, settings.hours, settings.seed)
         progress.update(task, total=1, completed=1)

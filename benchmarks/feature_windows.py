@@ -47,7 +47,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from benchmarks.report import (
     BenchmarkResult,
@@ -55,6 +54,7 @@ from benchmarks.report import (
     comparison,
     load_average,
     peak_rss_bytes,
+    progress_display,
 )
 from qabuse_dagster.features.definitions import (
     COST_SCALE,
@@ -652,13 +652,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
     span = (DATA_START, DATA_START + timedelta(days=settings.days, minutes=5))
     with (
         tempfile.TemporaryDirectory(prefix="qabuse-bench-") as tmp,
-        Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as progress,
+        progress_display(console, bar=False) as progress,
     ):
         workdir = Path(tmp)
         data = workdir / "telemetry.parquet"

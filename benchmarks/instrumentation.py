@@ -28,9 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from benchmarks.report import BenchmarkResult, busy_machine_note, comparison, load_average
+from benchmarks.report import (
+    BenchmarkResult,
+    busy_machine_note,
+    comparison,
+    load_average,
+    progress_display,
+)
 
 NAME = "instrumentation"
 BASELINE = "the same submission with no instrumentation (bare SDK call)"
@@ -176,13 +181,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
     load_averages = [load_average()]
     added: dict[str, float] = {}
     facts: dict[str, dict[str, Any]] = {}
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with progress_display(console) as progress:
         for sdk in SDKS:
             task = progress.add_task(f"{sdk}: bare and instrumented blocks", total=settings.blocks)
             bare, ours, sink = _measure(

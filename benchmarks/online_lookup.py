@@ -10,7 +10,6 @@ scale-out store; the baseline is the embedded SQLite default.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -18,16 +17,22 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from benchmarks.report import BenchmarkResult, busy_machine_note, comparison, load_average
+from benchmarks.report import (
+    BenchmarkResult,
+    busy_machine_note,
+    comparison,
+    environment_variables,
+    load_average,
+    percentile,
+    progress_display,
+)
 
 NAME = "online_lookup"
 BASELINE = "Feast SQLite online store (the embedded default)"
@@ -42,21 +47,6 @@ class Settings:
     lookups: int = 5_000
     warmup: int = 200
     seed: int = 1
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the run; put back what was there before."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _seed_rows(store: Any, api_keys: int, seed: int, at: datetime) -> list[str]:
@@ -87,12 +77,6 @@ def _seed_rows(store: Any, api_keys: int, seed: int, at: datetime) -> list[str]:
     source.mkdir(parents=True, exist_ok=True)
     rows.to_parquet(source / "benchmark.parquet", index=False)
     return keys
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    rank = max(1, round(q / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def _redis_version(binary: str) -> str:
@@ -134,20 +118,14 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
     with (
         tempfile.TemporaryDirectory(prefix="qabuse-bench-online-") as tmp,
         local_redis() as connection,
-        _environment(
+        environment_variables(
             **{
                 qabuse_settings.HOME_ENV: str(Path(tmp).resolve()),
                 qabuse_settings.REDIS_ENV: connection,
                 "FEAST_USAGE": "False",
             }
         ),
-        Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
+        progress_display(console) as progress,
     ):
         task = progress.add_task("applying the repository, materialising both stores", total=None)
         stores = {name: open_store(online_store=name) for name in STORES}
@@ -185,8 +163,8 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
     for name, seconds in latencies.items():
         ms = sorted(s * 1e3 for s in seconds)
         summary[name] = {
-            "p50_ms": _percentile(ms, 50),
-            "p99_ms": _percentile(ms, 99),
+            "p50_ms": percentile(ms, 50),
+            "p99_ms": percentile(ms, 99),
             "mean_ms": statistics.fmean(ms),
             "max_ms": ms[-1],
         }

@@ -1,16 +1,21 @@
-"""What a benchmark measured, as a rich table and as JSON, plus peak-memory reading."""
+"""What a benchmark measured, as a rich table and as JSON, and the helpers every run shares:
+peak memory, percentiles, the progress display and temporary environment variables."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -163,6 +168,38 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "load_average_1m": load_average(),
     }
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list.
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 50)
+    2.0
+    """
+    rank = max(1, round(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def progress_display(console: Console, *, bar: bool = True) -> Progress:
+    """The progress display of a run: spinner, step, bar (for counted steps), elapsed time."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}")]
+    columns += [BarColumn()] if bar else []
+    return Progress(*columns, TimeElapsedColumn(), console=console)
+
+
+@contextlib.contextmanager
+def environment_variables(**values: str) -> Iterator[None]:
+    """Set environment variables for the run; put back what was there before."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def load_average() -> float | None:

@@ -28,11 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-# The online-lookup benchmark's helpers: percentiles by the same rank, the same env handling.
-from benchmarks.online_lookup import _environment, _percentile
-from benchmarks.report import BenchmarkResult, busy_machine_note, comparison, load_average
+from benchmarks.report import (
+    BenchmarkResult,
+    busy_machine_note,
+    comparison,
+    environment_variables,
+    load_average,
+    percentile,
+    progress_display,
+)
 
 NAME = "scoring"
 BASELINE = "BentoML echo service (same request shape; no Feast, MLflow or model)"
@@ -143,7 +148,7 @@ def _answer_problem(status: int, body: dict[str, Any], families: set[str]) -> st
 def _summary(seconds: list[float]) -> dict[str, float]:
     ms = sorted(s * 1e3 for s in seconds)
     return {
-        **{f"p{q}_ms": _percentile(ms, q) for q in PERCENTILES},
+        **{f"p{q}_ms": percentile(ms, q) for q in PERCENTILES},
         "mean_ms": statistics.fmean(ms),
         "max_ms": ms[-1],
     }
@@ -171,7 +176,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
             home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qabuse-bench-")))
         home = home.resolve()
         stack.enter_context(
-            _environment(
+            environment_variables(
                 QABUSE_HOME=str(home),
                 DAGSTER_HOME=str(home / "dagster"),
                 BENTOML_HOME=str(home / "bentoml"),
@@ -180,15 +185,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
                 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
             )
         )
-        progress = stack.enter_context(
-            Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TimeElapsedColumn(),
-                console=console,
-            )
-        )
+        progress = stack.enter_context(progress_display(console))
         # The pipeline and Feast log every step; the tables are the output here.
         for name in ("feast", "dagster", "mlflow", "qabuse_dagster"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -30,10 +30,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from benchmarks.feature_windows import DATA_START, generate_telemetry
-from benchmarks.report import BenchmarkResult, busy_machine_note, comparison, load_average
+from benchmarks.report import (
+    BenchmarkResult,
+    busy_machine_note,
+    comparison,
+    load_average,
+    progress_display,
+)
 
 NAME = "streaming"
 BASELINE = "window_features (batch, numpy) over the same records, wall time per record"
@@ -195,9 +200,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
     load_averages = [load_average()]
     # Feast's repo parser and the online store log at INFO; keep the table readable.
     logging.getLogger("feast").setLevel(logging.WARNING)
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
-    ) as progress:
+    with progress_display(console, bar=False) as progress:
         step = progress.add_task(f"generating {settings.records:,} records", total=1)
         table = generate_telemetry(
             settings.records, settings.api_keys, settings.days, settings.seed
