@@ -43,8 +43,9 @@ from qabuse_dagster.evaluation.families import (
     score_families,
     train_then_score,
 )
+from qabuse_dagster.response.decisions import Decision
 from qabuse_dagster.response.policy import MitigationPolicy
-from qabuse_dagster.simulation.closed_loop import Decision, Plan, run_closed_loop
+from qabuse_dagster.simulation.closed_loop import Plan, run_closed_loop
 from qabuse_dagster.simulation.jobs import Horizon, JobBatch, epoch_ms
 from qabuse_dagster.simulation.scenarios import SCENARIOS
 from qabuse_dagster.simulation.twin import TwinManifest, build_plan, progress_bar, shared_queue

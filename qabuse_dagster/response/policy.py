@@ -29,7 +29,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qabuse_dagster.simulation.closed_loop import Decision
+from qabuse_dagster.response.decisions import Decision
 
 __all__ = ["MitigationPolicy"]
 

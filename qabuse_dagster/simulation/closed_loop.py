@@ -40,32 +40,27 @@ import heapq
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from qabuse_dagster.response.decisions import Decision
 from qabuse_dagster.simulation.jobs import MINUTE_MS, JobBatch
 from qabuse_dagster.telemetry.hashing import KeyedHasher
 from qabuse_dagster.telemetry.labels import IncidentLabel
 
 __all__ = [
-    "ACTIONS",
     "MAX_RETRIES",
     "REACTIONS",
     "THROTTLE_JOBS_PER_MINUTE",
-    "Action",
     "ClosedLoopResult",
     "Controller",
-    "Decision",
     "Plan",
     "Reaction",
     "realize_key",
     "run_closed_loop",
 ]
 
-Action = Literal["throttle", "challenge", "revoke", "release"]
-#: The actions a controller can take, mildest first; ``release`` lifts any of them.
-ACTIONS: tuple[Action, ...] = ("throttle", "challenge", "revoke", "release")
 #: Submissions a throttled key may make per minute (the bucket holds a minute's worth).
 THROTTLE_JOBS_PER_MINUTE = 6
 #: Refused attempts after which a well-behaved client abandons a job.
@@ -73,27 +68,6 @@ MAX_RETRIES = 8
 #: Most decisions on one key: a controller that goes past it is looping.
 MAX_DECISIONS_PER_KEY = 1000
 _SECOND_MS = 1000
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One mitigation decision on one api key.
-
-    Attributes:
-        at_ms: When it takes effect (epoch milliseconds).
-        api_key_id: The key it applies to.
-        action: ``throttle``, ``challenge``, ``revoke`` or ``release``.
-        reason: Why, for the audit trail, e.g. the score that crossed the threshold.
-    """
-
-    at_ms: int
-    api_key_id: str
-    action: Action
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        if self.action not in ACTIONS:
-            raise ValueError(f"unknown action {self.action!r}; expected one of {ACTIONS}")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qabuse_dagster.simulation.closed_loop import Controller, Decision, Plan, run_closed_loop
+from qabuse_dagster.response.decisions import Decision
+from qabuse_dagster.simulation.closed_loop import Controller, Plan, run_closed_loop
 from qabuse_dagster.simulation.jobs import Horizon, JobBatch, epoch_ms
 from qabuse_dagster.simulation.queue import Backend, schedule
 from qabuse_dagster.simulation.records import write_telemetry

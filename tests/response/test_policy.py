@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from qabuse_dagster.response.decisions import Decision
 from qabuse_dagster.response.policy import MitigationPolicy
-from qabuse_dagster.simulation.closed_loop import Decision
 
 MIN = 60_000
 POLICY = MitigationPolicy(

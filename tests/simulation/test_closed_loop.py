@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from jsonschema import Draft202012Validator
 
+from qabuse_dagster.response.decisions import Decision
 from qabuse_dagster.simulation import simulate
 from qabuse_dagster.simulation.closed_loop import (
     MAX_RETRIES,
     REACTIONS,
     THROTTLE_JOBS_PER_MINUTE,
-    Decision,
     Plan,
     realize_key,
     run_closed_loop,
