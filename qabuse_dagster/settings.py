@@ -8,6 +8,7 @@ Nothing here imports a heavy library, so the telemetry client and the CLI stay f
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,10 @@ REDIS_ENV = "QABUSE_REDIS"
 ONLINE_MAX_AGE_ENV = "QABUSE_ONLINE_MAX_AGE_S"
 TELEMETRY_START_ENV = "QABUSE_TELEMETRY_START"
 MAX_CLOCK_SKEW_ENV = "QABUSE_MAX_CLOCK_SKEW_S"
+LEDGER_URL_ENV = "QABUSE_LEDGER_URL"
+SIGNING_KEY_ENV = "QABUSE_SIGNING_KEY"
+ENFORCE_ENV = "QABUSE_ENFORCE"
+TOKENS_FILE_ENV = "QABUSE_TOKENS_FILE"
 
 #: The first hour of the raw partitions, and so the earliest telemetry accepted.
 DEFAULT_TELEMETRY_START = "2026-01-01T00:00:00Z"
@@ -107,6 +112,21 @@ class Paths:
     def run(self) -> Path:
         """Pid files and logs of the servers ``qabuse up`` starts."""
         return self.home / "run"
+
+    @property
+    def ledger(self) -> Path:
+        """The embedded decision ledger (SQLite, hash-chained)."""
+        return self.home / "ledger" / "decisions.db"
+
+    @property
+    def secrets(self) -> Path:
+        """Secrets generated for an embedded deployment (mode 0600), e.g. the signing key."""
+        return self.home / "secrets"
+
+    @property
+    def tokens(self) -> Path:
+        """Bearer tokens and their principals and roles (JSON), unless QABUSE_TOKENS_FILE."""
+        return self.secrets / "tokens.json"
 
 
 def qabuse_home() -> Path:
@@ -206,3 +226,78 @@ def max_clock_skew_seconds() -> float:
     if not 0 <= seconds <= 86_400:
         raise ValueError(f"{MAX_CLOCK_SKEW_ENV}={text!r}: expected seconds from 0 to 86400")
     return seconds
+
+
+def ledger_url() -> str:
+    """Where the decision ledger lives: ``sqlite:///PATH`` (default) or ``postgresql://...``."""
+    return os.environ.get(LEDGER_URL_ENV) or f"sqlite:///{paths().ledger}"
+
+
+def signing_key() -> bytes:
+    """The deployment's signing secret: ledger chain MACs and challenge tokens derive from it.
+
+    ``QABUSE_SIGNING_KEY`` when set (at least 32 characters); otherwise a random key
+    generated once under ``$QABUSE_HOME/secrets`` (mode 0600), so an embedded deployment
+    works with no setup and keeps its key across restarts.
+    """
+    text = os.environ.get(SIGNING_KEY_ENV)
+    if text is not None:
+        if len(text) < 32:
+            raise ValueError(f"{SIGNING_KEY_ENV} is {len(text)} characters: give at least 32")
+        return text.encode()
+    path = paths().secrets / "signing.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # O_EXCL: two processes starting together keep the same (first) key.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(32))
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise ValueError(f"{path} holds {len(key)} characters: delete it to get a new key")
+    return key.encode()
+
+
+#: Rungs of the mitigation ladder that ``QABUSE_ENFORCE`` can put in shadow mode.
+ENFORCEABLE_RUNGS = ("throttle", "cap", "challenge", "rotate", "revoke")
+ENFORCE_MODES = ("shadow", "enforce")
+
+
+def enforce_modes() -> dict[str, str]:
+    """``shadow`` or ``enforce`` for each rung, from ``QABUSE_ENFORCE`` (default enforce).
+
+    ``QABUSE_ENFORCE=shadow`` sets every rung; ``enforce,revoke=shadow`` sets a default
+    and then one rung. In shadow mode a would-be action is recorded and the gateway is
+    told to allow.
+    """
+    text = os.environ.get(ENFORCE_ENV, "enforce")
+    modes = dict.fromkeys(ENFORCEABLE_RUNGS, "enforce")
+    for raw in text.split(","):
+        part = raw.strip().lower()
+        if not part:
+            continue
+        rung, _, mode = part.rpartition("=")
+        if mode not in ENFORCE_MODES:
+            raise ValueError(
+                f"{ENFORCE_ENV}={text!r}: {part!r} is not one of {ENFORCE_MODES} (or RUNG=MODE)"
+            )
+        if not rung:
+            modes = dict.fromkeys(ENFORCEABLE_RUNGS, mode)
+        elif rung in modes:
+            modes[rung] = mode
+        else:
+            raise ValueError(
+                f"{ENFORCE_ENV}={text!r}: unknown rung {rung!r}; expected one of "
+                f"{ENFORCEABLE_RUNGS}"
+            )
+    return modes
+
+
+def tokens_file() -> Path:
+    """The bearer-token file (principal, role and token hash per entry)."""
+    override = os.environ.get(TOKENS_FILE_ENV)
+    return Path(override).expanduser().resolve() if override else paths().tokens
