@@ -44,7 +44,7 @@ from qabuse_dagster.evaluation.families import (
     train_then_score,
 )
 from qabuse_dagster.response.decisions import Decision
-from qabuse_dagster.response.policy import MitigationPolicy
+from qabuse_dagster.response.policy import JobUsage, MitigationPolicy
 from qabuse_dagster.simulation.closed_loop import Plan, run_closed_loop
 from qabuse_dagster.simulation.jobs import Horizon, JobBatch, epoch_ms
 from qabuse_dagster.simulation.scenarios import SCENARIOS
@@ -121,6 +121,8 @@ class DetectorController:
         initial_alerts: Alert instants per key of the unmitigated jobs, if already
             scored (saves scoring every key again before its first decision).
         until_ms: End of the telemetry: later terminal records do not exist yet.
+        people_delay_s: How long the people the engine asks (an approver, a reviewer)
+            take to answer; in the twin they always agree.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class DetectorController:
         active_from: datetime,
         initial_alerts: dict[str, list[int]] | None = None,
         until_ms: int | None = None,
+        people_delay_s: float = 900.0,
     ) -> None:
         self.trained = trained
         self.per_key = [
@@ -143,6 +146,7 @@ class DetectorController:
         self.policy = policy
         self.active_from = active_from
         self.initial_alerts = initial_alerts
+        self.people_delay_s = people_delay_s
         self.rescored_keys = 0
 
     def next_decision(
@@ -154,13 +158,47 @@ class DetectorController:
             alerts = self.alerts(jobs)
             self.rescored_keys += 1
         refused = jobs.error_code == "challenge_required"
-        return self.policy.next_decision(
+        ran = ~jobs.rejected
+        order = np.argsort(jobs.submit_ms[ran], kind="stable")
+        usage = JobUsage(
+            jobs.submit_ms[ran][order], jobs.shots[ran][order], jobs.num_circuits[ran][order]
+        )
+        decision = self.policy.next_decision(
             api_key_id,
             alerts_ms=alerts,
             refusals_ms=np.sort(jobs.submit_ms[refused]).tolist(),
             decisions=decisions,
             after_ms=after_ms,
+            usage=usage,
         )
+        return None if decision is None else self._as_people_answer(decision)
+
+    def _as_people_answer(self, decision: Decision) -> Decision:
+        """The twin's stand-in for the people the engine asks: they agree, after a delay.
+
+        A proposed revocation takes effect when an approver confirms it; a review ends
+        in the challenge the engine held back. Live, both wait in the review queue.
+        """
+        delay_ms = round(self.people_delay_s * 1000)
+        if decision.action in ("revoke", "rotate"):
+            return dataclasses.replace(
+                decision,
+                at_ms=decision.at_ms + delay_ms,
+                reason=f"{decision.reason}, approved after {self.people_delay_s:.0f} s",
+            )
+        if decision.action == "review":
+            challenge = self.policy.params("challenge")
+            lasts = self.policy.ladder.lasts_s("challenge")
+            at_ms = decision.at_ms + delay_ms
+            return Decision(
+                at_ms,
+                decision.api_key_id,
+                "challenge",
+                f"high-impact key, challenged after {self.people_delay_s:.0f} s of review",
+                challenge,
+                None if lasts is None else at_ms + round(lasts * 1000),
+            )
+        return decision
 
     def alerts(self, jobs: JobBatch) -> list[int]:
         """Sorted instants (epoch ms) of the rows of ``jobs`` that alert."""
@@ -254,6 +292,10 @@ class ClosedLoopReport:
                 "api_key_id": d.api_key_id,
                 "action": d.action,
                 "reason": d.reason,
+                "params": dict(d.params),
+                "expires": None
+                if d.expires_at_ms is None
+                else pd.Timestamp(d.expires_at_ms, unit="ms", tz="UTC").isoformat(),
             }
             for d in self.timeline
         ]
@@ -407,7 +449,7 @@ def _compare(
     legit_planned = ~abusive_actor[plan.actor] & (planned.submit_ms >= start_ms)
     legit_planned &= planned.submit_ms < end_ms
     legit_now = ~abusive_actor[mitigated_actor] & (mitigated.submit_ms >= start_ms)
-    refusal_codes = ("rate_limited", "challenge_required", "key_revoked")
+    refusal_codes = ("rate_limited", "quota_exceeded", "challenge_required", "key_revoked")
     refused = legit_now & np.isin(mitigated.error_code, refusal_codes)
     ran_before = int((legit_planned & ~planned.rejected).sum())
     ran_after = int((legit_now & ~mitigated.rejected & (mitigated.submit_ms < end_ms)).sum())

@@ -1,65 +1,112 @@
-"""Graduated mitigation: from one key's alerts to throttle, challenge, revoke or release.
+"""The policy engine: from one key's alerts to the next rung of the ladder, or a release.
 
-The ladder, per api key:
+Per api key, with the knobs of a :class:`~qabuse_dagster.response.ladder.Ladder`:
 
-1. The first alert throttles the key (a cheap, reversible brake).
-2. An alert ``escalate_after_s`` or more after the throttle, so the key stays anomalous
-   under the brake, challenges it: a person re-authenticates, automation cannot.
-3. Under a challenge, ``revoke_after_refusals`` refused ``challenge_required``
-   submissions (the key keeps failing its challenge) propose a revocation; it is the
-   high-impact step, so it waits ``review_delay_s`` for a person to confirm.
-4. ``release_after_s`` without an alert lifts a throttle or challenge. A revocation is
-   not lifted automatically.
+1. The first alert puts the key on the mildest rung that bites: a **cap** when one of
+   its recent jobs went over the cap (the cap includes the throttle's rate), else a
+   **throttle**.
+2. An alert ``escalate_after_s`` or more into a throttle or cap climbs: to the cap when
+   it now bites, else to a **challenge**. For a high-impact key (a large legitimate
+   history, which a challenge would interrupt) the engine asks for a **review** instead.
+3. Under a challenge, ``after_refusals`` refused ``challenge_required`` submissions
+   propose a **revocation** (or rotation); it takes effect when a second principal
+   approves it (the gateway's decision table enforces that, not the engine).
+4. ``release_after_s`` without an alert lifts a throttle, cap or challenge, and so does
+   its expiry; a revocation is not lifted automatically.
 
-The policy is a pure function of a key's alert instants, refusal instants and the
-decisions already taken, so the same inputs give the same decision (and the twin's
-closed loop can ask it again after every change).
+The engine is a pure function of a key's alert instants, refusal instants, usage and
+the decisions already taken, so the same inputs give the same decision: the live
+decision service asks it after every score, the twin's closed loop after every change.
 
 Example:
     >>> policy = MitigationPolicy()
     >>> first = policy.next_decision("k", alerts_ms=[60_000, 120_000], refusals_ms=[],
     ...                              decisions=[], after_ms=0)
-    >>> (first.action, first.at_ms)
-    ('throttle', 60000)
+    >>> (first.action, first.at_ms, first.params["jobs_per_minute"])
+    ('throttle', 60000, 6.0)
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from qabuse_dagster.response.decisions import Decision
+import numpy as np
 
-__all__ = ["MitigationPolicy"]
+from qabuse_dagster.response.decisions import Action, Decision
+from qabuse_dagster.response.ladder import CapRung, Ladder
+
+__all__ = ["FeatureUsage", "JobUsage", "KeyUsage", "MitigationPolicy"]
 
 _S = 1000
 
 
+class KeyUsage(Protocol):
+    """What the engine needs to know of a key's use, besides its alerts."""
+
+    def over_cap(self, at_ms: int, cap: CapRung) -> bool:
+        """Whether a job within ``cap.lookback_s`` before ``at_ms`` went over the cap."""
+        ...
+
+    def history_jobs(self, at_ms: int) -> int:
+        """Jobs the key ran before ``at_ms``."""
+        ...
+
+
 @dataclass(frozen=True)
-class MitigationPolicy:
-    """When to throttle, challenge, revoke or release a key (see the module docstring).
+class JobUsage:
+    """A key's usage from its jobs (the twin's closed loop, a replay).
 
     Attributes:
-        escalate_after_s: Alerting this long after a throttle escalates to a challenge.
-        revoke_after_refusals: Failed challenges that propose a revocation.
-        review_delay_s: Time a person takes to confirm a proposed revocation.
-        release_after_s: Quiet time (no alert) that lifts a throttle or challenge.
+        submit_ms: Submission instants, sorted.
+        shots: Shots per circuit of each job.
+        circuits: Circuits of each job.
     """
 
-    escalate_after_s: float = 600.0
-    revoke_after_refusals: int = 20
-    review_delay_s: float = 900.0
-    release_after_s: float = 3600.0
+    submit_ms: np.ndarray
+    shots: np.ndarray
+    circuits: np.ndarray
 
-    def __post_init__(self) -> None:
-        for name in ("escalate_after_s", "review_delay_s", "release_after_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.revoke_after_refusals < 1:
-            raise ValueError(
-                f"revoke_after_refusals must be at least 1, got {self.revoke_after_refusals}"
-            )
+    def over_cap(self, at_ms: int, cap: CapRung) -> bool:
+        lo = np.searchsorted(self.submit_ms, at_ms - round(cap.lookback_s * _S), side="left")
+        hi = np.searchsorted(self.submit_ms, at_ms, side="right")
+        over = (self.shots[lo:hi] > cap.max_shots) | (self.circuits[lo:hi] > cap.max_circuits)
+        return bool(over.any())
+
+    def history_jobs(self, at_ms: int) -> int:
+        return int(np.searchsorted(self.submit_ms, at_ms, side="left"))
+
+
+@dataclass(frozen=True)
+class FeatureUsage:
+    """A key's usage from its online features (the live decision service).
+
+    Attributes:
+        features: The key's feature vector; ``max_shots_1h`` decides whether a cap bites.
+        jobs_before: Jobs the key ran before now (from the offline store or the ledger).
+    """
+
+    features: Mapping[str, float]
+    jobs_before: int = 0
+
+    def over_cap(self, at_ms: int, cap: CapRung) -> bool:
+        return float(self.features.get("max_shots_1h", 0.0)) > cap.max_shots
+
+    def history_jobs(self, at_ms: int) -> int:
+        return self.jobs_before
+
+
+@dataclass(frozen=True)
+class MitigationPolicy:
+    """When to throttle, cap, challenge, review, revoke or release a key (module docstring).
+
+    Attributes:
+        ladder: Every knob of the ladder.
+    """
+
+    ladder: Ladder = field(default_factory=lambda: Ladder())
 
     def next_decision(
         self,
@@ -69,6 +116,7 @@ class MitigationPolicy:
         refusals_ms: Sequence[int],
         decisions: Sequence[Decision],
         after_ms: int,
+        usage: KeyUsage | None = None,
     ) -> Decision | None:
         """The key's first decision strictly after ``after_ms``, or None.
 
@@ -78,45 +126,101 @@ class MitigationPolicy:
             refusals_ms: Sorted instants of its ``challenge_required`` refusals.
             decisions: Decisions already taken on it, in time order.
             after_ms: Only decide after this instant.
+            usage: The key's usage (cap and review rules); None: no cap bites, and no
+                key is high-impact.
         """
-        level, since = "none", 0
+        level, since, expires = "none", 0, None
         if decisions:
             last = decisions[-1]
             level = "none" if last.action == "release" else last.action
-            since = last.at_ms
-        if level == "revoke":
+            since, expires = last.at_ms, last.expires_at_ms
+        if level in ("revoke", "rotate"):
             return None
         if level == "none":
             alert = _first_after(alerts_ms, after_ms)
             if alert is None:
                 return None
-            return Decision(alert, api_key_id, "throttle", "alert above the threshold")
+            rung = self._entry_rung(alert, usage)
+            return self._decide(api_key_id, rung, alert, "alert above the threshold")
         candidates: list[Decision] = []
         release = self._release_at(alerts_ms, since, after_ms)
-        if release is not None:
-            quiet = f"no alert for {self.release_after_s:.0f} s"
+        if expires is not None and expires > after_ms and (release is None or expires < release):
+            candidates.append(Decision(expires, api_key_id, "release", f"the {level} expired"))
+        elif release is not None:
+            quiet = f"no alert for {self.ladder.release_after_s:.0f} s"
             candidates.append(Decision(release, api_key_id, "release", quiet))
-        if level == "throttle":
-            escalate_from = since + round(self.escalate_after_s * _S)
+        if level in ("throttle", "cap"):
+            escalate_from = since + round(self.ladder.escalate_after_s * _S)
             alert = _first_after(alerts_ms, max(after_ms, escalate_from - 1))
-            if alert is not None:
-                reason = f"still alerting {self.escalate_after_s:.0f} s into the throttle"
-                candidates.append(Decision(alert, api_key_id, "challenge", reason))
-        else:  # challenge
+            climb = None if alert is None else self._climb(level, alert, usage)
+            if alert is not None and climb is not None:
+                reason = f"still alerting {self.ladder.escalate_after_s:.0f} s into the {level}"
+                candidates.append(self._decide(api_key_id, climb, alert, reason))
+        elif level == "challenge" and "revoke" in self.ladder.rungs:
+            needed = self.ladder.revocation.after_refusals
             failed = [t for t in refusals_ms if t >= since]
-            if len(failed) >= self.revoke_after_refusals:
-                confirmed = failed[self.revoke_after_refusals - 1] + round(self.review_delay_s * _S)
-                if confirmed > after_ms:
-                    reason = (
-                        f"{self.revoke_after_refusals} failed challenges, confirmed after "
-                        f"{self.review_delay_s:.0f} s of review"
-                    )
-                    candidates.append(Decision(confirmed, api_key_id, "revoke", reason))
+            if len(failed) >= needed and failed[needed - 1] > after_ms:
+                reason = f"{needed} failed challenges"
+                revocation = self.ladder.revocation.action
+                candidates.append(self._decide(api_key_id, revocation, failed[needed - 1], reason))
         return min(candidates, key=lambda d: d.at_ms, default=None)
+
+    def _entry_rung(self, at_ms: int, usage: KeyUsage | None) -> Action:
+        rungs = self.ladder.rungs
+        if "cap" in rungs and usage is not None and usage.over_cap(at_ms, self.ladder.cap):
+            return "cap"
+        first = next(r for r in rungs if r != "cap" or len(rungs) == 1)
+        return self._reviewed(first, at_ms, usage)
+
+    def _climb(self, level: str, at_ms: int, usage: KeyUsage | None) -> Action | None:
+        """The rung above ``level`` that the key needs at ``at_ms``, or None (top reached)."""
+        rungs = self.ladder.rungs
+        bites = usage is not None and usage.over_cap(at_ms, self.ladder.cap)
+        if level == "throttle" and "cap" in rungs and bites:
+            return "cap"
+        if "challenge" in rungs:
+            return self._reviewed("challenge", at_ms, usage)
+        return None
+
+    def _reviewed(self, rung: Action, at_ms: int, usage: KeyUsage | None) -> Action:
+        """``review`` instead of a challenge for a high-impact key."""
+        if rung != "challenge" or usage is None:
+            return rung
+        high_impact = usage.history_jobs(at_ms) >= self.ladder.review.history_jobs
+        return "review" if high_impact else rung
+
+    def _decide(self, api_key_id: str, action: Action, at_ms: int, reason: str) -> Decision:
+        lasts = self.ladder.lasts_s(action)
+        expires = None if lasts is None else at_ms + round(lasts * _S)
+        return Decision(at_ms, api_key_id, action, reason, self.params(action), expires)
+
+    def params(self, action: str) -> dict[str, Any]:
+        """The parameters a decision of ``action`` carries to the gateway."""
+        ladder = self.ladder
+        throttle: dict[str, Any] = {"jobs_per_minute": ladder.throttle.jobs_per_minute}
+        if ladder.throttle.max_concurrent is not None:
+            throttle["max_concurrent"] = ladder.throttle.max_concurrent
+        if action == "throttle":
+            return throttle
+        if action == "cap":
+            cap = ladder.cap
+            return {
+                **throttle,
+                "max_shots": cap.max_shots,
+                "max_circuits": cap.max_circuits,
+                "reroute_backend": cap.reroute_backend,
+            }
+        if action == "challenge":
+            return {"token_ttl_s": ladder.challenge.token_ttl_s}
+        if action in ("revoke", "rotate"):
+            return {"requires_approval": True}
+        if action == "review":
+            return {"instead_of": "challenge", "history_jobs": ladder.review.history_jobs}
+        return {}
 
     def _release_at(self, alerts_ms: Sequence[int], since: int, after_ms: int) -> int | None:
         """First instant after ``after_ms`` that ends ``release_after_s`` without an alert."""
-        quiet_ms = round(self.release_after_s * _S)
+        quiet_ms = round(self.ladder.release_after_s * _S)
         i = bisect.bisect_right(alerts_ms, since)
         previous = since
         while True:

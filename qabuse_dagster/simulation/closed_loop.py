@@ -14,8 +14,15 @@ react the way their kind does (:data:`REACTIONS`):
   person solves it after a few minutes and then works on (refused submissions are
   resubmitted); automation without a person (a CI suite) waits for one; an abuser
   cannot, and stops after a few ``challenge_required`` refusals, or never (a loop).
-* **revoke**: every submission with the key is refused (``key_revoked``). A legitimate
-  owner gets a new key after hours and resubmits with it; abusers stop.
+* **cap**: the throttle's bucket (at the decision's ``jobs_per_minute``), and a job over
+  its ``max_shots`` or ``max_circuits`` runs on the ``reroute_backend`` simulator
+  instead, or is refused with ``quota_exceeded`` when there is none.
+* **revoke** (and **rotate**): every submission with the key is refused
+  (``key_revoked``). A legitimate owner gets a new key after hours and resubmits with
+  it; abusers stop.
+
+A decision past its ``expires_at_ms`` restricts nothing; a ``review`` restricts nothing
+by itself (it asks a person, whose answer is a later decision).
 
 The loop is a discrete-event simulation ordered by decision time. A key's jobs are a
 pure function of its plan and its decisions (:func:`realize_key`), and the draws of its
@@ -313,13 +320,22 @@ class _KeyRealizer:
         heapq.heapify(self.pending)
         # One entry per job that happened: (plan row, submit, refusal code, retry, new key).
         self.happened: list[tuple[int, int, str | None, int, str | None]] = []
+        # Entries (by position in happened) that a cap rerouted, to which backend.
+        self.rerouted: dict[int, str] = {}
 
-    def level_at(self, t: int) -> tuple[str, int]:
-        """The mitigation in force at ``t`` and when it began."""
+    def level_at(self, t: int) -> tuple[str, int, Decision | None]:
+        """The mitigation in force at ``t``, when it began, and the decision."""
         i = bisect.bisect_right(self.times, t) - 1
+        while i >= 0 and self.decisions[i].action == "review":
+            i -= 1  # a review asks a person; it restricts nothing by itself
         if i < 0 or self.decisions[i].action == "release":
-            return "none", 0
-        return self.decisions[i].action, self.decisions[i].at_ms
+            return "none", 0, None
+        decision = self.decisions[i]
+        if decision.expires_at_ms is not None and decision.expires_at_ms <= t:
+            return "none", 0, None
+        # A rotation is a revocation whose owner gets a new key: the twin's revoke already.
+        level = "revoke" if decision.action == "rotate" else decision.action
+        return level, decision.at_ms, decision
 
     def draw_ms(self, bounds: tuple[float, float]) -> int:
         return round(float(self.rng.uniform(*bounds)) * _SECOND_MS)
@@ -339,7 +355,13 @@ class _KeyRealizer:
 
     def submit(self, t: int, j: int, retry: int, reaction: Reaction, state: _ActorState) -> None:
         """One submission attempt of job ``j`` at ``t``, under the mitigation in force."""
-        level, since = self.level_at(t)
+        level, since, decision = self.level_at(t)
+        if level == "cap" and decision is not None and self.over_cap(j, decision):
+            backend = decision.params.get("reroute_backend")
+            if backend is None:
+                self.refuse(t, j, retry, "quota_exceeded", None, reaction, state)
+                return
+            self.rerouted[len(self.happened)] = str(backend)
         if level == "revoke":
             if reaction.rotates_key_s is None:
                 self.refuse(t, j, retry, "key_revoked", None, reaction, state)
@@ -364,16 +386,15 @@ class _KeyRealizer:
             else:
                 retry_at = solved + self.jitter_ms()
                 self.refuse(t, j, retry, "challenge_required", retry_at, reaction, state)
-        elif level == "throttle":
+        elif level in ("throttle", "cap"):
+            per_minute = float(THROTTLE_JOBS_PER_MINUTE)
+            if decision is not None:
+                per_minute = float(decision.params.get("jobs_per_minute", per_minute))
+            self.rate_per_ms = per_minute / MINUTE_MS
             if self.bucket_of != since:  # a new throttle starts with a full minute's worth
-                self.tokens, self.refilled_at, self.bucket_of = (
-                    float(THROTTLE_JOBS_PER_MINUTE),
-                    since,
-                    since,
-                )
+                self.tokens, self.refilled_at, self.bucket_of = float(per_minute), since, since
             self.tokens = min(
-                float(THROTTLE_JOBS_PER_MINUTE),
-                self.tokens + (t - self.refilled_at) * self.rate_per_ms,
+                float(per_minute), self.tokens + (t - self.refilled_at) * self.rate_per_ms
             )
             self.refilled_at = t
             if self.tokens >= 1.0:
@@ -389,6 +410,16 @@ class _KeyRealizer:
                 self.refuse(t, j, retry, "rate_limited", None, reaction, state)
         else:
             self.happened.append((j, t, None, retry, None))
+
+    def over_cap(self, j: int, decision: Decision) -> bool:
+        """Whether job ``j`` is larger than the cap ``decision`` puts on the key."""
+        max_shots = decision.params.get("max_shots")
+        max_circuits = decision.params.get("max_circuits")
+        too_many_shots = max_shots is not None and int(self.jobs.shots[j]) > int(max_shots)
+        too_many_circuits = max_circuits is not None and int(self.jobs.num_circuits[j]) > int(
+            max_circuits
+        )
+        return too_many_shots or too_many_circuits
 
     def refuse(
         self,
@@ -420,6 +451,10 @@ class _KeyRealizer:
         refused = np.array([h[2] is not None for h in self.happened], dtype=bool)
         moved = np.array([h[4] is not None for h in self.happened], dtype=bool)
         happened = self.jobs.take(source)
+        backend = happened.backend.copy()
+        for position, name in self.rerouted.items():
+            if refusal[position] is None:  # a rerouted attempt that a throttle refused did not run
+                backend[position] = name
         error_code = happened.error_code.copy()
         error_code[refused] = refusal[refused]
         api_key_id = happened.api_key_id.copy()
@@ -428,6 +463,7 @@ class _KeyRealizer:
             happened,
             submit_ms=np.array([h[1] for h in self.happened], dtype=np.int64),
             api_key_id=api_key_id,
+            backend=backend,
             error_code=error_code,
             queue_ms=np.where(refused, 0, happened.queue_ms),
             runtime_ms=np.where(refused, 0, happened.runtime_ms),

@@ -367,7 +367,8 @@ def build_plan(
 
 
 #: Cloud simulators run many jobs at once; a QPU runs one job at a time.
-SIMULATOR_SLOTS: dict[str, int] = {"sv1": 16}
+# aer_simulator: the pool a cap reroutes oversized jobs to (the ladder's default target).
+SIMULATOR_SLOTS: dict[str, int] = {"sv1": 16, "aer_simulator": 16}
 #: Seconds a QPU spends on every job besides its shots: loading the circuits, checking
 #: the calibration, reading out. It is what makes a flood of tiny jobs hurt a QPU.
 QPU_JOB_OVERHEAD_S = 1.0

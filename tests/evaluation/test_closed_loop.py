@@ -86,13 +86,16 @@ def test_legitimate_users_wait_less_and_pay_little(report: ClosedLoopReport) -> 
     assert with_.mean_s < 0.5 * without.mean_s  # this seed's incidents share busy backends
     assert report.legit_keys_mitigated <= 0.1 * report.legit_keys
     assert report.legit_jobs_never_ran <= 0.01 * report.legit_planned_jobs
-    assert report.decisions.get("throttle", 0) >= 2
+    # The runaway loop is throttled; the credit drain's multi-million-shot jobs are capped.
+    assert report.decisions.get("throttle", 0) >= 1
+    assert report.decisions.get("cap", 0) >= 1
 
 
 def test_the_report_serialises_and_renders(report: ClosedLoopReport) -> None:
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert data["legit_wait_with"]["jobs"] == report.legit_wait_with.jobs
-    assert {d["action"] for d in data["timeline"]} <= {"throttle", "challenge", "revoke", "release"}
+    actions = {d["action"] for d in data["timeline"]}
+    assert actions <= {"throttle", "cap", "challenge", "revoke", "release"}
     assert math.isfinite(report.threshold)
     rows = closed_loop_rows(report)
     assert len(rows) == 1 + len(report.incidents)

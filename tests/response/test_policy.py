@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pydantic
 import pytest
 
 from qabuse_dagster.response.decisions import Decision
-from qabuse_dagster.response.policy import MitigationPolicy
+from qabuse_dagster.response.ladder import Ladder
+from qabuse_dagster.response.policy import FeatureUsage, JobUsage, MitigationPolicy
 
 MIN = 60_000
 POLICY = MitigationPolicy(
-    escalate_after_s=600, revoke_after_refusals=3, review_delay_s=900, release_after_s=3600
+    Ladder.model_validate(
+        {"escalate_after_s": 600, "release_after_s": 3600, "revocation": {"after_refusals": 3}}
+    )
 )
 
 
@@ -60,15 +65,16 @@ def test_an_alert_inside_the_quiet_hour_postpones_the_release() -> None:
     assert (released.action, released.at_ms) == ("release", 8 * MIN + 60 * MIN)
 
 
-def test_failed_challenges_propose_a_revocation_that_waits_for_review() -> None:
+def test_failed_challenges_propose_a_revocation_that_needs_approval() -> None:
     decisions = [Decision(0, "k", "throttle"), Decision(10 * MIN, "k", "challenge")]
     alerts = [k * MIN for k in range(0, 120)]
     refusals = [11 * MIN, 12 * MIN, 13 * MIN, 14 * MIN]
     decision = _next(alerts, decisions, 10 * MIN, refusals)
     assert decision is not None
     assert decision.action == "revoke"
-    assert decision.at_ms == 13 * MIN + 900 * 1000  # the third refusal, then the review
-    assert "review" in decision.reason
+    assert decision.at_ms == 13 * MIN  # proposed at the third refusal
+    assert decision.params["requires_approval"] is True
+    assert decision.expires_at_ms is None
 
 
 def test_refusals_before_the_challenge_do_not_count() -> None:
@@ -91,14 +97,104 @@ def test_after_a_release_the_ladder_starts_again() -> None:
 
 
 @pytest.mark.parametrize(
-    "knobs",
+    ("knobs", "named"),
     [
-        {"escalate_after_s": 0},
-        {"review_delay_s": -1},
-        {"release_after_s": 0},
-        {"revoke_after_refusals": 0},
+        ({"escalate_after_s": 0}, "escalate_after_s"),
+        ({"release_after_s": -1}, "release_after_s"),
+        ({"revocation": {"after_refusals": 0}}, "after_refusals"),
+        ({"throttle": {"jobs_per_minute": 0}}, "jobs_per_minute"),
+        ({"cap": {"max_shots": 0}}, "max_shots"),
+        ({"rungs": ["challenge", "throttle"]}, "mildest first"),
+        ({"rungs": ["throttle", "throttle"]}, "twice"),
+        ({"rungs": []}, "at least one"),
+        ({"throttle": {"jobs_per_minit": 5}}, "jobs_per_minit"),
     ],
 )
-def test_bad_knobs_are_refused(knobs: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match=next(iter(knobs))):
-        MitigationPolicy(**knobs)  # type: ignore[arg-type]
+def test_bad_knobs_are_refused_by_name(knobs: dict[str, object], named: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=named):
+        Ladder.model_validate(knobs)
+
+
+def _usage(shots: list[int], every_min: float = 1.0) -> JobUsage:
+    times = np.array([round(k * every_min * MIN) for k in range(len(shots))], dtype=np.int64)
+    return JobUsage(times, np.array(shots, dtype=np.int64), np.ones(len(shots), dtype=np.int64))
+
+
+def test_the_first_alert_caps_a_key_whose_recent_jobs_went_over_the_cap() -> None:
+    usage = _usage([1_000, 2_000_000, 1_000])
+    decision = POLICY.next_decision(
+        "k", alerts_ms=[2 * MIN], refusals_ms=[], decisions=[], after_ms=0, usage=usage
+    )
+    assert decision is not None and decision.action == "cap"
+    assert decision.params["max_shots"] == Ladder().cap.max_shots
+    assert decision.params["reroute_backend"] == "aer_simulator"
+    assert decision.params["jobs_per_minute"] == Ladder().throttle.jobs_per_minute
+    small = POLICY.next_decision(
+        "k", alerts_ms=[2 * MIN], refusals_ms=[], decisions=[], after_ms=0, usage=_usage([1] * 3)
+    )
+    assert small is not None and small.action == "throttle"
+
+
+def test_a_throttled_key_that_turns_to_large_jobs_is_capped_before_a_challenge() -> None:
+    usage = _usage([100] * 5 + [5_000_000] * 35)
+    alerts = [k * MIN for k in range(40)]
+    decision = POLICY.next_decision(
+        "k",
+        alerts_ms=alerts,
+        refusals_ms=[],
+        decisions=[Decision(0, "k", "throttle")],
+        after_ms=0,
+        usage=usage,
+    )
+    assert decision is not None
+    assert (decision.action, decision.at_ms) == ("cap", 10 * MIN)
+
+
+def test_a_key_with_a_large_history_goes_to_review_instead_of_a_challenge() -> None:
+    history = Ladder().review.history_jobs
+    usage = _usage([100] * (history + 30), every_min=0.001)
+    alerts = [k * MIN for k in range(40)]
+    decision = POLICY.next_decision(
+        "k",
+        alerts_ms=alerts,
+        refusals_ms=[],
+        decisions=[Decision(0, "k", "throttle")],
+        after_ms=0,
+        usage=usage,
+    )
+    assert decision is not None and decision.action == "review"
+    young = POLICY.next_decision(
+        "k",
+        alerts_ms=alerts,
+        refusals_ms=[],
+        decisions=[Decision(0, "k", "throttle")],
+        after_ms=0,
+        usage=_usage([100] * 30),
+    )
+    assert young is not None and young.action == "challenge"
+
+
+def test_every_restriction_expires_and_the_expiry_releases_it() -> None:
+    first = _next([MIN], [], 0)
+    assert first is not None and first.expires_at_ms is not None
+    assert first.expires_at_ms == MIN + round(Ladder().throttle.lasts_s * 1000)
+    # Alerts every 30 min under a short-lived throttle with no escalation: the expiry
+    # comes before any quiet hour does.
+    policy = MitigationPolicy(
+        Ladder.model_validate({"rungs": ["throttle"], "throttle": {"lasts_s": 7200}})
+    )
+    throttle = policy.next_decision("k", alerts_ms=[0], refusals_ms=[], decisions=[], after_ms=-1)
+    assert throttle is not None
+    alerts = [k * 30 * MIN for k in range(10)]
+    released = policy.next_decision(
+        "k", alerts_ms=alerts, refusals_ms=[], decisions=[throttle], after_ms=0
+    )
+    assert released is not None
+    assert (released.action, released.at_ms) == ("release", 120 * MIN)
+    assert "expired" in released.reason
+
+
+def test_a_feature_vector_says_whether_a_cap_bites() -> None:
+    cap = Ladder().cap
+    assert FeatureUsage({"max_shots_1h": cap.max_shots + 1}).over_cap(0, cap)
+    assert not FeatureUsage({"max_shots_1h": cap.max_shots}).over_cap(0, cap)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -316,3 +317,52 @@ def test_simulate_in_closed_loop_writes_contract_records_of_the_refusals(tmp_pat
     assert ran_closed < 0.1 * ran_open
     manifest = json.loads((tmp_path / "closed" / "twin.json").read_text())
     assert manifest["seed"] == 5 and manifest["scenarios"] is None
+
+
+def _capped(minutes: float, key: str, reroute: str | None) -> Decision:
+    params = {"jobs_per_minute": 1000.0, "max_shots": 1000, "max_circuits": 5}
+    params["reroute_backend"] = reroute  # type: ignore[assignment]
+    return Decision(T0_MS + round(minutes * MINUTE_MS), key, "cap", "test", params)
+
+
+def test_a_cap_reroutes_the_oversized_jobs_to_a_simulator_and_leaves_the_rest() -> None:
+    jobs = _jobs(2, 60)
+    big = np.arange(len(jobs)) % 2 == 0
+    jobs = dataclasses.replace(jobs, shots=np.where(big, 2_000_000, 100))
+    cap = _capped(10, _key(jobs), "aer_simulator")
+    happened = _realize(jobs, "credit_drain", [cap])
+    after = happened.submit_ms >= cap.at_ms
+    assert not happened.rejected.any()
+    oversized = after & (happened.shots > 1000)
+    assert oversized.sum() > 10
+    assert set(happened.backend[oversized]) == {"aer_simulator"}
+    assert "aer_simulator" not in set(happened.backend[~oversized])
+
+
+def test_a_cap_without_a_simulator_refuses_the_oversized_jobs() -> None:
+    jobs = _jobs(2, 60)
+    jobs = dataclasses.replace(jobs, num_circuits=np.full(len(jobs), 50))
+    cap = _capped(10, _key(jobs), None)
+    happened = _realize(jobs, "research_group", [cap])
+    after = happened.submit_ms >= cap.at_ms
+    assert set(happened.error_code[after & happened.rejected]) == {"quota_exceeded"}
+    assert (happened.rejected == after).all()
+
+
+def test_an_expired_restriction_no_longer_refuses() -> None:
+    jobs = _jobs(60, 60)
+    key = _key(jobs)
+    at, until = T0_MS + 10 * MINUTE_MS, T0_MS + 20 * MINUTE_MS
+    throttle = Decision(at, key, "throttle", "test", {"jobs_per_minute": 1.0}, until)
+    happened = _realize(jobs, "runaway_ci", [throttle])
+    during = (happened.submit_ms >= at) & (happened.submit_ms < until)
+    assert happened.rejected[during].sum() > 100
+    assert not happened.rejected[happened.submit_ms >= until].any()
+
+
+def test_a_rotation_gives_the_owner_a_new_key_as_a_revocation_does() -> None:
+    jobs = _jobs(1, 24 * 60)
+    rotate = _at(10, "rotate", _key(jobs))
+    happened = _realize(jobs, "research_group", [rotate])
+    assert len(set(happened.api_key_id.tolist())) == 2
+    assert "key_revoked" in set(happened.error_code.tolist())
