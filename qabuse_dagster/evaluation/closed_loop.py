@@ -176,8 +176,8 @@ class DetectorController:
     def _as_people_answer(self, decision: Decision) -> Decision:
         """The twin's stand-in for the people the engine asks: they agree, after a delay.
 
-        A proposed revocation takes effect when an approver confirms it; a review ends
-        in the challenge the engine held back. Live, both wait in the review queue.
+        A proposed revocation takes effect when an approver confirms it, and so does the
+        one a review held back. Live, both wait in the review queue.
         """
         delay_ms = round(self.people_delay_s * 1000)
         if decision.action in ("revoke", "rotate"):
@@ -187,16 +187,13 @@ class DetectorController:
                 reason=f"{decision.reason}, approved after {self.people_delay_s:.0f} s",
             )
         if decision.action == "review":
-            challenge = self.policy.params("challenge")
-            lasts = self.policy.ladder.lasts_s("challenge")
-            at_ms = decision.at_ms + delay_ms
+            held = str(decision.params.get("instead_of", "revoke"))
             return Decision(
-                at_ms,
+                decision.at_ms + delay_ms,
                 decision.api_key_id,
-                "challenge",
-                f"high-impact key, challenged after {self.people_delay_s:.0f} s of review",
-                challenge,
-                None if lasts is None else at_ms + round(lasts * 1000),
+                held,  # type: ignore[arg-type]
+                f"{decision.reason}; {held} approved after {self.people_delay_s:.0f} s of review",
+                {"requires_approval": True},
             )
         return decision
 

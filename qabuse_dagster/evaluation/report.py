@@ -51,7 +51,7 @@ from qabuse_dagster.evaluation.families import (
 from qabuse_dagster.ingest.files import parse_line as parse_telemetry_line
 from qabuse_dagster.ingest.partitions import records_to_table
 from qabuse_dagster.telemetry.contract import ContractViolation
-from qabuse_dagster.telemetry.labels import FileLineError, IncidentLabel
+from qabuse_dagster.telemetry.labels import BENIGN_LABEL_KIND, FileLineError, IncidentLabel
 
 if TYPE_CHECKING:  # the closed loop imports the twin; only its report type is named here
     from qabuse_dagster.evaluation.closed_loop import ClosedLoopReport
@@ -327,6 +327,9 @@ def _judge(
     user_keys: Mapping[str, Sequence[str]],
     key_kinds: Mapping[str, str] | None,
 ) -> BacktestReport:
+    # An upheld appeal's label says the window was legitimate use: it is no incident, and
+    # its key is judged benign like any key that no incident names.
+    labels = [label for label in labels if label.kind != BENIGN_LABEL_KIND]
     scored = scored[_SCORED_COLUMNS].reset_index(drop=True)
     eval_end = (
         scored["event_timestamp"].max().to_pydatetime() + timedelta(seconds=1)

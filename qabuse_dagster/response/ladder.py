@@ -15,8 +15,8 @@ The rungs, mildest first:
 3. **challenge**: every submission needs a solved, signed, expiring challenge.
 4. **revoke** (or **rotate**): proposed after failed challenges; it waits for a second
    principal's approval.
-5. **review**: instead of challenging on its own, the engine asks a person when the key
-   is high-impact: a large legitimate history that a challenge would interrupt.
+5. **review**: instead of proposing a revocation on its own, the engine asks a person
+   to look at the whole key when it is high-impact: a large legitimate history.
 
 Example:
     >>> ladder = Ladder.model_validate({"throttle": {"jobs_per_minute": 10}})
@@ -89,7 +89,7 @@ class RevocationRung(_Settings):
 
 
 class ReviewRung(_Settings):
-    """When the engine asks a person instead of escalating on its own."""
+    """When the engine asks a person to review a key instead of proposing its revocation."""
 
     history_jobs: int = Field(
         default=5_000, ge=1, description="Jobs before the first alert that make a key high-impact."

@@ -6,11 +6,12 @@ Per api key, with the knobs of a :class:`~qabuse_dagster.response.ladder.Ladder`
    its recent jobs went over the cap (the cap includes the throttle's rate), else a
    **throttle**.
 2. An alert ``escalate_after_s`` or more into a throttle or cap climbs: to the cap when
-   it now bites, else to a **challenge**. For a high-impact key (a large legitimate
-   history, which a challenge would interrupt) the engine asks for a **review** instead.
+   it now bites, else to a **challenge**.
 3. Under a challenge, ``after_refusals`` refused ``challenge_required`` submissions
    propose a **revocation** (or rotation); it takes effect when a second principal
-   approves it (the gateway's decision table enforces that, not the engine).
+   approves it (the gateway's decision table enforces that, not the engine). For a
+   high-impact key (a large legitimate history) the engine asks for a **review** of the
+   whole key instead, whose approval applies the revocation.
 4. ``release_after_s`` without an alert lifts a throttle, cap or challenge, and so does
    its expiry; a revocation is not lifted automatically.
 
@@ -161,16 +162,14 @@ class MitigationPolicy:
             failed = [t for t in refusals_ms if t >= since]
             if len(failed) >= needed and failed[needed - 1] > after_ms:
                 reason = f"{needed} failed challenges"
-                revocation = self.ladder.revocation.action
-                candidates.append(self._decide(api_key_id, revocation, failed[needed - 1], reason))
+                candidates.append(self._revocation(api_key_id, failed[needed - 1], reason, usage))
         return min(candidates, key=lambda d: d.at_ms, default=None)
 
     def _entry_rung(self, at_ms: int, usage: KeyUsage | None) -> Action:
         rungs = self.ladder.rungs
         if "cap" in rungs and usage is not None and usage.over_cap(at_ms, self.ladder.cap):
             return "cap"
-        first = next(r for r in rungs if r != "cap" or len(rungs) == 1)
-        return self._reviewed(first, at_ms, usage)
+        return next(r for r in rungs if r != "cap" or len(rungs) == 1)
 
     def _climb(self, level: str, at_ms: int, usage: KeyUsage | None) -> Action | None:
         """The rung above ``level`` that the key needs at ``at_ms``, or None (top reached)."""
@@ -178,16 +177,19 @@ class MitigationPolicy:
         bites = usage is not None and usage.over_cap(at_ms, self.ladder.cap)
         if level == "throttle" and "cap" in rungs and bites:
             return "cap"
-        if "challenge" in rungs:
-            return self._reviewed("challenge", at_ms, usage)
-        return None
+        return "challenge" if "challenge" in rungs else None
 
-    def _reviewed(self, rung: Action, at_ms: int, usage: KeyUsage | None) -> Action:
-        """``review`` instead of a challenge for a high-impact key."""
-        if rung != "challenge" or usage is None:
-            return rung
-        high_impact = usage.history_jobs(at_ms) >= self.ladder.review.history_jobs
-        return "review" if high_impact else rung
+    def _revocation(
+        self, api_key_id: str, at_ms: int, reason: str, usage: KeyUsage | None
+    ) -> Decision:
+        """The revocation proposal, or a review of it when the key is high-impact."""
+        action = self.ladder.revocation.action
+        history = 0 if usage is None else usage.history_jobs(at_ms)
+        if history < self.ladder.review.history_jobs:
+            return self._decide(api_key_id, action, at_ms, reason)
+        params = {"instead_of": action, "history_jobs": history}
+        why = f"{reason}; {history} jobs of history: a person reviews the key first"
+        return Decision(at_ms, api_key_id, "review", why, params)
 
     def _decide(self, api_key_id: str, action: Action, at_ms: int, reason: str) -> Decision:
         lasts = self.ladder.lasts_s(action)
@@ -214,8 +216,6 @@ class MitigationPolicy:
             return {"token_ttl_s": ladder.challenge.token_ttl_s}
         if action in ("revoke", "rotate"):
             return {"requires_approval": True}
-        if action == "review":
-            return {"instead_of": "challenge", "history_jobs": ladder.review.history_jobs}
         return {}
 
     def _release_at(self, alerts_ms: Sequence[int], since: int, after_ms: int) -> int | None:

@@ -41,6 +41,7 @@ from qabuse_dagster.telemetry.contract import (
 )
 
 __all__ = [
+    "BENIGN_LABEL_KIND",
     "FileLineError",
     "IncidentLabel",
     "LabelsError",
@@ -48,6 +49,10 @@ __all__ = [
     "read_labels",
     "write_labels",
 ]
+
+#: The ``kind`` of a label that says a window was legitimate use, not an incident: what
+#: an upheld appeal writes. Evaluation reads such a label as confirmed benign.
+BENIGN_LABEL_KIND = "benign_appeal"
 
 
 class FileLineError(ValueError):

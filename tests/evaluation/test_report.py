@@ -25,7 +25,7 @@ from qabuse_dagster.evaluation.report import (
 )
 from qabuse_dagster.simulation import SimulationResult, simulate
 from qabuse_dagster.telemetry.hashing import KeyedHasher
-from qabuse_dagster.telemetry.labels import IncidentLabel, read_labels
+from qabuse_dagster.telemetry.labels import BENIGN_LABEL_KIND, IncidentLabel, read_labels
 
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _METRICS = {
@@ -289,3 +289,36 @@ def test_read_telemetry_jsonl_errors(tmp_path: Path) -> None:
     bad.write_text("\n{not json\n")
     with pytest.raises(TelemetryFileError, match=r"bad\.jsonl:2: .*not JSON"):
         read_telemetry_jsonl(bad)
+
+
+def test_an_upheld_appeal_label_is_read_as_benign(
+    twin: tuple[SimulationResult, pa.Table], reports: list[BacktestReport]
+) -> None:
+    """The label an upheld appeal writes makes its key benign, not an incident."""
+    result, table = twin
+    ensemble = reports[0]
+    labels = read_labels(result.labels_path)
+    incident_keys = {k for label in labels for k in (label.api_key_ids or [])}
+    some_key = sorted(set(ensemble.scored["api_key_id"]) - incident_keys)[0]
+    appealed = IncidentLabel.model_validate(
+        {
+            "incident_id": "ledger-7",
+            "kind": BENIGN_LABEL_KIND,
+            "start": ensemble.train_until.isoformat(),
+            "end": (ensemble.train_until + timedelta(days=1)).isoformat(),
+            "api_key_ids": [some_key],
+        }
+    )
+    again = judge(
+        ENSEMBLE,
+        ensemble.scored,
+        ensemble.threshold,
+        table,
+        [*labels, appealed],
+        ensemble.train_until,
+        train_rows=ensemble.train_rows,
+        key_kinds=result.api_keys,
+    )
+    assert BENIGN_LABEL_KIND not in again.per_kind
+    assert [i.incident_id for i in again.incidents] == [i.incident_id for i in ensemble.incidents]
+    assert again.overall.benign_key_days == ensemble.overall.benign_key_days

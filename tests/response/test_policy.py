@@ -150,28 +150,28 @@ def test_a_throttled_key_that_turns_to_large_jobs_is_capped_before_a_challenge()
     assert (decision.action, decision.at_ms) == ("cap", 10 * MIN)
 
 
-def test_a_key_with_a_large_history_goes_to_review_instead_of_a_challenge() -> None:
+def test_a_key_with_a_large_history_is_reviewed_instead_of_revoked() -> None:
     history = Ladder().review.history_jobs
-    usage = _usage([100] * (history + 30), every_min=0.001)
-    alerts = [k * MIN for k in range(40)]
-    decision = POLICY.next_decision(
-        "k",
-        alerts_ms=alerts,
-        refusals_ms=[],
-        decisions=[Decision(0, "k", "throttle")],
-        after_ms=0,
-        usage=usage,
-    )
-    assert decision is not None and decision.action == "review"
-    young = POLICY.next_decision(
-        "k",
-        alerts_ms=alerts,
-        refusals_ms=[],
-        decisions=[Decision(0, "k", "throttle")],
-        after_ms=0,
-        usage=_usage([100] * 30),
-    )
-    assert young is not None and young.action == "challenge"
+    decisions = [Decision(0, "k", "throttle"), Decision(10 * MIN, "k", "challenge")]
+    alerts = [k * MIN for k in range(0, 120)]
+    refusals = [11 * MIN, 12 * MIN, 13 * MIN]
+
+    def decide(usage: JobUsage) -> Decision | None:
+        return POLICY.next_decision(
+            "k",
+            alerts_ms=alerts,
+            refusals_ms=refusals,
+            decisions=decisions,
+            after_ms=10 * MIN,
+            usage=usage,
+        )
+
+    reviewed = decide(_usage([100] * (history + 30), every_min=0.001))
+    assert reviewed is not None and reviewed.action == "review"
+    assert reviewed.params["instead_of"] == "revoke"
+    assert reviewed.params["history_jobs"] >= history
+    young = decide(_usage([100] * 30))
+    assert young is not None and young.action == "revoke"
 
 
 def test_every_restriction_expires_and_the_expiry_releases_it() -> None:
