@@ -653,5 +653,41 @@ def _closed_loop(
         raise click.ClickException(str(exc)) from None
 
 
+@main.group()
+def audit() -> None:
+    """Check the decision ledger's integrity."""
+
+
+@audit.command("verify")
+@click.option(
+    "--ledger",
+    "url",
+    metavar="URL",
+    default=None,
+    help="sqlite:///PATH or postgresql://...; default QABUSE_LEDGER_URL, else the embedded "
+    "ledger under QABUSE_HOME.",
+)
+def audit_verify(url: str | None) -> None:
+    """Recompute the ledger's hash chain and compare it with its head.
+
+    Prints one line per problem (edited, deleted, reordered or truncated records) and
+    exits 1, or prints the count and the head hash to anchor elsewhere.
+    """
+    from qabuse_dagster.response.ledger import LedgerError, verify_ledger
+
+    try:
+        report = verify_ledger(url)
+    except ValueError as exc:  # the URL's scheme, or a malformed QABUSE_SIGNING_KEY
+        raise click.UsageError(str(exc)) from None
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
+    if report.ok:
+        click.echo(f"ok: {report.count} entries, head {report.head_hash[:12]}")
+        return
+    for problem in report.problems:
+        click.echo(str(problem))
+    sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from qabuse_dagster.response.decisions import ACTIONS
@@ -101,6 +101,21 @@ class LedgerEntry:
         out["params"], out["features"] = dict(self.params), dict(self.features)
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LedgerEntry:
+        """The entry that :meth:`to_dict` gave, e.g. a stored ledger row parsed from JSON.
+
+        Raises:
+            ValueError: If a field is missing or unknown, or the values make no valid entry.
+        """
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"not a ledger entry: unknown field(s) {unknown}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a required field is missing
+            raise ValueError(f"not a ledger entry: {exc}") from None
+
     def canonical(self) -> bytes:
         """The entry as canonical JSON (sorted keys, no spaces): what the chain hashes.
 
@@ -124,7 +139,8 @@ class LedgerRecord:
         seq: Position in the ledger, from 1, without gaps.
         entry: What was recorded.
         prev_hash: The previous record's ``hash`` (hex), or 64 zeros for the first.
-        hash: MAC of ``seq``, ``prev_hash`` and the entry's canonical JSON (hex).
+        hash: MAC of ``seq``, ``prev_hash``, ``recorded_at_ms`` and the entry's canonical
+            JSON (hex).
         recorded_at_ms: When the ledger stored it (epoch milliseconds).
     """
 
