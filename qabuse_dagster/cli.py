@@ -8,7 +8,7 @@ import sys
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -687,6 +687,229 @@ def audit_verify(url: str | None) -> None:
     for problem in report.problems:
         click.echo(str(problem))
     sys.exit(1)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8181, show_default=True)
+def gateway(host: str, port: int) -> None:
+    """Serve the gateway decision API, POST /v1/authorize (foreground).
+
+    Answers come from a decision table that follows the ledger; an API gateway calls it
+    as an Envoy ext_authz HTTP service, with a bearer token of the gateway role.
+    """
+    import uvicorn
+
+    settings.export_home()
+    uvicorn.run(
+        "qabuse_dagster.response.gateway:app", factory=True, host=host, port=port, workers=1
+    )
+
+
+@main.group()
+def tokens() -> None:
+    """Bearer tokens of the gateway, analysts, approvers and key owners."""
+
+
+@tokens.command("add")
+@click.argument("principal")
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    required=True,
+    type=click.Choice(["gateway", "analyst", "approver", "owner"]),
+    help="Repeat for several roles.",
+)
+@click.option("--key", "api_keys", multiple=True, help="An api key id an owner may act on.")
+def tokens_add(principal: str, roles: tuple[str, ...], api_keys: tuple[str, ...]) -> None:
+    """Create PRINCIPAL's token; it is printed once and stored only as a hash."""
+    from qabuse_dagster.response.auth import add_token
+
+    try:
+        token = add_token(principal, list(roles), api_keys=list(api_keys))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(token)
+
+
+def _principal(token: str | None):  # type: ignore[no-untyped-def]
+    """The principal a bearer token names, or a usage error that says why not."""
+    from qabuse_dagster.response.auth import TokenStore
+
+    if not token:
+        raise click.UsageError("give your token with --token or QABUSE_TOKEN")
+    principal = TokenStore.load().authenticate(token)
+    if principal is None:
+        raise click.UsageError("that token is unknown: see `qabuse tokens add`")
+    return principal
+
+
+_TOKEN = click.option(
+    "--token", envvar="QABUSE_TOKEN", default=None, help="Your bearer token (or QABUSE_TOKEN)."
+)
+
+
+@main.command()
+@click.argument(
+    "step",
+    type=click.Choice(["list", "approve", "deny", "uphold", "reject", "propose"]),
+    default="list",
+)
+@click.argument("target", required=False)
+@click.option("--reason", default="", help="Why: it goes to the ledger.")
+@click.option(
+    "--action",
+    type=click.Choice(["revoke", "rotate"]),
+    default="revoke",
+    show_default=True,
+    help="With propose: what to propose.",
+)
+@_TOKEN
+@click.option("--json", "as_json", is_flag=True, help="With list: print JSON.")
+def review(
+    step: str,
+    target: str | None,
+    reason: str,
+    action: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """The review queue: list it, or act on entry TARGET (propose: on api key TARGET).
+
+    approve/deny: a proposed revocation or a review (approvers; never your own proposal).
+    uphold/reject: an owner's appeal (analysts). propose: a revocation by hand.
+    """
+    from qabuse_dagster.response import review as workflow
+    from qabuse_dagster.response.ledger import LedgerError, open_ledger
+
+    try:
+        with open_ledger() as ledger:
+            if step == "list":
+                _print_queue(workflow.review_queue(ledger), as_json)
+                return
+            principal = _principal(token)
+            if target is None:
+                raise click.UsageError(f"{step} needs a TARGET")
+            if step == "propose":
+                written = [workflow.propose(ledger, principal, target, action, reason)]
+            else:
+                try:
+                    seq = int(target)
+                except ValueError:
+                    raise click.UsageError(
+                        f"TARGET must be a ledger entry number: {target!r}"
+                    ) from None
+                steps: dict[str, Any] = {
+                    "approve": workflow.approve,
+                    "deny": workflow.deny,
+                    "uphold": workflow.uphold_appeal,
+                    "reject": workflow.reject_appeal,
+                }
+                done = steps[step](ledger, principal, seq, reason)
+                written = done if isinstance(done, list) else [done]
+    except workflow.ReviewError as exc:
+        raise click.ClickException(str(exc)) from None
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
+    for record in written:
+        entry = record.entry
+        click.echo(f"{record.seq}: {entry.action} {entry.api_key_id} by {entry.actor}")
+
+
+def _print_queue(items: list[Any], as_json: bool) -> None:
+    rows = [
+        {
+            "seq": item.seq,
+            "waits_for": item.kind,
+            "action": item.record.entry.action,
+            "api_key_id": item.api_key_id,
+            "by": item.record.entry.actor,
+            "reason": item.record.entry.reason,
+        }
+        for item in items
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("the review queue is empty")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"review queue ({len(rows)})")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(value) for value in row.values()))
+    Console().print(table)
+
+
+@main.group()
+def response() -> None:
+    """What mitigation did, or in shadow mode would have done."""
+
+
+@response.command("report")
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Incident labels (JSONL): keys they name are abusive, every other key legitimate.",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+def response_report(labels: Path | None, json_out: Path | None) -> None:
+    """The shadow-mode counterfactual: would-be actions, on whom, legitimate keys touched."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qabuse_dagster.response.ledger import LedgerError, open_ledger
+    from qabuse_dagster.response.review import benign_labels
+    from qabuse_dagster.response.shadow import shadow_report
+    from qabuse_dagster.telemetry.labels import BENIGN_LABEL_KIND, LabelsError, read_labels
+
+    abusive: set[str] | None = None
+    if labels is not None:
+        try:
+            known = read_labels(labels)
+        except (LabelsError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        abusive = {
+            key
+            for label in known
+            if label.kind != BENIGN_LABEL_KIND
+            for key in (label.api_key_ids or [])
+        }
+    try:
+        with open_ledger(create=False) as ledger:
+            records = list(ledger.records())
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
+    appealed = {key for label in benign_labels(records) for key in label["api_key_ids"]}
+    report = shadow_report(records, abusive_keys=abusive, benign_keys=appealed)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+    if not report.rows:
+        click.echo("no shadow-mode decisions in the ledger")
+        return
+    table = Table(title="shadow mode: what enforcement would have done")
+    for column in ("action", "decisions", "keys", "legitimate keys", "first", "last"):
+        table.add_column(column)
+    for row in report.rows:
+        table.add_row(
+            row.action,
+            str(row.decisions),
+            str(row.keys),
+            "-" if row.legit_keys is None else str(row.legit_keys),
+            _iso_ms(row.first_ms),
+            _iso_ms(row.last_ms),
+        )
+    Console().print(table)
+
+
+def _iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":

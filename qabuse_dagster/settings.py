@@ -30,6 +30,7 @@ LEDGER_URL_ENV = "QABUSE_LEDGER_URL"
 SIGNING_KEY_ENV = "QABUSE_SIGNING_KEY"
 ENFORCE_ENV = "QABUSE_ENFORCE"
 TOKENS_FILE_ENV = "QABUSE_TOKENS_FILE"
+DISABLED_ACTIONS_ENV = "QABUSE_DISABLED_ACTIONS"
 
 #: The first hour of the raw partitions, and so the earliest telemetry accepted.
 DEFAULT_TELEMETRY_START = "2026-01-01T00:00:00Z"
@@ -301,3 +302,20 @@ def tokens_file() -> Path:
     """The bearer-token file (principal, role and token hash per entry)."""
     override = os.environ.get(TOKENS_FILE_ENV)
     return Path(override).expanduser().resolve() if override else paths().tokens
+
+
+def disabled_actions() -> frozenset[str]:
+    """Rungs the kill switch turns off at the gateway: ``QABUSE_DISABLED_ACTIONS=cap,revoke``.
+
+    A disabled rung is still decided and recorded; the gateway allows instead of
+    enforcing it, and counts it.
+    """
+    text = os.environ.get(DISABLED_ACTIONS_ENV, "")
+    chosen = frozenset(part.strip().lower() for part in text.split(",") if part.strip())
+    unknown = sorted(chosen - set(ENFORCEABLE_RUNGS))
+    if unknown:
+        raise ValueError(
+            f"{DISABLED_ACTIONS_ENV}={text!r}: unknown rung(s) {unknown}; expected some of "
+            f"{ENFORCEABLE_RUNGS}"
+        )
+    return chosen

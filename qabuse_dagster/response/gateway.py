@@ -75,8 +75,11 @@ from qabuse_dagster.response.challenge import (
     epoch_ms,
 )
 from qabuse_dagster.response.decision_table import DecisionTable, Verdict
+from qabuse_dagster.response.ledger import Ledger, open_ledger
 from qabuse_dagster.response.records import LedgerEntry, LedgerRecord
+from qabuse_dagster.response.review import ReviewError, appeal
 from qabuse_dagster.telemetry.contract import HEX_HASH_PATTERN
+from qabuse_dagster.telemetry.hashing import KeyedHasher
 
 __all__ = [
     "API_KEY_HEADER",
@@ -472,6 +475,8 @@ def create_gateway_app(
     append: Callable[[LedgerEntry], object] | None = None,
     lookup_budget_s: float = LOOKUP_BUDGET_S,
     proof_ttl_s: float = DEFAULT_PROOF_TTL_S,
+    appeals: Ledger | None = None,
+    hash_key: Callable[[str], str] | None = None,
 ) -> Starlette:
     """The gateway's ASGI app (see the module docstring).
 
@@ -487,7 +492,13 @@ def create_gateway_app(
         append: The ledger's ``append(entry)``: a solved challenge is recorded with it.
         lookup_budget_s: The lookup's budget before an answer fails open.
         proof_ttl_s: How long a solved challenge lets submissions through.
+        appeals: The ledger appeals go to (``POST /v1/appeals/{api_key_id}``, for the
+            key's owner); None: no appeal endpoint.
+        hash_key: The deployment's keyed hash of a raw api key, to check an appeal's
+            proof of the key; required with ``appeals``.
     """
+    if appeals is not None and hash_key is None:
+        raise TypeError("appeals need hash_key, to check the proof of the key")
     tokens = TokenStore.load() if tokens is None else tokens
     clock = clock or epoch_ms
     challenges = challenges or ChallengeSigner(clock=clock)
@@ -548,6 +559,23 @@ def create_gateway_app(
             {"proof": proof, "proof_header": PROOF_HEADER, "expires_at_ms": expires}
         )
 
+    async def file_appeal(request: Request) -> Response:
+        principal = as_owner(request)
+        api_key_id = request.path_params["api_key_id"]
+        body = await _json_body(request, 'JSON: {"api_key": "<the key>", "reason": "..."}')
+        raw, reason = body.get("api_key"), body.get("reason", "")
+        if not isinstance(raw, str) or not isinstance(reason, str):
+            raise HTTPException(400, 'the body must be JSON: {"api_key": "...", "reason": "..."}')
+        assert appeals is not None and hash_key is not None
+        try:
+            filed = await run_in_threadpool(
+                appeal, appeals, principal, api_key_id, raw, reason, hash_key=hash_key
+            )
+        except ReviewError as exc:
+            status = 403 if "not an owner" in str(exc) or "does not hash" in str(exc) else 409
+            return JSONResponse({"reason": str(exc)}, status)
+        return JSONResponse({"appeal_seq": filed.seq, "status": "in the review queue"}, 202)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -579,6 +607,11 @@ def create_gateway_app(
             Route("/v1/authorize", authorize, methods=methods),
             Route("/v1/authorize/stats", stats, methods=["GET"]),
             Route("/v1/challenges/{api_key_id}/solve", solve, methods=["POST"]),
+            *(
+                [Route("/v1/appeals/{api_key_id}", file_appeal, methods=["POST"])]
+                if appeals is not None
+                else []
+            ),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
@@ -588,8 +621,8 @@ def create_gateway_app(
     return app
 
 
-async def _challenge_token(request: Request) -> str:
-    """``{"challenge": "<token>"}`` from the body, read up to a small limit."""
+async def _json_body(request: Request, shape: str) -> dict[str, Any]:
+    """The body as a JSON object, read up to a small limit; 400 or 413 otherwise."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -598,27 +631,46 @@ async def _challenge_token(request: Request) -> str:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise HTTPException(400, 'the body must be JSON: {"challenge": "<token>"}') from None
-    token = data.get("challenge") if isinstance(data, dict) else None
+        raise HTTPException(400, f"the body must be {shape}") from None
+    if not isinstance(data, dict):
+        raise HTTPException(400, f"the body must be {shape}")
+    return data
+
+
+async def _challenge_token(request: Request) -> str:
+    """``{"challenge": "<token>"}`` from the body, read up to a small limit."""
+    data = await _json_body(request, 'JSON: {"challenge": "<token>"}')
+    token = data.get("challenge")
     if not isinstance(token, str) or not token:
         raise HTTPException(400, 'the body must be JSON: {"challenge": "<token>"}')
     return token
 
 
-def app(
-    records: Callable[[int], Iterable[LedgerRecord]] | None = None,
-    append: Callable[[LedgerEntry], object] | None = None,
-) -> Starlette:
-    """The gateway built from settings: for ``uvicorn --factory``.
+def app() -> Starlette:
+    """The gateway built from settings, for ``uvicorn --factory`` (``qabuse gateway``).
 
-    Args:
-        records: The ledger's ``records(since_seq)``, polled every 200 ms; with None the
-            table stays empty and every key is allowed.
-        append: The ledger's ``append(entry)``, to record solved challenges.
+    It follows the deployment's ledger (:func:`settings.ledger_url`), records solved
+    challenges and takes appeals there, checks proofs of keys with ``QABUSE_HASH_KEY``,
+    and reads the kill switch from ``QABUSE_DISABLED_ACTIONS``.
     """
-    if records is None:
-        logger.warning("the gateway has no ledger to follow: every key is allowed")
-    return create_gateway_app(DecisionTable(), records=records, append=append)
+    ledger = open_ledger()
+    return create_gateway_app(
+        DecisionTable(),
+        disabled=settings.disabled_actions(),
+        records=ledger.records,
+        append=ledger.append,
+        appeals=ledger,
+        hash_key=_api_key_hash(),
+    )
+
+
+def _api_key_hash() -> Callable[[str], str]:
+    hasher = KeyedHasher.from_env()
+
+    def hash_key(raw: str) -> str:
+        return hasher.hash(raw, domain="api_key")
+
+    return hash_key
 
 
 class QabuseAuthorizeMiddleware:

@@ -565,6 +565,7 @@ def _server_env(tmp_path: Path) -> tuple[dict[str, str], str]:
         settings.HOME_ENV: str(tmp_path / "home"),
         settings.TOKENS_FILE_ENV: str(tokens),
         settings.SIGNING_KEY_ENV: "z" * 40,
+        settings.HASH_KEY_ENV: "test-hash-key-for-the-gateway-0123456789",
         settings.ENFORCE_ENV: "enforce",
     }
     return env, token
