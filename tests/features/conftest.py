@@ -8,7 +8,6 @@ registered source paths are this home's).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,6 +17,7 @@ from typing import Any, ClassVar
 import pandas as pd
 import pytest
 from support.local_redis import local_redis, redis_server_binary
+from support.required import require_installed
 
 from qabuse_dagster import settings
 from qabuse_dagster.features.definitions import (
@@ -150,12 +150,9 @@ def seed_store(home: Path, online_store: str, redis: str | None = None) -> Seede
 
 def require_redis_server() -> None:
     """Skip without ``redis-server``; under CI (``CI`` set) fail instead: CI installs it."""
-    if redis_server_binary() is not None:
-        return
-    reason = "redis-server is not installed (Debian: apt-get install redis-server)"
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must test the Redis online store, but {reason}", pytrace=False)
-    pytest.skip(reason)
+    require_installed(
+        redis_server_binary() is not None, "redis-server", "redis-server", "the Redis online store"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,19 @@ the test without it.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from support.postgres_server import local_postgres, postgres_bin_dir
+from support.required import require_installed
 
 
 def require_postgres_server() -> None:
     """Skip without PostgreSQL's server programs; under CI (``CI`` set) fail instead."""
-    if postgres_bin_dir() is not None:
-        return
-    reason = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must test the PostgreSQL ledger, but {reason}", pytrace=False)
-    pytest.skip(reason)
+    require_installed(
+        postgres_bin_dir() is not None, "PostgreSQL", "postgresql", "the PostgreSQL ledger"
+    )
 
 
 @pytest.fixture(scope="session")
