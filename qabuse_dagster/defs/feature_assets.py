@@ -253,15 +253,27 @@ def feast_online_store(storage: QabuseStorage, feast: FeastResource) -> Material
         for entity in ENTITY_COLUMNS
     }
     loaded = []
+
+    def load(entity: str, views: list[str], first: datetime, last: datetime) -> None:
+        # Never over a newer online row (one the stream worker pushed): those are kept.
+        report = feast_ops.materialize(store, first, last + timedelta(seconds=1), views)
+        loaded.append(
+            {
+                "entity": entity,
+                "views": ", ".join(views),
+                "from": first,
+                "to": last,
+                "rows_written": sum(report.written.values()),
+                "online_kept": sum(report.kept_online.values()),
+            }
+        )
+
     for entity, (first, last) in ranges.items():
-        views = feast_ops.entity_views(store, entity)
-        feast_ops.materialize(store, first, last + timedelta(seconds=1), views)
-        loaded.append({"entity": entity, "views": ", ".join(views), "from": first, "to": last})
+        load(entity, feast_ops.entity_views(store, entity), first, last)
     first, last = ranges["api_key"]
     for view, table in _latest_serving_rows(storage, last).items():
         if table.num_rows:
-            feast_ops.materialize(store, first, last + timedelta(seconds=1), [view])
-            loaded.append({"entity": "api_key", "views": view, "from": first, "to": last})
+            load("api_key", [view], first, last)
     return MaterializeResult(
         metadata={
             "feature_views": MetadataValue.json(report.feature_views),

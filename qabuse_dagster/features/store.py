@@ -36,6 +36,8 @@ SEQUENCE_FEATURE_SERVICE = "api_key_sequence_v1"
 SEQUENCE_KIND = "sequence"
 _API_KEY = ENTITY_COLUMNS["api_key"]
 _REPO_LOCK = threading.Lock()
+# Entity keys per online read: SQLite's bound on host parameters is far above it.
+_ONLINE_READ_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -158,22 +160,136 @@ def entity_views(store: FeatureStore, entity: str, *, sequences: bool = False) -
     )
 
 
+@dataclass(frozen=True)
+class MaterializeReport:
+    """What one `materialize` call wrote, per feature view."""
+
+    #: View -> entities whose latest row in the range was written online.
+    written: dict[str, int]
+    #: View -> entities left alone: the online store already held a row as new or newer
+    #: (a pushed streaming row, or an earlier materialisation of the same row).
+    kept_online: dict[str, int]
+
+
 def materialize(
     store: FeatureStore, start: datetime, end: datetime, views: Sequence[str] | None = None
-) -> None:
-    """Load the latest row per entity in ``[start, end)`` into the online store.
+) -> MaterializeReport:
+    """Load the latest row per entity in ``[start, end]`` into the online store, never over a
+    newer one.
+
+    The online stores keep the last value written per entity, whatever its event time
+    (SQLite does; Redis skips older rows itself), so a plain ``feast materialize`` of an
+    older range would write hours-old batch rows over the rows the stream worker pushed a
+    minute ago. Here, per view, the latest offline row of each entity is read as Feast's
+    materialisation reads it (the offline store's ``pull_latest_from_table_or_query``),
+    the online store's event time of each of those entities is read with its own
+    ``online_read``, and only rows strictly newer than what is online are written.
+
+    The read and the write are not one transaction: a row pushed in the milliseconds
+    between them can still be overwritten by an older one, until the next push.
 
     Args:
         store: An applied store.
         start: First event time loaded (inclusive).
-        end: Last event time loaded (exclusive).
+        end: Last event time loaded (inclusive, as Feast's offline stores read it).
         views: The feature views to load (`entity_views`); default every view of every
             entity. Each view's offline folder must hold a Parquet file: Feast's DuckDB
             store fails on an empty one.
+
+    Returns:
+        Per view, how many entities' rows were written, and how many were left alone.
     """
-    store.materialize(
-        start_date=start, end_date=end, feature_views=list(views) if views is not None else None
+    from feast.infra.offline_stores.offline_utils import get_offline_store_from_config
+    from feast.infra.online_stores.helpers import get_online_store_from_config
+
+    offline = get_offline_store_from_config(store.config.offline_store)
+    online = get_online_store_from_config(store.config.online_store)
+    chosen = (
+        [store.get_feature_view(name) for name in views]
+        if views is not None
+        else [view for view in store.list_feature_views() if view.online]
     )
+    written: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    for view in chosen:
+        join_keys = [column.name for column in view.entity_columns]
+        if len(join_keys) != 1:
+            raise ValueError(f"{view.name}: expected one join key, got {join_keys}")
+        source = view.batch_source
+        if source is None:
+            raise ValueError(f"{view.name} has no batch source to materialise from")
+        latest = offline.pull_latest_from_table_or_query(
+            config=store.config,
+            data_source=source,
+            join_key_columns=join_keys,
+            feature_name_columns=[feature.name for feature in view.features],
+            timestamp_field=source.timestamp_field,
+            created_timestamp_column=source.created_timestamp_column or None,
+            start_date=start,
+            end_date=end,
+        ).to_df()
+        newer = _newer_than_online(store, online, view, latest, join_keys[0], source)
+        written[view.name], kept[view.name] = len(newer), len(latest) - len(newer)
+        if len(newer):
+            store.write_to_online_store(view.name, newer)
+        store.registry.apply_materialization(view, store.project, start, end)
+        logger.info(
+            "%s: %d rows written online, %d left (the online row is as new or newer)",
+            view.name,
+            written[view.name],
+            kept[view.name],
+        )
+    return MaterializeReport(written, kept)
+
+
+def online_event_times(
+    store: FeatureStore, online: Any, view: Any, join_key: str, keys: Sequence[str]
+) -> list[datetime | None]:
+    """The event time (UTC) of each key's row in one feature view of the online store.
+
+    Args:
+        store: An open store.
+        online: The store's online store (``get_online_store_from_config``).
+        view: The feature view.
+        join_key: The view's join key.
+        keys: The entity keys (strings), in order.
+
+    Returns:
+        Per key, the event time of its online row, or None when it has none.
+    """
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    feature = [view.features[0].name]
+    times: list[datetime | None] = []
+    for first in range(0, len(keys), _ONLINE_READ_CHUNK):
+        chunk = keys[first : first + _ONLINE_READ_CHUNK]
+        entities = [
+            EntityKey(join_keys=[join_key], entity_values=[Value(string_val=k)]) for k in chunk
+        ]
+        for stamp, _ in online.online_read(
+            config=store.config, table=view, entity_keys=entities, requested_features=feature
+        ):
+            if stamp is None:
+                times.append(None)
+            else:  # SQLite gives naive UTC
+                times.append(stamp.astimezone(UTC) if stamp.tzinfo else stamp.replace(tzinfo=UTC))
+    return times
+
+
+def _newer_than_online(
+    store: FeatureStore, online: Any, view: Any, latest: pd.DataFrame, join_key: str, source: Any
+) -> pd.DataFrame:
+    """The rows of ``latest`` (one per entity) newer than the entity's online row."""
+    import pandas as pd
+
+    if latest.empty:
+        return latest
+    times = online_event_times(store, online, view, join_key, latest[join_key].astype(str).tolist())
+    offline_times = pd.to_datetime(latest[source.timestamp_field], utc=True)
+    online_times = pd.to_datetime(pd.Series(times, index=latest.index, dtype=object), utc=True)
+    keep = online_times.isna() | (offline_times > online_times)
+    return latest[keep.to_numpy()]
 
 
 def historical_features(

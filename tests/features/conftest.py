@@ -8,13 +8,14 @@ registered source paths are this home's).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from support.local_redis import local_redis, redis_server_binary
 from support.required import require_installed
@@ -26,8 +27,18 @@ from qabuse_dagster.features.definitions import (
     SEQUENCE_COLUMNS,
     SEQUENCE_MINUTES,
     TIMESTAMP_COLUMN,
+    feature_schema,
 )
-from qabuse_dagster.features.store import apply_repo, materialize, open_store, sequence_folder
+from qabuse_dagster.features.push import push_online
+from qabuse_dagster.features.store import (
+    FEATURE_SERVICE,
+    apply_repo,
+    entity_views,
+    materialize,
+    online_vectors,
+    open_store,
+    sequence_folder,
+)
 
 FRESH_KEY = "a1" * 32
 STALE_KEY = "b2" * 32
@@ -165,3 +176,65 @@ def seeded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededSto
     require_redis_server()
     with local_redis() as connection:
         yield seed_store(tmp_path_factory.mktemp("qabuse-redis-home"), "redis", connection)
+
+
+#: Pushed a newer row first: materialising its older offline row must leave it.
+PUSHED_NEWER = "e5" * 32
+#: Pushed an older row first: materialising its newer offline row must replace it.
+PUSHED_OLDER = "f6" * 32
+
+
+def _guard_row(key: str, at: datetime, seed: int) -> dict[str, Any]:
+    """A full api-key window row: every feature a distinct value, integers where Int64."""
+    row: dict[str, Any] = {ENTITY_COLUMNS["api_key"]: key, TIMESTAMP_COLUMN: at}
+    for i, spec in enumerate(feature_schema(ENTITY_COLUMNS["api_key"])):
+        if spec.name in row:
+            continue
+        row[spec.name] = seed * 1000 + i if pa.types.is_integer(spec.type) else seed + i / 4
+    return row
+
+
+def _assert_materialise_keeps_newer_online_rows(seeded: SeededStore) -> None:
+    """Push, then materialise an overlapping range: each key holds its newest row."""
+    store = seeded.store
+    older = seeded.written_at - timedelta(hours=2)
+    newer = seeded.written_at - timedelta(minutes=90)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(settings.HOME_ENV, str(seeded.home))
+        if seeded.redis is not None:
+            patch.setenv(settings.REDIS_ENV, seeded.redis)
+        offline = pd.DataFrame(
+            [_guard_row(PUSHED_NEWER, older, 1), _guard_row(PUSHED_OLDER, newer, 2)]
+        )
+        source = settings.paths().entity_windows("api_key") / "online-guard.parquet"
+        offline.to_parquet(source, index=False)
+        try:
+            pushed = pd.DataFrame(
+                [_guard_row(PUSHED_OLDER, older, 3), _guard_row(PUSHED_NEWER, newer, 4)]
+            )
+            push_online(store, pa.Table.from_pandas(pushed, preserve_index=False))
+            views = entity_views(store, "api_key")
+            report = materialize(store, older - timedelta(minutes=1), newer, views)
+        finally:
+            source.unlink()
+    kept_newer, replaced = online_vectors(
+        store, [PUSHED_NEWER, PUSHED_OLDER], FEATURE_SERVICE, max_age=timedelta(days=1)
+    )
+    expected = {
+        PUSHED_NEWER: _guard_row(PUSHED_NEWER, newer, 4),
+        PUSHED_OLDER: _guard_row(PUSHED_OLDER, newer, 2),
+    }
+    for vector in (kept_newer, replaced):
+        assert vector.event_timestamp == newer, vector.key
+        for name, value in vector.values.items():
+            assert value == pytest.approx(expected[vector.key][name]), (vector.key, name)
+    # Each view wrote one row and left the pushed one alone, and says so.
+    assert all(report.written[view] >= 1 for view in views), report
+    assert all(report.kept_online[view] >= 1 for view in views), report
+
+
+@pytest.fixture
+def assert_materialise_keeps_newer_online_rows() -> Callable[[SeededStore], None]:
+    """The check that materialisation never writes an older row over a newer online one:
+    push, then materialise an overlapping range; each key holds its newest row."""
+    return _assert_materialise_keeps_newer_online_rows

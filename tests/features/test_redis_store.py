@@ -117,3 +117,9 @@ def test_the_scorers_direct_read_matches_feast_on_redis(seeded_redis) -> None:
         next(iter(seeded_redis.sequences[keys[0]].values()))
     )
     assert not inputs.read(store, keys[2], None, max_age=timedelta(minutes=5)).known
+
+
+def test_materialising_never_writes_an_older_row_over_a_pushed_one(
+    seeded_redis, assert_materialise_keeps_newer_online_rows
+) -> None:
+    assert_materialise_keeps_newer_online_rows(seeded_redis)

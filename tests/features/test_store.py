@@ -213,3 +213,9 @@ def test_sequences_round_trip_offline_to_online_as_arrays(seeded_sqlite) -> None
         SEQUENCE_FEATURE_SERVICE,
     )
     assert {c: list(offline.loc[0, c]) for c in SEQUENCE_COLUMNS.values()} == written
+
+
+def test_materialising_never_writes_an_older_row_over_a_pushed_one(
+    seeded_sqlite, assert_materialise_keeps_newer_online_rows
+) -> None:
+    assert_materialise_keeps_newer_online_rows(seeded_sqlite)
