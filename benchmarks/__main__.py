@@ -21,6 +21,7 @@ from benchmarks import (
     instrumentation,
     online_lookup,
     scoring,
+    stream_latency,
     streaming,
 )
 from benchmarks.report import RESULTS_DIR, BenchmarkResult, comparison_table, write_json
@@ -33,6 +34,7 @@ BENCHMARKS = (
     instrumentation.NAME,
     collector.NAME,
     scoring.NAME,
+    stream_latency.NAME,
 )
 
 #: ``--quick``: sizes for the smoke test, seconds rather than minutes.
@@ -46,6 +48,10 @@ QUICK_INSTRUMENTATION = instrumentation.Settings(calls=20, blocks=2)
 QUICK_COLLECTOR = collector.Settings(records=3_000, batch=500, rounds=1)
 #: Without ``--scoring-home`` a quick run still builds (and trains) a home: a minute or two.
 QUICK_SCORING = scoring.Settings(calls=100, warmup=20)
+#: The live run waits for a minute boundary: the quick run replays only.
+QUICK_STREAM_LATENCY = stream_latency.Settings(
+    records=3_000, minutes=10, batch=300, api_keys=10, live=False
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scoring-home",
         type=Path,
-        help="scoring: an existing QABUSE_HOME with a @champion and online features "
-        "(default: build one in a temporary folder, a minute or two)",
+        help="scoring, stream_latency: an existing QABUSE_HOME with a @champion and online "
+        "features (default: build one in a temporary folder, a minute or two)",
     )
     parser.add_argument("--only", choices=BENCHMARKS, help="run one benchmark")
     parser.add_argument(
@@ -139,6 +145,12 @@ def scoring_settings(args: argparse.Namespace) -> scoring.Settings:
     return settings if args.scoring_home is None else replace(settings, home=args.scoring_home)
 
 
+def stream_latency_settings(args: argparse.Namespace) -> stream_latency.Settings:
+    """The stream-latency sizes: quick or default, on the home given, if any."""
+    settings = QUICK_STREAM_LATENCY if args.quick else stream_latency.Settings()
+    return settings if args.scoring_home is None else replace(settings, home=args.scoring_home)
+
+
 def summary_table(results: list[BenchmarkResult]) -> Table:
     """Every ratio of every benchmark, and whether its correctness cross-check passed."""
     table = Table(title="Summary (ratio > 1 favours ours)", title_justify="left")
@@ -178,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             QUICK_COLLECTOR if args.quick else collector.Settings(), console
         ),
         scoring.NAME: lambda: scoring.run(scoring_settings(args), console),
+        stream_latency.NAME: lambda: stream_latency.run(stream_latency_settings(args), console),
     }
     results = []
     for name in BENCHMARKS:

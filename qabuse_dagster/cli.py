@@ -422,6 +422,55 @@ def collector(
 
 @main.command()
 @click.option(
+    "--lateness",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds a record may arrive behind the latest and still count; each minute's rows "
+    "wait this long after the minute before they are scored.",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0.01),
+    default=0.15,
+    show_default=True,
+    help="Seconds between polls of the collector's spool when it has nothing new.",
+)
+@click.option(
+    "--ladder",
+    "ladder_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The mitigation ladder's settings (JSON or YAML); default the built-in ladder.",
+)
+def stream(lateness: float, poll: float, ladder_file: Path | None) -> None:
+    """Tail the collector's spool: push features online, score, decide (foreground).
+
+    Each closed minute's rows go to the Feast online store; each key that got one is
+    scored with @champion, and the mitigation engine's decisions are appended to the
+    decision ledger (in shadow mode as QABUSE_ENFORCE says). Stops on SIGTERM or Ctrl-C
+    after the batch in progress; figures in $QABUSE_HOME/run/stream-stats.json.
+    """
+    from datetime import timedelta
+
+    import yaml
+    from pydantic import ValidationError
+
+    from qabuse_dagster.response.ladder import Ladder
+    from qabuse_dagster.serving.stream_worker import StreamOptions, run_stream
+
+    ladder = None
+    if ladder_file is not None:
+        try:
+            ladder = Ladder.model_validate(yaml.safe_load(ladder_file.read_text()) or {})
+        except (yaml.YAMLError, ValidationError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--ladder") from None
+    options = StreamOptions(allowed_lateness=timedelta(seconds=lateness), poll_s=poll)
+    sys.exit(run_stream(options, ladder, say=lambda line: click.echo(line, err=True)))
+
+
+@main.command()
+@click.option(
     "--hours",
     type=click.FloatRange(min=72),
     default=96.0,
@@ -448,11 +497,24 @@ def demo(hours: float, seed: int, calls: int) -> None:
 @click.option("--dagster-port", type=int, default=3000, show_default=True)
 @click.option("--mlflow-port", type=int, default=5000, show_default=True)
 @click.option("--serve-port", type=int, default=3001, show_default=True)
-def up(dagster_port: int, mlflow_port: int, serve_port: int) -> None:
-    """Start the Dagster UI, the MLflow UI and the scoring endpoint until Ctrl-C."""
+@click.option("--collector-port", type=int, default=8787, show_default=True)
+@click.option("--gateway-port", type=int, default=8181, show_default=True)
+def up(
+    dagster_port: int, mlflow_port: int, serve_port: int, collector_port: int, gateway_port: int
+) -> None:
+    """Start every server until Ctrl-C: the UIs, /score, the collector, stream and gateway."""
     from qabuse_dagster.stack import run_stack
 
-    sys.exit(run_stack(dagster_port, mlflow_port, serve_port, click.echo))
+    sys.exit(
+        run_stack(
+            dagster_port,
+            mlflow_port,
+            serve_port,
+            click.echo,
+            collector_port=collector_port,
+            gateway_port=gateway_port,
+        )
+    )
 
 
 @main.command()

@@ -244,9 +244,10 @@ def test_collector_stops_its_tree(tmp_path: Path, workers: int, signum: signal.S
 
 
 def test_up_stops_its_tree_on_sigterm(tmp_path: Path) -> None:
-    ports = [free_port(), free_port(), free_port()]
-    dagster, mlflow, serve = ports
+    ports = [free_port() for _ in range(5)]
+    dagster, mlflow, serve, collector, gateway = ports
     args = ["--dagster-port", str(dagster), "--mlflow-port", str(mlflow)]
+    args += ["--collector-port", str(collector), "--gateway-port", str(gateway)]
     with _qabuse(tmp_path, "up", *args, "--serve-port", str(serve)) as run:
         run.wait_ready(f"http://127.0.0.1:{serve}/livez")
         # dagster dev's own children (webserver, daemon, code server) are the ones to miss.
@@ -258,6 +259,14 @@ def test_up_stops_its_tree_on_sigterm(tmp_path: Path) -> None:
             ),
             60.0,
         ), "dagster dev started no webserver and daemon"
+        # The collector (QABUSE_COLLECTOR_TOKENS is set), the stream worker and the gateway.
+        pipeline = ("qabuse collector", "qabuse -v stream", "qabuse gateway")
+        assert all(
+            any(name in _command_line(pid) for pid in _descendants(run.process.pid))
+            for name in pipeline
+        ), "up started no collector, stream worker or gateway"
+        assert _wait(lambda: _answers(f"http://127.0.0.1:{collector}/healthz"), 60.0)
+        assert _wait(lambda: _answers(f"http://127.0.0.1:{gateway}/healthz"), 60.0)
         _assert_stops(run, signal.SIGTERM, ports)
 
 

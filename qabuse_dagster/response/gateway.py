@@ -79,7 +79,7 @@ from qabuse_dagster.response.ledger import Ledger, open_ledger
 from qabuse_dagster.response.records import LedgerEntry, LedgerRecord
 from qabuse_dagster.response.review import ReviewError, appeal
 from qabuse_dagster.telemetry.contract import HEX_HASH_PATTERN
-from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.hashing import KeyedHasher, MissingHashKeyError
 
 __all__ = [
     "API_KEY_HEADER",
@@ -654,18 +654,27 @@ def app() -> Starlette:
     and reads the kill switch from ``QABUSE_DISABLED_ACTIONS``.
     """
     ledger = open_ledger()
+    hash_key = _api_key_hash()
     return create_gateway_app(
         DecisionTable(),
         disabled=settings.disabled_actions(),
         records=ledger.records,
         append=ledger.append,
-        appeals=ledger,
-        hash_key=_api_key_hash(),
+        appeals=ledger if hash_key is not None else None,
+        hash_key=hash_key,
     )
 
 
-def _api_key_hash() -> Callable[[str], str]:
-    hasher = KeyedHasher.from_env()
+def _api_key_hash() -> Callable[[str], str] | None:
+    """The deployment's keyed hash of a raw api key; None (no appeals) without the key."""
+    try:
+        hasher = KeyedHasher.from_env()
+    except MissingHashKeyError:
+        logger.warning(
+            "%s is not set: owners' appeals are off, since no proof of a key can be checked",
+            settings.HASH_KEY_ENV,
+        )
+        return None
 
     def hash_key(raw: str) -> str:
         return hasher.hash(raw, domain="api_key")
