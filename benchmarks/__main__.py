@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import (
+    authorize,
     collector,
     contract_validation,
     feature_windows,
@@ -35,6 +36,7 @@ BENCHMARKS = (
     collector.NAME,
     scoring.NAME,
     stream_latency.NAME,
+    authorize.NAME,
 )
 
 #: ``--quick``: sizes for the smoke test, seconds rather than minutes.
@@ -49,6 +51,7 @@ QUICK_COLLECTOR = collector.Settings(records=3_000, batch=500, rounds=1)
 #: Without ``--scoring-home`` a quick run still builds (and trains) a home: a minute or two.
 QUICK_SCORING = scoring.Settings(calls=100, warmup=20)
 #: The live run waits for a minute boundary: the quick run replays only.
+QUICK_AUTHORIZE = authorize.Settings(calls=200, warmup=20, api_keys=500, seconds=1.0)
 QUICK_STREAM_LATENCY = stream_latency.Settings(
     records=3_000, minutes=10, batch=300, api_keys=10, live=False
 )
@@ -191,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         scoring.NAME: lambda: scoring.run(scoring_settings(args), console),
         stream_latency.NAME: lambda: stream_latency.run(stream_latency_settings(args), console),
+        authorize.NAME: lambda: authorize.run(
+            QUICK_AUTHORIZE if args.quick else authorize.Settings(), console
+        ),
     }
     results = []
     for name in BENCHMARKS:

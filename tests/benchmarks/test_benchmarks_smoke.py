@@ -155,3 +155,26 @@ def test_scoring_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> 
     # The absolute bound is recorded, never asserted: a test machine's times are not the spec.
     assert result["p99_bound_ms"] > 0 and isinstance(result["p99_within_bound"], bool)
     assert result["ratio_ours_over_echo"]["p99"] > 0
+
+
+def test_stream_latency_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, results = quick_run
+    result = _result(results, "stream_latency")
+    # ok: the streamed online rows of the cross-checked keys equal window_features.
+    _assert_ratios(result)
+    assert result["cross_check_keys"] >= 1
+    assert result["replay_records_per_s"] > 0 and result["spool_read_records_per_s"] > 0
+
+
+def test_authorize_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    _, results = quick_run
+    result = _result(results, "authorize")
+    # ok: every gateway answer agreed with the decision table, wrk saw only 2xx.
+    _assert_ratios(result)
+    assert {"p50 latency", "p99 latency", "answers per second (wrk)"} <= result[
+        "comparisons"
+    ].keys()
+    assert result["wrong_answers"] == 0
+    assert 0 < result["server_p50_ms"] <= result["server_p99_ms"]
+    # The goals are recorded, never asserted: a test machine's times are not the spec.
+    assert result["server_p99_goal_ms"] > 0 and result["throughput_goal_per_s"] > 0
