@@ -592,6 +592,49 @@ def test_a_real_server_with_a_stalled_table_answers_within_the_bound(tmp_path: P
 
 
 @pytest.mark.integration
+def test_the_decision_store_stopping_under_load_fails_open_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    """Eight clients keep asking; midway the table stalls; every answer stays in bound."""
+    env, token = _server_env(tmp_path)
+    stop = tmp_path / "stop"
+    env["QABUSE_TEST_STOP_FILE"] = str(stop)
+    server = GatewayServer("support.gateway_apps:stoppable_gateway", env, tmp_path / "gw.log")
+    answers: list[httpx.Response] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 3.0
+
+    def client_loop() -> None:
+        try:
+            with httpx.Client(base_url=server.url, headers=_bearer(token), timeout=10) as client:
+                while time.monotonic() < deadline:
+                    answer = client.post("/v1/authorize", headers={API_KEY_HEADER: KEY})
+                    with lock:
+                        answers.append(answer)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    try:
+        threads = [threading.Thread(target=client_loop) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        stop.touch()  # the decision store stops answering, under load
+        for thread in threads:
+            thread.join(30)
+    finally:
+        server.stop()
+    assert not failures, failures
+    before = [a for a in answers if FAIL_OPEN_HEADER not in a.headers]
+    after = [a for a in answers if FAIL_OPEN_HEADER in a.headers]
+    assert len(before) > 50 and len(after) > 50
+    assert all(a.status_code == 200 for a in answers)
+    for answer in after:
+        _assert_failed_open(answer)
+
+
+@pytest.mark.integration
 def test_the_settings_built_app_runs_under_uvicorn(tmp_path: Path) -> None:
     env, token = _server_env(tmp_path)
     server = GatewayServer("qabuse_dagster.response.gateway:app", env, tmp_path / "gw.log")

@@ -12,7 +12,6 @@ minute by minute, as a live collector would commit it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from support.stream_replay import Replay, replay_of
 
 from qabuse_dagster import model_registry, settings
 from qabuse_dagster.features.definitions import (
@@ -43,9 +43,7 @@ from qabuse_dagster.features.store import (
     online_vectors,
     open_store,
 )
-from qabuse_dagster.features.streaming import StreamRecord
 from qabuse_dagster.features.windows import sequence_table, window_features
-from qabuse_dagster.ingest.partitions import TELEMETRY_SCHEMA
 from qabuse_dagster.ingest.spool import (
     Spool,
     connect,
@@ -68,73 +66,7 @@ from qabuse_dagster.telemetry.contract import format_rfc3339_utc
 pytestmark = pytest.mark.integration
 
 LEDGER_KEY = b"stream-worker-test-key-32-bytes!"
-FLOOD_MINUTES = 30
-HISTORY = timedelta(hours=26)
 _KEY, _USER = ENTITY_COLUMNS["api_key"], ENTITY_COLUMNS["user"]
-
-
-def _renamed(value: str, salt: str) -> str:
-    return hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Replay:
-    """Records taken from the twin, renamed and moved; which keys flood and which do not."""
-
-    records: list[dict[str, Any]]
-    flood_key: str
-    benign_keys: list[str]
-    #: Where the minute-by-minute part starts.
-    flood_start: datetime
-
-    def table(self) -> pa.Table:
-        rows = [
-            {**r, "timestamp": datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00"))}
-            for r in self.records
-        ]
-        names = list(StreamRecord._fields)
-        schema = pa.schema([TELEMETRY_SCHEMA.field(n) for n in names])
-        return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
-
-
-def _replay(pipeline_run: Any, salt: str, *, benign: int = 3) -> Replay:
-    sim = pipeline_run.simulation
-    (incident_key,) = sim.incident_api_key_ids
-    with sim.telemetry_path.open() as lines:
-        twin = [json.loads(line) for line in lines]
-    end = max(datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")) for r in twin)
-    history_start = format_rfc3339_utc(end - HISTORY)
-    flood_start = format_rfc3339_utc(end - timedelta(minutes=FLOOD_MINUTES))
-    counts: dict[str, int] = {}
-    for r in twin:
-        if r["timestamp"] >= history_start and r["api_key_id"] != incident_key:
-            counts[r["api_key_id"]] = counts.get(r["api_key_id"], 0) + 1
-    quiet = sorted(counts, key=lambda k: (-counts[k], k))[:benign]
-    shift = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0) - end
-    records = []
-    for r in twin:
-        key = r["api_key_id"]
-        wanted = (key in quiet and r["timestamp"] >= history_start) or (
-            key == incident_key and r["timestamp"] >= flood_start
-        )
-        if wanted:
-            at = datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")) + shift
-            records.append(
-                {
-                    **r,
-                    "api_key_id": _renamed(key, salt),
-                    "user": _renamed(r["user"], salt),
-                    "job_id": f"{salt}-{r['job_id']}",
-                    "timestamp": format_rfc3339_utc(at),
-                }
-            )
-    records.sort(key=lambda r: r["timestamp"])
-    return Replay(
-        records,
-        flood_key=_renamed(incident_key, salt),
-        benign_keys=[_renamed(k, salt) for k in quiet],
-        flood_start=datetime.fromisoformat(flood_start.replace("Z", "+00:00")) + shift,
-    )
 
 
 def _spool(spool: Spool, replay: Replay) -> int:
@@ -186,7 +118,7 @@ def champion(pipeline_run) -> Champion:
 def streamed(
     pipeline_run, champion: Champion, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Streamed]:
-    replay = _replay(pipeline_run, "stream-test")
+    replay = replay_of(pipeline_run, "stream-test")
     paths = settings.Paths(tmp_path_factory.mktemp("stream-home"))
     spool = Spool(spool_path(paths))
     _spool(spool, replay)
@@ -341,7 +273,7 @@ def test_shadow_mode_records_would_be_decisions_as_shadow(
     pipeline_run, champion: Champion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(settings.ENFORCE_ENV, "shadow")
-    replay = _replay(pipeline_run, "stream-shadow-test", benign=0)
+    replay = replay_of(pipeline_run, "stream-shadow-test", benign=0)
     paths = settings.Paths(tmp_path)
     spool = Spool(spool_path(paths))
     _spool(spool, replay)

@@ -38,6 +38,29 @@ class FailingTable(DecisionTable):
         raise RuntimeError("the decision table is broken")
 
 
+class StoppableTable(DecisionTable):
+    """A table that works until the file ``QABUSE_TEST_STOP_FILE`` names exists, then hangs.
+
+    The decision store stopping under load: a test creates the file while clients keep
+    asking, and every lookup from then on stalls for ``stall_s``.
+    """
+
+    def __init__(self, stop_file: Path, stall_s: float = 5.0) -> None:
+        super().__init__()
+        self.stop_file = stop_file
+        self.stall_s = stall_s
+
+    def lookup(self, api_key_id: str, now_ms: int, **kwargs: Any) -> Verdict:
+        if self.stop_file.exists():
+            time.sleep(self.stall_s)
+        return super().lookup(api_key_id, now_ms, **kwargs)
+
+
+def stoppable_gateway() -> Starlette:
+    """For ``uvicorn --factory``: a `StoppableTable` on ``QABUSE_TEST_STOP_FILE``."""
+    return create_gateway_app(StoppableTable(Path(os.environ["QABUSE_TEST_STOP_FILE"])), modes={})
+
+
 def stalling_gateway() -> Starlette:
     """For ``uvicorn --factory``: tokens and signing key from the environment (settings)."""
     return create_gateway_app(StallingTable(), modes={})

@@ -1,0 +1,88 @@
+"""A replay of the session twin's telemetry for the real-time path's tests.
+
+The last day of the twin's busiest benign keys and, for its last half hour, the twin's
+runaway CI. Every key, user and job id is renamed with a salt, so the session's online
+rows stay as they were, and the timeline is moved to end an hour before now: a replay,
+whose watermark follows event time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from qabuse_dagster.features.streaming import StreamRecord
+from qabuse_dagster.ingest.partitions import TELEMETRY_SCHEMA
+from qabuse_dagster.telemetry.contract import format_rfc3339_utc
+
+FLOOD_MINUTES = 30
+HISTORY = timedelta(hours=26)
+
+
+def renamed(value: str, salt: str) -> str:
+    return hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Records taken from the twin, renamed and moved; which keys flood and which do not."""
+
+    records: list[dict[str, Any]]
+    flood_key: str
+    benign_keys: list[str]
+    #: Where the minute-by-minute part starts.
+    flood_start: datetime
+
+    def table(self) -> pa.Table:
+        rows = [
+            {**r, "timestamp": datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00"))}
+            for r in self.records
+        ]
+        names = list(StreamRecord._fields)
+        schema = pa.schema([TELEMETRY_SCHEMA.field(n) for n in names])
+        return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
+
+
+def replay_of(pipeline_run: Any, salt: str, *, benign: int = 3) -> Replay:
+    sim = pipeline_run.simulation
+    (incident_key,) = sim.incident_api_key_ids
+    with sim.telemetry_path.open() as lines:
+        twin = [json.loads(line) for line in lines]
+    end = max(datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")) for r in twin)
+    history_start = format_rfc3339_utc(end - HISTORY)
+    flood_start = format_rfc3339_utc(end - timedelta(minutes=FLOOD_MINUTES))
+    counts: dict[str, int] = {}
+    for r in twin:
+        if r["timestamp"] >= history_start and r["api_key_id"] != incident_key:
+            counts[r["api_key_id"]] = counts.get(r["api_key_id"], 0) + 1
+    quiet = sorted(counts, key=lambda k: (-counts[k], k))[:benign]
+    shift = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0) - end
+    records = []
+    for r in twin:
+        key = r["api_key_id"]
+        wanted = (key in quiet and r["timestamp"] >= history_start) or (
+            key == incident_key and r["timestamp"] >= flood_start
+        )
+        if wanted:
+            at = datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")) + shift
+            records.append(
+                {
+                    **r,
+                    "api_key_id": renamed(key, salt),
+                    "user": renamed(r["user"], salt),
+                    "job_id": f"{salt}-{r['job_id']}",
+                    "timestamp": format_rfc3339_utc(at),
+                }
+            )
+    records.sort(key=lambda r: r["timestamp"])
+    return Replay(
+        records,
+        flood_key=renamed(incident_key, salt),
+        benign_keys=[renamed(k, salt) for k in quiet],
+        flood_start=datetime.fromisoformat(flood_start.replace("Z", "+00:00")) + shift,
+    )
