@@ -48,28 +48,51 @@ class Replay:
         return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], schema=schema)
 
 
-def replay_of(pipeline_run: Any, salt: str, *, benign: int = 3) -> Replay:
+def replay_of(
+    pipeline_run: Any, salt: str, *, benign: int = 3, after_onset: timedelta | None = None
+) -> Replay:
+    """The replay of the session twin (see the module docstring).
+
+    Args:
+        pipeline_run: The session's `PipelineRun`.
+        salt: Renames keys, users and job ids, so that replays do not meet.
+        benign: How many of the busiest benign keys come along.
+        after_onset: None: the flood is the runaway's last `FLOOD_MINUTES`, without its
+            history. Else the replay ends this long after the runaway's labelled onset,
+            the runaway key's own history before it included: the flood starts at onset.
+    """
     sim = pipeline_run.simulation
     (incident_key,) = sim.incident_api_key_ids
     with sim.telemetry_path.open() as lines:
         twin = [json.loads(line) for line in lines]
-    end = max(datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")) for r in twin)
+    if after_onset is None:
+        end = max(_instant(r["timestamp"]) for r in twin)
+        flood_start = format_rfc3339_utc(end - timedelta(minutes=FLOOD_MINUTES))
+        incident_from = flood_start
+    else:
+        (label,) = [json.loads(line) for line in sim.labels_path.read_text().splitlines() if line]
+        onset = _instant(label["start"])
+        end = onset + after_onset
+        flood_start = format_rfc3339_utc(onset)
+        incident_from = format_rfc3339_utc(end - HISTORY)
     history_start = format_rfc3339_utc(end - HISTORY)
-    flood_start = format_rfc3339_utc(end - timedelta(minutes=FLOOD_MINUTES))
+    until = format_rfc3339_utc(end)
     counts: dict[str, int] = {}
     for r in twin:
-        if r["timestamp"] >= history_start and r["api_key_id"] != incident_key:
+        if history_start <= r["timestamp"] < until and r["api_key_id"] != incident_key:
             counts[r["api_key_id"]] = counts.get(r["api_key_id"], 0) + 1
     quiet = sorted(counts, key=lambda k: (-counts[k], k))[:benign]
     shift = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0) - end
     records = []
     for r in twin:
         key = r["api_key_id"]
+        if r["timestamp"] >= until:
+            continue
         wanted = (key in quiet and r["timestamp"] >= history_start) or (
-            key == incident_key and r["timestamp"] >= flood_start
+            key == incident_key and r["timestamp"] >= incident_from
         )
         if wanted:
-            at = datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")) + shift
+            at = _instant(r["timestamp"]) + shift
             records.append(
                 {
                     **r,
@@ -84,5 +107,9 @@ def replay_of(pipeline_run: Any, salt: str, *, benign: int = 3) -> Replay:
         records,
         flood_key=renamed(incident_key, salt),
         benign_keys=[renamed(k, salt) for k in quiet],
-        flood_start=datetime.fromisoformat(flood_start.replace("Z", "+00:00")) + shift,
+        flood_start=_instant(flood_start) + shift,
     )
+
+
+def _instant(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))

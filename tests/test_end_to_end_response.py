@@ -1,0 +1,194 @@
+"""End to end, with real processes: collector, stream worker and gateway, on a trained home.
+
+The session twin's runaway CI, renamed and moved to end an hour ago, is replayed into a
+real ``qabuse collector`` beside three benign keys: the day before its labelled onset
+at once, then from the onset on, ten seconds of telemetry time per wall second. Each
+replayed submission asks a real ``qabuse gateway`` whether it may go through, as an API
+gateway would. A real ``qabuse stream`` tails the collector's spool, pushes the
+features to the Feast online store, scores with @champion and writes its decisions to
+the ledger that the gateway follows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from support.stream_replay import replay_of
+
+from qabuse_dagster import settings
+from qabuse_dagster.processes import free_port
+from qabuse_dagster.response.auth import add_token
+from qabuse_dagster.response.gateway import API_KEY_HEADER
+from qabuse_dagster.response.ledger import open_ledger
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SIGNING_KEY = "end-to-end-signing-key-of-forty-chars-00"
+COLLECTOR_TOKEN = "e2e-collector-token"
+#: Telemetry seconds replayed per wall second, in chunks of this many telemetry seconds.
+CHUNK_S = 10
+SPEED_UP = 10
+#: The requirement: the runaway key gets 429 within this long of its onset (telemetry time).
+WITHIN_S = 90.0
+
+
+def _at(record: dict) -> datetime:
+    return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+
+
+@contextlib.contextmanager
+def _server(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qabuse_dagster.cli", *command],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, within_s: float = 90) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never answered:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def test_the_gateway_throttles_a_runaway_replayed_through_the_real_path(
+    pipeline_run, tmp_path: Path
+) -> None:
+    # A copy of the trained home: the processes' online rows, spool and landing files
+    # stay out of the session's. MLflow's artifacts are read where they are.
+    home = tmp_path / "home"
+    shutil.copytree(pipeline_run.home, home, ignore=shutil.ignore_patterns("dagster", "bentoml"))
+    tokens = tmp_path / "tokens.json"
+    gateway_token = add_token("envoy", ["gateway"], path=tokens)
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    collector_port, gateway_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        settings.HOME_ENV: str(home),
+        "DAGSTER_HOME": str(home / "dagster"),
+        settings.LEDGER_URL_ENV: ledger_url,
+        settings.SIGNING_KEY_ENV: SIGNING_KEY,
+        settings.TOKENS_FILE_ENV: str(tokens),
+        settings.ENFORCE_ENV: "enforce",
+        settings.HASH_KEY_ENV: "end-to-end-hash-key-0123456789abcdef",
+        "QABUSE_COLLECTOR_TOKENS": f"twin:{COLLECTOR_TOKEN}",
+    }
+    # The runaway from its labelled onset, after a day of its own and three benign keys'
+    # history, as an API gateway would have seen it.
+    replay = replay_of(pipeline_run, "end-to-end", after_onset=timedelta(minutes=10))
+    flood = [r for r in replay.records if _at(r) >= replay.flood_start]
+    history = [r for r in replay.records if _at(r) < replay.flood_start]
+    onset = replay.flood_start
+
+    logs = {name: tmp_path / f"{name}.log" for name in ("collector", "stream", "gateway")}
+    collector_args = ["collector", "--host", "127.0.0.1", "--port", str(collector_port)]
+    with (
+        _server([*collector_args, "--trusted-tenant", "twin"], env, logs["collector"]) as col,
+        _server(["-v", "stream", "--lateness", "5", "--poll", "0.1"], env, logs["stream"]),
+        _server(
+            ["gateway", "--host", "127.0.0.1", "--port", str(gateway_port)], env, logs["gateway"]
+        ) as gate,
+        httpx.Client(timeout=30) as client,
+    ):
+        collector = f"http://127.0.0.1:{collector_port}"
+        gateway = f"http://127.0.0.1:{gateway_port}"
+        _wait_healthy(collector + "/healthz", col, logs["collector"])
+        _wait_healthy(gateway + "/healthz", gate, logs["gateway"])
+
+        def send(records: list[dict]) -> None:
+            answer = client.post(
+                collector + "/v1/telemetry",
+                content="\n".join(json.dumps(r) for r in records),
+                headers={
+                    "authorization": f"Bearer {COLLECTOR_TOKEN}",
+                    "content-type": "application/x-ndjson",
+                },
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["accepted"] + answer.json()["duplicates"] == len(records)
+
+        for start in range(0, len(history), 5_000):
+            send(history[start : start + 5_000])
+        # The day before the onset is a backlog; live, the worker is caught up when a
+        # runaway starts. Wait for it (its figures file names the batch it is at).
+        batches = len(range(0, len(history), 5_000))
+        stats = home / "run" / "stream-stats.json"
+        deadline = time.monotonic() + 180
+        while not (stats.is_file() and json.loads(stats.read_text())["cursor"] >= batches):
+            assert time.monotonic() < deadline, "the stream worker never caught up"
+            time.sleep(0.5)
+
+        as_gateway = {"authorization": f"Bearer {gateway_token}"}
+        benign_answers: list[int] = []
+        throttled_at: datetime | None = None
+        chunk_start = onset - timedelta(seconds=CHUNK_S)
+        while chunk_start <= _at(flood[-1]):
+            chunk_end = chunk_start + timedelta(seconds=CHUNK_S)
+            chunk = [r for r in flood if chunk_start <= _at(r) < chunk_end]
+            if chunk:
+                send(chunk)
+            for record in chunk:
+                if record["status"] != "submitted":
+                    continue
+                key = record["api_key_id"]
+                answer = client.post(
+                    gateway + "/v1/authorize", headers={**as_gateway, API_KEY_HEADER: key}
+                )
+                if key != replay.flood_key:
+                    benign_answers.append(answer.status_code)
+                elif answer.status_code == 429 and throttled_at is None:
+                    throttled_at = _at(record)
+                    assert int(answer.headers["retry-after"]) >= 1
+            chunk_start = chunk_end
+            time.sleep(CHUNK_S / SPEED_UP)
+
+    assert throttled_at is not None, (
+        "the runaway key was never throttled:\n"
+        + logs["stream"].read_text(errors="replace")[-3000:]
+    )
+    assert (throttled_at - onset).total_seconds() <= WITHIN_S
+    assert len(benign_answers) >= 3 and set(benign_answers) == {200}
+
+    with open_ledger(ledger_url, key=SIGNING_KEY.encode()) as ledger:
+        assert ledger.verify().ok
+        entries = [r.entry for r in ledger.records()]
+    first = next(e for e in entries if e.api_key_id == replay.flood_key)
+    assert first.action in ("throttle", "cap") and first.mode == "enforce"
+    assert first.actor == "system" and first.model_name and first.model_version
+    assert first.score is not None and first.feature_service and first.features
+    assert first.at_ms <= int(throttled_at.timestamp() * 1000)
+    assert not [e for e in entries if e.api_key_id in replay.benign_keys]
+    verified = subprocess.run(
+        [sys.executable, "-m", "qabuse_dagster.cli", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verified.returncode == 0 and verified.stdout.startswith("ok:"), verified.stdout
