@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress
 
 from benchmarks.report import (
     BenchmarkResult,
@@ -109,6 +110,46 @@ def _keys_with_online_features() -> tuple[list[str], list[str]]:
 
 
 @contextlib.contextmanager
+def trained_home(
+    given: Path | None, settings: Settings, progress: Progress | None = None
+) -> Iterator[tuple[Path, float | None]]:
+    """The QABUSE_HOME to serve (``given``, else one built) and how long building took.
+
+    The home's variables are set for the block; a built home lives in a temporary folder
+    that the block removes.
+    """
+    with contextlib.ExitStack() as stack:
+        home = given
+        if home is None:
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qabuse-bench-")))
+        home = home.resolve()
+        stack.enter_context(
+            environment_variables(
+                QABUSE_HOME=str(home),
+                DAGSTER_HOME=str(home / "dagster"),
+                BENTOML_HOME=str(home / "bentoml"),
+                BENTOML_DO_NOT_TRACK="true",
+                FEAST_USAGE="False",
+                MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+            )
+        )
+        build_s = None
+        if given is None:
+            task = None
+            if progress is not None:
+                task = progress.add_task(
+                    f"building a home: {settings.hours:g} h twin through the asset graph",
+                    total=None,
+                )
+            started = time.perf_counter()
+            _build_home(home, settings)
+            build_s = time.perf_counter() - started
+            if progress is not None and task is not None:
+                progress.update(task, total=1, completed=1)
+        yield home, build_s
+
+
+@contextlib.contextmanager
 def _echo_server(ready_timeout: float = 180.0) -> Iterator[str]:
     """Run ``bentoml serve`` of the echo service for the block; yields its URL once ready."""
     from qabuse_dagster import settings as qabuse_settings
@@ -171,33 +212,11 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
     latencies: dict[str, list[float]] = {side: [] for side in SIDES}
     problems: dict[str, list[str]] = {}
     with contextlib.ExitStack() as stack:
-        home = settings.home
-        if home is None:
-            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qabuse-bench-")))
-        home = home.resolve()
-        stack.enter_context(
-            environment_variables(
-                QABUSE_HOME=str(home),
-                DAGSTER_HOME=str(home / "dagster"),
-                BENTOML_HOME=str(home / "bentoml"),
-                BENTOML_DO_NOT_TRACK="true",
-                FEAST_USAGE="False",
-                MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
-            )
-        )
         progress = stack.enter_context(progress_display(console))
+        home, build_s = stack.enter_context(trained_home(settings.home, settings, progress))
         # The pipeline and Feast log every step; the tables are the output here.
         for name in ("feast", "dagster", "mlflow", "qabuse_dagster"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        build_s = None
-        if settings.home is None:
-            task = progress.add_task(
-                f"building a home: {settings.hours:g} h twin through the asset graph", total=None
-            )
-            started = time.perf_counter()
-            _build_home(home, settings)
-            build_s = time.perf_counter() - started
-            progress.update(task, total=1, completed=1)
 
         from qabuse_dagster import model_registry
         from qabuse_dagster import settings as qabuse_settings

@@ -39,7 +39,6 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,11 +47,11 @@ from typing import Any
 import pyarrow as pa
 from rich.console import Console
 
+from benchmarks import scoring
 from benchmarks.report import (
     BenchmarkResult,
     busy_machine_note,
     comparison,
-    environment_variables,
     load_average,
     percentile,
     progress_display,
@@ -149,32 +148,6 @@ def _summary(ms: list[float]) -> dict[str, float]:
         "mean_ms": sum(ordered) / len(ordered),
         "max_ms": ordered[-1],
     }
-
-
-@contextlib.contextmanager
-def _home(settings: Settings) -> Iterator[tuple[Path, float | None]]:
-    """The QABUSE_HOME to use (the one given, else one built) and how long building took."""
-    from benchmarks import scoring
-
-    with contextlib.ExitStack() as stack:
-        home = settings.home
-        if home is None:
-            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qabuse-bench-")))
-        home = home.resolve()
-        stack.enter_context(
-            environment_variables(
-                QABUSE_HOME=str(home),
-                DAGSTER_HOME=str(home / "dagster"),
-                FEAST_USAGE="False",
-                MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
-            )
-        )
-        built_s = None
-        if settings.home is None:
-            started = time.perf_counter()
-            scoring._build_home(home, scoring.Settings())
-            built_s = time.perf_counter() - started
-        yield home, built_s
 
 
 def _worker(scratch: Path, settings: Settings, champion: Any, ledger: Any) -> Any:
@@ -355,7 +328,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
     for name in ("feast", "dagster", "mlflow", "qabuse_dagster"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with contextlib.ExitStack() as stack:
-        _, built_s = stack.enter_context(_home(settings))
+        _, built_s = stack.enter_context(scoring.trained_home(settings.home, scoring.Settings()))
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qabuse-stream-")))
         progress = stack.enter_context(progress_display(console, bar=False))
         task = progress.add_task("loading @champion", total=1)
