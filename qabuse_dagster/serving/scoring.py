@@ -14,13 +14,17 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qabuse_dagster import settings
 from qabuse_dagster.serving.schemas import ScoreResponse
+
+if TYPE_CHECKING:
+    from qabuse_dagster.serving.online import OnlineRead
 
 __all__ = ["Champion", "ChampionUnavailable", "KeyNotOnline", "score_key"]
 
@@ -108,6 +112,7 @@ def score_key(
     user: str | None = None,
     *,
     max_age: timedelta,
+    overlay: tuple[Mapping[str, Any], Mapping[str, Any] | None] | None = None,
 ) -> ScoreResponse:
     """Score one api key's current online features with every member of the champion.
 
@@ -119,6 +124,9 @@ def score_key(
         api_key_id: The key to score.
         user: The key's user, when known: the user-level family then scores the user's rows.
         max_age: Features older than this are scored all the same, and flagged ``stale``.
+        overlay: A row of the key's features and one of its user's (or None) that take
+            the place of the online values they name: the stream worker's provisional
+            rows of a minute still open, which never go to the online store.
 
     Returns:
         The score (higher is more anomalous), the verdict, the exact model version, each
@@ -129,6 +137,8 @@ def score_key(
     """
     ref = loaded.ref
     online = inputs.read(store, api_key_id, user, max_age=max_age)
+    if overlay is not None:
+        online = _overlaid(online, *overlay)
     if not online.known:
         raise KeyNotOnline(
             f"api key {api_key_id} has no online features: it is unknown, or has not "
@@ -163,3 +173,16 @@ def score_key(
         stale=online.stale,
         feature_age_s=online.age_s,
     )
+
+
+def _overlaid(
+    online: OnlineRead, key_row: Mapping[str, Any], user_row: Mapping[str, Any] | None
+) -> OnlineRead:
+    """``online`` with the values ``key_row`` and ``user_row`` hold for its features."""
+    from qabuse_dagster.serving.online import OnlineRead
+
+    values = {name: key_row.get(name, v) for name, v in online.values.items()}
+    user_values = online.user_values
+    if user_values is not None and user_row is not None:
+        user_values = {name: user_row.get(name, v) for name, v in user_values.items()}
+    return OnlineRead(values=values, user_values=user_values, age_s=0.0, stale=False)

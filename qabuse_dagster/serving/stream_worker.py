@@ -28,19 +28,22 @@ mitigation are re-examined every `StreamOptions.tick_s`, so that time-based deci
 (release when quiet, expiry) are taken without new records.
 
 Latency: rows are per minute, and the row at minute ``T`` reads the records before
-``T``; it is final, and scored, once the watermark passes ``T``: with live records,
-``allowed_lateness`` after ``T`` on the wall clock. A record is therefore decided at best
-``T - t + allowed_lateness`` after its instant ``t``: about half a minute on average, a
-minute at worst, plus the worker's own time. The worker measures it from the batch's
-commit in the spool to its key's decision (`LatencyHistogram`), writes it to
-``$QABUSE_HOME/run/stream-stats.json`` every `StreamOptions.stats_every_s` and logs it
-once a minute.
+``T``; it is final, and pushed, once the watermark passes ``T``: with live records,
+``allowed_lateness`` after ``T`` on the wall clock. So that a decision need not wait for
+that, every `StreamOptions.provisional_s` the keys with live records still waiting are
+scored on a *provisional* row: the row a batch run would give at ``T`` if no more
+records came, computed on a copy of the windows and never pushed. An alert there is an
+alert now; the final row is scored again when the minute closes. The worker measures
+the latency from the batch's commit in the spool to its key's decision
+(`LatencyHistogram`), writes it to ``$QABUSE_HOME/run/stream-stats.json`` every
+`StreamOptions.stats_every_s` and logs it once a minute.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -202,6 +205,9 @@ class StreamOptions:
     consumer: str = CONSUMER
     #: Rebuild the windows from the last day of stored telemetry at start.
     warm_up: bool = True
+    #: With live records, seconds between provisional scores of the keys whose records
+    #: wait in the still-open minute; 0 waits for the minute's final row.
+    provisional_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.allowed_lateness < timedelta(0):
@@ -241,6 +247,8 @@ class _Counters:
     malformed_records: int = 0
     rows_pushed: dict[str, int] = field(default_factory=lambda: {_API_KEY: 0, _USER: 0})
     keys_scored: int = 0
+    #: Scores of a provisional row, the open minute's as if it closed now.
+    keys_scored_provisionally: int = 0
     keys_not_scored: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
     #: Records whose key got its row while no champion could score it.
@@ -315,6 +323,7 @@ class StreamWorker:
         self._champion_retry_at = 0.0
         now = self._clock()
         self._next_tick = now
+        self._next_provisional = now
         self._next_stats = now
         self._next_log = now + self.options.log_every_s
         self.started_at = now
@@ -367,6 +376,9 @@ class StreamWorker:
             # Silence: the wall clock still closes minutes.
             self._outbox.append(self._advance(live=True))
             self._publish_and_commit()
+        if self._live and self.options.provisional_s > 0 and now >= self._next_provisional:
+            self._next_provisional = now + self.options.provisional_s
+            self._provisional()
         if now >= self._next_tick:
             self._next_tick = now + self.options.tick_s
             self._tick()
@@ -467,6 +479,44 @@ class StreamWorker:
                 if clock_ms is not None:
                     self._decide(key, state, clock_ms)
             self._settle_latency(state, row_ms, decided=response is not None)
+
+    def _provisional(self) -> None:
+        """Score the keys whose records wait in the open minute as if it closed now.
+
+        A copy of the windows is advanced past the open minute's end: its rows are those
+        a batch run would give at that instant if no more records came. They are scored
+        over the key's online values (never written to the online store, which holds
+        final rows only), and an alert among them is an alert now: the engine may act
+        within a second of the record instead of after the minute closes. The final row
+        is scored again when the minute closes.
+        """
+        waiting = [key for key, state in self.keys.items() if state.waiting]
+        champion = self._loaded_champion() if waiting else None
+        if champion is None:
+            return
+        now_ms = self._now_ms()
+        row_ms = (now_ms // _MINUTE_MS + 1) * _MINUTE_MS
+        past = datetime.fromtimestamp(row_ms / 1000, UTC) + self.options.allowed_lateness
+        keys = latest_per_key(copy.deepcopy(self.key_windows).advance(past), _API_KEY)
+        users = latest_per_key(copy.deepcopy(self.user_windows).advance(past), _USER)
+        user_rows = {row[_USER]: row for row in users.to_pylist()}
+        wanted = set(waiting)
+        for row in keys.to_pylist():
+            key = row[_API_KEY]
+            if key not in wanted or _ms(row[TIMESTAMP_COLUMN]) != row_ms:
+                continue
+            state = self.keys[key]
+            loaded, store, inputs = champion
+            overlay = (row, user_rows.get(state.user) if state.user is not None else None)
+            response = score_key(
+                loaded, store, inputs, key, state.user, max_age=self.max_age, overlay=overlay
+            )
+            self.counters.keys_scored_provisionally += 1
+            state.last = response
+            if response.anomalous and now_ms not in state.alerts_ms:
+                bisect.insort(state.alerts_ms, now_ms)
+            self._decide(key, state, now_ms)
+            self._settle_latency(state, row_ms, decided=True)
 
     def _loaded_champion(self) -> tuple[Any, Any, Any] | None:
         """The champion, store and inputs; None while there is no model (asked again later)."""
@@ -703,6 +753,7 @@ class StreamWorker:
             "late_records": self.key_windows.late_records,
             "rows_pushed": dict(counters.rows_pushed),
             "keys_scored": counters.keys_scored,
+            "keys_scored_provisionally": counters.keys_scored_provisionally,
             "keys_not_scored": counters.keys_not_scored,
             "undecided_records": counters.undecided_records,
             "decisions": dict(counters.decisions),

@@ -348,3 +348,48 @@ def test_sigterm_stops_qabuse_stream_with_its_cursor_saved(tmp_path: Path) -> No
         conn.close()
     stats = json.loads(stats_path(paths).read_text())
     assert stats["cursor"] == 1 and stats["records"] == 3
+
+
+def test_live_records_are_decided_before_their_minute_closes(
+    pipeline_run, champion: Champion, tmp_path: Path
+) -> None:
+    """A provisional row scores the open minute: the decision comes before it closes."""
+    replay = replay_of(
+        pipeline_run, "stream-live-test", benign=0, after_onset=timedelta(seconds=50)
+    )
+    # The replay ends at a minute boundary an hour ago; an hour later it is live, and the
+    # worker's clock stands a second before that minute (of 50 s of runaway) closes.
+    live = [
+        {**r, "timestamp": format_rfc3339_utc(_instant(r["timestamp"]) + timedelta(hours=1))}
+        for r in replay.records
+    ]
+    row_at = max(_instant(r["timestamp"]) for r in live).replace(second=0, microsecond=0)
+    row_at += timedelta(minutes=1)
+    clock = (row_at - timedelta(seconds=1)).timestamp()
+    paths = settings.Paths(tmp_path)
+    spool = Spool(spool_path(paths))
+    _spool(spool, Replay(live, replay.flood_key, [], replay.flood_start + timedelta(hours=1)))
+    spool.close()
+    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}", key=LEDGER_KEY) as ledger:
+        worker = StreamWorker(
+            paths, ledger=ledger, store=champion.store, champion=champion, clock=lambda: clock
+        )
+        try:
+            _drain(worker)
+        finally:
+            worker.close()
+        entries = [r.entry for r in ledger.records()]
+    assert worker.counters.keys_scored_provisionally >= 1
+    (first,) = [e for e in entries if e.api_key_id == replay.flood_key][:1]
+    assert first.action in ("throttle", "cap")
+    assert first.at_ms == round(clock * 1000) < row_at.timestamp() * 1000
+    assert first.model_version and first.features
+    # The provisional row never went to the online store: it holds final rows only.
+    (vector,) = online_vectors(
+        champion.store, [replay.flood_key], FEATURE_SERVICE, max_age=timedelta(days=30)
+    )
+    assert vector.event_timestamp is None or vector.event_timestamp < row_at
+
+
+def _instant(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
