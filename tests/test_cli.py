@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from support.cli_home import restore_home_after
 
 from qabuse_dagster import settings
 from qabuse_dagster.cli import main
@@ -18,12 +18,7 @@ from qabuse_dagster.telemetry.hashing import HASH_KEY_ENV
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     monkeypatch.delenv(HASH_KEY_ENV, raising=False)
-    # `qabuse --home` pins QABUSE_HOME in os.environ; restore it after each test.
-    home = os.environ.get(settings.HOME_ENV)
-    if home is None:
-        monkeypatch.delenv(settings.HOME_ENV, raising=False)
-    else:
-        monkeypatch.setenv(settings.HOME_ENV, home)
+    restore_home_after(monkeypatch)  # `qabuse --home` pins QABUSE_HOME in os.environ
     return CliRunner()
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from support.cli_home import restore_home_after
 
 from qabuse_dagster import settings
 from qabuse_dagster.cli import main
@@ -21,12 +21,7 @@ SIGNING_KEY = "audit-test-signing-key-of-40-characters!"
 def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     monkeypatch.setenv(settings.SIGNING_KEY_ENV, SIGNING_KEY)
     monkeypatch.delenv(settings.LEDGER_URL_ENV, raising=False)
-    # `qabuse --home` pins QABUSE_HOME in os.environ; restore it after each test.
-    home = os.environ.get(settings.HOME_ENV)
-    if home is None:
-        monkeypatch.delenv(settings.HOME_ENV, raising=False)
-    else:
-        monkeypatch.setenv(settings.HOME_ENV, home)
+    restore_home_after(monkeypatch)  # `qabuse --home` pins QABUSE_HOME in os.environ
     return CliRunner()
 
 

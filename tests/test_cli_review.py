@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from support.cli_home import restore_home_after
 
 from qabuse_dagster import settings
 from qabuse_dagster.cli import main
@@ -23,12 +23,7 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv(settings.SIGNING_KEY_ENV, SIGNING_KEY)
     for name in (settings.LEDGER_URL_ENV, settings.TOKENS_FILE_ENV, "QABUSE_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    # `qabuse --home` pins QABUSE_HOME in os.environ; restore it after each test.
-    previous = os.environ.get(settings.HOME_ENV)
-    if previous is None:
-        monkeypatch.delenv(settings.HOME_ENV, raising=False)
-    else:
-        monkeypatch.setenv(settings.HOME_ENV, previous)
+    restore_home_after(monkeypatch)  # `qabuse --home` pins QABUSE_HOME in os.environ
     return tmp_path
 
 

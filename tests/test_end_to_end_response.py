@@ -1,8 +1,9 @@
 """End to end, with real processes: collector, stream worker and gateway, on a trained home.
 
 The session twin's runaway CI, renamed and moved to end an hour ago, is replayed into a
-real ``qabuse collector`` beside three benign keys: the day before its labelled onset
-at once, then from the onset on, ten seconds of telemetry time per wall second. Each
+real ``qabuse collector`` beside three benign keys and, from the same instant, another
+twin's credential stuffing: the day before the onset at once, then from the onset on,
+ten seconds of telemetry time per wall second. Each
 replayed submission asks a real ``qabuse gateway`` whether it may go through, as an API
 gateway would. A real ``qabuse stream`` tails the collector's spool, pushes the
 features to the Feast online store, scores with @champion and writes its decisions to
@@ -24,13 +25,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.stream_replay import replay_of
+from support.stream_replay import incident_slice, replay_of
 
 from qabuse_dagster import settings
 from qabuse_dagster.processes import free_port
 from qabuse_dagster.response.auth import add_token
 from qabuse_dagster.response.gateway import API_KEY_HEADER
 from qabuse_dagster.response.ledger import open_ledger
+from qabuse_dagster.simulation import simulate
+from qabuse_dagster.telemetry.hashing import KeyedHasher
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -102,9 +105,29 @@ def test_the_gateway_throttles_a_runaway_replayed_through_the_real_path(
     # The runaway from its labelled onset, after a day of its own and three benign keys'
     # history, as an API gateway would have seen it.
     replay = replay_of(pipeline_run, "end-to-end", after_onset=timedelta(minutes=10))
-    flood = [r for r in replay.records if _at(r) >= replay.flood_start]
-    history = [r for r in replay.records if _at(r) < replay.flood_start]
     onset = replay.flood_start
+    # The twin's credential stuffing (hundreds of stolen keys, bursts of auth failures
+    # from few networks) starts at the same instant.
+    stuffing_twin = simulate(
+        hours=72,
+        seed=11,
+        out=tmp_path / "stuffing",
+        hasher=KeyedHasher.demo(),
+        scenarios=["credential_stuffing"],
+    )
+    stuffing = incident_slice(
+        stuffing_twin.telemetry_path,
+        stuffing_twin.labels_path,
+        "end-to-end-stuffing",
+        onset_at=onset,
+        length=timedelta(minutes=10),
+    )
+    assert len({r["api_key_id"] for r in stuffing}) > 50
+    flood = sorted(
+        [*stuffing, *(r for r in replay.records if _at(r) >= onset)], key=lambda r: r["timestamp"]
+    )
+    history = [r for r in replay.records if _at(r) < onset]
+    stuffing_keys = {r["api_key_id"] for r in stuffing}
 
     logs = {name: tmp_path / f"{name}.log" for name in ("collector", "stream", "gateway")}
     collector_args = ["collector", "--host", "127.0.0.1", "--port", str(collector_port)]
@@ -160,6 +183,8 @@ def test_the_gateway_throttles_a_runaway_replayed_through_the_real_path(
                 answer = client.post(
                     gateway + "/v1/authorize", headers={**as_gateway, API_KEY_HEADER: key}
                 )
+                if key in stuffing_keys:
+                    continue  # abusive too; what the runaway and the benign keys get is asserted
                 if key != replay.flood_key:
                     benign_answers.append(answer.status_code)
                 elif answer.status_code == 429 and throttled_at is None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -113,3 +114,37 @@ def replay_of(
 
 def _instant(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def incident_slice(
+    telemetry: Any, labels: Any, salt: str, *, onset_at: datetime, length: timedelta
+) -> list[dict[str, Any]]:
+    """One incident's records from its labelled start for ``length``, moved to ``onset_at``.
+
+    Args:
+        telemetry: A twin's ``telemetry.jsonl``.
+        labels: Its ``incidents.jsonl``, holding one incident.
+        salt: Renames keys, users and job ids.
+        onset_at: Where the incident's start lands.
+        length: How much of the incident to take.
+    """
+    (label,) = [json.loads(line) for line in Path(labels).read_text().splitlines() if line]
+    start = _instant(label["start"])
+    keys = set(label["api_key_ids"])
+    shift = onset_at - start
+    records = []
+    with Path(telemetry).open() as lines:
+        for line in lines:
+            r = json.loads(line)
+            at = _instant(r["timestamp"])
+            if r["api_key_id"] in keys and start <= at < start + length:
+                records.append(
+                    {
+                        **r,
+                        "api_key_id": renamed(r["api_key_id"], salt),
+                        "user": renamed(r["user"], salt),
+                        "job_id": f"{salt}-{r['job_id']}",
+                        "timestamp": format_rfc3339_utc(at + shift),
+                    }
+                )
+    return sorted(records, key=lambda r: r["timestamp"])
