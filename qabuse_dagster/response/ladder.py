@@ -16,7 +16,9 @@ The rungs, mildest first:
 4. **revoke** (or **rotate**): proposed after failed challenges; it waits for a second
    principal's approval.
 5. **review**: instead of proposing a revocation on its own, the engine asks a person
-   to look at the whole key when it is high-impact: a large legitimate history.
+   to look at the whole key when it is high-impact (a large legitimate history), and
+   instead of a challenge when the evidence is weak (every alert only just over the
+   threshold).
 
 Example:
     >>> ladder = Ladder.model_validate({"throttle": {"jobs_per_minute": 10}})
@@ -89,10 +91,20 @@ class RevocationRung(_Settings):
 
 
 class ReviewRung(_Settings):
-    """When the engine asks a person to review a key instead of proposing its revocation."""
+    """When the engine asks a person to look at a key instead of acting on its own.
+
+    A high-impact key (a long history) is reviewed instead of revoked; a key whose alerts
+    were all weak (low confidence) is reviewed instead of challenged.
+    """
 
     history_jobs: int = Field(
         default=5_000, ge=1, description="Jobs before the first alert that make a key high-impact."
+    )
+    low_confidence_margin: float = Field(
+        default=0.1,
+        ge=0,
+        description="An alert whose score is over the threshold by at most this fraction of "
+        "the threshold's size is weak; a key with only weak alerts is reviewed, not challenged.",
     )
 
 

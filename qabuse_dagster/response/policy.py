@@ -6,7 +6,8 @@ Per api key, with the knobs of a :class:`~qabuse_dagster.response.ladder.Ladder`
    its recent jobs went over the cap (the cap includes the throttle's rate), else a
    **throttle**.
 2. An alert ``escalate_after_s`` or more into a throttle or cap climbs: to the cap when
-   it now bites, else to a **challenge**.
+   it now bites, else to a **challenge**, unless every alert since was only just over the
+   threshold: then a person **reviews** the key instead (low confidence).
 3. Under a challenge, ``after_refusals`` refused ``challenge_required`` submissions
    propose a **revocation** (or rotation); it takes effect when a second principal
    approves it (the gateway's decision table enforces that, not the engine). For a
@@ -30,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -96,7 +97,8 @@ class FeatureUsage:
         return float(self.features.get("max_shots_1h", 0.0)) > cap.max_shots
 
     def history_jobs(self, at_ms: int) -> int:
-        return self.jobs_before
+        # The day's submissions are a floor on the key's history when nothing longer is known.
+        return max(self.jobs_before, int(self.features.get("submissions_24h", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class MitigationPolicy:
         decisions: Sequence[Decision],
         after_ms: int,
         usage: KeyUsage | None = None,
+        weak_alerts_ms: Collection[int] | None = None,
     ) -> Decision | None:
         """The key's first decision strictly after ``after_ms``, or None.
 
@@ -129,6 +132,10 @@ class MitigationPolicy:
             after_ms: Only decide after this instant.
             usage: The key's usage (cap and review rules); None: no cap bites, and no
                 key is high-impact.
+            weak_alerts_ms: The alerts whose score was only just over the threshold
+                (within `ReviewRung.low_confidence_margin`). When every alert since the
+                throttle or cap was weak, a person reviews the key instead of it being
+                challenged. None: every alert counts as confident.
         """
         level, since, expires = "none", 0, None
         if decisions:
@@ -156,7 +163,17 @@ class MitigationPolicy:
             climb = None if alert is None else self._climb(level, alert, usage)
             if alert is not None and climb is not None:
                 reason = f"still alerting {self.ladder.escalate_after_s:.0f} s into the {level}"
-                candidates.append(self._decide(api_key_id, climb, alert, reason))
+                lo = bisect.bisect_left(alerts_ms, since)
+                hi = bisect.bisect_right(alerts_ms, alert)
+                weak = weak_alerts_ms is not None and all(
+                    t in weak_alerts_ms for t in alerts_ms[lo:hi]
+                )
+                if climb == "challenge" and weak:
+                    why = f"{reason}, every alert only just over the threshold: a person looks"
+                    params = {"instead_of": "challenge", "low_confidence": True}
+                    candidates.append(Decision(alert, api_key_id, "review", why, params))
+                else:
+                    candidates.append(self._decide(api_key_id, climb, alert, reason))
         elif level == "challenge" and "revoke" in self.ladder.rungs:
             needed = self.ladder.revocation.after_refusals
             failed = [t for t in refusals_ms if t >= since]

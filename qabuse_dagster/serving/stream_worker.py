@@ -221,6 +221,8 @@ class _KeyState:
     """What the engine knows of one api key, and what the worker waits to decide for it."""
 
     alerts_ms: list[int] = field(default_factory=list)
+    #: Of those, the alerts whose score was only just over the threshold.
+    weak_alerts_ms: set[int] = field(default_factory=set)
     refusals_ms: list[int] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     #: The key's last score, its features the usage the engine reads.
@@ -475,7 +477,7 @@ class StreamWorker:
             if response is not None:
                 state.last = response
                 if response.anomalous and row_ms not in state.alerts_ms:
-                    bisect.insort(state.alerts_ms, row_ms)
+                    self._alert(state, row_ms, response)
                 if clock_ms is not None:
                     self._decide(key, state, clock_ms)
             self._settle_latency(state, row_ms, decided=response is not None)
@@ -514,9 +516,16 @@ class StreamWorker:
             self.counters.keys_scored_provisionally += 1
             state.last = response
             if response.anomalous and now_ms not in state.alerts_ms:
-                bisect.insort(state.alerts_ms, now_ms)
+                self._alert(state, now_ms, response)
             self._decide(key, state, now_ms)
             self._settle_latency(state, row_ms, decided=True)
+
+    def _alert(self, state: _KeyState, at_ms: int, response: Any) -> None:
+        """Note an alert, and whether it was weak: only just over the threshold."""
+        bisect.insort(state.alerts_ms, at_ms)
+        margin = self.policy.ladder.review.low_confidence_margin * abs(response.threshold)
+        if response.score - response.threshold <= margin:
+            state.weak_alerts_ms.add(at_ms)
 
     def _loaded_champion(self) -> tuple[Any, Any, Any] | None:
         """The champion, store and inputs; None while there is no model (asked again later)."""
@@ -563,6 +572,7 @@ class StreamWorker:
             decision = self.policy.next_decision(
                 key,
                 alerts_ms=state.alerts_ms,
+                weak_alerts_ms=state.weak_alerts_ms,
                 refusals_ms=state.refusals_ms,
                 decisions=state.decisions,
                 after_ms=after_ms,
@@ -579,6 +589,7 @@ class StreamWorker:
         if state.decisions:
             since = state.decisions[-1].at_ms
             del state.alerts_ms[: bisect.bisect_left(state.alerts_ms, since)]
+            state.weak_alerts_ms = {t for t in state.weak_alerts_ms if t >= since}
             del state.refusals_ms[: bisect.bisect_left(state.refusals_ms, since)]
 
     def _record(self, key: str, state: _KeyState, decision: Decision) -> None:

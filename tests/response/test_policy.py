@@ -198,3 +198,41 @@ def test_a_feature_vector_says_whether_a_cap_bites() -> None:
     cap = Ladder().cap
     assert FeatureUsage({"max_shots_1h": cap.max_shots + 1}).over_cap(0, cap)
     assert not FeatureUsage({"max_shots_1h": cap.max_shots}).over_cap(0, cap)
+
+
+def test_only_weak_alerts_ask_a_person_instead_of_a_challenge() -> None:
+    throttle = Decision(MIN, "k", "throttle")
+    alerts = [MIN + k * MIN for k in range(30)]
+
+    def decide(weak: set[int] | None) -> Decision | None:
+        return POLICY.next_decision(
+            "k",
+            alerts_ms=alerts,
+            refusals_ms=[],
+            decisions=[throttle],
+            after_ms=MIN,
+            weak_alerts_ms=weak,
+        )
+
+    reviewed = decide(set(alerts))
+    assert reviewed is not None and reviewed.action == "review"
+    assert reviewed.params == {"instead_of": "challenge", "low_confidence": True}
+    one_strong = decide(set(alerts) - {5 * MIN})
+    assert one_strong is not None and one_strong.action == "challenge"
+    assert (decide(None) or throttle).action == "challenge"
+    # A reviewed key is not escalated further on its own; a quiet hour still releases it.
+    after = POLICY.next_decision(
+        "k",
+        alerts_ms=[*alerts, 200 * MIN],
+        refusals_ms=[],
+        decisions=[throttle, reviewed],
+        after_ms=reviewed.at_ms,
+        weak_alerts_ms=set(alerts),
+    )
+    assert after is not None and after.action == "release"
+
+
+def test_a_days_submissions_are_a_floor_on_a_live_keys_history() -> None:
+    usage = FeatureUsage({"submissions_24h": 6_000.0}, jobs_before=10)
+    assert usage.history_jobs(0) == 6_000
+    assert FeatureUsage({}, jobs_before=7_000).history_jobs(0) == 7_000
