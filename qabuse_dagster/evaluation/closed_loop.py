@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ from qabuse_dagster.evaluation.families import (
     score_families,
     train_then_score,
 )
-from qabuse_dagster.response.decisions import Decision
+from qabuse_dagster.response.decisions import Action, Decision
 from qabuse_dagster.response.policy import JobUsage, MitigationPolicy
 from qabuse_dagster.simulation.closed_loop import Plan, run_closed_loop
 from qabuse_dagster.simulation.jobs import Horizon, JobBatch, epoch_ms
@@ -171,9 +171,9 @@ class DetectorController:
             after_ms=after_ms,
             usage=usage,
         )
-        return None if decision is None else self._as_people_answer(decision)
+        return None if decision is None else self.people_answer(decision)
 
-    def _as_people_answer(self, decision: Decision) -> Decision:
+    def people_answer(self, decision: Decision) -> Decision:
         """The twin's stand-in for the people the engine asks: they agree, after a delay.
 
         A proposed revocation takes effect when an approver confirms it, and so does the
@@ -187,13 +187,12 @@ class DetectorController:
                 reason=f"{decision.reason}, approved after {self.people_delay_s:.0f} s",
             )
         if decision.action == "review":
-            held = str(decision.params.get("instead_of", "revoke"))
-            return Decision(
-                decision.at_ms + delay_ms,
+            held = cast(Action, decision.params.get("instead_of", "revoke"))
+            return self.policy.decide(
                 decision.api_key_id,
-                held,  # type: ignore[arg-type]
+                held,
+                decision.at_ms + delay_ms,
                 f"{decision.reason}; {held} approved after {self.people_delay_s:.0f} s of review",
-                {"requires_approval": True},
             )
         return decision
 

@@ -149,7 +149,7 @@ class MitigationPolicy:
             if alert is None:
                 return None
             rung = self._entry_rung(alert, usage)
-            return self._decide(api_key_id, rung, alert, "alert above the threshold")
+            return self.decide(api_key_id, rung, alert, "alert above the threshold")
         candidates: list[Decision] = []
         release = self._release_at(alerts_ms, since, after_ms)
         if expires is not None and expires > after_ms and (release is None or expires < release):
@@ -173,7 +173,7 @@ class MitigationPolicy:
                     params = {"instead_of": "challenge", "low_confidence": True}
                     candidates.append(Decision(alert, api_key_id, "review", why, params))
                 else:
-                    candidates.append(self._decide(api_key_id, climb, alert, reason))
+                    candidates.append(self.decide(api_key_id, climb, alert, reason))
         elif level == "challenge" and "revoke" in self.ladder.rungs:
             needed = self.ladder.revocation.after_refusals
             failed = [t for t in refusals_ms if t >= since]
@@ -203,12 +203,13 @@ class MitigationPolicy:
         action = self.ladder.revocation.action
         history = 0 if usage is None else usage.history_jobs(at_ms)
         if history < self.ladder.review.history_jobs:
-            return self._decide(api_key_id, action, at_ms, reason)
+            return self.decide(api_key_id, action, at_ms, reason)
         params = {"instead_of": action, "history_jobs": history}
         why = f"{reason}; {history} jobs of history: a person reviews the key first"
         return Decision(at_ms, api_key_id, "review", why, params)
 
-    def _decide(self, api_key_id: str, action: Action, at_ms: int, reason: str) -> Decision:
+    def decide(self, api_key_id: str, action: Action, at_ms: int, reason: str) -> Decision:
+        """A decision of ``action`` at ``at_ms``, with the ladder's parameters and expiry."""
         lasts = self.ladder.lasts_s(action)
         expires = None if lasts is None else at_ms + round(lasts * _S)
         return Decision(at_ms, api_key_id, action, reason, self.params(action), expires)

@@ -12,12 +12,15 @@ from qabuse_dagster.evaluation import closed_loop
 from qabuse_dagster.evaluation.closed_loop import (
     CLOSED_LOOP_COLUMNS,
     ClosedLoopReport,
+    DetectorController,
     closed_loop_backtest,
     closed_loop_metrics,
     closed_loop_rows,
     closed_loop_summary,
 )
 from qabuse_dagster.evaluation.families import TrainedDetectors, TrainingParams
+from qabuse_dagster.response.decisions import Decision
+from qabuse_dagster.response.policy import MitigationPolicy
 from qabuse_dagster.simulation.jobs import epoch_ms
 from qabuse_dagster.simulation.twin import DEFAULT_START, TwinManifest
 from qabuse_dagster.telemetry.hashing import KeyedHasher
@@ -169,3 +172,23 @@ def test_the_controller_sees_the_features_production_computes_from_the_file(
     assert len(ours) == len(theirs) > 100
     for name in ["api_key_id", "event_timestamp", *DETECTOR_FEATURES]:
         np.testing.assert_array_equal(ours[name].to_numpy(), theirs[name].to_numpy(), name)
+
+
+def test_the_twins_people_apply_what_a_review_held_back(
+    report: ClosedLoopReport,
+    trained_with: list[tuple[TrainingParams | None, TrainedDetectors]],
+) -> None:
+    ((_, trained),) = trained_with
+    policy = MitigationPolicy()
+    controller = DetectorController(
+        trained, policy, active_from=report.train_until, people_delay_s=600
+    )
+    for held in ("revoke", "challenge"):
+        review = Decision(1_000, "k", "review", "weak", {"instead_of": held})
+        applied = controller.people_answer(review)
+        expected = policy.decide("k", held, 1_000 + 600_000, "x")  # type: ignore[arg-type]
+        assert (applied.action, applied.at_ms) == (held, 1_000 + 600_000)
+        assert dict(applied.params) == dict(expected.params)
+        assert applied.expires_at_ms == expected.expires_at_ms
+    throttle = Decision(1_000, "k", "throttle")
+    assert controller.people_answer(throttle) is throttle
