@@ -108,8 +108,10 @@ def review_queue(ledger: Ledger) -> list[QueueItem]:
             waiting[record.seq] = QueueItem(kind, record)
         target = waiting.get(entry.refers_to) if entry.refers_to is not None else None
         if target is not None and entry.action in _RESOLVES[target.kind]:
-            if entry.action == "approve" and entry.actor == target.record.entry.actor:
-                continue  # maker-checker: an approval by the proposer resolves nothing
+            if entry.action == "approve" and entry.actor in (target.record.entry.actor, "system"):
+                # Maker-checker, as the gateway's table has it: an approval by the proposer,
+                # or by no person at all, resolves nothing.
+                continue
             del waiting[target.seq]
     return list(waiting.values())
 

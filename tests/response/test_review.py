@@ -62,6 +62,7 @@ def test_the_proposer_cannot_approve_its_own_proposal(ledger: Ledger) -> None:
         approve(ledger, ALICE, proposal.seq, "me again")
     # A forged self-approval written straight to the ledger resolves nothing either.
     ledger.append(LedgerEntry(1_500, KEY, "approve", "alice", "forged", refers_to=proposal.seq))
+    ledger.append(LedgerEntry(1_600, KEY, "approve", "system", "forged", refers_to=proposal.seq))
     assert [i.seq for i in review_queue(ledger)] == [proposal.seq]
     approve(ledger, BOB, proposal.seq, "agreed")
     assert review_queue(ledger) == []
