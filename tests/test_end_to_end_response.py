@@ -1,13 +1,13 @@
 """End to end, with real processes: collector, stream worker and gateway, on a trained home.
 
-The session twin's runaway CI, renamed and moved to end an hour ago, is replayed into a
-real ``qabuse collector`` beside three benign keys and, from the same instant, another
-twin's credential stuffing: the day before the onset at once, then from the onset on,
-ten seconds of telemetry time per wall second. Each
-replayed submission asks a real ``qabuse gateway`` whether it may go through, as an API
-gateway would. A real ``qabuse stream`` tails the collector's spool, pushes the
-features to the Feast online store, scores with @champion and writes its decisions to
-the ledger that the gateway follows.
+The session twin's runaway CI, renamed and moved whole hours back (to end one to two
+hours ago), is replayed into a real ``qabuse collector`` beside three benign keys and, from the
+same instant, another twin's credential stuffing: the day before the onset at once, then
+from the onset on, ten seconds of telemetry time per wall second. Each replayed
+submission asks a real ``qabuse gateway`` whether it may go through, as an API gateway
+would. A real ``qabuse stream`` tails the collector's spool, pushes the features to the
+Feast online store, scores with @champion and writes its decisions to the ledger that
+the gateway follows.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ a decision ledger.
 The session's simulated twin (tests/conftest.py) supplies the records: the last day of
 its three busiest benign keys, and for the last half hour a new key running the twin's
 runaway CI. Every key and user is renamed, so the session's online rows stay as they
-were, and the timeline is moved to end an hour ago: a replay, whose watermark follows
-event time. The day of history goes to the spool in hourly batches, the last half hour
-minute by minute, as a live collector would commit it.
+were, and the timeline is moved whole hours back (keeping its minutes within the hour) to
+end one to two hours ago: a replay, whose watermark follows event time. The day of history goes to
+the spool in hourly batches, the last half hour minute by minute, as a live collector
+would commit it.
 """
 
 from __future__ import annotations
@@ -357,10 +358,12 @@ def test_live_records_are_decided_before_their_minute_closes(
     replay = replay_of(
         pipeline_run, "stream-live-test", benign=0, after_onset=timedelta(seconds=50)
     )
-    # The replay ends at a minute boundary an hour ago; an hour later it is live, and the
-    # worker's clock stands a second before that minute (of 50 s of runaway) closes.
+    # Moved to the current minute it is live, and the worker's clock stands a second
+    # before that minute (of 50 s of runaway) closes.
+    last = max(_instant(r["timestamp"]) for r in replay.records).replace(second=0, microsecond=0)
+    delta = datetime.now(UTC).replace(second=0, microsecond=0) - last
     live = [
-        {**r, "timestamp": format_rfc3339_utc(_instant(r["timestamp"]) + timedelta(hours=1))}
+        {**r, "timestamp": format_rfc3339_utc(_instant(r["timestamp"]) + delta)}
         for r in replay.records
     ]
     row_at = max(_instant(r["timestamp"]) for r in live).replace(second=0, microsecond=0)
@@ -368,7 +371,7 @@ def test_live_records_are_decided_before_their_minute_closes(
     clock = (row_at - timedelta(seconds=1)).timestamp()
     paths = settings.Paths(tmp_path)
     spool = Spool(spool_path(paths))
-    _spool(spool, Replay(live, replay.flood_key, [], replay.flood_start + timedelta(hours=1)))
+    _spool(spool, Replay(live, replay.flood_key, [], replay.flood_start + delta))
     spool.close()
     with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}", key=LEDGER_KEY) as ledger:
         worker = StreamWorker(

@@ -2,8 +2,8 @@
 
 The last day of the twin's busiest benign keys and, for its last half hour, the twin's
 runaway CI. Every key, user and job id is renamed with a salt, so the session's online
-rows stay as they were, and the timeline is moved to end an hour before now: a replay,
-whose watermark follows event time.
+rows stay as they were, and the timeline is moved a whole number of hours, to end between
+two hours and an hour before now: a replay, whose watermark follows event time.
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def replay_of(
         if history_start <= r["timestamp"] < until and r["api_key_id"] != incident_key:
             counts[r["api_key_id"]] = counts.get(r["api_key_id"], 0) + 1
     quiet = sorted(counts, key=lambda k: (-counts[k], k))[:benign]
-    shift = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0) - end
+    # Whole hours: the replay keeps the twin's minutes within the hour (a feature counts
+    # distinct clock hours), so its scores do not depend on when the test runs.
+    shift = timedelta(hours=(datetime.now(UTC) - timedelta(hours=1) - end) // timedelta(hours=1))
     records = []
     for r in twin:
         key = r["api_key_id"]
