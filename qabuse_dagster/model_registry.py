@@ -56,6 +56,8 @@ class ModelVersionRef:
     feature_service: str
     #: For the ensemble: member family -> its registered version.
     members: Mapping[str, str] = field(default_factory=dict)
+    #: The Dagster run that trained it, when a Dagster asset did (alerts link to it).
+    dagster_run_id: str | None = None
 
     @property
     def uri(self) -> str:
@@ -112,6 +114,7 @@ def log_detector(
     model_name: str | None = None,
     members: Mapping[str, ModelVersionRef] | None = None,
     tracking_uri: str | None = None,
+    dagster_run_id: str | None = None,
 ) -> tuple[ModelVersionRef, str]:
     """Log a fitted detector as a new run and register it as a new model version.
 
@@ -124,6 +127,9 @@ def log_detector(
         run_name: the MLflow run's name.
         model_name: registered model (default `family_model_name`, or
             ``QABUSE_MODEL_NAME`` for the ensemble).
+        members: for the ensemble, the member versions it pins.
+        tracking_uri: the MLflow store (default the settings' one).
+        dagster_run_id: the Dagster run training it, kept as the version's tag.
 
     Returns:
         The registered version and the experiment id of its run.
@@ -153,6 +159,7 @@ def log_detector(
         "feature_service": feature_service,
         "members": json.dumps(pinned),
         "score_convention": "higher is more anomalous",
+        **({"dagster_run_id": dagster_run_id} if dagster_run_id else {}),
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
         mlflow.log_params(dict(params))
@@ -177,6 +184,7 @@ def log_detector(
         feature_names=tuple(feature_names),
         feature_service=feature_service,
         members=pinned,
+        dagster_run_id=dagster_run_id,
     )
     logger.info("registered %s version %s (run %s)", name, version, run_id)
     return ref, experiment_id
@@ -224,6 +232,7 @@ def _ref(name: str, version: Any) -> ModelVersionRef:
         feature_names=tuple(json.loads(tags["feature_names"])),
         feature_service=tags.get("feature_service", ""),
         members=json.loads(tags.get("members", "{}")),
+        dagster_run_id=tags.get("dagster_run_id"),
     )
 
 

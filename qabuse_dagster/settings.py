@@ -31,6 +31,11 @@ SIGNING_KEY_ENV = "QABUSE_SIGNING_KEY"
 ENFORCE_ENV = "QABUSE_ENFORCE"
 TOKENS_FILE_ENV = "QABUSE_TOKENS_FILE"
 DISABLED_ACTIONS_ENV = "QABUSE_DISABLED_ACTIONS"
+ALERT_WEBHOOK_URL_ENV = "QABUSE_ALERT_WEBHOOK_URL"
+ALERT_WEBHOOK_SECRET_ENV = "QABUSE_ALERT_WEBHOOK_SECRET"
+DAGSTER_UI_URL_ENV = "QABUSE_DAGSTER_UI_URL"
+MLFLOW_UI_URL_ENV = "QABUSE_MLFLOW_UI_URL"
+TRIAGE_URL_ENV = "QABUSE_TRIAGE_URL"
 
 #: The first hour of the raw partitions, and so the earliest telemetry accepted.
 DEFAULT_TELEMETRY_START = "2026-01-01T00:00:00Z"
@@ -71,6 +76,12 @@ class Paths:
     def labels(self) -> Path:
         """Incident labels (JSONL, the incident-labels contract) known for the telemetry."""
         return self.home / "labels" / "incidents.jsonl"
+
+    @property
+    def analyst_labels(self) -> Path:
+        """Labels analysts gave on the triage page (false positives, confirmed abuse): JSONL
+        in the incident-labels contract, read beside `labels` by evaluation and training."""
+        return self.home / "labels" / "analyst.jsonl"
 
     @property
     def features(self) -> Path:
@@ -319,3 +330,17 @@ def disabled_actions() -> frozenset[str]:
             f"{ENFORCEABLE_RUNGS}"
         )
     return chosen
+
+
+def ui_urls() -> dict[str, str | None]:
+    """Base URLs an alert links to: the Dagster UI, the MLflow UI and the triage page.
+
+    ``QABUSE_DAGSTER_UI_URL`` (default ``http://127.0.0.1:3000``, where ``qabuse up``
+    serves it), ``QABUSE_MLFLOW_UI_URL`` (none by default: the embedded store has no UI
+    running) and ``QABUSE_TRIAGE_URL`` (the decision service, none by default).
+    """
+    return {
+        "dagster": os.environ.get(DAGSTER_UI_URL_ENV, "http://127.0.0.1:3000").rstrip("/"),
+        "mlflow": (os.environ.get(MLFLOW_UI_URL_ENV) or "").rstrip("/") or None,
+        "triage": (os.environ.get(TRIAGE_URL_ENV) or "").rstrip("/") or None,
+    }

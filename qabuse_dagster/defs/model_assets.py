@@ -129,8 +129,12 @@ def _evaluate(
     """Judge ``scored`` rows, log the figures to the version's run, yield output and check."""
     import mlflow
 
-    labels_path = storage.paths().labels
-    labels = read_labels(labels_path) if labels_path.exists() else []
+    labels = [
+        label
+        for path in (storage.paths().labels, storage.paths().analyst_labels)
+        if path.exists()
+        for label in read_labels(path)
+    ]
     report = judge(
         name, scored, trained.ref.threshold, history.inputs.telemetry, labels, trained.cutoff
     )
@@ -150,6 +154,9 @@ def _evaluate(
         value = getattr(overall, key)
         if value is not None:
             metrics[key] = float(value)
+    if report.analyst is not None and report.analyst.precision is not None:
+        # Beside the twin's figures: how the version does on what analysts labelled.
+        metrics["analyst_label_precision"] = report.analyst.precision
     model_registry.configure(mlflow_store.tracking_uri)
     with mlflow.start_run(run_id=trained.ref.run_id):
         mlflow.log_metrics(metrics)
@@ -268,6 +275,7 @@ def family_assets(name: str) -> list[AssetsDefinition]:
             metrics={"threshold": detector.threshold_},
             run_name=f"{name}-{context.run.run_id[:8]}",
             tracking_uri=mlflow_store.tracking_uri,
+            dagster_run_id=context.run.run_id,
         )
         return _trained(context, ref, experiment_id, history.cutoff, mlflow_store)
 
@@ -377,6 +385,7 @@ def ensemble_model(
         model_name=mlflow_store.model_name,
         members=refs,
         tracking_uri=mlflow_store.tracking_uri,
+        dagster_run_id=context.run.run_id,
     )
     return _trained(context, ref, experiment_id, history.cutoff, mlflow_store)
 

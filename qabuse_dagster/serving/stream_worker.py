@@ -82,11 +82,13 @@ from qabuse_dagster.ingest.spool import (
     register_consumer,
     spool_path,
 )
+from qabuse_dagster.response.alert_store import AlertStore, alerts_path
 from qabuse_dagster.response.decisions import HIGH_IMPACT_ACTIONS, Action, Decision
 from qabuse_dagster.response.ladder import Ladder
 from qabuse_dagster.response.ledger import Ledger, open_ledger
 from qabuse_dagster.response.policy import FeatureUsage, MitigationPolicy
 from qabuse_dagster.response.records import LedgerEntry, LedgerRecord, Mode
+from qabuse_dagster.serving.alerting import AlertSnapshot, AlertWriter, KeyActivity
 from qabuse_dagster.serving.schemas import ScoreResponse
 from qabuse_dagster.serving.scoring import Champion, ChampionUnavailable, KeyNotOnline, score_key
 
@@ -107,6 +109,8 @@ CONSUMER = "stream-worker"
 CHALLENGE_REQUIRED = "challenge_required"
 #: Rungs the engine's own alerts put a key on: their instants are alert instants.
 _ALERT_RUNGS = frozenset({"throttle", "cap", "challenge"})
+#: Decisions an alert is written for: every restriction, proposal and review.
+_ALERTED_ACTIONS = frozenset({"throttle", "cap", "challenge", "rotate", "revoke", "review"})
 #: Workflow steps that, for the engine, lift what is on the key.
 _LIFTING_EVENTS = frozenset({"uphold_appeal", "challenge_solved"})
 _API_KEY = ENTITY_COLUMNS["api_key"]
@@ -269,6 +273,8 @@ class StreamWorker:
         champion: The model loader; default one on ``store`` that follows ``@champion``
             every ``QABUSE_MODEL_REFRESH_S``.
         clock: The wall clock, in epoch seconds.
+        alerts: Where each decision's alert goes; default the home's `AlertStore`, whose
+            outbox a `Deliverer` on this worker ships to the configured sinks.
     """
 
     def __init__(
@@ -281,8 +287,10 @@ class StreamWorker:
         store: Any = None,
         champion: Champion | None = None,
         clock: Callable[[], float] = time.time,
+        alerts: AlertStore | None = None,
     ) -> None:
         from qabuse_dagster.features.store import apply_repo, open_store
+        from qabuse_dagster.response.alert_sinks import Deliverer, sinks_from_settings
 
         self.paths = paths or settings.paths()
         self.options = options or StreamOptions()
@@ -309,6 +317,20 @@ class StreamWorker:
         self.key_windows = StreamingWindows(lateness, sequences=True)
         self.user_windows = StreamingWindows(lateness, entity_column=_USER)
         self.keys: dict[str, _KeyState] = {}
+        #: Each key's last jobs and hour, and who ran which code: its alerts' context.
+        self.activity = KeyActivity()
+        sinks = sinks_from_settings(self.paths)
+        self._sinks = sinks
+        self._owns_alerts = alerts is None
+        self.alerts = alerts if alerts is not None else AlertStore(alerts_path(self.paths))
+        self.alert_writer = AlertWriter(
+            self.alerts,
+            list(sinks),
+            lambda: self.champion.get()[0],
+            self.paths.api_key_windows,
+        )
+        self.deliverer = Deliverer(self.alerts, sinks)
+        self.deliverer.start()
         self.counters = _Counters()
         self.latency = LatencyHistogram()
         self._minute_latency = LatencyHistogram()
@@ -321,6 +343,7 @@ class StreamWorker:
         #: Ledger seq -> (key, decision) of the proposals a ``deny`` can cancel.
         self._proposals: dict[int, tuple[str, Decision]] = {}
         self._ledger_seq = 0
+        self._next_prune_ms = 0
         self._live: bool | None = None
         self._champion_retry_at = 0.0
         now = self._clock()
@@ -396,10 +419,19 @@ class StreamWorker:
         return len(batches)
 
     def close(self) -> None:
-        """Close the spool connection (and the ledger, when the worker opened it)."""
+        """Write the alerts in hand, stop delivering, close the spool (and the ledger and
+        alert store, when the worker opened them)."""
+        self.alert_writer.close()
+        self.deliverer.stop()
+        for sink in self._sinks.values():
+            closing = getattr(sink, "close", None)
+            if closing is not None:
+                closing()
         self._conn.close()
         if self._owns_ledger:
             self.ledger.close()
+        if self._owns_alerts:
+            self.alerts.close()
 
     # Batches.
 
@@ -421,6 +453,7 @@ class StreamWorker:
                 self.counters.malformed_records += 1
                 continue
             at_ms = _ms(record["timestamp"])
+            self.activity.note(record, at_ms)
             newest_ms = at_ms if newest_ms is None else max(newest_ms, at_ms)
             state = self._state(record[_API_KEY])
             state.user = record[_USER]
@@ -469,6 +502,7 @@ class StreamWorker:
         self.counters.rows_pushed[_API_KEY] += push_online(self.store, keys, _API_KEY)
         latest = latest_per_key(keys, _API_KEY)
         instants = [_ms(instant) for instant in latest[TIMESTAMP_COLUMN].to_pylist()]
+        self._note_minutes(latest, instants)
         champion = self._loaded_champion()
         clock_ms = self._decision_clock_ms()
         for key, row_ms in zip(latest[_API_KEY].to_pylist(), instants, strict=True):
@@ -481,6 +515,19 @@ class StreamWorker:
                 if clock_ms is not None:
                     self._decide(key, state, clock_ms)
             self._settle_latency(state, row_ms, decided=response is not None)
+
+    def _note_minutes(self, latest: pa.Table, instants: list[int]) -> None:
+        """Keep each key's last hour per minute, from its newest row's sequences."""
+        columns = ("submissions_last_60_min", "failures_last_60_min")
+        if not set(columns) <= set(latest.column_names):
+            return
+        subs, fails = (latest[c].to_pylist() for c in columns)
+        for key, row_ms, s, f in zip(
+            latest[_API_KEY].to_pylist(), instants, subs, fails, strict=True
+        ):
+            self.activity.note_row(
+                key, {"submissions_last_60_min": s, "failures_last_60_min": f}, row_ms
+            )
 
     def _provisional(self) -> None:
         """Score the keys whose records wait in the open minute as if it closed now.
@@ -508,6 +555,7 @@ class StreamWorker:
             if key not in wanted or _ms(row[TIMESTAMP_COLUMN]) != row_ms:
                 continue
             state = self.keys[key]
+            self.activity.note_row(key, row, row_ms)
             loaded, store, inputs = champion
             overlay = (row, user_rows.get(state.user) if state.user is not None else None)
             response = score_key(
@@ -603,7 +651,7 @@ class StreamWorker:
         if last is not None:
             reason = f"{reason} (score {last.score:.3f}, threshold {last.threshold:.3f})"
         mode = cast(Mode, self.modes.get(decision.action, "enforce"))
-        self.ledger.append(
+        record = self.ledger.append(
             LedgerEntry(
                 at_ms=decision.at_ms,
                 api_key_id=key,
@@ -622,6 +670,23 @@ class StreamWorker:
         )
         self._recorded.add(identity)
         _insert(state.decisions, decision)
+        if last is not None and decision.action in _ALERTED_ACTIONS:
+            self.alert_writer.submit(
+                AlertSnapshot(
+                    api_key_id=key,
+                    user=state.user,
+                    action=decision.action,
+                    mode=mode,
+                    reason=reason,
+                    decided_at_ms=decision.at_ms,
+                    requires_approval=bool(decision.params.get("requires_approval")),
+                    response=last,
+                    minutes=self.activity.last_hour(key),
+                    recent_jobs=self.activity.recent_jobs(key),
+                    cluster=self.activity.cluster(key, decision.at_ms),
+                    ledger_seqs=[record.seq],
+                )
+            )
         self.counters.decisions[decision.action] = (
             self.counters.decisions.get(decision.action, 0) + 1
         )
@@ -684,6 +749,10 @@ class StreamWorker:
                 and (not state.decisions or state.decisions[-1].action == "release")
             ):
                 del self.keys[key]  # silent for a day, nothing on it: forget it
+                self.activity.forget(key)
+        if clock_ms >= self._next_prune_ms:
+            self._next_prune_ms = clock_ms + _MINUTE_MS
+            self.activity.prune(clock_ms)
 
     def _decision_clock_ms(self) -> int | None:
         """The instant up to which decisions are due: the api-key watermark (event time).
@@ -733,6 +802,7 @@ class StreamWorker:
             self.key_windows.update(record)
             self.user_windows.update(record)
             self._state(record[_API_KEY]).user = record[_USER]
+            self.activity.note(record, _ms(record["timestamp"]))
         self.key_windows.advance()
         self.user_windows.advance()
         if table.num_rows:

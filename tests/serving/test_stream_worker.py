@@ -219,6 +219,58 @@ def test_the_flood_is_throttled_with_the_model_and_the_features_it_saw(
     assert [e.action for e in flood][:2] == ["throttle", "challenge"]
 
 
+def test_each_decision_writes_one_alert_with_its_context(streamed: Streamed) -> None:
+    streamed.worker.alert_writer.flush()
+    flood_key = streamed.replay.flood_key
+    decided = {
+        (r.entry.action, r.entry.at_ms): r.seq
+        for r in streamed.ledger.records()
+        if r.entry.api_key_id == flood_key and r.entry.actor == "system"
+    }
+    stored = streamed.worker.alerts.alerts(status=None, api_key_id=flood_key)
+    assert {(a.alert.action, int(a.alert.decided_at.timestamp() * 1000)) for a in stored} == set(
+        decided
+    )
+    throttle = next(a.alert for a in stored if a.alert.action == "throttle")
+    assert throttle.links.ledger_seqs == [
+        decided["throttle", int(throttle.decided_at.timestamp() * 1000)]
+    ]
+    assert throttle.score > throttle.threshold and throttle.mode == "enforce"
+    ensemble = {f.family for f in throttle.family_scores}
+    assert throttle.top_family in ensemble and len(ensemble) > 1
+    # The top features, largest contribution first, each with its value and usual value.
+    contributions = [f.contribution for f in throttle.top_features]
+    assert 1 <= len(contributions) <= 5 and contributions == sorted(contributions, reverse=True)
+    assert all(f.value is not None or f.usual_from == "none" for f in throttle.top_features)
+    # The last hour, minute by minute, ends at the decision's row and holds the flood.
+    assert len(throttle.minutes) == 60
+    assert throttle.minutes[-1].minute < throttle.decided_at
+    assert throttle.submissions_last_hour > 0
+    assert len(throttle.recent_jobs) == 10
+    # The key's newest jobs when the alert was written (a replay's batch may run past
+    # the decision's minute): the flood's, within its last hour.
+    hour_before = throttle.decided_at - timedelta(hours=1)
+    assert all(job.submitted_at >= hour_before for job in throttle.recent_jobs)
+    assert [j.submitted_at for j in throttle.recent_jobs] == sorted(
+        (j.submitted_at for j in throttle.recent_jobs), reverse=True
+    )
+    assert throttle.code_hash_cluster  # the flood ran code: the hashes are named
+    # Delivered to the default sink: one JSONL line per alert.
+    sink = streamed.paths.home / "alerts" / "alerts.jsonl"
+    _wait(lambda: sink.is_file() and len(sink.read_text().splitlines()) >= len(decided))
+    ids = [json.loads(line)["alert_id"] for line in sink.read_text().splitlines()]
+    assert sorted(set(ids)) == sorted(
+        a.alert_id for a in streamed.worker.alerts.alerts(status=None)
+    )
+
+
+def _wait(probe: Any, within_s: float = 15.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not probe():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.1)
+
+
 def test_benign_keys_get_no_decision(streamed: Streamed) -> None:
     decided = {r.entry.api_key_id for r in streamed.ledger.records()}
     assert not decided & set(streamed.replay.benign_keys)

@@ -1,0 +1,446 @@
+"""From a decision to an alert: the context the stream worker keeps, and the alert it writes.
+
+The stream worker sees every record, so it keeps what an analyst wants beside a
+decision at almost no cost (`KeyActivity`): each key's last jobs at their latest
+status, its last hour per minute (the rows' own ``submissions_last_60_min`` and
+``failures_last_60_min`` sequences) and, over the last day, which keys and users ran
+each code hash. When the policy engine acts it takes a snapshot of that and hands it to
+an `AlertWriter`, whose thread does the slow part off the decision path: Shapley values
+of the family that drove the score (`models.explain.attribute`), the key's usual values
+(the median of its own offline feature rows over the last week; the training
+population's median for a key without any), and the alert's links. It stores the alert
+in the `AlertStore` with one outbox row per sink; the sinks' `Deliverer` ships it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qabuse_dagster import settings
+from qabuse_dagster.response.alert_store import AlertStore
+from qabuse_dagster.response.alerts import (
+    Alert,
+    ClusterHash,
+    Contribution,
+    FamilyScore,
+    JobSummary,
+    Links,
+    MinuteCounts,
+    alert_id,
+)
+from qabuse_dagster.serving.schemas import ScoreResponse
+
+__all__ = ["AlertSnapshot", "AlertWriter", "KeyActivity", "build_alert", "usual_values"]
+
+logger = logging.getLogger(__name__)
+
+_MINUTE_MS = 60_000
+_DAY_MS = 24 * 3_600_000
+#: Jobs kept per key, and keys and users named per shared code hash.
+RECENT_JOBS = 10
+CLUSTER_IDS = 10
+#: Features an alert explains.
+TOP_FEATURES = 5
+#: How far back a key's usual values look in its offline rows.
+USUAL_LOOKBACK = timedelta(days=7)
+_CAMPAIGN_FIELDS = ("group_keys", "group_users", "group_networks", "sync_share")
+
+
+@dataclass
+class _Job:
+    job_id: str
+    status: str
+    submitted_ms: int
+    shots: int | None
+    backend: str | None
+
+
+@dataclass
+class KeyActivity:
+    """What the worker remembers of each key for its alerts (module docstring)."""
+
+    #: key -> job_id -> the job, oldest first, at most `RECENT_JOBS`.
+    jobs: dict[str, OrderedDict[str, _Job]] = field(default_factory=dict)
+    #: key -> (row instant, submissions per minute, failures per minute) of its last row.
+    minutes: dict[str, tuple[int, list[int], list[int]]] = field(default_factory=dict)
+    #: code hash -> key -> (user, last seen ms), over the last day.
+    by_hash: dict[str, dict[str, tuple[str | None, int]]] = field(default_factory=dict)
+    #: key -> code hash -> last seen ms.
+    hashes: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def note(self, record: Mapping[str, Any], at_ms: int) -> None:
+        """Take in one telemetry record (a decoded contract record)."""
+        key = record["api_key_id"]
+        job_id = record.get("job_id")
+        if job_id:
+            jobs = self.jobs.setdefault(key, OrderedDict())
+            job = jobs.get(job_id)
+            if job is None:
+                jobs[job_id] = _Job(
+                    job_id, record["status"], at_ms, record.get("shots"), record.get("backend")
+                )
+                while len(jobs) > RECENT_JOBS:
+                    jobs.popitem(last=False)
+            elif at_ms >= job.submitted_ms:
+                job.status = record["status"]
+                job.shots = record.get("shots") if record.get("shots") is not None else job.shots
+                job.backend = record.get("backend") or job.backend
+        code = record.get("code_hash")
+        if code:
+            self.by_hash.setdefault(code, {})[key] = (record.get("user"), at_ms)
+            self.hashes.setdefault(key, {})[code] = at_ms
+
+    def note_row(self, key: str, row: Mapping[str, Any], row_ms: int) -> None:
+        """Keep the per-minute sequences of the key's newest row."""
+        subs, fails = row.get("submissions_last_60_min"), row.get("failures_last_60_min")
+        if subs is None or fails is None:
+            return
+        known = self.minutes.get(key)
+        if known is None or known[0] <= row_ms:
+            self.minutes[key] = (row_ms, list(subs), list(fails))
+
+    def prune(self, now_ms: int) -> None:
+        """Forget code hashes not run for a day, and keys with nothing left."""
+        horizon = now_ms - _DAY_MS
+        for code in list(self.by_hash):
+            users = self.by_hash[code]
+            for key in [k for k, (_, at) in users.items() if at < horizon]:
+                del users[key]
+            if not users:
+                del self.by_hash[code]
+        for key in list(self.hashes):
+            kept = {c: at for c, at in self.hashes[key].items() if at >= horizon}
+            if kept:
+                self.hashes[key] = kept
+            else:
+                del self.hashes[key]
+
+    def forget(self, key: str) -> None:
+        self.jobs.pop(key, None)
+        self.minutes.pop(key, None)
+
+    def recent_jobs(self, key: str) -> list[JobSummary]:
+        """The key's last jobs, newest first."""
+        jobs = reversed(self.jobs.get(key, OrderedDict()).values())
+        return [
+            JobSummary(
+                job_id=job.job_id,
+                status=job.status,
+                submitted_at=_instant(job.submitted_ms),
+                shots=job.shots,
+                backend=job.backend,
+            )
+            for job in jobs
+        ]
+
+    def last_hour(self, key: str) -> list[MinuteCounts]:
+        known = self.minutes.get(key)
+        if known is None:
+            return []
+        row_ms, subs, fails = known
+        start = row_ms - len(subs) * _MINUTE_MS
+        return [
+            MinuteCounts(
+                minute=_instant(start + i * _MINUTE_MS), submissions=int(s), failures=int(f)
+            )
+            for i, (s, f) in enumerate(zip(subs, fails, strict=True))
+        ]
+
+    def cluster(self, key: str, now_ms: int) -> list[ClusterHash]:
+        """The key's code hashes of the last day, most shared first, with who else ran them."""
+        horizon = now_ms - _DAY_MS
+        mine = [c for c, at in self.hashes.get(key, {}).items() if at >= horizon]
+        user = None
+        out = []
+        for code in mine:
+            runners = self.by_hash.get(code, {})
+            user = user or runners.get(key, (None, 0))[0]
+            others = {k: u for k, (u, at) in runners.items() if k != key and at >= horizon}
+            other_users = sorted({u for u in others.values() if u is not None and u != user})
+            out.append(
+                ClusterHash(
+                    code_hash=code,
+                    other_keys=len(others),
+                    other_users=len(other_users),
+                    key_ids=sorted(others)[:CLUSTER_IDS],
+                    user_ids=other_users[:CLUSTER_IDS],
+                )
+            )
+        out.sort(key=lambda c: (-c.other_keys, -c.other_users, c.code_hash))
+        return out[:10]
+
+
+@dataclass(frozen=True)
+class AlertSnapshot:
+    """What the worker knew when the engine acted: everything the alert needs but the slow part."""
+
+    api_key_id: str
+    user: str | None
+    action: str
+    mode: str
+    reason: str
+    decided_at_ms: int
+    requires_approval: bool
+    response: ScoreResponse
+    minutes: list[MinuteCounts]
+    recent_jobs: list[JobSummary]
+    cluster: list[ClusterHash]
+    ledger_seqs: list[int]
+
+
+def usual_values(
+    windows: Path, api_key_id: str, features: Sequence[str], before: datetime
+) -> dict[str, float]:
+    """The median of each feature over the key's offline rows of the week before ``before``.
+
+    Reads the hourly Parquet files of ``windows`` (the api-key feature rows) in that
+    week, only the key's rows and the wanted columns. Empty when the key has none.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    start = before - USUAL_LOOKBACK
+    files = []
+    for path in sorted(windows.glob("*.parquet")):
+        try:
+            hour = datetime.strptime(path.stem, "%Y-%m-%dT%H").replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        if start <= hour < before:
+            files.append(path)
+    values: dict[str, list[float]] = {}
+    for path in files:
+        try:
+            table = pq.read_table(
+                path,
+                columns=["api_key_id", *features],
+                filters=[("api_key_id", "=", api_key_id)],
+            )
+        except (OSError, ValueError, KeyError) as exc:  # a column a family added later
+            logger.debug("usual values: %s skipped: %s", path, exc)
+            continue
+        for name in features:
+            column = table[name]
+            if column.num_chunks:
+                values.setdefault(name, []).extend(
+                    float(v) for v in pc.drop_null(column).to_pylist() if isinstance(v, int | float)
+                )
+    return {name: float(np.median(v)) for name, v in values.items() if v}
+
+
+def build_alert(
+    snapshot: AlertSnapshot,
+    loaded: Any,
+    *,
+    windows: Path | None,
+    created_at: datetime | None = None,
+    urls: Mapping[str, str | None] | None = None,
+) -> Alert:
+    """The alert of one decision: its snapshot, explained with the champion's top family."""
+    from models.explain import attribute, reference_row
+    from models.registry import get_family
+
+    response = snapshot.response
+    urls = urls if urls is not None else settings.ui_urls()
+    decided = _instant(snapshot.decided_at_ms)
+    top = response.top_family
+    explainer = f"{top}.explain"
+    contributions: list[Contribution] = []
+    family = get_family(top) if top in loaded.members else None
+    if family is not None and family.input_kind == "rows" and family.entity == "api_key":
+        detector = loaded.members[top].detector
+        names = list(family.feature_names)
+        row = np.array([[response.features.get(name, 0.0) for name in names]])
+        explainer, values = attribute(detector, row)
+        order = np.argsort(-values[0])[:TOP_FEATURES]
+        usual = usual_values(windows, snapshot.api_key_id, names, decided) if windows else {}
+        population = reference_row(detector)
+        for i in order:
+            name = names[int(i)]
+            from_key = name in usual
+            contributions.append(
+                Contribution(
+                    feature=name,
+                    value=float(row[0, int(i)]),
+                    usual=usual[name]
+                    if from_key
+                    else (float(population[int(i)]) if population is not None else None),
+                    usual_from="key"
+                    if from_key
+                    else ("population" if population is not None else "none"),
+                    contribution=float(values[0, int(i)]),
+                )
+            )
+    else:
+        for item in response.top_features[:TOP_FEATURES]:
+            contributions.append(
+                Contribution(
+                    feature=item.feature,
+                    value=item.value,
+                    usual=None,
+                    usual_from="none",
+                    contribution=item.contribution,
+                )
+            )
+    family_scores = [
+        FamilyScore(
+            family=name,
+            score=score,
+            standardised=response.family_standardised.get(name, 0.0),
+            version=response.family_versions.get(name),
+        )
+        for name, score in sorted(
+            response.family_scores.items(),
+            key=lambda item: -response.family_standardised.get(item[0], 0.0),
+        )
+    ]
+    ident = alert_id(snapshot.api_key_id, snapshot.action, snapshot.decided_at_ms)
+    return Alert(
+        alert_id=ident,
+        created_at=created_at or datetime.now(UTC),
+        decided_at=decided,
+        api_key_id=snapshot.api_key_id,
+        user=snapshot.user,
+        action=snapshot.action,
+        mode=snapshot.mode,  # type: ignore[arg-type]
+        requires_approval=snapshot.requires_approval,
+        reason=snapshot.reason,
+        score=response.score,
+        threshold=response.threshold,
+        model_name=response.model_name,
+        model_version=response.model_version,
+        feature_service=response.feature_service,
+        stale=response.stale,
+        family_scores=family_scores,
+        top_family=top,
+        explainer=explainer,
+        top_features=contributions,
+        minutes=snapshot.minutes[-60:],
+        recent_jobs=snapshot.recent_jobs[:RECENT_JOBS],
+        code_hash_cluster=snapshot.cluster[:10],
+        campaign=_campaign(response),
+        links=_links(ident, loaded, snapshot.ledger_seqs, urls),
+    )
+
+
+def _campaign(response: ScoreResponse) -> dict[str, Any] | None:
+    """The key's coordinated group, when the campaign family's features place it in one."""
+    features = response.features
+    group: dict[str, Any] = {}
+    for view in ("1h", "24h"):
+        if features.get(f"group_keys_{view}", 0.0) > 0:
+            group[view] = {
+                name: features[f"{name}_{view}"]
+                for name in _CAMPAIGN_FIELDS
+                if f"{name}_{view}" in features
+            }
+    if not group:
+        return None
+    if "campaign" in response.family_scores:
+        group["score"] = response.family_scores["campaign"]
+        group["standardised"] = response.family_standardised.get("campaign")
+    return group
+
+
+def _links(ident: str, loaded: Any, seqs: Sequence[int], urls: Mapping[str, str | None]) -> Links:
+    ref = loaded.ref
+    run_id = getattr(ref, "dagster_run_id", None)
+    dagster = urls.get("dagster")
+    mlflow = urls.get("mlflow")
+    triage = urls.get("triage")
+    return Links(
+        triage=f"{triage}/triage/alerts/{ident}" if triage else None,
+        dagster_run=f"{dagster}/runs/{run_id}" if dagster and run_id else None,
+        mlflow_model_version=f"{mlflow}/#/models/{ref.name}/versions/{ref.version}"
+        if mlflow
+        else None,
+        ledger_seqs=list(seqs),
+    )
+
+
+def _instant(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+class AlertWriter:
+    """Builds and stores alerts on its own thread, so a decision never waits for one.
+
+    Args:
+        store: Where alerts go.
+        sinks: The sink names each alert is queued for (the outbox).
+        champion: Gives the loaded champion (the worker's `Champion.get`).
+        windows: The api-key offline rows, for the keys' usual values.
+    """
+
+    def __init__(
+        self,
+        store: AlertStore,
+        sinks: Sequence[str],
+        champion: Any,
+        windows: Path | None,
+    ) -> None:
+        self.store = store
+        self.sinks = list(sinks)
+        self.champion = champion
+        self.windows = windows
+        self.written = 0
+        self.failed = 0
+        self._queue: queue.Queue[AlertSnapshot | None] = queue.Queue(maxsize=10_000)
+        self._thread = threading.Thread(target=self._run, name="qabuse-alerts", daemon=True)
+        self._thread.start()
+
+    def submit(self, snapshot: AlertSnapshot) -> None:
+        """Queue an alert; when the queue is full it is dropped, logged and counted."""
+        try:
+            self._queue.put_nowait(snapshot)
+        except queue.Full:
+            self.failed += 1
+            logger.error("alert queue full: the alert of %s is lost", snapshot.api_key_id)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued alert is stored (tests, shutdown)."""
+        done = threading.Event()
+
+        def wait() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        done.wait(timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.flush(timeout_s)
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            snapshot = self._queue.get()
+            try:
+                if snapshot is None:
+                    return
+                self._write(snapshot)
+            except Exception:
+                self.failed += 1
+                logger.exception(
+                    "alert of %s not written", snapshot.api_key_id if snapshot else None
+                )
+            finally:
+                self._queue.task_done()
+
+    def _write(self, snapshot: AlertSnapshot) -> None:
+        loaded = self.champion()
+        alert = build_alert(snapshot, loaded, windows=self.windows)
+        if self.store.add(alert, self.sinks):
+            self.written += 1
+            logger.info("alert %s: %s %s", alert.alert_id, alert.action, alert.api_key_id)
