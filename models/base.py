@@ -57,6 +57,9 @@ class BaseDetector(BaseEstimator, ABC):  # type: ignore[misc]
         """
         data = self._check_array(X, fitting=True)
         self._fit(data)
+        if data.ndim == 2:
+            # The typical training row: what an explanation compares a row against.
+            self.reference_ = np.median(data, axis=0)
         self.decision_scores_ = self._training_scores(data)
         self.score_floor_ = float(np.min(self.decision_scores_))
         self.threshold_ = float(self._strategy().threshold(self.decision_scores_, groups))

@@ -1,11 +1,12 @@
 """SHAP attributions for the places a person reads them (an alert), not the scoring path.
 
 A family's own ``explain`` is cheap enough for every ``/score`` answer. An alert is
-rarer and read by an analyst, so it gets Shapley values proper where the family allows:
-``shap.TreeExplainer`` for the Isolation Forest, and ``shap.KernelExplainer`` for the
-kernel and neighbour families (LOF, One-Class SVM), against the training population's
-median row (`reference_row`). The other families (sequence, campaign, user level,
-ensemble) keep their own attribution.
+rarer and read by an analyst, so it gets SHAP where the family allows: the Isolation
+Forests (api key and user level) explain with ``shap.TreeExplainer`` (exact Tree SHAP
+here, where ``/score`` uses the fast path-attribution mode) plus their beyond-range term,
+and the kernel and neighbour families (LOF, One-Class SVM) with ``shap.KernelExplainer``
+against the training population's median row (`reference_row`). The other families
+(sequence, campaign, timing) keep their own attribution.
 
 Example:
     >>> from models.lof import LocalOutlierFactorDetector
@@ -31,12 +32,15 @@ KERNEL_SAMPLES = 512
 
 
 def reference_row(detector: BaseDetector) -> NDArray[np.float64] | None:
-    """The training population's median row, for families that scale signed-log inputs.
+    """The training population's median row (``reference_``, which ``fit`` keeps).
 
-    Their pipeline's ``RobustScaler`` centres on the median of ``signed_log(X)``; the
-    signed log is monotonic, so its inverse is the median of ``X`` itself. None for a
-    family without such a scaler.
+    For a detector saved before it kept one: the families that scale signed-log inputs
+    centre their ``RobustScaler`` on the median of ``signed_log(X)``, and the signed log
+    is monotonic, so its inverse is the median of ``X``. None otherwise.
     """
+    kept = getattr(detector, "reference_", None)
+    if kept is not None:
+        return np.asarray(kept, dtype=np.float64)
     estimator = getattr(detector, "estimator_", None)
     if not isinstance(estimator, Pipeline) or "scale" not in estimator.named_steps:
         return None
@@ -58,7 +62,7 @@ def attribute(detector: BaseDetector, X: NDArray[np.float64]) -> tuple[str, NDAr
 
     X = np.asarray(X, dtype=np.float64)
     if isinstance(detector, IsolationForestDetector):
-        return "shap.TreeExplainer", detector.explain(X)
+        return "shap.TreeExplainer", detector.tree_shap(X)
     reference = reference_row(detector) if X.ndim == 2 else None
     if reference is None or reference.shape[0] != X.shape[-1]:
         return f"{type(detector).__name__}.explain", detector.explain(X)

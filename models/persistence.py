@@ -37,7 +37,10 @@ def write_metadata(
     params = detector.get_params(deep=False)
     params["threshold_strategy"] = strategy_to_dict(params.get("threshold_strategy"))
     learned: dict[str, Any] = {}
-    for name in ("threshold_", "n_features_in_", *state):
+    kept = ("threshold_", "n_features_in_", *state)
+    # The median training row, when the family has one (row families: `BaseDetector.fit`).
+    kept += ("reference_",) if hasattr(detector, "reference_") else ()
+    for name in kept:
         value = getattr(detector, name)
         learned[name] = value.tolist() if isinstance(value, np.ndarray) else value
     learned["score_floor_"] = score_floor(detector)

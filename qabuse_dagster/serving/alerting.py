@@ -243,10 +243,20 @@ def build_alert(
     loaded: Any,
     *,
     windows: Path | None,
+    user_values: Mapping[str, Any] | None = None,
     created_at: datetime | None = None,
     urls: Mapping[str, str | None] | None = None,
 ) -> Alert:
-    """The alert of one decision: its snapshot, explained with the champion's top family."""
+    """The alert of one decision: its snapshot, explained with the champion's top family.
+
+    Args:
+        snapshot: What the worker knew when the engine acted.
+        loaded: The champion (`qabuse_dagster.model_registry.LoadedChampion`).
+        windows: The api-key offline rows (the key's usual values), or None.
+        user_values: The key's user's feature values, which a user-level top family reads.
+        created_at: When the alert is written (default now).
+        urls: Base URLs of the links (default `settings.ui_urls`).
+    """
     from models.explain import attribute, reference_row
     from models.registry import get_family
 
@@ -257,13 +267,18 @@ def build_alert(
     explainer = f"{top}.explain"
     contributions: list[Contribution] = []
     family = get_family(top) if top in loaded.members else None
-    if family is not None and family.input_kind == "rows" and family.entity == "api_key":
+    source = response.features if family is None or family.entity == "api_key" else user_values
+    if family is not None and family.input_kind == "rows" and source is not None:
         detector = loaded.members[top].detector
         names = list(family.feature_names)
-        row = np.array([[response.features.get(name, 0.0) for name in names]])
+        row = np.array([[_finite(source.get(name)) for name in names]])
         explainer, values = attribute(detector, row)
         order = np.argsort(-values[0])[:TOP_FEATURES]
-        usual = usual_values(windows, snapshot.api_key_id, names, decided) if windows else {}
+        usual = (
+            usual_values(windows, snapshot.api_key_id, names, decided)
+            if windows is not None and family.entity == "api_key"
+            else {}
+        )
         population = reference_row(detector)
         for i in order:
             name = names[int(i)]
@@ -333,6 +348,13 @@ def build_alert(
     )
 
 
+def _finite(value: Any) -> float:
+    """A feature value as the families read it: 0 when absent or not finite."""
+    if isinstance(value, int | float) and np.isfinite(value):
+        return float(value)
+    return 0.0
+
+
 def _campaign(response: ScoreResponse) -> dict[str, Any] | None:
     """The key's coordinated group, when the campaign family's features place it in one."""
     features = response.features
@@ -378,7 +400,8 @@ class AlertWriter:
     Args:
         store: Where alerts go.
         sinks: The sink names each alert is queued for (the outbox).
-        champion: Gives the loaded champion (the worker's `Champion.get`).
+        champion: Gives the loaded champion, the Feast store and the online inputs (the
+            worker's `Champion.get`): the user's online row is read for a user-level family.
         windows: The api-key offline rows, for the keys' usual values.
     """
 
@@ -439,8 +462,14 @@ class AlertWriter:
                 self._queue.task_done()
 
     def _write(self, snapshot: AlertSnapshot) -> None:
-        loaded = self.champion()
-        alert = build_alert(snapshot, loaded, windows=self.windows)
+        loaded, store, inputs = self.champion()
+        user_values = None
+        if snapshot.user is not None and inputs is not None:
+            online = inputs.read(
+                store, snapshot.api_key_id, snapshot.user, max_age=timedelta(days=365)
+            )
+            user_values = online.user_values
+        alert = build_alert(snapshot, loaded, windows=self.windows, user_values=user_values)
         if self.store.add(alert, self.sinks):
             self.written += 1
             logger.info("alert %s: %s %s", alert.alert_id, alert.action, alert.api_key_id)

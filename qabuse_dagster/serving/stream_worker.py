@@ -326,7 +326,7 @@ class StreamWorker:
         self.alert_writer = AlertWriter(
             self.alerts,
             list(sinks),
-            lambda: self.champion.get()[0],
+            self.champion.get,
             self.paths.api_key_windows,
         )
         self.deliverer = Deliverer(self.alerts, sinks)
