@@ -7,8 +7,8 @@ status, its last hour per minute (the rows' own ``submissions_last_60_min`` and
 each code hash. When the policy engine acts it takes a snapshot of that and hands it to
 an `AlertWriter`, whose thread does the slow part off the decision path: Shapley values
 of the family that drove the score (`models.explain.attribute`), the key's usual values
-(the median of its own offline feature rows over the last week; the training
-population's median for a key without any), and the alert's links. It stores the alert
+(`UsualValues`: the median of its own offline feature rows over the last day; the
+training population's median for a key without any), and the alert's links. It stores the alert
 in the `AlertStore` with one outbox row per sink; the sinks' `Deliverer` ships it.
 """
 
@@ -40,7 +40,7 @@ from qabuse_dagster.response.alerts import (
 )
 from qabuse_dagster.serving.schemas import ScoreResponse
 
-__all__ = ["AlertSnapshot", "AlertWriter", "KeyActivity", "build_alert", "usual_values"]
+__all__ = ["AlertSnapshot", "AlertWriter", "KeyActivity", "UsualValues", "build_alert"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ CLUSTER_IDS = 10
 #: Features an alert explains.
 TOP_FEATURES = 5
 #: How far back a key's usual values look in its offline rows.
-USUAL_LOOKBACK = timedelta(days=7)
+USUAL_LOOKBACK = timedelta(hours=24)
 _CAMPAIGN_FIELDS = ("group_keys", "group_users", "group_networks", "sync_share")
 
 
@@ -198,51 +198,83 @@ class AlertSnapshot:
     ledger_seqs: list[int]
 
 
-def usual_values(
-    windows: Path, api_key_id: str, features: Sequence[str], before: datetime
-) -> dict[str, float]:
-    """The median of each feature over the key's offline rows of the week before ``before``.
+class UsualValues:
+    """Each key's usual feature values: the median of its hourly medians over the last day.
 
-    Reads the hourly Parquet files of ``windows`` (the api-key feature rows) in that
-    week, only the key's rows and the wanted columns. Empty when the key has none.
+    Reads the hourly Parquet files of ``windows`` (the api-key offline rows). A file is
+    read once per feature set: its per-key medians are kept (the newest ``max_files``),
+    so a burst of alerts (a credential-stuffing wave alerts on hundreds of keys at once)
+    reads each hour once, not once per alert.
+
+    Args:
+        windows: The api-key feature rows, one ``YYYY-MM-DDTHH.parquet`` file per hour.
+        lookback: How far back a key's usual values look.
+        max_files: Hourly files whose medians are kept.
     """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    start = before - USUAL_LOOKBACK
-    files = []
-    for path in sorted(windows.glob("*.parquet")):
+    def __init__(
+        self, windows: Path, lookback: timedelta = USUAL_LOOKBACK, max_files: int = 96
+    ) -> None:
+        self.windows = windows
+        self.lookback = lookback
+        self.max_files = max_files
+        self._medians: OrderedDict[tuple[Path, int, tuple[str, ...]], dict[str, Any]] = (
+            OrderedDict()
+        )
+
+    def __call__(
+        self, api_key_id: str, features: Sequence[str], before: datetime
+    ) -> dict[str, float]:
+        """The key's usual value of each feature before ``before``; empty without rows."""
+        start = before - self.lookback
+        hourly = []
+        for path in sorted(self.windows.glob("*.parquet")):
+            try:
+                hour = datetime.strptime(path.stem, "%Y-%m-%dT%H").replace(tzinfo=UTC)
+            except ValueError:
+                continue
+            if start <= hour < before:
+                medians = self._file_medians(path, tuple(features))
+                if api_key_id in medians:
+                    hourly.append(medians[api_key_id])
+        if not hourly:
+            return {}
+        stacked = np.vstack(hourly)
+        return {
+            name: float(np.nanmedian(stacked[:, i]))
+            for i, name in enumerate(features)
+            if not np.isnan(stacked[:, i]).all()
+        }
+
+    def _file_medians(self, path: Path, features: tuple[str, ...]) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
         try:
-            hour = datetime.strptime(path.stem, "%Y-%m-%dT%H").replace(tzinfo=UTC)
-        except ValueError:
-            continue
-        if start <= hour < before:
-            files.append(path)
-    values: dict[str, list[float]] = {}
-    for path in files:
-        try:
-            table = pq.read_table(
-                path,
-                columns=["api_key_id", *features],
-                filters=[("api_key_id", "=", api_key_id)],
-            )
-        except (OSError, ValueError, KeyError) as exc:  # a column a family added later
-            logger.debug("usual values: %s skipped: %s", path, exc)
-            continue
-        for name in features:
-            column = table[name]
-            if column.num_chunks:
-                values.setdefault(name, []).extend(
-                    float(v) for v in pc.drop_null(column).to_pylist() if isinstance(v, int | float)
-                )
-    return {name: float(np.median(v)) for name, v in values.items() if v}
+            cache_key = (path, path.stat().st_mtime_ns, features)
+        except OSError:
+            return {}
+        if cache_key in self._medians:
+            self._medians.move_to_end(cache_key)
+            return self._medians[cache_key]
+        present = set(pq.read_schema(path).names)
+        columns = [name for name in features if name in present]  # a later family's feature
+        frame = pq.read_table(path, columns=["api_key_id", *columns]).to_pandas()
+        grouped = frame.groupby("api_key_id", sort=False)[columns].median()
+        grouped = grouped.reindex(columns=list(features))
+        medians = {
+            key: row for key, row in zip(grouped.index, grouped.to_numpy(np.float64), strict=True)
+        }
+        self._medians[cache_key] = medians
+        while len(self._medians) > self.max_files:
+            self._medians.popitem(last=False)
+        return medians
 
 
 def build_alert(
     snapshot: AlertSnapshot,
     loaded: Any,
     *,
-    windows: Path | None,
+    windows: Path | UsualValues | None,
     user_values: Mapping[str, Any] | None = None,
     created_at: datetime | None = None,
     urls: Mapping[str, str | None] | None = None,
@@ -252,7 +284,8 @@ def build_alert(
     Args:
         snapshot: What the worker knew when the engine acted.
         loaded: The champion (`qabuse_dagster.model_registry.LoadedChampion`).
-        windows: The api-key offline rows (the key's usual values), or None.
+        windows: The api-key offline rows (the key's usual values), or a `UsualValues`
+            on them (kept between alerts), or None.
         user_values: The key's user's feature values, which a user-level top family reads.
         created_at: When the alert is written (default now).
         urls: Base URLs of the links (default `settings.ui_urls`).
@@ -274,9 +307,10 @@ def build_alert(
         row = np.array([[_finite(source.get(name)) for name in names]])
         explainer, values = attribute(detector, row)
         order = np.argsort(-values[0])[:TOP_FEATURES]
+        usual_of = UsualValues(windows) if isinstance(windows, Path) else windows
         usual = (
-            usual_values(windows, snapshot.api_key_id, names, decided)
-            if windows is not None and family.entity == "api_key"
+            usual_of(snapshot.api_key_id, names, decided)
+            if usual_of is not None and family.entity == "api_key"
             else {}
         )
         population = reference_row(detector)
@@ -415,7 +449,7 @@ class AlertWriter:
         self.store = store
         self.sinks = list(sinks)
         self.champion = champion
-        self.windows = windows
+        self.usual = UsualValues(windows) if windows is not None else None
         self.written = 0
         self.failed = 0
         self._queue: queue.Queue[AlertSnapshot | None] = queue.Queue(maxsize=10_000)
@@ -469,7 +503,7 @@ class AlertWriter:
                 store, snapshot.api_key_id, snapshot.user, max_age=timedelta(days=365)
             )
             user_values = online.user_values
-        alert = build_alert(snapshot, loaded, windows=self.windows, user_values=user_values)
+        alert = build_alert(snapshot, loaded, windows=self.usual, user_values=user_values)
         if self.store.add(alert, self.sinks):
             self.written += 1
             logger.info("alert %s: %s %s", alert.alert_id, alert.action, alert.api_key_id)

@@ -62,3 +62,33 @@ def test_the_cluster_names_other_keys_and_users_of_the_same_code_within_a_day() 
     assert THIRD not in activity.by_hash[shared]
     activity.prune(now + DAY)
     assert activity.by_hash == {} and activity.hashes == {}
+
+
+def test_usual_values_are_the_keys_hourly_medians_over_the_last_day(tmp_path) -> None:
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qabuse_dagster.serving.alerting import UsualValues
+
+    def hour_file(stamp: str, rows: list[tuple[str, float]]) -> None:
+        table = pa.table(
+            {"api_key_id": [k for k, _ in rows], "submissions_1m": [v for _, v in rows]}
+        )
+        pq.write_table(table, tmp_path / f"{stamp}.parquet")
+
+    hour_file("2026-03-01T10", [(KEY, 1.0), (KEY, 3.0), (OTHER, 100.0)])  # median 2
+    hour_file("2026-03-01T11", [(KEY, 10.0)])
+    hour_file("2026-03-01T12", [(KEY, 4.0)])
+    hour_file("2026-02-27T12", [(KEY, 1000.0)])  # older than a day before the alert
+    hour_file("2026-03-01T13", [(KEY, 9999.0)])  # the alert's own hour: not usual
+    (tmp_path / "notes.parquet").write_bytes(b"not an hourly file")
+    usual = UsualValues(tmp_path)
+    before = datetime(2026, 3, 1, 13, 0, tzinfo=UTC)
+    assert usual(KEY, ["submissions_1m", "added_later"], before) == {"submissions_1m": 4.0}
+    assert usual(OTHER, ["submissions_1m"], before) == {"submissions_1m": 100.0}
+    assert usual(THIRD, ["submissions_1m"], before) == {}
+    # Each hour in the day was read once per feature set (two here), whatever the number
+    # of alerts.
+    assert len(usual._medians) == 3 * 2
