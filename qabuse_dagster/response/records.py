@@ -2,9 +2,9 @@
 
 An entry is a mitigation taken or proposed (a :data:`~qabuse_dagster.response.decisions.ACTIONS`
 action) or a step of the workflow around one (:data:`WORKFLOW_EVENTS`: an approval, a
-denial, an appeal and its outcome, a label). It records who did it, why, and what the
-model saw: the score, the model name and version, the feature service and the feature
-values. The ledger (:mod:`qabuse_dagster.response.ledger`) stores entries append-only,
+denial, an appeal and its outcome, a label, an escalation). It records who did it, why,
+and what the model saw: the score, the model name and version, the feature service and
+the feature values. The ledger (:mod:`qabuse_dagster.response.ledger`) stores entries append-only,
 each chained to the previous one by hash.
 
 Example:
@@ -42,6 +42,9 @@ WORKFLOW_EVENTS = (
     "reject_appeal",  # an analyst keeps the action
     "challenge_solved",  # the owner completed a challenge
     "label",  # a ground-truth label for training and evaluation
+    # an analyst hands a key to someone more senior; access is unchanged, the audit
+    # trail shows who escalated it and why
+    "escalate",
 )
 ENTRY_ACTIONS: tuple[str, ...] = (*ACTIONS, *WORKFLOW_EVENTS)
 

@@ -13,6 +13,13 @@ audit trail is the ledger itself:
   must hash (with the deployment's keyed hash) to the api key id. An ``analyst``
   upholds it (the key is released, and a benign ``label`` entry records that the
   restricted window was a false alarm, for training and evaluation) or rejects it.
+* **Triage** (an analyst judging an alert): :func:`release` lifts what is in force,
+  :func:`escalate` hands the key on without touching its access, and
+  :func:`mark_false_positive` / :func:`confirm_abuse` label the alert's window. A label
+  is a ``label`` entry and, given a ``labels_path``, a line of the incident-labels file
+  (incident id ``analyst-<seq>``, the seq of that entry) that evaluation and training read.
+
+Who may take each step is :data:`STEP_ROLES`.
 
 Example:
     >>> from qabuse_dagster.response.records import LedgerEntry
@@ -23,31 +30,65 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from qabuse_dagster.response.auth import Principal
+from qabuse_dagster.response.decision_table import DecisionTable, Mitigation
 from qabuse_dagster.response.decisions import HIGH_IMPACT_ACTIONS
 from qabuse_dagster.response.ledger import Ledger
 from qabuse_dagster.response.records import LedgerEntry, LedgerRecord
-from qabuse_dagster.telemetry.labels import BENIGN_LABEL_KIND
+from qabuse_dagster.telemetry.labels import (
+    BENIGN_LABEL_KIND,
+    BENIGN_LABEL_KINDS,
+    FALSE_POSITIVE_KIND,
+    IncidentLabel,
+    add_labels,
+)
 
 __all__ = [
     "BENIGN_LABEL_KIND",
+    "CONFIRMED_ABUSE_KIND",
+    "FALSE_POSITIVE_KIND",
+    "STEP_ROLES",
     "QueueItem",
     "ReviewError",
     "appeal",
     "approve",
     "benign_labels",
+    "confirm_abuse",
     "deny",
+    "escalate",
+    "mark_false_positive",
     "pending_kind",
     "propose",
     "reject_appeal",
+    "release",
+    "restrictions_in_force",
     "review_queue",
     "uphold_appeal",
 ]
+
+#: The ``kind`` of the label an analyst's "confirm abuse" writes unless told another.
+CONFIRMED_ABUSE_KIND = "confirmed_abuse"
+#: The roles that may take each step (any one of them will do). The owner's appeal is
+#: not here: it needs the key's owner, with proof of the key, not a role.
+STEP_ROLES: Mapping[str, tuple[str, ...]] = {
+    "propose": ("analyst", "approver"),
+    "approve": ("approver",),
+    "deny": ("approver", "analyst"),
+    "uphold_appeal": ("analyst",),
+    "reject_appeal": ("analyst",),
+    "release": ("analyst", "approver"),
+    "escalate": ("analyst",),
+    "mark_false_positive": ("analyst",),
+    "confirm_abuse": ("analyst",),
+}
 
 _RESTRICTIONS = ("throttle", "cap", "challenge", "rotate", "revoke")
 _RESOLVES = {
@@ -126,7 +167,7 @@ def propose(
     now_ms: int | None = None,
 ) -> LedgerRecord:
     """An analyst proposes a revocation or rotation; a different approver must confirm it."""
-    _require(principal, "analyst", "approver")
+    _require(principal, *STEP_ROLES["propose"])
     if action not in HIGH_IMPACT_ACTIONS:
         raise ReviewError(f"only {sorted(HIGH_IMPACT_ACTIONS)} are proposed, not {action!r}")
     return ledger.append(
@@ -149,7 +190,7 @@ def approve(
     Raises:
         ReviewError: The principal is no approver, proposed it, or nothing waits at ``seq``.
     """
-    _require(principal, "approver")
+    _require(principal, *STEP_ROLES["approve"])
     item = _waiting(ledger, seq, ("approval", "review"))
     if item.record.entry.actor == principal.name:
         raise ReviewError(
@@ -182,7 +223,7 @@ def deny(
     ledger: Ledger, principal: Principal, seq: int, reason: str, *, now_ms: int | None = None
 ) -> LedgerRecord:
     """Refuse a proposal or dismiss a review: it never takes effect."""
-    _require(principal, "approver", "analyst")
+    _require(principal, *STEP_ROLES["deny"])
     item = _waiting(ledger, seq, ("approval", "review"))
     return ledger.append(
         LedgerEntry(_now(now_ms), item.api_key_id, "deny", principal.name, reason, refers_to=seq)
@@ -234,16 +275,32 @@ def appeal(
 
 
 def uphold_appeal(
-    ledger: Ledger, principal: Principal, seq: int, reason: str, *, now_ms: int | None = None
+    ledger: Ledger,
+    principal: Principal,
+    seq: int,
+    reason: str,
+    *,
+    labels_path: Path | None = None,
+    now_ms: int | None = None,
 ) -> list[LedgerRecord]:
-    """An analyst agrees with the owner: release the key and label the window benign."""
-    _require(principal, "analyst")
+    """An analyst agrees with the owner: release the key and label the window benign.
+
+    Args:
+        ledger: The decision ledger.
+        principal: An analyst.
+        seq: The appeal's entry.
+        reason: Why, for the audit trail.
+        labels_path: An incident-labels file to add the benign label to as well (kind
+            :data:`BENIGN_LABEL_KIND`); None: the ledger's ``label`` entry only.
+        now_ms: When (default: now).
+    """
+    _require(principal, *STEP_ROLES["uphold_appeal"])
     item = _waiting(ledger, seq, ("appeal",))
     at = _now(now_ms)
     restricted = ledger.get(item.record.entry.refers_to or 0)
     start = restricted.entry.at_ms if restricted is not None else item.record.entry.at_ms
     key = item.api_key_id
-    return [
+    written = [
         ledger.append(LedgerEntry(at, key, "uphold_appeal", principal.name, reason, refers_to=seq)),
         ledger.append(LedgerEntry(at, key, "release", principal.name, reason, refers_to=seq)),
         ledger.append(
@@ -258,19 +315,174 @@ def uphold_appeal(
             )
         ),
     ]
+    if labels_path is not None:
+        # An appeal filed in the same millisecond as its restriction still labels a window.
+        label = _incident_label(BENIGN_LABEL_KIND, key, start, max(at, start + 1), reason)
+        _add_label(label, written[-1], labels_path)
+    return written
 
 
 def reject_appeal(
     ledger: Ledger, principal: Principal, seq: int, reason: str, *, now_ms: int | None = None
 ) -> LedgerRecord:
     """An analyst keeps the restriction the owner appealed."""
-    _require(principal, "analyst")
+    _require(principal, *STEP_ROLES["reject_appeal"])
     item = _waiting(ledger, seq, ("appeal",))
     return ledger.append(
         LedgerEntry(
             _now(now_ms), item.api_key_id, "reject_appeal", principal.name, reason, refers_to=seq
         )
     )
+
+
+def restrictions_in_force(ledger: Ledger, api_key_id: str, now_ms: int) -> list[Mitigation]:
+    """What restricts the key at ``now_ms``, enforced or in shadow, as the gateway's table has it.
+
+    Pending proposals and reviews restrict nothing and are not listed.
+    """
+    # The whole ledger, as the gateway folds it: the table expects seqs without gaps.
+    state = DecisionTable.from_records(ledger.records()).state(api_key_id, now_ms)
+    return [*state.in_force, *state.shadow]
+
+
+def release(
+    ledger: Ledger,
+    principal: Principal,
+    api_key_id: str,
+    reason: str,
+    *,
+    alert_id: str | None = None,
+    now_ms: int | None = None,
+) -> LedgerRecord:
+    """Lift every restriction on the key (an analyst or approver).
+
+    The ``release`` entry refers to the newest restriction it lifts; ``params.alert_id``
+    names the alert it answers, if any.
+
+    Raises:
+        ReviewError: Wrong role, or nothing restricts the key (enforced or in shadow).
+    """
+    _require(principal, *STEP_ROLES["release"])
+    at = _now(now_ms)
+    lifted = restrictions_in_force(ledger, api_key_id, at)
+    if not lifted:
+        raise ReviewError(f"key {api_key_id} has no restriction in force to release")
+    return ledger.append(
+        LedgerEntry(
+            at,
+            api_key_id,
+            "release",
+            principal.name,
+            reason,
+            params=_alert_params(alert_id),
+            refers_to=max(m.seq for m in lifted),
+        )
+    )
+
+
+def escalate(
+    ledger: Ledger,
+    principal: Principal,
+    api_key_id: str,
+    reason: str,
+    *,
+    alert_id: str | None = None,
+    now_ms: int | None = None,
+) -> LedgerRecord:
+    """An analyst hands the key on to someone more senior; its access is unchanged."""
+    _require(principal, *STEP_ROLES["escalate"])
+    return ledger.append(
+        LedgerEntry(
+            _now(now_ms),
+            api_key_id,
+            "escalate",
+            principal.name,
+            reason,
+            params=_alert_params(alert_id),
+        )
+    )
+
+
+def mark_false_positive(
+    ledger: Ledger,
+    principal: Principal,
+    api_key_id: str,
+    reason: str,
+    *,
+    start_ms: int,
+    end_ms: int,
+    labels_path: Path,
+    alert_id: str | None = None,
+    now_ms: int | None = None,
+) -> list[LedgerRecord]:
+    """An analyst says the key's window ``[start_ms, end_ms)`` was legitimate use.
+
+    Writes a ``label`` entry (kind :data:`FALSE_POSITIVE_KIND`) and, when something
+    restricts the key, a ``release`` with it, in one append; then adds the label, as
+    incident ``analyst-<seq of the label entry>``, to ``labels_path``.
+
+    Returns:
+        The label entry, and the release if there was one.
+
+    Raises:
+        ReviewError: Wrong role, an empty window, or a key id the labels contract refuses.
+    """
+    _require(principal, *STEP_ROLES["mark_false_positive"])
+    label = _incident_label(FALSE_POSITIVE_KIND, api_key_id, start_ms, end_ms, reason)
+    at = _now(now_ms)
+    entries = [
+        _label_entry(at, api_key_id, principal, reason, label.kind, start_ms, end_ms, alert_id)
+    ]
+    lifted = restrictions_in_force(ledger, api_key_id, at)
+    if lifted:
+        entries.append(
+            LedgerEntry(
+                at,
+                api_key_id,
+                "release",
+                principal.name,
+                reason,
+                params=_alert_params(alert_id),
+                refers_to=max(m.seq for m in lifted),
+            )
+        )
+    written = ledger.append_many(entries)
+    _add_label(label, written[0], labels_path)
+    return written
+
+
+def confirm_abuse(
+    ledger: Ledger,
+    principal: Principal,
+    api_key_id: str,
+    reason: str,
+    *,
+    start_ms: int,
+    end_ms: int,
+    labels_path: Path,
+    kind: str = CONFIRMED_ABUSE_KIND,
+    alert_id: str | None = None,
+    now_ms: int | None = None,
+) -> LedgerRecord:
+    """An analyst confirms the key was abused in ``[start_ms, end_ms)``: an incident label.
+
+    Writes a ``label`` entry of ``kind`` and adds the incident, as ``analyst-<seq>``, to
+    ``labels_path``. Access is unchanged: what restricts the key stays.
+
+    Raises:
+        ReviewError: Wrong role, a benign ``kind``, an empty window, or a key id or kind
+            the labels contract refuses.
+    """
+    _require(principal, *STEP_ROLES["confirm_abuse"])
+    if kind in BENIGN_LABEL_KINDS:
+        raise ReviewError(f"{kind!r} labels legitimate use, not abuse: give an incident kind")
+    label = _incident_label(kind, api_key_id, start_ms, end_ms, reason)
+    at = _now(now_ms)
+    written = ledger.append(
+        _label_entry(at, api_key_id, principal, reason, kind, start_ms, end_ms, alert_id)
+    )
+    _add_label(label, written, labels_path)
+    return written
 
 
 def benign_labels(records: Iterable[LedgerRecord]) -> list[dict[str, Any]]:
@@ -296,6 +508,52 @@ def benign_labels(records: Iterable[LedgerRecord]) -> list[dict[str, Any]]:
             }
         )
     return labels
+
+
+def _alert_params(alert_id: str | None) -> dict[str, Any]:
+    return {} if alert_id is None else {"alert_id": alert_id}
+
+
+def _label_entry(
+    at_ms: int,
+    api_key_id: str,
+    principal: Principal,
+    reason: str,
+    kind: str,
+    start_ms: int,
+    end_ms: int,
+    alert_id: str | None,
+) -> LedgerEntry:
+    params = {"kind": kind, "start_ms": start_ms, "end_ms": end_ms, **_alert_params(alert_id)}
+    return LedgerEntry(at_ms, api_key_id, "label", principal.name, reason, params=params)
+
+
+def _incident_label(
+    kind: str, api_key_id: str, start_ms: int, end_ms: int, reason: str
+) -> IncidentLabel:
+    """The label, checked against the contract before anything is written.
+
+    Its ``incident_id`` is a placeholder until the ledger gives the entry its seq.
+    """
+    if end_ms <= start_ms:
+        raise ReviewError(f"the label's window is empty: it ends ({end_ms}) before it starts")
+    try:
+        return IncidentLabel(
+            incident_id="analyst-pending",
+            kind=kind,
+            start=datetime.fromtimestamp(start_ms / 1000, UTC),
+            end=datetime.fromtimestamp(end_ms / 1000, UTC),
+            api_key_ids=(api_key_id,),
+            notes=reason[:2000] or None,
+        )
+    except ValidationError as exc:
+        raise ReviewError(f"not a valid incident label: {exc.errors()[0]['msg']}") from None
+
+
+def _add_label(label: IncidentLabel, entry: LedgerRecord, labels_path: Path) -> None:
+    # The ledger entry is the record; the file's line is named after it, so that each line
+    # leads back to its entry, and adding it again (a retry) leaves one line.
+    add_labels([label.model_copy(update={"incident_id": f"analyst-{entry.seq}"})], labels_path)
 
 
 def _require(principal: Principal, *roles: str) -> None:

@@ -41,10 +41,15 @@ from qabuse_dagster.telemetry.contract import (
 )
 
 __all__ = [
+    "ANALYST_LABEL_PREFIXES",
     "BENIGN_LABEL_KIND",
+    "BENIGN_LABEL_KINDS",
+    "FALSE_POSITIVE_KIND",
     "FileLineError",
     "IncidentLabel",
     "LabelsError",
+    "add_labels",
+    "is_analyst_label",
     "label_to_json",
     "read_labels",
     "write_labels",
@@ -53,6 +58,18 @@ __all__ = [
 #: The ``kind`` of a label that says a window was legitimate use, not an incident: what
 #: an upheld appeal writes. Evaluation reads such a label as confirmed benign.
 BENIGN_LABEL_KIND = "benign_appeal"
+#: The ``kind`` an analyst's "false positive" on the triage page writes.
+FALSE_POSITIVE_KIND = "false_positive"
+#: Kinds that say "legitimate use": evaluation counts their keys as benign, never as incidents.
+BENIGN_LABEL_KINDS = frozenset({BENIGN_LABEL_KIND, FALSE_POSITIVE_KIND})
+#: ``incident_id`` prefixes of labels people gave on alerts (triage, appeals): the
+#: promotion gate reports a model's precision on them.
+ANALYST_LABEL_PREFIXES = ("analyst-", "ledger-")
+
+
+def is_analyst_label(label: IncidentLabel) -> bool:
+    """A label a person gave on an alert: an analyst's verdict or an upheld appeal."""
+    return label.kind in BENIGN_LABEL_KINDS or label.incident_id.startswith(ANALYST_LABEL_PREFIXES)
 
 
 class FileLineError(ValueError):
@@ -240,3 +257,33 @@ def write_labels(labels: Iterable[IncidentLabel], path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def add_labels(labels: Iterable[IncidentLabel], path: Path) -> list[IncidentLabel]:
+    """Add labels to a JSONL file (created with its folder when missing), atomically.
+
+    A label whose ``incident_id`` the file holds already is not added twice: feedback
+    given twice (a retried form, two analysts) is one label. Writers on one host are
+    serialised by a lock file beside it.
+
+    Returns:
+        The labels actually added.
+
+    Raises:
+        LabelsError: The existing file does not read (nothing is written).
+    """
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        existing = read_labels(path) if path.exists() else []
+        known = {label.incident_id for label in existing}
+        added = []
+        for label in labels:
+            if label.incident_id not in known:
+                known.add(label.incident_id)
+                added.append(label)
+        if added:
+            write_labels([*existing, *added], path)
+    return added
