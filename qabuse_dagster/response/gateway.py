@@ -36,6 +36,9 @@ Shadow mode is per rung (:func:`settings.enforce_modes`, read once when the app 
 a rung in shadow mode is answered 200 with ``x-qabuse-shadow`` and counted. The kill
 switch turns rungs off outright (``disabled``): their keys are allowed.
 
+Given an alert store and a ledger, the app also serves the triage page under ``/triage``
+(:mod:`~qabuse_dagster.response.triage`): analysts and approvers work alerts there.
+
 Run it with ``uvicorn --factory qabuse_dagster.response.gateway:app``.
 """
 
@@ -51,6 +54,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -66,6 +70,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qabuse_dagster import settings
+from qabuse_dagster.response.alert_store import AlertStore
 from qabuse_dagster.response.auth import TokenStore, require_role
 from qabuse_dagster.response.challenge import (
     DEFAULT_CHALLENGE_TTL_S,
@@ -78,6 +83,7 @@ from qabuse_dagster.response.decision_table import DecisionTable, Verdict
 from qabuse_dagster.response.ledger import Ledger, open_ledger
 from qabuse_dagster.response.records import LedgerEntry, LedgerRecord
 from qabuse_dagster.response.review import ReviewError, appeal
+from qabuse_dagster.response.triage import triage_routes
 from qabuse_dagster.telemetry.contract import HEX_HASH_PATTERN
 from qabuse_dagster.telemetry.hashing import KeyedHasher, MissingHashKeyError
 
@@ -477,6 +483,10 @@ def create_gateway_app(
     proof_ttl_s: float = DEFAULT_PROOF_TTL_S,
     appeals: Ledger | None = None,
     hash_key: Callable[[str], str] | None = None,
+    alerts: AlertStore | None = None,
+    triage_ledger: Ledger | None = None,
+    labels_path: Path | None = None,
+    signing_key: bytes | None = None,
 ) -> Starlette:
     """The gateway's ASGI app (see the module docstring).
 
@@ -496,9 +506,17 @@ def create_gateway_app(
             key's owner); None: no appeal endpoint.
         hash_key: The deployment's keyed hash of a raw api key, to check an appeal's
             proof of the key; required with ``appeals``.
+        alerts: The alert store; with ``triage_ledger``, the app serves the triage page
+            (:mod:`~qabuse_dagster.response.triage`) under ``/triage``.
+        triage_ledger: The ledger the triage page's steps write to.
+        labels_path: Where the triage page's labels go; ``settings.paths().analyst_labels``
+            if None.
+        signing_key: Signs the triage page's sessions; :func:`settings.signing_key` if None.
     """
     if appeals is not None and hash_key is None:
         raise TypeError("appeals need hash_key, to check the proof of the key")
+    if (alerts is None) != (triage_ledger is None):
+        raise TypeError("the triage page needs both alerts and triage_ledger")
     tokens = TokenStore.load() if tokens is None else tokens
     clock = clock or epoch_ms
     challenges = challenges or ChallengeSigner(clock=clock)
@@ -612,6 +630,18 @@ def create_gateway_app(
                 if appeals is not None
                 else []
             ),
+            *(
+                triage_routes(
+                    alerts=alerts,
+                    ledger=triage_ledger,
+                    tokens=tokens,
+                    signing_key=settings.signing_key() if signing_key is None else signing_key,
+                    labels_path=labels_path or settings.paths().analyst_labels,
+                    clock=clock,
+                )
+                if alerts is not None and triage_ledger is not None
+                else []
+            ),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
@@ -651,7 +681,8 @@ def app() -> Starlette:
 
     It follows the deployment's ledger (:func:`settings.ledger_url`), records solved
     challenges and takes appeals there, checks proofs of keys with ``QABUSE_HASH_KEY``,
-    and reads the kill switch from ``QABUSE_DISABLED_ACTIONS``.
+    reads the kill switch from ``QABUSE_DISABLED_ACTIONS``, and serves the triage page
+    over the home's alert store.
     """
     ledger = open_ledger()
     hash_key = _api_key_hash()
@@ -662,6 +693,10 @@ def app() -> Starlette:
         append=ledger.append,
         appeals=ledger if hash_key is not None else None,
         hash_key=hash_key,
+        alerts=AlertStore(),
+        triage_ledger=ledger,
+        labels_path=settings.paths().analyst_labels,
+        signing_key=settings.signing_key(),
     )
 
 
