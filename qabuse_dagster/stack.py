@@ -80,6 +80,15 @@ def run_stack(
     # MLflow's job runner (seven huey consumers for GenAI jobs qabuse never submits) would
     # double the processes `up` starts and take most of the grace period to stop.
     extra_env = {"mlflow": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}}
+    # Alerts link to the UIs this command serves, unless the deployment says otherwise.
+    extra_env["stream"] = {
+        name: os.environ.get(name, url)
+        for name, url in (
+            (settings.DAGSTER_UI_URL_ENV, f"http://127.0.0.1:{dagster_port}"),
+            (settings.MLFLOW_UI_URL_ENV, f"http://127.0.0.1:{mlflow_port}"),
+            (settings.TRIAGE_URL_ENV, f"http://127.0.0.1:{gateway_port}"),
+        )
+    }
     with ChildProcesses() as children:
         processes = {
             name: start_server(children, command, run_dir / f"{name}.log", extra_env.get(name))
@@ -94,6 +103,7 @@ def run_stack(
             say(f"Collector       not started: set {TOKENS_ENV} (tenant:token,...) to run it")
         say(f"Stream worker   figures in {run_dir / 'stream-stats.json'}")
         say(f"Gateway         http://127.0.0.1:{gateway_port}/v1/authorize   (ext_authz)")
+        say(f"Triage page     http://127.0.0.1:{gateway_port}/triage   (analyst tokens)")
         say(f"logs in {run_dir}; the UIs take up to a minute to start; Ctrl-C stops them all")
         try:
             while True:

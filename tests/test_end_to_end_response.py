@@ -19,12 +19,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from support.browser import artifacts_dir, headless_chromium
 from support.stream_replay import incident_slice, replay_of
 
 from qabuse_dagster import settings
@@ -32,6 +35,7 @@ from qabuse_dagster.processes import free_port
 from qabuse_dagster.response.auth import add_token
 from qabuse_dagster.response.gateway import API_KEY_HEADER
 from qabuse_dagster.response.ledger import open_ledger
+from qabuse_dagster.response.records import LedgerEntry
 from qabuse_dagster.simulation import simulate
 from qabuse_dagster.telemetry.hashing import KeyedHasher
 
@@ -80,15 +84,37 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, within_s: floa
     raise AssertionError(f"{url} never answered:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def test_the_gateway_throttles_a_runaway_replayed_through_the_real_path(
-    pipeline_run, tmp_path: Path
-) -> None:
+@dataclass
+class Stack:
+    """The replay's outcome, with the three processes still running."""
+
+    home: Path
+    env: dict[str, str]
+    ledger_url: str
+    gateway: str
+    tokens: dict[str, str]
+    replay: Any
+    onset: datetime
+    stuffing_keys: set[str]
+    logs: dict[str, Path]
+    throttled_at: datetime | None = None
+    benign_answers: list[int] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def stack(pipeline_run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The runaway and the credential stuffing replayed through the real processes."""
+    tmp_path = tmp_path_factory.mktemp("end-to-end")
     # A copy of the trained home: the processes' online rows, spool and landing files
     # stay out of the session's. MLflow's artifacts are read where they are.
     home = tmp_path / "home"
     shutil.copytree(pipeline_run.home, home, ignore=shutil.ignore_patterns("dagster", "bentoml"))
     tokens = tmp_path / "tokens.json"
     gateway_token = add_token("envoy", ["gateway"], path=tokens)
+    people = {
+        "analyst": add_token("ada", ["analyst"], path=tokens),
+        "approver": add_token("grace", ["approver"], path=tokens),
+    }
     ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
     collector_port, gateway_port = free_port(), free_port()
     env = {
@@ -101,6 +127,7 @@ def test_the_gateway_throttles_a_runaway_replayed_through_the_real_path(
         settings.ENFORCE_ENV: "enforce",
         settings.HASH_KEY_ENV: "end-to-end-hash-key-0123456789abcdef",
         "QABUSE_COLLECTOR_TOKENS": f"twin:{COLLECTOR_TOKEN}",
+        settings.TRIAGE_URL_ENV: f"http://127.0.0.1:{gateway_port}",
     }
     # The runaway from its labelled onset, after a day of its own and three benign keys'
     # history, as an API gateway would have seen it.
@@ -193,6 +220,24 @@ def test_the_gateway_throttles_a_runaway_replayed_through_the_real_path(
             chunk_start = chunk_end
             time.sleep(CHUNK_S / SPEED_UP)
 
+        yield Stack(
+            home=home,
+            env=env,
+            ledger_url=ledger_url,
+            gateway=gateway,
+            tokens={"gateway": gateway_token, **people},
+            replay=replay,
+            onset=onset,
+            stuffing_keys=stuffing_keys,
+            logs=logs,
+            throttled_at=throttled_at,
+            benign_answers=benign_answers,
+        )
+
+
+def test_the_gateway_throttles_a_runaway_replayed_through_the_real_path(stack: Stack) -> None:
+    throttled_at, onset, replay, logs = stack.throttled_at, stack.onset, stack.replay, stack.logs
+    benign_answers, ledger_url, env = stack.benign_answers, stack.ledger_url, stack.env
     assert throttled_at is not None, (
         "the runaway key was never throttled:\n"
         + logs["stream"].read_text(errors="replace")[-3000:]
@@ -217,3 +262,116 @@ def test_the_gateway_throttles_a_runaway_replayed_through_the_real_path(
         timeout=120,
     )
     assert verified.returncode == 0 and verified.stdout.startswith("ok:"), verified.stdout
+
+
+def _wait_for(what: str, probe: Callable[[], Any], within_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.25)
+    raise AssertionError(f"{what}: not within {within_s:.0f} s")
+
+
+def test_an_analyst_releases_the_runaway_and_an_approver_approves_a_revoke_in_a_browser(
+    stack: Stack,
+) -> None:
+    """The triage page in headless Chromium, on the state the replay left."""
+    from selenium.webdriver.common.by import By
+
+    from qabuse_dagster.response.alert_store import AlertStore, alerts_path
+
+    shots = artifacts_dir() / "triage"
+    shots.mkdir(parents=True, exist_ok=True)
+    key = stack.replay.flood_key
+    with AlertStore(alerts_path(settings.Paths(stack.home))) as store:
+        alert = _wait_for(
+            "the runaway's alert", lambda: store.alerts(status="open", api_key_id=key)
+        )[-1].alert
+    assert alert.action in ("throttle", "cap") and alert.model_version
+    # The engine's proposals wait for a person: a system revoke of one stuffed key.
+    victim = sorted(stack.stuffing_keys)[0]
+    with open_ledger(stack.ledger_url, key=SIGNING_KEY.encode()) as ledger:
+        proposal = ledger.append(
+            LedgerEntry(
+                int(time.time() * 1000),
+                victim,
+                "revoke",
+                "system",
+                "challenge refused 3 times (stolen-key pattern)",
+                params={"requires_approval": True},
+            )
+        )
+    as_gateway = {"authorization": f"Bearer {stack.tokens['gateway']}"}
+
+    def answer(api_key_id: str) -> int:
+        headers = {**as_gateway, API_KEY_HEADER: api_key_id}
+        return httpx.post(stack.gateway + "/v1/authorize", headers=headers).status_code
+
+    assert answer(key) == 429
+
+    with headless_chromium() as browser:
+
+        def log_in(token: str) -> None:
+            browser.get(stack.gateway + "/triage")
+            assert "/triage/login" in browser.current_url  # no session: the login page
+            browser.find_element(By.NAME, "token").send_keys(token)
+            browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+            _wait_for("the queue", lambda: browser.current_url.rstrip("/").endswith("/triage"))
+
+        log_in(stack.tokens["analyst"])
+        browser.save_screenshot(str(shots / "1-queue-analyst.png"))
+        browser.find_element(By.CSS_SELECTOR, f"a[href$='/triage/alerts/{alert.alert_id}']").click()
+        spark = browser.find_element(By.ID, "sparkline")
+        points = [
+            line.get_attribute("points") or ""
+            for line in spark.find_elements(By.TAG_NAME, "polyline")
+        ]
+        assert points and all(p.strip() for p in points)
+        assert alert.submissions_last_hour > 0
+        jobs = browser.find_elements(By.CSS_SELECTOR, "#recent-jobs tr.job")
+        assert len(jobs) == 10
+        assert all(job.text.strip() for job in jobs)
+        shown = " ".join(job.text for job in jobs)
+        assert all(job.job_id in shown for job in alert.recent_jobs)
+        # The whole page, as the README shows it.
+        height = browser.execute_script("return document.documentElement.scrollHeight")
+        browser.set_window_size(1280, int(height) + 40)
+        browser.save_screenshot(str(shots / "2-alert-runaway-ci.png"))
+        (shots / "2-alert-runaway-ci.json").write_text(alert.model_dump_json(indent=2))
+        browser.set_window_size(1280, 1000)
+        browser.find_element(By.ID, "release").click()
+        _wait_for("the release's page", lambda: "done=release" in browser.current_url, 10)
+        browser.save_screenshot(str(shots / "3-released.png"))
+
+        with open_ledger(stack.ledger_url, key=SIGNING_KEY.encode()) as ledger:
+            released = [
+                r.entry
+                for r in ledger.records()
+                if r.entry.api_key_id == key and r.entry.action == "release"
+            ]
+        assert released and released[-1].actor == "ada"
+        _wait_for("the gateway letting the key through", lambda: answer(key) == 200, 10)
+
+        browser.delete_all_cookies()
+        log_in(stack.tokens["approver"])
+        browser.find_element(By.CSS_SELECTOR, f"a[href$='/triage/keys/{victim}']")
+        browser.save_screenshot(str(shots / "4-queue-approver.png"))
+        browser.get(stack.gateway + f"/triage/keys/{victim}")
+        browser.find_element(By.ID, f"approve-{proposal.seq}").click()
+        _wait_for("the approval's page", lambda: "done=approve" in browser.current_url, 10)
+        browser.save_screenshot(str(shots / "5-approved.png"))
+
+    with open_ledger(stack.ledger_url, key=SIGNING_KEY.encode()) as ledger:
+        assert ledger.verify().ok
+        approvals = [r.entry for r in ledger.records() if r.entry.refers_to == proposal.seq]
+    assert [(e.action, e.actor) for e in approvals] == [("approve", "grace")]
+    _wait_for("the gateway refusing the revoked key", lambda: answer(victim) == 403, 10)
+    assert sorted(p.name for p in shots.glob("*.png")) == [  # the test's artifacts
+        "1-queue-analyst.png",
+        "2-alert-runaway-ci.png",
+        "3-released.png",
+        "4-queue-approver.png",
+        "5-approved.png",
+    ]
