@@ -559,6 +559,13 @@ def up(
 )
 @click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option(
+    "--analyst-labels",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Labels analysts gave on the triage page (false positives, confirmed abuse), "
+    "counted beside --labels; default $QABUSE_HOME/labels/analyst.jsonl when it exists.",
+)
+@click.option(
     "--alert-budget",
     type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
     default=settings.DEFAULT_ALERT_BUDGET,
@@ -580,6 +587,7 @@ def evaluate(
     key_kinds: Path | None,
     json_out: Path,
     html_out: Path | None,
+    analyst_labels: Path | None,
     alert_budget: float,
     closed_loop: bool | None,
 ) -> None:
@@ -615,6 +623,7 @@ def evaluate(
         incidents = read_labels(labels)
     except (TelemetryFileError, LabelsError) as exc:
         raise click.ClickException(str(exc)) from None
+    incidents += _analyst_labels(analyst_labels, table, {i.incident_id for i in incidents})
     kinds = None
     if key_kinds is not None:
         kinds = json.loads(key_kinds.read_text(encoding="utf-8"))
@@ -681,6 +690,16 @@ def evaluate(
             loop_view.add_row(*row)
         console.print(loop_view)
         click.echo(closed_loop_summary(loop))
+    for report in reports:
+        feedback = report.analyst
+        if feedback is not None:
+            precision = "-" if feedback.precision is None else f"{feedback.precision:.2f}"
+            click.echo(
+                f"{report.detector}: alerts on {feedback.alerted_confirmed} of "
+                f"{feedback.confirmed} confirmed and {feedback.alerted_false_positives} of "
+                f"{feedback.false_positives} false-positive analyst labels "
+                f"(precision {precision})"
+            )
     click.echo(f"report -> {json_out}")
     if html_out is not None:
         click.echo(f"html -> {write_html(reports, html_out, closed_loop=loop)}")
@@ -688,6 +707,40 @@ def evaluate(
     if tracking_uri:
         run_ids = log_to_mlflow(reports, tracking_uri, closed_loop=loop)
         click.echo(f"metrics logged to MLflow runs {', '.join(run_ids)}")
+
+
+def _analyst_labels(path: Path | None, table: pa.Table, known: set[str]) -> list[Any]:
+    """The analysts' labels for keys of ``table``, counted aloud; none without the file."""
+    from qabuse_dagster.telemetry.labels import (
+        BENIGN_LABEL_KINDS,
+        LabelsError,
+        read_labels,
+    )
+
+    explicit = path is not None
+    path = path if path is not None else settings.paths().analyst_labels
+    if not path.exists():
+        if explicit:
+            raise click.BadParameter(f"{path} does not exist", param_hint="--analyst-labels")
+        return []
+    try:
+        given = read_labels(path)
+    except LabelsError as exc:
+        raise click.ClickException(str(exc)) from None
+    keys = set(table.column("api_key_id").unique().to_pylist())
+    users = set(table.column("user").unique().to_pylist())
+    kept = [
+        label
+        for label in given
+        if label.incident_id not in known
+        and (set(label.api_key_ids or ()) <= keys and set(label.users or ()) <= users)
+    ]
+    benign = sum(label.kind in BENIGN_LABEL_KINDS for label in kept)
+    click.echo(
+        f"analyst labels from {path}: {len(kept)} of {len(given)} name keys of this "
+        f"telemetry ({benign} false positive, {len(kept) - benign} confirmed abuse)"
+    )
+    return kept
 
 
 def _closed_loop(

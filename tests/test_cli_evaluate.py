@@ -287,3 +287,91 @@ def test_malformed_labels_line_names_the_line(twin: SimulationResult, tmp_path: 
         ]
     )
     assert f"{labels}:2:" in output and "malformed JSON" in output
+
+
+def test_analyst_feedback_from_the_triage_workflow_is_counted(
+    twin: SimulationResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A false positive and a confirmed abuse, given as the triage page gives them."""
+    from qabuse_dagster.response.auth import Principal
+    from qabuse_dagster.response.ledger import open_ledger
+    from qabuse_dagster.response.review import confirm_abuse, mark_false_positive
+    from qabuse_dagster.telemetry.labels import read_labels
+
+    monkeypatch.delenv(settings.MLFLOW_URI_ENV, raising=False)
+    monkeypatch.setenv(settings.HOME_ENV, str(tmp_path / "home"))
+    (incident,) = read_labels(twin.labels_path)
+    abusive = incident.api_key_ids[0]
+    records = [json.loads(line) for line in twin.telemetry_path.read_text().splitlines()]
+    benign = sorted({r["api_key_id"] for r in records} - set(incident.api_key_ids))[0]
+    start_ms = int(incident.start.timestamp() * 1000)
+    end_ms = int(incident.end.timestamp() * 1000)
+    analyst = Principal("ada", frozenset({"analyst"}))
+    labels_path = settings.paths().analyst_labels
+    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}", key=b"k" * 32) as ledger:
+        mark_false_positive(
+            ledger,
+            analyst,
+            benign,
+            "a course's homework burst",
+            start_ms=start_ms,
+            end_ms=end_ms,
+            labels_path=labels_path,
+        )
+        confirm_abuse(
+            ledger,
+            analyst,
+            abusive,
+            "a loop in CI, confirmed with the tenant",
+            start_ms=start_ms,
+            end_ms=end_ms,
+            labels_path=labels_path,
+        )
+    out_json = tmp_path / "r.json"
+    # The default: the home's analyst labels, beside --labels.
+    code, output = _evaluate(
+        "--telemetry",
+        str(twin.telemetry_path),
+        "--labels",
+        str(twin.labels_path),
+        "--detector",
+        "isolation_forest",
+        "--no-closed-loop",
+        "--json",
+        str(out_json),
+    )
+    assert code == 0, output
+    assert "2 of 2 name keys of this telemetry (1 false positive, 1 confirmed abuse)" in output
+    report = json.loads(out_json.read_text())
+    feedback = report["analyst_feedback"]
+    assert feedback["confirmed"] == 1 and feedback["false_positives"] == 1
+    assert feedback["alerted_confirmed"] == 1  # the runaway is caught in its window
+    assert feedback["precision"] == 1 / (1 + feedback["alerted_false_positives"])
+    assert "confirmed_abuse" in report["per_kind"]
+    assert f"alerts on 1 of 1 confirmed and {feedback['alerted_false_positives']} of 1" in output
+    # A labels file that does not exist, named, is an error; one that is not a labels file too.
+    code, output = _evaluate(
+        "--telemetry",
+        str(twin.telemetry_path),
+        "--labels",
+        str(twin.labels_path),
+        "--analyst-labels",
+        str(tmp_path / "nope.jsonl"),
+        "--json",
+        str(out_json),
+    )
+    assert code != 0 and "nope.jsonl does not exist" in output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"incident_id": "x"}\n')
+    code, output = _evaluate(
+        "--telemetry",
+        str(twin.telemetry_path),
+        "--labels",
+        str(twin.labels_path),
+        "--analyst-labels",
+        str(bad),
+        "--no-closed-loop",
+        "--json",
+        str(out_json),
+    )
+    assert code != 0 and "bad.jsonl:1: kind: missing required field" in output

@@ -40,7 +40,12 @@ from sklearn.metrics import average_precision_score
 
 from models import TutorialBaselineDetector
 from qabuse_dagster.evaluation.backtest import time_cutoff
-from qabuse_dagster.evaluation.detection import IncidentOutcome, evaluate_detections, label_keys
+from qabuse_dagster.evaluation.detection import (
+    WINDOW_TAIL,
+    IncidentOutcome,
+    evaluate_detections,
+    label_keys,
+)
 from qabuse_dagster.evaluation.families import (
     ENSEMBLE,
     TrainingParams,
@@ -51,7 +56,12 @@ from qabuse_dagster.evaluation.families import (
 from qabuse_dagster.ingest.files import parse_line as parse_telemetry_line
 from qabuse_dagster.ingest.partitions import records_to_table
 from qabuse_dagster.telemetry.contract import ContractViolation
-from qabuse_dagster.telemetry.labels import BENIGN_LABEL_KIND, FileLineError, IncidentLabel
+from qabuse_dagster.telemetry.labels import (
+    BENIGN_LABEL_KINDS,
+    FileLineError,
+    IncidentLabel,
+    is_analyst_label,
+)
 
 if TYPE_CHECKING:  # the closed loop imports the twin; only its report type is named here
     from qabuse_dagster.evaluation.closed_loop import ClosedLoopReport
@@ -143,6 +153,21 @@ class LookalikeMetrics:
 
 
 @dataclass(frozen=True)
+class AnalystFeedback:
+    """How a detector does on the alerts people labelled (triage verdicts, upheld appeals).
+
+    ``precision`` is the share of the labelled windows it alerts on that people confirmed
+    as abuse; None when it alerts on none of them.
+    """
+
+    confirmed: int
+    false_positives: int
+    alerted_confirmed: int
+    alerted_false_positives: int
+    precision: float | None
+
+
+@dataclass(frozen=True)
 class BacktestReport:
     """What one detector did on the evaluation part of a telemetry set.
 
@@ -164,6 +189,8 @@ class BacktestReport:
     incident_keys: dict[str, list[str]]
     incident_windows: dict[str, tuple[datetime, datetime]]
     scored: pd.DataFrame = field(repr=False, compare=False)
+    #: The labels people gave on alerts, when there are any.
+    analyst: AnalystFeedback | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (ISO 8601 instants, ``None`` for undefined)."""
@@ -191,6 +218,7 @@ class BacktestReport:
             "overall": asdict(self.overall),
             "per_kind": {kind: asdict(m) for kind, m in self.per_kind.items()},
             "lookalikes": {kind: asdict(m) for kind, m in self.lookalikes.items()},
+            "analyst_feedback": asdict(self.analyst) if self.analyst is not None else None,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -327,9 +355,11 @@ def _judge(
     user_keys: Mapping[str, Sequence[str]],
     key_kinds: Mapping[str, str] | None,
 ) -> BacktestReport:
-    # An upheld appeal's label says the window was legitimate use: it is no incident, and
-    # its key is judged benign like any key that no incident names.
-    labels = [label for label in labels if label.kind != BENIGN_LABEL_KIND]
+    analyst = analyst_feedback(scored, labels, user_keys)
+    # An upheld appeal's or an analyst's false-positive label says the window was
+    # legitimate use: it is no incident, and its key is judged benign like any key that
+    # no incident names.
+    labels = [label for label in labels if label.kind not in BENIGN_LABEL_KINDS]
     scored = scored[_SCORED_COLUMNS].reset_index(drop=True)
     eval_end = (
         scored["event_timestamp"].max().to_pydatetime() + timedelta(seconds=1)
@@ -371,6 +401,43 @@ def _judge(
         incident_keys={o.incident_id: keys_of[o.incident_id] for o in overall_report.incidents},
         incident_windows={label.incident_id: (label.start, label.end) for label in active_labels},
         scored=scored,
+        analyst=analyst,
+    )
+
+
+def analyst_feedback(
+    scored: pd.DataFrame,
+    labels: Sequence[IncidentLabel],
+    user_keys: Mapping[str, Sequence[str]] | None = None,
+) -> AnalystFeedback | None:
+    """Whether ``scored`` alerts inside the windows people labelled; None without such labels.
+
+    A window counts as alerted when one of its keys has an alerting row after its start
+    and up to a window length after its end (the rows its records still fill).
+    """
+    given = [label for label in labels if is_analyst_label(label)]
+    if not given:
+        return None
+    alerts = scored[scored["alert"]]
+    hits = {True: 0, False: 0}
+    totals = {True: 0, False: 0}
+    for label in given:
+        confirmed = label.kind not in BENIGN_LABEL_KINDS
+        keys = label_keys(label, {u: list(k) for u, k in (user_keys or {}).items()})
+        inside = alerts[
+            alerts["api_key_id"].isin(keys)
+            & (alerts["event_timestamp"] > label.start)
+            & (alerts["event_timestamp"] <= label.end + WINDOW_TAIL)
+        ]
+        totals[confirmed] += 1
+        hits[confirmed] += int(not inside.empty)
+    alerted = hits[True] + hits[False]
+    return AnalystFeedback(
+        confirmed=totals[True],
+        false_positives=totals[False],
+        alerted_confirmed=hits[True],
+        alerted_false_positives=hits[False],
+        precision=hits[True] / alerted if alerted else None,
     )
 
 
