@@ -70,6 +70,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qabuse_dagster import settings
+from qabuse_dagster.response.alert_sinks import metrics_text
 from qabuse_dagster.response.alert_store import AlertStore
 from qabuse_dagster.response.auth import TokenStore, require_role
 from qabuse_dagster.response.challenge import (
@@ -597,6 +598,13 @@ def create_gateway_app(
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def metrics(request: Request) -> Response:
+        """Prometheus text: alerts written and by triage status, and each sink's outbox."""
+        as_reader(request)
+        assert alerts is not None
+        body, content_type = await run_in_threadpool(metrics_text, alerts)
+        return Response(body, media_type=content_type)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
@@ -630,6 +638,7 @@ def create_gateway_app(
                 if appeals is not None
                 else []
             ),
+            *([Route("/metrics", metrics, methods=["GET"])] if alerts is not None else []),
             *(
                 triage_routes(
                     alerts=alerts,

@@ -498,3 +498,13 @@ def test_a_button_pressed_without_a_reason_still_names_the_step(triage: Triage) 
     assert done.status_code == 303
     last = list(triage.ledger.records())[-1]
     assert (last.entry.action, last.entry.reason) == ("escalate", "escalate on the triage page")
+
+
+def test_metrics_count_alerts_for_a_reader_only(triage: Triage) -> None:
+    assert triage.client.get("/metrics").status_code == 401
+    answer = triage.client.get("/metrics", headers={"Authorization": f"Bearer {GATEWAY}"})
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    lines = answer.text.splitlines()
+    assert 'qabuse_alerts_total{action="throttle",mode="enforce"} 1.0' in lines
+    assert 'qabuse_alerts_total{action="challenge",mode="enforce"} 1.0' in lines
+    assert 'qabuse_alerts_by_status{action="throttle",mode="enforce",status="open"} 1.0' in lines
