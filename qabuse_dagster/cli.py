@@ -962,6 +962,156 @@ def _print_queue(items: list[Any], as_json: bool) -> None:
 
 
 @main.group()
+def alerts() -> None:
+    """Alerts the stream worker wrote: list, show, act on one, and the sinks' outbox."""
+
+
+_ALERT_STEPS = {
+    "release": "release",
+    "escalate": "escalate",
+    "false-positive": "mark_false_positive",
+    "confirm-abuse": "confirm_abuse",
+}
+
+
+@alerts.command("list")
+@click.option(
+    "--status",
+    default="open",
+    show_default=True,
+    help="open, released, escalated, false_positive, confirmed_abuse, resolved, or all.",
+)
+@click.option("--action", default=None, help="Only alerts of this action (throttle, ...).")
+@click.option("--family", default=None, help="Only alerts whose top family is this.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines (whole alerts).")
+def alerts_list(
+    status: str, action: str | None, family: str | None, limit: int, as_json: bool
+) -> None:
+    """Alerts by score, then impact, highest first (what the triage page's queue shows)."""
+    from qabuse_dagster.response.alert_store import STATUSES, AlertStore
+
+    if status != "all" and status not in STATUSES:
+        raise click.BadParameter(f"expected all or one of {STATUSES}", param_hint="--status")
+    with AlertStore() as store:
+        found = store.alerts(
+            status=None if status == "all" else status,
+            action=action,
+            family=family,
+            limit=limit,
+        )
+    if as_json:
+        for stored in found:
+            click.echo(stored.alert.to_json())
+        return
+    if not found:
+        click.echo(f"no {'' if status == 'all' else status + ' '}alerts")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"alerts ({len(found)})")
+    for column in ("alert", "score", "action", "mode", "key", "top family", "decided", "status"):
+        table.add_column(column)
+    for stored in found:
+        alert = stored.alert
+        table.add_row(
+            alert.alert_id[:12],
+            f"{alert.score:.2f}",
+            alert.action,
+            alert.mode,
+            alert.api_key_id[:12],
+            alert.top_family or "-",
+            alert.decided_at.isoformat(timespec="seconds"),
+            stored.status,
+        )
+    Console(width=160).print(table)
+
+
+@alerts.command("show")
+@click.argument("alert_id")
+def alerts_show(alert_id: str) -> None:
+    """One alert as JSON (an id prefix of 8 characters or more will do)."""
+    click.echo(_stored_alert(alert_id).alert.model_dump_json(indent=2))
+
+
+@alerts.command("act")
+@click.argument("alert_id")
+@click.argument("step", type=click.Choice(sorted(_ALERT_STEPS)))
+@click.option("--reason", default="", help="Why: it goes to the ledger.")
+@click.option(
+    "--kind",
+    default="confirmed_abuse",
+    show_default=True,
+    help="With confirm-abuse: the incident label's kind (e.g. runaway_ci).",
+)
+@_TOKEN
+def alerts_act(alert_id: str, step: str, reason: str, kind: str, token: str | None) -> None:
+    """Take a triage step on an alert, as the triage page's buttons do."""
+    from qabuse_dagster.response import review as workflow
+    from qabuse_dagster.response.alert_store import AlertStore
+    from qabuse_dagster.response.ledger import LedgerError, open_ledger
+
+    principal = _principal(token)
+    stored = _stored_alert(alert_id)
+    try:
+        with open_ledger() as ledger, AlertStore() as store:
+            status = workflow.act_on_alert(
+                ledger,
+                store,
+                principal,
+                stored.alert,
+                _ALERT_STEPS[step],
+                reason or f"{step} from the command line",
+                labels_path=settings.paths().analyst_labels,
+                kind=kind,
+            )
+    except workflow.ReviewError as exc:
+        raise click.ClickException(str(exc)) from None
+    except LedgerError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"alert {stored.alert_id}: {status} by {principal.name}")
+
+
+@alerts.command("outbox")
+def alerts_outbox() -> None:
+    """Each sink's deliveries: waiting, delivered, attempts and the last error."""
+    from qabuse_dagster.response.alert_store import AlertStore
+
+    with AlertStore() as store:
+        status = store.outbox_status()
+    if not status:
+        click.echo("the outbox is empty")
+        return
+    for sink, state in sorted(status.items()):
+        error = f"; last error: {state['last_error']}" if state["last_error"] else ""
+        click.echo(
+            f"{sink}: {state['pending']} waiting, {state['delivered']} delivered, "
+            f"at most {state['max_attempts']} attempts{error}"
+        )
+
+
+def _stored_alert(alert_id: str):  # type: ignore[no-untyped-def]
+    """The stored alert ``alert_id`` names (whole, or a prefix of 8+ characters)."""
+    from qabuse_dagster.response.alert_store import AlertStore
+
+    with AlertStore() as store:
+        stored = store.get(alert_id)
+        if stored is None and len(alert_id) >= 8:
+            matches = [
+                s
+                for s in store.alerts(status=None, limit=100_000)
+                if s.alert_id.startswith(alert_id)
+            ]
+            if len(matches) > 1:
+                raise click.BadParameter(f"{alert_id!r} names {len(matches)} alerts: say more")
+            stored = matches[0] if matches else None
+    if stored is None:
+        raise click.BadParameter(f"no alert {alert_id!r}", param_hint="ALERT_ID")
+    return stored
+
+
+@main.group()
 def response() -> None:
     """What mitigation did, or in shadow mode would have done."""
 

@@ -38,6 +38,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from qabuse_dagster.response.alert_store import AlertStore
+from qabuse_dagster.response.alerts import Alert
 from qabuse_dagster.response.auth import Principal
 from qabuse_dagster.response.decision_table import DecisionTable, Mitigation
 from qabuse_dagster.response.decisions import HIGH_IMPACT_ACTIONS
@@ -52,12 +54,14 @@ from qabuse_dagster.telemetry.labels import (
 )
 
 __all__ = [
+    "ALERT_STEP_STATUS",
     "BENIGN_LABEL_KIND",
     "CONFIRMED_ABUSE_KIND",
     "FALSE_POSITIVE_KIND",
     "STEP_ROLES",
     "QueueItem",
     "ReviewError",
+    "act_on_alert",
     "appeal",
     "approve",
     "benign_labels",
@@ -593,3 +597,74 @@ def _now(now_ms: int | None) -> int:
 
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+#: What an analyst may do with an alert: the step -> the alert's status afterwards.
+ALERT_STEP_STATUS: dict[str, str] = {
+    "release": "released",
+    "escalate": "escalated",
+    "mark_false_positive": "false_positive",
+    "confirm_abuse": "confirmed_abuse",
+}
+
+
+def act_on_alert(
+    ledger: Ledger,
+    alerts: AlertStore,
+    principal: Principal,
+    alert: Alert,
+    step: str,
+    reason: str,
+    *,
+    labels_path: Path,
+    kind: str = CONFIRMED_ABUSE_KIND,
+    now_ms: int | None = None,
+) -> str:
+    """One analyst step on an alert, as the triage page and ``qabuse alerts act`` take it.
+
+    The step goes to the ledger (`release`, `escalate`, `mark_false_positive` or
+    `confirm_abuse`); a label covers the hour the alert shows, up to now. Then the
+    alert's triage status moves.
+
+    Returns:
+        The alert's new status.
+
+    Raises:
+        ReviewError: An unknown step, or one the workflow refuses (role, nothing in force).
+    """
+    if step not in ALERT_STEP_STATUS:
+        raise ReviewError(f"unknown step {step!r}; expected one of {sorted(ALERT_STEP_STATUS)}")
+    now = _now(now_ms)
+    key, alert_id = alert.api_key_id, alert.alert_id
+    start = alert.minutes[0].minute if alert.minutes else alert.decided_at
+    window = {"start_ms": int(start.timestamp() * 1000), "end_ms": now}
+    if step == "release":
+        release(ledger, principal, key, reason, alert_id=alert_id, now_ms=now)
+    elif step == "escalate":
+        escalate(ledger, principal, key, reason, alert_id=alert_id, now_ms=now)
+    elif step == "mark_false_positive":
+        mark_false_positive(
+            ledger,
+            principal,
+            key,
+            reason,
+            **window,
+            labels_path=labels_path,
+            alert_id=alert_id,
+            now_ms=now,
+        )
+    else:
+        confirm_abuse(
+            ledger,
+            principal,
+            key,
+            reason,
+            **window,
+            kind=kind,
+            labels_path=labels_path,
+            alert_id=alert_id,
+            now_ms=now,
+        )
+    status = ALERT_STEP_STATUS[step]
+    alerts.set_status(alert_id, status, principal.name, now_ms=now)
+    return status

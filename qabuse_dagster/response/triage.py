@@ -415,42 +415,20 @@ class _TriagePage:
     def _take_alert_step(
         self, principal: Principal, alert: Alert, step: str, status: str, reason: str, kind: str
     ) -> None:
-        now = self.clock()
-        key, alert_id = alert.api_key_id, alert.alert_id
-        # A label covers the hour the alert shows, up to the analyst's judgement.
-        start = alert.minutes[0].minute if alert.minutes else alert.decided_at
-        window = {"start_ms": int(start.timestamp() * 1000), "end_ms": now}
         try:
-            if step == "release":
-                review.release(self.ledger, principal, key, reason, alert_id=alert_id, now_ms=now)
-            elif step == "escalate":
-                review.escalate(self.ledger, principal, key, reason, alert_id=alert_id, now_ms=now)
-            elif step == "mark_false_positive":
-                review.mark_false_positive(
-                    self.ledger,
-                    principal,
-                    key,
-                    reason,
-                    **window,
-                    labels_path=self.labels_path,
-                    alert_id=alert_id,
-                    now_ms=now,
-                )
-            else:
-                review.confirm_abuse(
-                    self.ledger,
-                    principal,
-                    key,
-                    reason,
-                    **window,
-                    kind=kind,
-                    labels_path=self.labels_path,
-                    alert_id=alert_id,
-                    now_ms=now,
-                )
+            review.act_on_alert(
+                self.ledger,
+                self.alerts,
+                principal,
+                alert,
+                step,
+                reason,
+                labels_path=self.labels_path,
+                kind=kind,
+                now_ms=self.clock(),
+            )
         except review.ReviewError as exc:
-            raise _Refused(409, str(exc), f"/triage/alerts/{alert_id}") from None
-        self.alerts.set_status(alert_id, status, principal.name, now_ms=now)
+            raise _Refused(409, str(exc), f"/triage/alerts/{alert.alert_id}") from None
 
     # Sessions.
 
