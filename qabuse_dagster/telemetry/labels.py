@@ -264,7 +264,7 @@ def add_labels(labels: Iterable[IncidentLabel], path: Path) -> list[IncidentLabe
 
     A label whose ``incident_id`` the file holds already is not added twice: feedback
     given twice (a retried form, two analysts) is one label. Writers on one host are
-    serialised by a lock file beside it.
+    serialised by an advisory lock (``flock``) on a lock file beside it.
 
     Returns:
         The labels actually added.
@@ -272,11 +272,12 @@ def add_labels(labels: Iterable[IncidentLabel], path: Path) -> list[IncidentLabe
     Raises:
         LabelsError: The existing file does not read (nothing is written).
     """
-    from filelock import FileLock
+    import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    with open(str(path) + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         existing = read_labels(path) if path.exists() else []
         known = {label.incident_id for label in existing}
         added = []

@@ -393,3 +393,34 @@ def test_labels_imports_only_the_standard_library_pydantic_and_the_contract() ->
     }
     outside = {name for name in imported if name.split(".")[0] not in sys.stdlib_module_names}
     assert outside == {"pydantic", "qabuse_dagster.telemetry.contract"}
+
+
+def test_add_labels_adds_each_incident_once_and_keeps_what_is_there(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "labels" / "analyst.jsonl"
+
+    def label(n: int, kind: str = "false_positive") -> labels_module.IncidentLabel:
+        return labels_module.IncidentLabel.model_validate(
+            {
+                "incident_id": f"analyst-{n}",
+                "kind": kind,
+                "start": "2026-03-01T10:00:00Z",
+                "end": "2026-03-01T11:00:00Z",
+                "api_key_ids": ["ab" * 8],
+            }
+        )
+
+    assert labels_module.add_labels([label(1)], path) == [label(1)]
+    # The same incident again (a retried form) adds nothing; a new one is appended.
+    assert labels_module.add_labels([label(1, "runaway_ci"), label(2)], path) == [label(2)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda n: labels_module.add_labels([label(n)], path), range(3, 11)))
+    read = labels_module.read_labels(path)
+    assert [x.incident_id for x in read[:2]] == ["analyst-1", "analyst-2"]
+    assert read[0].kind == "false_positive"
+    assert sorted(x.incident_id for x in read) == sorted(f"analyst-{n}" for n in range(1, 11))
+    path.write_text("not json\n")
+    with pytest.raises(labels_module.LabelsError):
+        labels_module.add_labels([label(11)], path)
+    assert path.read_text() == "not json\n"  # nothing accepted is lost or overwritten
