@@ -40,6 +40,17 @@ STOP_WITHIN_S = 10.0
 REAP_WITHIN_S = 5.0
 READY_WITHIN_S = 120.0
 MARKER_ENV = "QABUSE_TEST_PROCESS_MARKER"
+#: Runs the command (by exec, same pid) with SIGTERM and SIGINT at their defaults, as a
+#: service manager starts it. The test runner may ignore them: a shell's background job
+#: ignores SIGINT, Dagster executed in process then maps SIGTERM to SIGINT's disposition,
+#: and an ignored signal stays ignored across exec, where `ChildProcesses` honours it.
+_WITH_DEFAULT_SIGNALS = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys\n"
+    "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_DFL)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
 
 
 def _signals(pid: int) -> str:
@@ -174,7 +185,7 @@ def _qabuse(tmp_path: Path, *args: str) -> Iterator[Run]:
         # A session of its own only so that cleanup below can reach strays; the test
         # itself signals the qabuse process alone.
         process = subprocess.Popen(
-            [str(qabuse), *args],
+            [*_WITH_DEFAULT_SIGNALS, str(qabuse), *args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -295,7 +306,7 @@ with ChildProcesses(grace_s=1.0) as children:
 def _supervise(*commands: list[str]) -> Run:
     marker = uuid.uuid4().hex
     process = subprocess.Popen(
-        [sys.executable, "-c", _SUPERVISOR, json.dumps(commands)],
+        [*_WITH_DEFAULT_SIGNALS, sys.executable, "-c", _SUPERVISOR, json.dumps(commands)],
         env={**os.environ, MARKER_ENV: marker},
         stdout=subprocess.PIPE,
         start_new_session=True,
