@@ -151,6 +151,13 @@ def review_queue(ledger: Ledger) -> list[QueueItem]:
         kind = pending_kind(entry)
         if kind is not None:
             waiting[record.seq] = QueueItem(kind, record)
+        if entry.mode == "enforce" and entry.action in ("release", "uphold_appeal"):
+            # A release lifts everything on the key, its pending proposals and reviews
+            # too, as the gateway's decision table has it: approving one later would
+            # change nothing there.
+            for seq, item in list(waiting.items()):
+                if item.api_key_id == entry.api_key_id and item.kind in ("approval", "review"):
+                    del waiting[seq]
         target = waiting.get(entry.refers_to) if entry.refers_to is not None else None
         if target is not None and entry.action in _RESOLVES[target.kind]:
             if entry.action == "approve" and entry.actor in (target.record.entry.actor, "system"):

@@ -318,3 +318,25 @@ def test_a_release_reads_the_key_among_others_without_complaint(
         "challenge",
     ]
     assert restrictions_in_force(ledger, KEY, 3_000) == []
+
+
+def test_a_release_clears_the_keys_pending_proposals_as_the_decision_table_does(
+    ledger: Ledger,
+) -> None:
+    from qabuse_dagster.response.decision_table import DecisionTable
+
+    other = "cd" * 16
+    ledger.append(LedgerEntry(1_000, KEY, "throttle", "system", "alert"))
+    proposal = _system(ledger, "revoke", requires_approval=True)
+    review = _system(ledger, "review", instead_of="challenge")
+    elsewhere = ledger.append(
+        LedgerEntry(1_000, other, "revoke", "system", "x", params={"requires_approval": True})
+    ).seq
+    assert {i.seq for i in review_queue(ledger)} == {proposal, review, elsewhere}
+    release(ledger, CAROL, KEY, "a lab's course", now_ms=2_000)
+    # The other key's proposal still waits; this key's are gone, here and at the gateway.
+    assert [i.seq for i in review_queue(ledger)] == [elsewhere]
+    state = DecisionTable.from_records(ledger.records()).state(KEY, 3_000)
+    assert not state.in_force
+    with pytest.raises(ReviewError, match="nothing waits"):
+        approve(ledger, BOB, proposal, "too late")
