@@ -966,14 +966,6 @@ def alerts() -> None:
     """Alerts the stream worker wrote: list, show, act on one, and the sinks' outbox."""
 
 
-_ALERT_STEPS = {
-    "release": "release",
-    "escalate": "escalate",
-    "false-positive": "mark_false_positive",
-    "confirm-abuse": "confirm_abuse",
-}
-
-
 @alerts.command("list")
 @click.option(
     "--status",
@@ -1037,7 +1029,9 @@ def alerts_show(alert_id: str) -> None:
 
 @alerts.command("act")
 @click.argument("alert_id")
-@click.argument("step", type=click.Choice(sorted(_ALERT_STEPS)))
+@click.argument(
+    "step", type=click.Choice(["confirm-abuse", "escalate", "false-positive", "release"])
+)
 @click.option("--reason", default="", help="Why: it goes to the ledger.")
 @click.option(
     "--kind",
@@ -1061,7 +1055,7 @@ def alerts_act(alert_id: str, step: str, reason: str, kind: str, token: str | No
                 store,
                 principal,
                 stored.alert,
-                _ALERT_STEPS[step],
+                workflow.ALERT_STEPS[step],
                 reason or f"{step} from the command line",
                 labels_path=settings.paths().analyst_labels,
                 kind=kind,
@@ -1098,13 +1092,9 @@ def _stored_alert(alert_id: str):  # type: ignore[no-untyped-def]
     with AlertStore() as store:
         stored = store.get(alert_id)
         if stored is None and len(alert_id) >= 8:
-            matches = [
-                s
-                for s in store.alerts(status=None, limit=100_000)
-                if s.alert_id.startswith(alert_id)
-            ]
+            matches = store.with_prefix(alert_id)
             if len(matches) > 1:
-                raise click.BadParameter(f"{alert_id!r} names {len(matches)} alerts: say more")
+                raise click.BadParameter(f"{alert_id!r} names more than one alert: say more")
             stored = matches[0] if matches else None
     if stored is None:
         raise click.BadParameter(f"no alert {alert_id!r}", param_hint="ALERT_ID")

@@ -186,6 +186,12 @@ class AlertStore:
         rows = self._read(_SELECT + " WHERE alert_id = ?", (alert_id,))
         return rows[0] if rows else None
 
+    def with_prefix(self, prefix: str, limit: int = 2) -> list[StoredAlert]:
+        """Alerts whose id starts with ``prefix`` (hex), at most ``limit``."""
+        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+            return []
+        return self._read(_SELECT + " WHERE alert_id LIKE ? LIMIT ?", (prefix + "%", limit))
+
     def alerts(
         self,
         *,

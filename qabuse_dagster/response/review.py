@@ -54,6 +54,7 @@ from qabuse_dagster.telemetry.labels import (
 )
 
 __all__ = [
+    "ALERT_STEPS",
     "ALERT_STEP_STATUS",
     "BENIGN_LABEL_KIND",
     "CONFIRMED_ABUSE_KIND",
@@ -606,6 +607,14 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
+#: An alert's steps as the triage page's paths and ``qabuse alerts act`` name them -> the
+#: workflow step (`act_on_alert`).
+ALERT_STEPS: dict[str, str] = {
+    "release": "release",
+    "escalate": "escalate",
+    "false-positive": "mark_false_positive",
+    "confirm-abuse": "confirm_abuse",
+}
 #: What an analyst may do with an alert: the step -> the alert's status afterwards.
 ALERT_STEP_STATUS: dict[str, str] = {
     "release": "released",

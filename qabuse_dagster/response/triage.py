@@ -88,13 +88,8 @@ _HEADERS = {
     # Alerts name keys and users: no shared cache keeps a copy, no back button shows one.
     "Cache-Control": "no-store",
 }
-#: The buttons of an alert: the path's step -> (review.py's step, the alert's new status).
-ALERT_STEPS: Mapping[str, tuple[str, str]] = {
-    "release": ("release", "released"),
-    "escalate": ("escalate", "escalated"),
-    "false-positive": ("mark_false_positive", "false_positive"),
-    "confirm-abuse": ("confirm_abuse", "confirmed_abuse"),
-}
+#: The buttons of an alert: the path's step -> review.py's step.
+ALERT_STEPS: Mapping[str, str] = review.ALERT_STEPS
 _QUEUE_STEPS = ("approve", "deny")
 #: What a step's redirect says on the next page: fixed words, never text from the URL.
 _DONE = {
@@ -372,14 +367,14 @@ class _TriagePage:
                 raise _Refused(403, "The form's CSRF token is missing or stale.")
             if path_step not in ALERT_STEPS:
                 raise _Refused(404, "No such step.")
-            step, status = ALERT_STEPS[path_step]
+            step = ALERT_STEPS[path_step]
             self._require(session.principal, step)
             stored = await self._stored_alert(request)
             back = f"/triage/alerts/{stored.alert_id}"
             reason = _reason(form, path_step)
             kind = form.get("kind", "").strip() or review.CONFIRMED_ABUSE_KIND
             await run_in_threadpool(
-                self._take_alert_step, session.principal, stored.alert, step, status, reason, kind
+                self._take_alert_step, session.principal, stored.alert, step, reason, kind
             )
         except _Refused as refused:
             return self._refusal(session, refused)
@@ -413,7 +408,7 @@ class _TriagePage:
         return _secured(RedirectResponse(f"{back}?done={step}", 303))
 
     def _take_alert_step(
-        self, principal: Principal, alert: Alert, step: str, status: str, reason: str, kind: str
+        self, principal: Principal, alert: Alert, step: str, reason: str, kind: str
     ) -> None:
         try:
             review.act_on_alert(
