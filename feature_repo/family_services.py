@@ -100,12 +100,13 @@ api_key_campaign_fv = FeatureView(
     source=api_key_campaign_source,
     online=True,
     description="The coordinated group an api key acts in, if any: its size, synchrony, "
-    "networks, users, newness and volume similarity (1-hour and 24-hour graphs).",
+    "networks, users, newness and volume similarity (1-hour and 24-hour graphs, and the "
+    "births of the last hour).",
     tags={"entity": "api_key", "kind": "campaign"},
 )
-api_key_campaign_v1 = FeatureService(
-    name="api_key_campaign_v1",
+api_key_campaign_v2 = FeatureService(
+    name="api_key_campaign_v2",
     features=[api_key_campaign_fv],
-    description="Inputs of the campaign (graph) family, version 1.",
+    description="Inputs of the campaign (graph) family, version 2 (with the births view).",
     tags={"entity": "api_key", "family": "campaign"},
 )

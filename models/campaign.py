@@ -19,10 +19,17 @@ parts:
 
   Each member of a group of at least ``min_group_keys`` gets its group's size,
   synchrony, breadth of origin (distinct networks and users), newness and volume
-  similarity; a key in no group gets zeros. The features come in two views: a short
-  one (1 hour, every 5 minutes: waves and bursts) and a long one (24 hours, every hour:
+  similarity; a key in no group gets zeros. The features come in three views: a short
+  one (1 hour, every 5 minutes: waves and bursts), a long one (24 hours, every hour:
   slow campaigns such as quota farms, whose members share nothing but their birth and
-  their behaviour), merged onto the short view's rows as of the latest long instant.
+  their behaviour) and a births view (every minute: keys first seen in the last hour,
+  grouped when their first submissions fall within one bucket of each other, the
+  mass-account-creation signal of fraud teams). Lockstep needs repeated co-activity, so
+  a botnet's first wave shows only in the births view: dozens of never-seen keys acting
+  within seconds, far more than the population's birth rate puts in a few seconds.
+  A row is emitted at each instant of the short view for the keys active in its window
+  and at each minute for the keys in a birth group; every row carries each view as of
+  that view's latest instant at or before it.
 
 * `CampaignDetector` scores those rows with a transparent function: group breadth x
   coordination (synchrony or near-identical volume) x origin diversity x newness, per
@@ -62,6 +69,7 @@ from qabuse_dagster.features.definitions import JOB_MEMORY_MINUTES, SUBMISSION_P
 
 __all__ = [
     "CAMPAIGN_FEATURES",
+    "CAMPAIGN_VIEWS",
     "REQUIRED_COLUMNS",
     "CampaignDetector",
     "campaign_features",
@@ -81,10 +89,14 @@ _VIEW_FEATURES = (
     "group_new_share",  # share of the group's keys first seen within `new_key_age`
     "volume_similarity",  # 1 - coefficient of variation of the members' job rates, in [0, 1]
 )
-#: View suffixes: the short (lockstep) and the long (cohort and lockstep) view.
-_VIEWS = ("1h", "24h")
+_F = {name: i for i, name in enumerate(_VIEW_FEATURES)}
+#: View suffixes: the short (lockstep), the long (cohort and lockstep) and the births view.
+_VIEWS = ("1h", "24h", "births")
 _COHORT_VIEW = "24h"
-#: The campaign features, in column order: the 1-hour view's, then the 24-hour view's.
+#: The views, by the suffix of their features.
+CAMPAIGN_VIEWS: tuple[str, ...] = _VIEWS
+#: The campaign features, in column order: the 1-hour view's, the 24-hour view's, then the
+#: births view's.
 CAMPAIGN_FEATURES: tuple[str, ...] = tuple(f"{f}_{v}" for v in _VIEWS for f in _VIEW_FEATURES)
 #: The telemetry columns `campaign_features` reads.
 REQUIRED_COLUMNS: tuple[str, ...] = (
@@ -145,6 +157,10 @@ def campaign_features(
     cohort_rate_tolerance: float = 0.25,
     cohort_min_profile_cosine: float = 0.7,
     cohort_min_jobs: int = 10,
+    birth_every: timedelta = timedelta(minutes=1),
+    birth_window: timedelta = timedelta(hours=1),
+    min_birth_group: int = 5,
+    birth_pace_window: timedelta = timedelta(minutes=10),
 ) -> pd.DataFrame:
     """Per-key group evidence at each instant ``start, start + every, ... < end``.
 
@@ -181,6 +197,14 @@ def campaign_features(
         cohort_rate_tolerance: most relative difference of two cohort keys' job rates.
         cohort_min_profile_cosine: least cosine similarity of their hourly job counts.
         cohort_min_jobs: fewest jobs in the long window for a key to join a cohort.
+        birth_every: cadence of the births view's instants.
+        birth_window: how long after its first submission a new key stays in the births
+            view. The population's birth rate is taken over the ``long_window`` before it.
+        min_birth_group: fewest keys in a birth group: births chained within one bucket
+            of each other, and more than the birth rate explains (Poisson tail at most
+            ``max_edge_p_value``). A class signing up over minutes chains a few at a time.
+        birth_pace_window: span before a birth group whose sign-up pace, when above the
+            long window's birth rate, is the chance its births are judged against.
 
     Returns:
         Columns ``api_key_id``, ``event_timestamp`` (UTC) and `CAMPAIGN_FEATURES`,
@@ -223,24 +247,145 @@ def campaign_features(
     short_rows = _view_rows(subs, instants, short, params)
     long_instants = np.arange(start_ms, end_ms, long_every_ms, dtype=np.int64)
     long_rows = _view_rows(subs, long_instants, long, params)
+    birth_instants = np.arange(
+        start_ms, end_ms, _positive_ms(birth_every, "birth_every"), dtype=np.int64
+    )
+    birth_rows = _birth_rows(
+        subs,
+        birth_instants,
+        window_ms=_positive_ms(birth_window, "birth_window"),
+        rate_window_ms=long.window_ms,
+        bucket_ms=short.bucket_ms,
+        pace_window_ms=_positive_ms(birth_pace_window, "birth_pace_window"),
+        min_group=min_birth_group,
+        params=params,
+    )
 
+    # Rows: each short instant's active keys and each minute's birth-group members.
+    time_ms = np.concatenate([short_rows.time_ms, birth_rows.time_ms])
+    key = np.concatenate([short_rows.key, birth_rows.key])
+    pairs = np.unique(np.stack([time_ms, key], axis=1), axis=0)  # by instant, then key
+    time_ms, key = pairs[:, 0], pairs[:, 1]
     width = len(_VIEW_FEATURES)
-    features = np.zeros((len(short_rows.key), 2 * width))
-    features[:, :width] = short_rows.values
-    if len(long_rows.key):
-        # Each short row takes the long view of its key at the latest long instant <= t.
-        which = np.searchsorted(long_instants, short_rows.time_ms, side="right") - 1
-        lookup = pd.Series(
-            np.arange(len(long_rows.key)),
-            index=pd.MultiIndex.from_arrays([long_rows.time_ms, long_rows.key]),
-        )
-        at = lookup.reindex(pd.MultiIndex.from_arrays([long_instants[which], short_rows.key]))
-        hit = at.notna().to_numpy()
-        features[hit, width:] = long_rows.values[at.to_numpy()[hit].astype(np.int64)]
+    features = np.zeros((len(key), len(CAMPAIGN_FEATURES)))
+    for v, (rows, view_instants) in enumerate(
+        ((short_rows, instants), (long_rows, long_instants), (birth_rows, birth_instants))
+    ):
+        features[:, v * width : (v + 1) * width] = _as_of_view(rows, view_instants, time_ms, key)
     frame = pd.DataFrame(features, columns=list(CAMPAIGN_FEATURES))
-    frame.insert(0, "api_key_id", subs.keys[short_rows.key].astype(str))
-    frame.insert(1, "event_timestamp", pd.to_datetime(short_rows.time_ms, unit="ms", utc=True))
+    frame.insert(0, "api_key_id", subs.keys[key].astype(str))
+    frame.insert(1, "event_timestamp", pd.to_datetime(time_ms, unit="ms", utc=True))
     return frame
+
+
+def _as_of_view(
+    rows: _ViewRows,
+    view_instants: NDArray[np.int64],
+    time_ms: NDArray[np.int64],
+    key: NDArray[np.int64],
+) -> NDArray[np.float64]:
+    """Each (instant, key)'s features in one view, from the view's latest instant <= it."""
+    out = np.zeros((len(key), len(_VIEW_FEATURES)))
+    if not len(rows.key) or not len(key):
+        return out
+    which = np.searchsorted(view_instants, time_ms, side="right") - 1
+    lookup = pd.Series(
+        np.arange(len(rows.key)), index=pd.MultiIndex.from_arrays([rows.time_ms, rows.key])
+    )
+    at = lookup.reindex(pd.MultiIndex.from_arrays([view_instants[which.clip(0)], key]))
+    hit = at.notna().to_numpy() & (which >= 0)
+    out[hit] = rows.values[at.to_numpy()[hit].astype(np.int64)]
+    return out
+
+
+def _birth_rows(
+    subs: _Submissions,
+    instants: NDArray[np.int64],
+    *,
+    window_ms: int,
+    rate_window_ms: int,
+    bucket_ms: int,
+    pace_window_ms: int,
+    min_group: int,
+    params: _GroupParams,
+) -> _ViewRows:
+    """The births view: keys first seen in ``[t - window, t)`` grouped by birth instant.
+
+    Only keys known to be new are born (first seen at least ``new_key_age`` after the
+    history starts: before that, a first record may be a key older than the history).
+    Births within one bucket of each other chain into a group; it counts when it has at
+    least ``min_group`` keys and chance makes so many births in its span (plus a bucket)
+    unlikely (Poisson tail at most ``max_edge_p_value``). Chance is the larger of two
+    birth rates: that of the ``rate_window`` before the window (at least one birth in
+    it), and the sign-up pace of the ``pace_window`` before the group's first birth, so
+    a class whose students sign up one after another over minutes explains its own
+    chains. Per member: the group's size; its synchrony, the births within one bucket of
+    its own over what chance puts there, and their share of the rest of its group; the
+    distinct networks and users of the members' first submissions; new share 1; and the
+    similarity of the members' job counts since their births.
+    """
+    width = len(_VIEW_FEATURES)
+    empty = _ViewRows(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, width)))
+    born_keys, first = np.unique(subs.key, return_index=True)
+    birth = subs.time_ms[first]
+    known_new = birth >= subs.history_start_ms + params.new_key_age_ms
+    order = np.flatnonzero(known_new)[np.argsort(birth[known_new], kind="stable")]
+    born_keys, first, birth = born_keys[order], first[order], birth[order]
+    if len(birth) < min_group:
+        return empty
+    lo = np.searchsorted(birth, instants - window_ms, side="left")
+    hi = np.searchsorted(birth, instants, side="left")
+    prior = lo - np.searchsorted(birth, instants - window_ms - rate_window_ms, side="left")
+    sub_lo = np.searchsorted(subs.time_ms, instants - window_ms, side="left")
+    sub_hi = np.searchsorted(subs.time_ms, instants, side="left")
+    times: list[NDArray[np.int64]] = []
+    keys: list[NDArray[np.int64]] = []
+    values: list[NDArray[np.float64]] = []
+    for i in np.flatnonzero(hi - lo >= min_group).tolist():
+        a, b = int(lo[i]), int(hi[i])
+        born = birth[a:b]
+        group = np.concatenate([[0], np.cumsum(np.diff(born) > bucket_ms)])
+        size = np.bincount(group)
+        head = born[np.searchsorted(group, np.arange(len(size)))]  # each group's first birth
+        span = np.zeros(len(size))  # each group's first to last birth
+        np.maximum.at(span, group, born - head[group])
+        pace = a + np.searchsorted(born, head) - np.searchsorted(birth, head - pace_window_ms)
+        rate = np.maximum(max(int(prior[i]), 1) / rate_window_ms, pace / pace_window_ms)
+        unlikely = gammainc(size, rate * (span + bucket_ms)) <= params.max_edge_p_value
+        member = (size >= min_group)[group] & unlikely[group]
+        if not member.any():
+            continue
+        near = (
+            np.searchsorted(born, born + bucket_ms, side="right")
+            - np.searchsorted(born, born - bucket_ms, side="left")
+            - 1
+        ).astype(np.float64)
+        expected = rate[group] * (2 * bucket_ms)
+        firsts = first[a:b]
+        n_groups = len(size)
+        networks = _distinct_per_group(group, subs.network[firsts], n_groups)
+        users = _distinct_per_group(group, subs.user[firsts], n_groups)
+        window = slice(int(sub_lo[i]), int(sub_hi[i]))
+        jobs = np.bincount(subs.key[window], minlength=len(subs.keys))[born_keys[a:b]]
+        jobs = jobs.astype(np.float64)
+        mean_jobs = np.bincount(group, weights=jobs) / size
+        var_jobs = np.bincount(group, weights=jobs**2) / size - mean_jobs**2
+        cv = np.sqrt(np.clip(var_jobs, 0.0, None)) / np.maximum(mean_jobs, 1e-300)
+
+        feats = np.zeros((len(born), width))
+        feats[:, _F["group_keys"]] = size[group]
+        feats[:, _F["sync_lift"]] = near / expected
+        feats[:, _F["sync_share"]] = near / np.maximum(size[group] - 1, 1)
+        feats[:, _F["group_networks"]] = networks[group]
+        feats[:, _F["group_users"]] = users[group]
+        feats[:, _F["group_new_share"]] = 1.0
+        feats[:, _F["volume_similarity"]] = np.clip(1.0 - cv, 0.0, 1.0)[group]
+        times.append(np.full(int(member.sum()), instants[i], dtype=np.int64))
+        keys.append(born_keys[a:b][member])
+        values.append(feats[member])
+    if not times:
+        return empty
+    return _ViewRows(np.concatenate(times), np.concatenate(keys), np.vstack(values))
 
 
 @dataclass(frozen=True)
@@ -540,8 +685,6 @@ def _positive_ms(span: timedelta, name: str) -> int:
 
 # --- The detector ---------------------------------------------------------------------
 
-_F = {name: i for i, name in enumerate(_VIEW_FEATURES)}
-
 
 class CampaignDetector(BaseDetector):
     """Scores campaign feature rows: large, synchronised or identical, multi-network, new.
@@ -550,7 +693,9 @@ class CampaignDetector(BaseDetector):
 
     * breadth is ``log2`` of the group's size (0 for a key in no group);
     * coordination is synchrony, ``log(sync_lift / chance_lift)`` over
-      ``log(full_lift / chance_lift)`` times ``sync_share``; in the long view, the larger
+      ``log(full_lift / chance_lift)`` times ``sync_share`` (in the births view, of the
+      members' first submissions: a burst of births within seconds, not a class whose
+      students sign up one after another over minutes); in the long view, the larger
       of that and volume similarity (rescaled so ``similarity_floor`` gives 0 and
       ``similarity_full`` 1) times the group's new share: identical volumes are evidence
       of a cohort of new accounts, not of established keys that happen to match;
@@ -650,17 +795,23 @@ class CampaignDetector(BaseDetector):
     def _explain(self, X: NDArray[np.float64], steps: int = 32) -> NDArray[np.float64]:
         # Integrated gradients from the all-zero row (a key in no group, score 0), with
         # central differences along the straight path; rescaled so a row's contributions
-        # add up to its score (the path integral is approximate at the clips).
+        # add up to its score (the path integral is approximate at the clips). Every
+        # perturbed point of a block of rows is scored in one call.
         alphas = (np.arange(steps) + 0.5) / steps
+        n, f = X.shape
         grads = np.zeros_like(X)
-        scale = np.maximum(np.abs(X), 1.0) * 1e-4
-        for alpha in alphas:
-            point = alpha * X
-            for j in range(X.shape[1]):
-                up, down = point.copy(), point.copy()
-                up[:, j] += scale[:, j]
-                down[:, j] -= scale[:, j]
-                grads[:, j] += (self._score(up) - self._score(down)) / (2 * scale[:, j])
+        eye = np.eye(f)
+        block = max(1, 4096 // (2 * steps * f))
+        for lo in range(0, n, block):
+            rows = X[lo : lo + block]
+            scale = np.maximum(np.abs(rows), 1.0) * 1e-4  # (b, f)
+            # points[b, s, j, :] = alpha_s * row_b, then +/- scale_bj on feature j.
+            base = alphas[None, :, None, None] * rows[:, None, None, :]
+            step = scale[:, None, :, None] * eye[None, None, :, :]
+            up = (base + step).reshape(-1, f)
+            down = (base - step).reshape(-1, f)
+            diff = (self._score(up) - self._score(down)).reshape(len(rows), steps, f)
+            grads[lo : lo + block] = diff.sum(axis=1) / (2 * scale)
         contributions = X * grads / steps
         score = self._score(X)
         total = contributions.sum(axis=1)
@@ -685,14 +836,15 @@ register_family(
         name="campaign",
         input_kind="graph",
         entity="api_key",
-        feature_service="api_key_campaign_v1",
+        feature_service="api_key_campaign_v2",
         feature_names=CAMPAIGN_FEATURES,
         detector=CampaignDetector,
         save=save_campaign,
         load=load_campaign,
         description=(
-            "Groups of api keys acting together: lockstep co-activity or new cohorts of "
-            "near-identical keys, scored by size, synchrony, network spread and newness."
+            "Groups of api keys acting together: lockstep co-activity, bursts of new keys "
+            "born within seconds, or new cohorts of near-identical keys, scored by size, "
+            "synchrony, network spread and newness."
         ),
         params={},
     )

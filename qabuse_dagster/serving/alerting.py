@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from models.campaign import CAMPAIGN_VIEWS
 from qabuse_dagster import settings
 from qabuse_dagster.response.alert_store import AlertStore
 from qabuse_dagster.response.alerts import (
@@ -393,7 +394,7 @@ def _campaign(response: ScoreResponse) -> dict[str, Any] | None:
     """The key's coordinated group, when the campaign family's features place it in one."""
     features = response.features
     group: dict[str, Any] = {}
-    for view in ("1h", "24h"):
+    for view in CAMPAIGN_VIEWS:
         if features.get(f"group_keys_{view}", 0.0) > 0:
             group[view] = {
                 name: features[f"{name}_{view}"]

@@ -307,3 +307,113 @@ def test_empty_window_gives_no_rows(scenario: dict[str, object]) -> None:
     features = campaign_features(records, later, later + timedelta(hours=1))
     assert features.empty
     assert tuple(features.columns[2:]) == CAMPAIGN_FEATURES
+
+
+# --- the births view: a botnet's first wave, before any lockstep can repeat -------------
+
+BURST = START + timedelta(minutes=30, seconds=10)
+
+
+def _newborns(
+    tag: str, n: int, first: np.ndarray, networks: int, rng: np.random.Generator
+) -> list[pd.DataFrame]:
+    """``n`` never-seen keys, first submitting at ``first`` (s after BURST), then every few
+    minutes; ``networks`` distinct source networks between them."""
+    frames = []
+    for i in range(n):
+        later = first[i] + np.cumsum(rng.uniform(120, 400, size=5))
+        seconds = np.concatenate([[first[i]], later])
+        frames.append(
+            _jobs(
+                _hex(tag, i),
+                _hex(f"{tag}u", i),
+                _hex(f"{tag}n", i % networks),
+                pd.DatetimeIndex(BURST + pd.to_timedelta(seconds, unit="s")),
+                _hex(f"{tag}c", 0),
+            )
+        )
+    return frames
+
+
+@pytest.fixture(scope="module")
+def births() -> dict[str, object]:
+    rng = np.random.default_rng(11)
+    wave = _newborns("wave", 25, rng.uniform(0, 2, 25), networks=25, rng=rng)
+    # Classes signing up one after another over ten minutes, a quarter of an hour
+    # later: on campus, and remote (each student on a home network).
+    signups = 900 + np.sort(rng.uniform(0, 600, 30))
+    campus = _newborns("campus", 30, signups, networks=1, rng=rng)
+    remote = _newborns("remote", 30, signups + 1800, networks=30, rng=rng)
+    records = _records(wave, campus, remote, _background(rng))
+    features = campaign_features(records, START, END)
+    kinds = {
+        **{f["api_key_id"].iat[0]: "wave" for f in wave},
+        **{f["api_key_id"].iat[0]: "campus" for f in campus},
+        **{f["api_key_id"].iat[0]: "remote" for f in remote},
+    }
+    features["kind"] = features["api_key_id"].map(kinds).fillna("background")
+    return {"records": records, "features": features}
+
+
+def test_a_burst_of_births_is_grouped_at_the_next_minute(births: dict[str, object]) -> None:
+    features = births["features"]
+    assert isinstance(features, pd.DataFrame)
+    wave = features[features["kind"] == "wave"]
+    next_minute = BURST.ceil("min")
+    first = wave[wave["event_timestamp"] == next_minute]
+    # Every key of the wave has a row at the first instant after its first job ...
+    assert first["api_key_id"].nunique() == 25
+    assert (first["group_keys_births"] == 25).all()
+    assert (first["sync_share_births"] == 1.0).all()
+    assert (first["group_networks_births"] == 25).all()
+    assert (first["group_new_share_births"] == 1.0).all()
+    # ... far more births within seconds than the birth rate puts there,
+    assert (first["sync_lift_births"] > 100).all()
+    # ... while lockstep, which needs repeated co-activity, cannot see one wave yet.
+    assert (first["sync_lift_1h"] == 0.0).all()
+    # The view holds the group for an hour after the births, then lets go.
+    late = wave[wave["event_timestamp"] >= BURST + timedelta(hours=1, minutes=1)]
+    assert (late["group_keys_births"] == 0).all()
+
+
+def test_sign_ups_spread_over_minutes_are_not_a_burst(births: dict[str, object]) -> None:
+    features = births["features"]
+    assert isinstance(features, pd.DataFrame)
+    for kind in ("campus", "remote"):
+        rows = features[features["kind"] == kind]
+        assert len(rows) > 0
+        # The class's own sign-up pace explains its chains of births.
+        assert (rows["group_keys_births"] == 0).all(), kind
+    background = features[features["kind"] == "background"]
+    assert (background["group_keys_births"] == 0).all()  # established keys are not born
+
+
+def test_a_burst_of_births_outscores_a_class_signing_up(births: dict[str, object]) -> None:
+    features = births["features"]
+    assert isinstance(features, pd.DataFrame)
+    X = _x(features)
+    detector = CampaignDetector().fit(X)
+    features = features.assign(score=detector.decision_function(X))
+    top = features.groupby("kind")["score"].max()
+    assert top["wave"] >= 1.0 > max(top["campus"], top["remote"], top["background"])
+    assert detector.predict(_x(features[features["kind"] != "wave"])).sum() == 0
+    wave = features[
+        (features["kind"] == "wave") & (features["event_timestamp"] < START + timedelta(hours=1))
+    ]
+    contributions = detector.explain(_x(wave.head(3)))
+    named = {CAMPAIGN_FEATURES[i] for i in np.argmax(contributions, axis=1)}
+    assert all(name.endswith("_births") for name in named)
+
+
+def test_keys_first_seen_early_in_the_history_are_not_born() -> None:
+    rng = np.random.default_rng(5)
+    # The history starts with the wave: nothing says these keys are new.
+    early = START - timedelta(days=3, hours=23)
+    wave = [
+        f.assign(timestamp=f["timestamp"] - (BURST - early))
+        for f in _newborns("early", 20, rng.uniform(0, 2, 20), networks=20, rng=rng)
+    ]
+    records = _records(wave, _background(rng))
+    features = campaign_features(records, early, early + timedelta(hours=2))
+    assert len(features) > 0
+    assert (features["group_keys_births"] == 0).all()

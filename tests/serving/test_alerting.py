@@ -92,3 +92,35 @@ def test_usual_values_are_the_keys_hourly_medians_over_the_last_day(tmp_path) ->
     # Each hour in the day was read once per feature set (two here), whatever the number
     # of alerts.
     assert len(usual._medians) == 3 * 2
+
+
+def test_an_alert_names_each_campaign_view_that_groups_the_key() -> None:
+    from types import SimpleNamespace
+
+    from qabuse_dagster.serving.alerting import _campaign
+
+    features = {
+        "group_keys_1h": 0.0,
+        "group_keys_births": 25.0,
+        "group_users_births": 25.0,
+        "group_networks_births": 25.0,
+        "sync_share_births": 1.0,
+    }
+    response = SimpleNamespace(
+        features=features,
+        family_scores={"campaign": 4.6},
+        family_standardised={"campaign": 9.0},
+    )
+    group = _campaign(response)  # type: ignore[arg-type]
+    assert group is not None
+    assert set(group) == {"births", "score", "standardised"}
+    assert group["births"] == {
+        "group_keys": 25.0,
+        "group_users": 25.0,
+        "group_networks": 25.0,
+        "sync_share": 1.0,
+    }
+    quiet = SimpleNamespace(
+        features={"group_keys_1h": 0.0}, family_scores={}, family_standardised={}
+    )
+    assert _campaign(quiet) is None  # type: ignore[arg-type]
