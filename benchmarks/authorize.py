@@ -23,9 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +33,7 @@ from typing import Any
 
 from rich.console import Console
 
+from benchmarks import wrk
 from benchmarks.report import (
     BenchmarkResult,
     busy_machine_note,
@@ -133,41 +131,6 @@ def _gateway_server(log: Path, ready_timeout: float = 60.0) -> Iterator[str]:
         yield url
 
 
-_WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = {body}
-wrk.headers["content-type"] = "application/json"
-{headers}
-"""
-
-
-def _wrk(url: str, path: str, settings: Settings, script: str, workdir: Path) -> dict[str, float]:
-    """Run wrk against ``url + path``; its answers per second and latency percentiles."""
-    lua = workdir / f"wrk-{abs(hash(script))}.lua"
-    lua.write_text(script)
-    command = [
-        "wrk",
-        f"-t{settings.threads}",
-        f"-c{settings.connections}",
-        f"-d{settings.seconds:g}s",
-        "--latency",
-        "-s",
-        str(lua),
-        url + path,
-    ]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    found = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    if found is None:
-        raise RuntimeError(f"no Requests/sec in wrk's output:\n{output}")
-    figures = {"answers_per_s": float(found.group(1))}
-    for q, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", output, re.M):
-        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-        figures[f"p{q}_ms"] = float(value) * scale
-    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    figures["non_2xx"] = float(non_2xx.group(1)) if non_2xx else 0.0
-    return figures
-
-
 def run(settings: Settings, console: Console) -> BenchmarkResult:
     """Serve the gateway and the echo floor; time them sequentially and under wrk."""
     import httpx
@@ -182,7 +145,7 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
         title="/v1/authorize: latency and answers per second (gateway vs BentoML echo)",
         baseline=BASELINE,
     )
-    if shutil.which("wrk") is None:
+    if not wrk.available():
         result.problems.append("wrk is not installed (Debian: apt-get install wrk)")
         return result
     load_averages = [load_average()]
@@ -241,17 +204,15 @@ def run(settings: Settings, console: Console) -> BenchmarkResult:
         mitigated = {record.entry.api_key_id for record in _records(settings)}
         allowed = next(i for i in range(settings.api_keys) if _key(i) not in mitigated)
         sent = {**auth, API_KEY_HEADER: _key(allowed)}
-        headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in sent.items())
-        ours = _wrk(
-            gateway_url,
-            "/v1/authorize",
-            settings,
-            _WRK_SCRIPT.format(body='""', headers=headers),
-            home,
-        )
+        load = {
+            "threads": settings.threads,
+            "connections": settings.connections,
+            "seconds": settings.seconds,
+        }
+        ours = wrk.run_wrk(gateway_url, "/v1/authorize", wrk.post_script("", sent), home, **load)
         progress.advance(task)
-        body = json.dumps(json.dumps({"api_key_id": _key(allowed)}))
-        floor = _wrk(echo_url, "/score", settings, _WRK_SCRIPT.format(body=body, headers=""), home)
+        body = json.dumps({"api_key_id": _key(allowed)})
+        floor = wrk.run_wrk(echo_url, "/score", wrk.post_script(body), home, **load)
         progress.advance(task)
     load_averages.append(load_average())
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from models.fast_forest import CHUNK_ROWS, CompiledForest, average_path_length
+from models.fast_forest import CHUNK_ROWS, CompiledForest, _kernel, average_path_length
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,19 @@ def test_single_row_and_constant_column() -> None:
     row = np.array([[10.0, 3.0]])
     assert CompiledForest(forest).score_samples(row)[0] == pytest.approx(
         forest.score_samples(row)[0], abs=1e-12
+    )
+
+
+def test_the_compiled_kernel_and_the_numpy_walk_agree() -> None:
+    assert _kernel() is not None  # numba is installed (it comes with shap): /score uses it
+    rng = np.random.default_rng(5)
+    forest = IsolationForest(n_estimators=40, max_samples=100, random_state=1).fit(
+        rng.normal(size=(800, 4))
+    )
+    compiled = CompiledForest(forest)
+    probe = rng.normal(size=(300, 4)) * 3
+    np.testing.assert_allclose(
+        compiled.score_samples(probe), compiled._score_chunk_numpy(probe), atol=1e-12
     )
 
 
