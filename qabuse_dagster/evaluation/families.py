@@ -31,7 +31,11 @@ import pyarrow as pa
 from models import BaseDetector, EnsembleDetector, KeyDayBudget, key_day_groups
 from models.base import score_floor
 from models.registry import DetectorFamily, families, get_family
-from qabuse_dagster.features.definitions import ACTIVITY_LOOKBACK_MINUTES
+from qabuse_dagster.features.definitions import (
+    ACTIVITY_LOOKBACK_MINUTES,
+    DEMAND_FEATURES,
+    has_demand,
+)
 from qabuse_dagster.features.windows import minute_sequences, window_features
 from qabuse_dagster.settings import DEFAULT_ALERT_BUDGET
 
@@ -151,21 +155,28 @@ class DetectorInputs:
         return campaign_features(records, self.start, self.end, every=CAMPAIGN_EVERY)
 
     def _rows(self, column: str, entity: str) -> pd.DataFrame:
-        names = sorted(
-            {
-                name
-                for family in (get_family(n) for n in self.family_names)
-                if family.input_kind == "rows" and family.entity == entity
-                for name in family.feature_names
-            }
-        )
-        if column == "api_key_id" and not names:
-            names = ["submissions_1m"]  # the rows exist for every family; one feature
-        if not names:
+        """The entity's rows with demand in their last hour (`has_demand`).
+
+        Rows that only report the outcomes of older jobs are dropped: every family learns
+        from and scores the same rows the scorer would flag.
+        """
+        names = {
+            name
+            for family in (get_family(n) for n in self.family_names)
+            if family.input_kind == "rows" and family.entity == entity
+            for name in family.feature_names
+        }
+        if column != "api_key_id" and not names:
             return pd.DataFrame(columns=[column, "event_timestamp"])
+        # The api key rows exist for every family; the demand features decide which.
         rows = window_features(
-            self.telemetry, self.start, self.end, entity_column=column, features=names
+            self.telemetry,
+            self.start,
+            self.end,
+            entity_column=column,
+            features=sorted(names | set(DEMAND_FEATURES)),
         ).to_pandas()
+        rows = rows[has_demand(rows)].reset_index(drop=True)
         rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
         return rows
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -419,6 +420,32 @@ DETECTOR_FEATURES: tuple[str, ...] = (
     "distinct_code_hashes_5m",
     "submissions_1m_zscore",
 )
+
+
+#: The features that say an entity asked for service in its last hour: it submitted (a
+#: refused submission counts) or failed to authenticate.
+DEMAND_FEATURES: tuple[str, ...] = ("submissions_per_min_1h", "auth_failures_1h")
+
+
+def has_demand(values: Mapping[str, Any]) -> np.ndarray:
+    """Whether each row shows demand in its last hour: a `DEMAND_FEATURES` value above 0.
+
+    A row without demand only reports the outcomes of jobs submitted over an hour before
+    (a long queue draining): there is nothing to mitigate, so detectors neither learn
+    from such rows nor alert on them. ``values`` maps feature names to arrays or scalars
+    (a DataFrame, a row's dict); a row whose demand features are all missing counts as
+    demanding (nothing to judge by).
+
+    Example:
+        >>> has_demand({"submissions_per_min_1h": [0.0, 0.5], "auth_failures_1h": [0, 0]})
+        array([False,  True])
+    """
+    present = [
+        np.asarray(values[name], dtype=np.float64) > 0 for name in DEMAND_FEATURES if name in values
+    ]
+    if not present:
+        return np.asarray(True)
+    return np.asarray(np.logical_or.reduce(present))
 
 
 def feature_schema(

@@ -25,7 +25,10 @@ class ScoreResponse(BaseModel):
 
     api_key_id: str
     score: float = Field(description="Anomaly score; higher is more anomalous.")
-    anomalous: bool = Field(description="score > threshold: the key should be mitigated.")
+    anomalous: bool = Field(
+        description="score > threshold and the key asked for service in its last hour "
+        "(demand): the key should be mitigated."
+    )
     threshold: float
     model_name: str
     model_version: str = Field(description="The exact registry version that scored.")
@@ -43,6 +46,12 @@ class ScoreResponse(BaseModel):
         description="The features that drove the top family's score, largest first."
     )
     features: dict[str, float] = Field(description="The online scalar feature values used.")
+    demand: bool = Field(
+        default=True,
+        description="The key submitted (or failed to authenticate) in the hour its features "
+        "cover. Without demand its features only report older jobs finishing: it is "
+        "never anomalous, there is nothing to mitigate.",
+    )
     stale: bool = Field(
         description="The features are older than the staleness bound (QABUSE_ONLINE_MAX_AGE_S): "
         "the key was scored anyway, on what it did then, not now."

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qabuse_dagster import settings
+from qabuse_dagster.features.definitions import has_demand
 from qabuse_dagster.serving.schemas import ScoreResponse
 
 if TYPE_CHECKING:
@@ -153,10 +154,11 @@ def score_key(
     score = float(loaded.ensemble.decision_function(matrix)[0])
     top = str(loaded.ensemble.members[int(standardised.argmax())])
     contributions = inputs.explain(top, loaded.members[top].detector, online)
+    demand = bool(has_demand(online.scalars))
     return ScoreResponse(
         api_key_id=api_key_id,
         score=score,
-        anomalous=score > ref.threshold,
+        anomalous=demand and score > ref.threshold,
         threshold=ref.threshold,
         model_name=ref.name,
         model_version=ref.version,
@@ -169,6 +171,7 @@ def score_key(
         top_family=top,
         top_features=contributions,
         features=online.scalars,
+        demand=demand,
         # Fails open: a vector older than the bound is still scored, and flagged.
         stale=online.stale,
         feature_age_s=online.age_s,

@@ -179,3 +179,36 @@ def test_no_history_before_the_cutoff_is_an_error(inputs: DetectorInputs) -> Non
 def test_training_params_outside_their_range_are_refused(changes: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="must lie in"):
         TrainingParams(**changes)  # type: ignore[arg-type]
+
+
+def test_rows_without_demand_in_their_hour_are_neither_learnt_nor_scored() -> None:
+    from qabuse_dagster.features.definitions import has_demand
+    from qabuse_dagster.features.windows import INPUT_TYPES
+
+    schema = pa.schema([(name, INPUT_TYPES[name]) for name in INPUT_TYPES])
+    t0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+    def record(key: str, job: str, minutes: float, status: str, **extra: object) -> dict:
+        base = dict.fromkeys(schema.names)
+        base.update(api_key_id=key, user=f"u-{key}", job_id=job, status=status, shots=100)
+        base.update(timestamp=t0 + timedelta(minutes=minutes), backend="ibm_torino", **extra)
+        return base
+
+    records = [
+        # A job that waits two hours in the queue: its outcome arrives with no demand.
+        record("queued", "j1", 0.0, "submitted"),
+        record("queued", "j1", 120.0, "completed", runtime_s=2.0),
+        # Failed logins are demand, though nothing was submitted.
+        record("stuffer", "j2", 120.0, "failed", error_code="auth_failed"),
+    ]
+    telemetry = pa.Table.from_pylist(records, schema=schema)
+    inputs = detector_inputs(
+        telemetry, ("isolation_forest",), t0 - timedelta(hours=1), t0 + timedelta(hours=3)
+    )
+    rows = inputs.key_rows
+    queued = rows.loc[rows["api_key_id"] == "queued", "event_timestamp"]
+    assert queued.min() == t0 + timedelta(minutes=1)  # the rows after its submission
+    assert queued.max() < t0 + timedelta(minutes=61)  # none once the hour holds no demand
+    stuffer = rows.loc[rows["api_key_id"] == "stuffer", "event_timestamp"]
+    assert stuffer.min() == t0 + timedelta(minutes=121)
+    assert has_demand(rows).all()

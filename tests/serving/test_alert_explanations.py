@@ -30,6 +30,7 @@ from models.explain import attribute
 from models.registry import get_family
 from qabuse_dagster import settings
 from qabuse_dagster.features.definitions import (
+    DEMAND_FEATURES,
     ENTITY_COLUMNS,
     FEATURE_NAMES,
     SEQUENCE_COLUMNS,
@@ -107,6 +108,29 @@ def test_the_runaway_ci_alert_is_explained_by_its_submission_rate(
     alert = _alert(champion[0], key, user, row, user_row, response, paths.api_key_windows)
 
     _assert_explained_by(alert, champion[0], row, user_row, SUBMISSION_RATE_FEATURES)
+
+
+def test_a_row_without_demand_is_never_anomalous(
+    pipeline_run: Any, champion: tuple[Any, Any, Any]
+) -> None:
+    """The runaway CI's strongest row, then the same row as if its hour held no submission."""
+    (label,) = [i for i in pipeline_run.simulation.incidents if i.kind == "runaway_ci"]
+    (key,) = label.api_key_ids
+    paths = settings.Paths(pipeline_run.home)
+    telemetry = read_raw(paths.raw_telemetry, label.start - timedelta(hours=2), label.end)
+    own = telemetry.filter(pc.equal(telemetry[_KEY], key))
+    (user,) = pc.unique(own[_USER]).to_pylist()
+    key_rows = _window_rows(paths.api_key_windows, _KEY, key, label.start, label.end)
+    key_rows = key_rows.take(pa.array(range(0, key_rows.num_rows, RUNAWAY_ROW_STRIDE)))
+    row, _, response = _strongest(champion, key, user, _with_sequences(key_rows, own), {})
+    assert response.demand and response.anomalous
+
+    drained = {**row, **dict.fromkeys(DEMAND_FEATURES, 0)}
+    loaded, store, inputs = champion
+    quiet = score_key(loaded, store, inputs, key, user, max_age=_MAX_AGE, overlay=(drained, None))
+    assert not quiet.demand
+    assert not quiet.anomalous
+    assert quiet.family_scores  # still scored, and answered: only the verdict differs
 
 
 def test_the_shot_inflation_alert_is_explained_by_shots_or_cost(
