@@ -10,7 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qabuse_dagster.features.definitions import SEQUENCE_CHANNELS, SEQUENCE_MINUTES
+from qabuse_dagster.features.definitions import (
+    REGULARITY_MIN_GAPS,
+    SEQUENCE_CHANNELS,
+    SEQUENCE_MINUTES,
+)
 from qabuse_dagster.features.streaming import StreamingWindows, StreamRecord
 from qabuse_dagster.features.windows import (
     INPUT_TYPES,
@@ -94,11 +98,26 @@ def test_a_poller_steady_all_day_stays_regular_and_a_session_worker_does_not() -
         -math.log10(_cv(worker_gaps)), rel=1e-9
     )
     assert worker_row["interarrival_regularity_24h"] < 0 < worker_row["interarrival_regularity_1h"]
-    # Under 6 gaps: no evidence (0), however steady they look.
+    # Under REGULARITY_MIN_GAPS gaps: no evidence (0), however steady they look.
+    fewer = T0 + timedelta(minutes=4 * (REGULARITY_MIN_GAPS - 1) + 1)
+    enough = T0 + timedelta(minutes=4 * REGULARITY_MIN_GAPS + 1)
     for window in ("1h", "24h"):
         name = f"interarrival_regularity_{window}"
-        assert rows["poller", T0 + timedelta(minutes=21)][name] == 0.0  # 5 gaps
-        assert rows["poller", T0 + timedelta(minutes=25)][name] > 2.0  # 6 gaps
+        assert rows["poller", fewer][name] == 0.0
+        assert rows["poller", enough][name] > 2.0
+
+
+def test_random_arrivals_rarely_pass_for_a_clock_with_the_minimum_of_gaps() -> None:
+    """The reason for `REGULARITY_MIN_GAPS`: a person's few jobs can come out evenly spaced.
+
+    Of Poisson (random) arrivals observed over just enough gaps, at most 1 in 10,000 reads
+    as steady as a poller with cv 0.2 (regularity 0.7): every api key is looked at every
+    minute, so the chance of a benign clock must be small per window.
+    """
+    rng = np.random.default_rng(0)
+    gaps = rng.exponential(size=(200_000, REGULARITY_MIN_GAPS))
+    cv = gaps.std(axis=1) / gaps.mean(axis=1)
+    assert (cv <= 0.2).mean() <= 1e-4
 
 
 def test_gaps_longer_than_an_hour_are_breaks_not_part_of_the_rhythm() -> None:
