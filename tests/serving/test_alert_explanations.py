@@ -88,46 +88,47 @@ def test_feature_sets_name_real_features() -> None:
     assert {"max_shots_1h", "mean_shots_5m", "estimated_cost_1h"} <= SHOTS_OR_COST_FEATURES
 
 
-def test_the_runaway_ci_alert_is_explained_by_its_submission_rate(
-    pipeline_run: Any, champion: tuple[Any, Any, Any]
-) -> None:
-    """The session twin's runaway CI, on its own offline rows (every tenth of its window)."""
+@pytest.fixture(scope="module")
+def runaway(pipeline_run: Any) -> tuple[str, str, list[Row], dict[datetime, Row]]:
+    """The session twin's runaway CI key, its user, every tenth of its labelled window's
+    offline rows (with sequences) and its user's rows by instant."""
     (label,) = [i for i in pipeline_run.simulation.incidents if i.kind == "runaway_ci"]
     (key,) = label.api_key_ids
     paths = settings.Paths(pipeline_run.home)
     telemetry = read_raw(paths.raw_telemetry, label.start - timedelta(hours=2), label.end)
     own = telemetry.filter(pc.equal(telemetry[_KEY], key))
     (user,) = pc.unique(own[_USER]).to_pylist()
-
     key_rows = _window_rows(paths.api_key_windows, _KEY, key, label.start, label.end)
     key_rows = key_rows.take(pa.array(range(0, key_rows.num_rows, RUNAWAY_ROW_STRIDE)))
     user_rows = _window_rows(paths.user_windows, _USER, user, label.start, label.end)
-    candidates = _with_sequences(key_rows, own)
+    return key, user, _with_sequences(key_rows, own), _by_instant(user_rows)
 
-    row, user_row, response = _strongest(champion, key, user, candidates, _by_instant(user_rows))
+
+def test_the_runaway_ci_alert_is_explained_by_its_submission_rate(
+    pipeline_run: Any, champion: tuple[Any, Any, Any], runaway: tuple[Any, ...]
+) -> None:
+    """The session twin's runaway CI, on its own offline rows (every tenth of its window)."""
+    key, user, candidates, user_rows = runaway
+    paths = settings.Paths(pipeline_run.home)
+    row, user_row, response = _strongest(champion, key, user, candidates, user_rows)
     alert = _alert(champion[0], key, user, row, user_row, response, paths.api_key_windows)
 
     _assert_explained_by(alert, champion[0], row, user_row, SUBMISSION_RATE_FEATURES)
 
 
 def test_a_row_without_demand_is_never_anomalous(
-    pipeline_run: Any, champion: tuple[Any, Any, Any]
+    champion: tuple[Any, Any, Any], runaway: tuple[Any, ...]
 ) -> None:
     """The runaway CI's strongest row, then the same row as if its hour held no submission."""
-    (label,) = [i for i in pipeline_run.simulation.incidents if i.kind == "runaway_ci"]
-    (key,) = label.api_key_ids
-    paths = settings.Paths(pipeline_run.home)
-    telemetry = read_raw(paths.raw_telemetry, label.start - timedelta(hours=2), label.end)
-    own = telemetry.filter(pc.equal(telemetry[_KEY], key))
-    (user,) = pc.unique(own[_USER]).to_pylist()
-    key_rows = _window_rows(paths.api_key_windows, _KEY, key, label.start, label.end)
-    key_rows = key_rows.take(pa.array(range(0, key_rows.num_rows, RUNAWAY_ROW_STRIDE)))
-    row, _, response = _strongest(champion, key, user, _with_sequences(key_rows, own), {})
+    key, user, candidates, user_rows = runaway
+    row, user_row, response = _strongest(champion, key, user, candidates, user_rows)
     assert response.demand and response.anomalous
 
     drained = {**row, **dict.fromkeys(DEMAND_FEATURES, 0)}
     loaded, store, inputs = champion
-    quiet = score_key(loaded, store, inputs, key, user, max_age=_MAX_AGE, overlay=(drained, None))
+    quiet = score_key(
+        loaded, store, inputs, key, user, max_age=_MAX_AGE, overlay=(drained, user_row)
+    )
     assert not quiet.demand
     assert not quiet.anomalous
     assert quiet.family_scores  # still scored, and answered: only the verdict differs
