@@ -5,8 +5,21 @@ from pathlib import Path
 from dagster import Definitions, FilesystemIOManager, load_assets_from_modules
 
 from qabuse_dagster import settings
-from qabuse_dagster.defs import backtest_assets, feature_assets, model_assets, telemetry_assets
-from qabuse_dagster.defs.jobs import backtest_job, telemetry_job, training_job
+from qabuse_dagster.defs import (
+    backtest_assets,
+    feature_assets,
+    model_assets,
+    monitoring_assets,
+    telemetry_assets,
+)
+from qabuse_dagster.defs.jobs import (
+    backtest_job,
+    hourly_drift_schedule,
+    monitoring_job,
+    telemetry_job,
+    training_job,
+    weekly_training_schedule,
+)
 from qabuse_dagster.defs.resources import FeastResource, MlflowResource, QabuseStorage
 from qabuse_dagster.defs.sensors import landed_telemetry_sensor
 
@@ -17,9 +30,10 @@ def build_definitions(home: Path | None = None) -> Definitions:
     paths = settings.Paths(home)
     return Definitions(
         assets=load_assets_from_modules(
-            [telemetry_assets, feature_assets, model_assets, backtest_assets]
+            [telemetry_assets, feature_assets, model_assets, backtest_assets, monitoring_assets]
         ),
-        jobs=[telemetry_job, training_job, backtest_job],
+        jobs=[telemetry_job, training_job, backtest_job, monitoring_job],
+        schedules=[weekly_training_schedule, hourly_drift_schedule],
         sensors=[landed_telemetry_sensor],
         resources={
             "storage": QabuseStorage(home=str(home)),

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT = "qabuse-detectors"
 MODEL_ARTIFACT = "detector"
+#: The run artifact holding the version's drift reference (`evaluation.drift`).
+DRIFT_REFERENCE_ARTIFACT = "drift_reference.json"
 #: The ``family`` tag of the ensemble champion's versions.
 ENSEMBLE_FAMILY = "ensemble"
 
@@ -115,6 +117,7 @@ def log_detector(
     members: Mapping[str, ModelVersionRef] | None = None,
     tracking_uri: str | None = None,
     dagster_run_id: str | None = None,
+    drift_reference: Mapping[str, Any] | None = None,
 ) -> tuple[ModelVersionRef, str]:
     """Log a fitted detector as a new run and register it as a new model version.
 
@@ -130,6 +133,8 @@ def log_detector(
         members: for the ensemble, the member versions it pins.
         tracking_uri: the MLflow store (default the settings' one).
         dagster_run_id: the Dagster run training it, kept as the version's tag.
+        drift_reference: the bins of its training inputs (`evaluation.drift`), logged as
+            `DRIFT_REFERENCE_ARTIFACT`; later rows' drift is measured against them.
 
     Returns:
         The registered version and the experiment id of its run.
@@ -168,6 +173,8 @@ def log_detector(
         with tempfile.TemporaryDirectory() as tmp:
             saver(detector, Path(tmp))
             mlflow.log_artifacts(tmp, MODEL_ARTIFACT)
+        if drift_reference is not None:
+            mlflow.log_dict(dict(drift_reference), DRIFT_REFERENCE_ARTIFACT)
         source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
         run_id = run.info.run_id
     from mlflow.exceptions import MlflowException
@@ -248,6 +255,20 @@ def _load(ref: ModelVersionRef) -> Any:
         from models.registry import get_family
 
         return get_family(ref.family).load(local)
+
+
+def load_drift_reference(
+    ref: ModelVersionRef, tracking_uri: str | None = None
+) -> dict[str, Any] | None:
+    """The drift reference logged with ``ref``'s run, or None when it has none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure(tracking_uri)
+    try:
+        return dict(mlflow.artifacts.load_dict(f"runs:/{ref.run_id}/{DRIFT_REFERENCE_ARTIFACT}"))
+    except (MlflowException, OSError):
+        return None
 
 
 def load_detector(

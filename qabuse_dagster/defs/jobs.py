@@ -1,6 +1,7 @@
-"""Jobs: the hourly telemetry slice, and the train-evaluate-promote chain."""
+"""Jobs: the hourly telemetry slice, the train-evaluate-promote chain, drift monitoring;
+and their schedules."""
 
-from dagster import AssetSelection, define_asset_job
+from dagster import AssetSelection, DefaultScheduleStatus, ScheduleDefinition, define_asset_job
 
 from qabuse_dagster.defs.partitions import HOURLY_PARTITIONS
 
@@ -24,4 +25,30 @@ backtest_job = define_asset_job(
     "backtest_job",
     selection=AssetSelection.groups("evaluation"),
     description="Backtest qabuse against the tutorial baseline on all stored telemetry.",
+)
+
+monitoring_job = define_asset_job(
+    "monitoring_job",
+    selection=AssetSelection.groups("monitoring"),
+    description="Measure the drift of the champion's inputs over the last day of window rows.",
+)
+
+#: Retraining on a calendar, whatever the drift: Mondays 03:00 UTC. Stopped until turned
+#: on (in the UI, or ``dagster schedule start``), so that a fresh home does not train twice.
+weekly_training_schedule = ScheduleDefinition(
+    name="weekly_training_schedule",
+    job=training_job,
+    cron_schedule="0 3 * * 1",
+    execution_timezone="UTC",
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Retrain every family and the ensemble weekly (Monday 03:00 UTC).",
+)
+
+hourly_drift_schedule = ScheduleDefinition(
+    name="hourly_drift_schedule",
+    job=monitoring_job,
+    cron_schedule="15 * * * *",
+    execution_timezone="UTC",
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Measure input drift every hour, a quarter past (after the hour's windows).",
 )

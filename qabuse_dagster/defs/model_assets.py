@@ -33,6 +33,7 @@ from models.registry import families, get_family
 from qabuse_dagster import model_registry
 from qabuse_dagster.defs.resources import MlflowResource, QabuseStorage
 from qabuse_dagster.evaluation.backtest import time_cutoff
+from qabuse_dagster.evaluation.drift import model_reference
 from qabuse_dagster.evaluation.families import (
     ENSEMBLE,
     DetectorInputs,
@@ -371,6 +372,12 @@ def ensemble_model(
         refs[name] = loaded.ref
         scores[name] = family_scores(get_family(name), loaded.detector, history.inputs, train)
     ensemble = fit_ensemble(scores, list(refs), history.params)
+    # What the version saw: the drift of later rows is measured against it.
+    reference = model_reference(
+        train,
+        sorted({n for name in families() for n in get_family(name).feature_names}),
+        ensemble.decision_function(scores[list(refs)].to_numpy(dtype="float64")),
+    )
     ref, experiment_id = model_registry.log_detector(
         ensemble,
         family=model_registry.ENSEMBLE_FAMILY,
@@ -386,6 +393,7 @@ def ensemble_model(
         members=refs,
         tracking_uri=mlflow_store.tracking_uri,
         dagster_run_id=context.run.run_id,
+        drift_reference=reference,
     )
     return _trained(context, ref, experiment_id, history.cutoff, mlflow_store)
 

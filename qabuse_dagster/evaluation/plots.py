@@ -60,3 +60,35 @@ def png_markdown(path: Path, alt: str) -> str:
     """Markdown that embeds a PNG inline (how Dagster's UI shows a plot in metadata)."""
     encoded = base64.b64encode(path.read_bytes()).decode()
     return f"![{alt}](data:image/png;base64,{encoded})"
+
+
+def drift_png(drift: pd.DataFrame, path: Path, *, shown: int = 6) -> Path:
+    """Reference against current bin shares of the ``shown`` most drifted features."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    top = drift.sort_values("psi", ascending=False, na_position="last").head(shown)
+    cols = 3
+    rows = max(1, -(-len(top) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 3.0 * rows), dpi=100, squeeze=False)
+    for ax in axes.ravel()[len(top) :]:
+        ax.set_visible(False)
+    for ax, (name, row) in zip(axes.ravel(), top.iterrows(), strict=False):
+        bins = np.arange(len(row["reference_shares"]))
+        ax.bar(bins - 0.2, row["reference_shares"], width=0.4, label="reference (training)")
+        ax.bar(bins + 0.2, row["current_shares"], width=0.4, label="current", color="crimson")
+        ax.set_title(f"{name}\nPSI {row['psi']:.3f} ({row['level']})", fontsize=8)
+        ax.set_xlabel("bin (reference quantiles)", fontsize=7)
+        ax.set_ylabel("share of rows", fontsize=7)
+        ax.tick_params(labelsize=6)
+    if len(top):
+        axes.ravel()[0].legend(fontsize=7)
+    fig.suptitle("Input drift: the most shifted features", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
