@@ -21,7 +21,7 @@ from qabuse_dagster.defs.jobs import (
     weekly_training_schedule,
 )
 from qabuse_dagster.defs.resources import FeastResource, MlflowResource, QabuseStorage
-from qabuse_dagster.defs.sensors import landed_telemetry_sensor
+from qabuse_dagster.defs.sensors import drift_sensor, landed_telemetry_sensor
 
 
 def build_definitions(home: Path | None = None) -> Definitions:
@@ -34,7 +34,7 @@ def build_definitions(home: Path | None = None) -> Definitions:
         ),
         jobs=[telemetry_job, training_job, backtest_job, monitoring_job],
         schedules=[weekly_training_schedule, hourly_drift_schedule],
-        sensors=[landed_telemetry_sensor],
+        sensors=[landed_telemetry_sensor, drift_sensor],
         resources={
             "storage": QabuseStorage(home=str(home)),
             "feast": FeastResource(repo_path=str(settings.feature_repo_dir()), home=str(home)),

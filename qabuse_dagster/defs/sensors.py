@@ -1,11 +1,15 @@
-"""Sensors: landed telemetry turns into runs of the hourly slice, once per landed state."""
+"""Sensors: landed telemetry turns into runs of the hourly slice, once per landed state;
+drift of the champion's inputs turns into one retraining per drift episode."""
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from dagster import (
+    AssetKey,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -13,7 +17,7 @@ from dagster import (
 )
 
 from qabuse_dagster import settings
-from qabuse_dagster.defs.jobs import telemetry_job
+from qabuse_dagster.defs.jobs import telemetry_job, training_job
 from qabuse_dagster.defs.partitions import partition_key, split_by_partitions
 from qabuse_dagster.ingest.partitions import landing_hours, partition_dir
 
@@ -90,3 +94,95 @@ def landed_telemetry_sensor(context: SensorEvaluationContext) -> SensorResult | 
         return SkipReason(why)
     context.log.info("%d hour(s) with landed telemetry", len(state.requests))
     return SensorResult(run_requests=state.requests)
+
+
+#: Inputs at the error level (PSI 0.25 by default) that make a drift episode: one shifted
+#: input is a change worth a look, several are a population the champion never saw.
+DRIFT_MIN_FEATURES = 3
+#: Least time between two retrainings the drift sensor starts.
+DRIFT_COOLDOWN = timedelta(hours=6)
+DRIFT_TRIGGER = "drift_sensor"
+_DRIFT_ASSET = AssetKey("feature_drift")
+
+
+@dataclass(frozen=True)
+class DriftReading:
+    """What one ``feature_drift`` materialisation said."""
+
+    champion: str  # "name vN", the version whose inputs drifted
+    features_error: int
+    features: int
+
+
+def drift_decision(
+    reading: DriftReading,
+    last_retrain: datetime | None,
+    now: datetime,
+    *,
+    min_features: int = DRIFT_MIN_FEATURES,
+    cooldown: timedelta = DRIFT_COOLDOWN,
+) -> RunRequest | SkipReason:
+    """Retrain when enough inputs drifted, at most once per champion and cooldown.
+
+    The run key names the champion version whose inputs drifted: Dagster never starts a
+    second run with a key it has seen, so one drift episode trains once. A new champion
+    (the retrained one promoted) opens the next episode; a retrained version kept as
+    challenger leaves the same champion, so the drift that is still there trains nothing
+    more until a person acts.
+    """
+    if reading.features_error < min_features:
+        return SkipReason(
+            f"{reading.features_error} of {reading.features} inputs of {reading.champion} at "
+            f"the error level; {min_features} make a drift episode"
+        )
+    if last_retrain is not None and now - last_retrain < cooldown:
+        return SkipReason(
+            f"drift on {reading.features_error} inputs of {reading.champion}, but a drift "
+            f"retraining started at {last_retrain.isoformat()}: cooling down until "
+            f"{(last_retrain + cooldown).isoformat()}"
+        )
+    return RunRequest(
+        run_key=f"drift/{reading.champion}",
+        tags={
+            "qabuse/trigger": DRIFT_TRIGGER,
+            "qabuse/drifted_inputs": str(reading.features_error),
+        },
+    )
+
+
+@sensor(
+    job=training_job,
+    minimum_interval_seconds=300,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Starts training_job when a feature_drift materialisation finds at least "
+    f"{DRIFT_MIN_FEATURES} inputs at the error level: once per drifted champion version "
+    f"(run key), and not within {DRIFT_COOLDOWN} of the previous drift retraining.",
+)
+def drift_sensor(context: SensorEvaluationContext) -> RunRequest | SkipReason:
+    records = context.instance.fetch_materializations(_DRIFT_ASSET, limit=1).records
+    materialization = records[0].asset_materialization if records else None
+    if materialization is None:
+        return SkipReason("feature_drift has not been materialised yet")
+    if context.cursor is not None and int(context.cursor) >= records[0].storage_id:
+        return SkipReason("no feature_drift materialisation since the last tick")
+    context.update_cursor(str(records[0].storage_id))
+    metadata = materialization.metadata
+    reading = DriftReading(
+        champion=str(metadata["champion"].value),
+        features_error=int(str(metadata["features_error"].value)),
+        features=int(str(metadata["features"].value)),
+    )
+    return drift_decision(reading, _last_drift_retrain(context), datetime.now(UTC))
+
+
+def _last_drift_retrain(context: SensorEvaluationContext) -> datetime | None:
+    """When the latest training_job run this sensor asked for was created, if any."""
+    records = context.instance.get_run_records(
+        filters=RunsFilter(
+            job_name=training_job.name,
+            tags={"qabuse/trigger": DRIFT_TRIGGER},
+            statuses=[s for s in DagsterRunStatus if s is not DagsterRunStatus.CANCELED],
+        ),
+        limit=1,
+    )
+    return records[0].create_timestamp.astimezone(UTC) if records else None

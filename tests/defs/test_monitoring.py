@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -82,3 +83,56 @@ def test_the_check_levels_are_configurable(pipeline_run: Any) -> None:
     }
     refused = _run({"psi_warn": 0.3, "psi_error": 0.2})
     assert not refused.success
+
+
+# --- the drift sensor: Dagster's own sensor evaluation, on the session's instance ------
+
+
+def _tick(cursor: str | None) -> tuple[Any, str | None]:
+    from dagster import DagsterInstance, build_sensor_context
+
+    from qabuse_dagster.defs.sensors import drift_sensor
+
+    context = build_sensor_context(instance=DagsterInstance.get(), cursor=cursor)
+    return drift_sensor(context), context.cursor
+
+
+def test_the_drift_sensor_retrains_once_per_drifted_champion(pipeline_run: Any) -> None:
+    from dagster import RunRequest, SkipReason
+
+    # No drift: every input under levels no population reaches.
+    assert _run({"psi_warn": 50.0, "psi_error": 100.0}).success
+    quiet, cursor = _tick(None)
+    assert isinstance(quiet, SkipReason) and "make a drift episode" in str(quiet.skip_message)
+    assert isinstance(_tick(cursor)[0], SkipReason)  # nothing new since
+
+    # Drift: every input at the error level.
+    assert _run({"psi_warn": 0.0, "psi_error": 0.0}).success
+    request, cursor = _tick(cursor)
+    assert isinstance(request, RunRequest)
+    champion = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
+    assert request.run_key == f"drift/{champion.name} v{champion.version}"
+    assert request.tags["qabuse/trigger"] == "drift_sensor"
+    assert isinstance(_tick(cursor)[0], SkipReason)  # the same materialisation: no second ask
+
+    # The drift persists: the same episode asks with the same key, which Dagster runs once.
+    assert _run({"psi_warn": 0.0, "psi_error": 0.0}).success
+    again, _ = _tick(cursor)
+    assert isinstance(again, RunRequest) and again.run_key == request.run_key
+
+
+def test_a_drift_retraining_cools_down() -> None:
+    from dagster import RunRequest, SkipReason
+
+    from qabuse_dagster.defs.sensors import DRIFT_COOLDOWN, DriftReading, drift_decision
+
+    now = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    drifted = DriftReading(champion="qabuse-api-key-detector v3", features_error=5, features=30)
+    assert isinstance(drift_decision(drifted, None, now), RunRequest)
+    recent = now - DRIFT_COOLDOWN / 2
+    cooling = drift_decision(drifted, recent, now)
+    assert isinstance(cooling, SkipReason) and "cooling down" in str(cooling.skip_message)
+    assert isinstance(drift_decision(drifted, now - DRIFT_COOLDOWN, now), RunRequest)
+    few = DriftReading(champion="qabuse-api-key-detector v3", features_error=2, features=30)
+    assert isinstance(drift_decision(few, None, now), SkipReason)
+    assert isinstance(drift_decision(few, None, now, min_features=2), RunRequest)
