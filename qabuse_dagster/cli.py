@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -959,6 +961,97 @@ def _print_queue(items: list[Any], as_json: bool) -> None:
     for row in rows:
         table.add_row(*(str(value) for value in row.values()))
     Console().print(table)
+
+
+@main.group()
+def model() -> None:
+    """The served model's @champion, moved by hand: promote a version, or roll back."""
+
+
+@model.command("promote")
+@click.argument("version")
+@click.option("--reason", required=True, help="Why: it goes to the ledger.")
+@_TOKEN
+def model_promote(version: str, reason: str, token: str | None) -> None:
+    """Make VERSION of the served model @champion (approvers); the ledger records it.
+
+    The scorers follow the alias within their refresh interval; `qabuse model rollback`
+    returns to the champion VERSION replaces.
+    """
+    from qabuse_dagster import model_registry
+
+    principal = _approver(token)
+    with _model_ledger() as ledger:
+        try:
+            previous, new = model_registry.promote(version)
+        except (model_registry.ModelNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        if previous is not None and previous.version == new.version:
+            click.echo(f"{new.name} v{new.version} is @champion already; nothing changed")
+            return
+        record = ledger.append(_model_entry("promote_model", principal.name, previous, new, reason))
+    before = f"v{previous.version}" if previous is not None else "none"
+    click.echo(f"{record.seq}: @champion of {new.name}: {before} -> v{new.version}")
+
+
+@model.command("rollback")
+@click.option("--reason", required=True, help="Why: it goes to the ledger.")
+@_TOKEN
+def model_rollback(reason: str, token: str | None) -> None:
+    """Return @champion to the version the current champion replaced (approvers)."""
+    from qabuse_dagster import model_registry
+
+    principal = _approver(token)
+    with _model_ledger() as ledger:
+        try:
+            current, target = model_registry.rollback()
+        except model_registry.ModelNotFoundError as exc:
+            raise click.ClickException(str(exc)) from None
+        entry = _model_entry("rollback_model", principal.name, current, target, reason)
+        record = ledger.append(entry)
+    click.echo(f"{record.seq}: @champion of {target.name}: v{current.version} -> v{target.version}")
+
+
+def _approver(token: str | None):  # type: ignore[no-untyped-def]
+    principal = _principal(token)
+    if not principal.has_role("approver"):
+        raise click.UsageError(f"{principal.name} is not an approver: only approvers move models")
+    return principal
+
+
+@contextlib.contextmanager
+def _model_ledger() -> Iterator[Any]:
+    """The decision ledger, opened before @champion moves: a move it cannot record is refused."""
+    from qabuse_dagster.response.ledger import LedgerError, open_ledger
+
+    try:
+        ledger = open_ledger()
+    except (LedgerError, ValueError) as exc:  # unreachable, or misconfigured (URL, key)
+        raise click.ClickException(f"the ledger cannot record the move: {exc}") from None
+    with ledger:
+        yield ledger
+
+
+def _model_entry(action: str, actor: str, before: Any, now: Any, reason: str) -> Any:
+    """The ledger entry of a hand-moved @champion."""
+    import time
+
+    from qabuse_dagster.response.records import LedgerEntry, model_subject
+
+    return LedgerEntry(
+        at_ms=int(time.time() * 1000),
+        api_key_id=model_subject(now.name),
+        action=action,
+        actor=actor,
+        reason=reason,
+        params={
+            "alias": settings.CHAMPION_ALIAS,
+            "from_version": None if before is None else before.version,
+            "to_version": now.version,
+        },
+        model_name=now.name,
+        model_version=now.version,
+    )
 
 
 @main.group()

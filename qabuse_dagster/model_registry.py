@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT = "qabuse-detectors"
 MODEL_ARTIFACT = "detector"
+#: A promoted version's tag naming the @champion it replaced: what a rollback returns to.
+PREVIOUS_CHAMPION_TAG = "qabuse.previous_champion"
 #: The run artifact holding the version's drift reference (`evaluation.drift`).
 DRIFT_REFERENCE_ARTIFACT = "drift_reference.json"
 #: The ``family`` tag of the ensemble champion's versions.
@@ -220,7 +222,74 @@ def resolve_alias(
 
 
 def resolve_version(name: str, version: str, tracking_uri: str | None = None) -> ModelVersionRef:
-    return _ref(name, configure(tracking_uri).get_model_version(name, version))
+    """Version ``version`` of registered model ``name``; ModelNotFoundError if it has none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = configure(tracking_uri).get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelNotFoundError(f"model {name!r} has no version {version!r}") from exc
+    return _ref(name, found)
+
+
+def promote(
+    version: str, model_name: str | None = None, tracking_uri: str | None = None
+) -> tuple[ModelVersionRef | None, ModelVersionRef]:
+    """Move @champion of the served model to ``version``: the scorers follow the alias.
+
+    The promoted version is tagged with the champion it replaces (`PREVIOUS_CHAMPION_TAG`),
+    which is where `rollback` returns. Promoting the current champion changes nothing.
+
+    Returns:
+        The champion before (None when there was none) and the one now.
+
+    Raises:
+        ModelNotFoundError: the version does not exist.
+        ValueError: the version is a single family's detector, not the served ensemble.
+    """
+    client = configure(tracking_uri)
+    name = model_name or settings.model_name()
+    new = resolve_version(name, version, tracking_uri)
+    if new.family != ENSEMBLE_FAMILY:
+        raise ValueError(f"{name} v{version} is a {new.family} detector, not the ensemble")
+    previous: ModelVersionRef | None
+    try:
+        previous = resolve_alias(settings.CHAMPION_ALIAS, name, tracking_uri)
+    except ModelNotFoundError:
+        previous = None
+    if previous is not None and previous.version == new.version:
+        return previous, new
+    if previous is not None:
+        client.set_model_version_tag(name, new.version, PREVIOUS_CHAMPION_TAG, previous.version)
+    client.set_registered_model_alias(name, settings.CHAMPION_ALIAS, new.version)
+    logger.info("@%s of %s: v%s", settings.CHAMPION_ALIAS, name, new.version)
+    return previous, new
+
+
+def rollback(
+    model_name: str | None = None, tracking_uri: str | None = None
+) -> tuple[ModelVersionRef, ModelVersionRef]:
+    """Move @champion back to the version the current champion replaced.
+
+    Returns:
+        The champion before and the one now.
+
+    Raises:
+        ModelNotFoundError: there is no champion, or it replaced none (it was the first).
+    """
+    client = configure(tracking_uri)
+    name = model_name or settings.model_name()
+    current = resolve_alias(settings.CHAMPION_ALIAS, name, tracking_uri)
+    earlier = client.get_model_version(name, current.version).tags.get(PREVIOUS_CHAMPION_TAG)
+    if not earlier:
+        raise ModelNotFoundError(
+            f"{name} v{current.version} (@{settings.CHAMPION_ALIAS}) replaced no earlier "
+            "champion: there is nothing to roll back to"
+        )
+    target = resolve_version(name, earlier, tracking_uri)
+    client.set_registered_model_alias(name, settings.CHAMPION_ALIAS, target.version)
+    logger.info("@%s of %s rolled back: v%s", settings.CHAMPION_ALIAS, name, target.version)
+    return current, target
 
 
 def _ref(name: str, version: Any) -> ModelVersionRef:

@@ -235,10 +235,17 @@ def _trained(
 
 def _promote(trained: TrainedDetector, mlflow_store: MlflowResource) -> MaterializeResult:
     ref = trained.ref
-    model_registry.set_alias(ref, CHAMPION_ALIAS, mlflow_store.tracking_uri)
+    if ref.family == model_registry.ENSEMBLE_FAMILY:
+        previous, _ = model_registry.promote(ref.version, ref.name, mlflow_store.tracking_uri)
+    else:
+        previous = None
+        model_registry.set_alias(ref, CHAMPION_ALIAS, mlflow_store.tracking_uri)
     return MaterializeResult(
         metadata={
             "model": MetadataValue.text(f"{ref.name} v{ref.version} (@{CHAMPION_ALIAS})"),
+            "replaced": MetadataValue.text(
+                f"v{previous.version}" if previous is not None else "none"
+            ),
             "mlflow_run": MetadataValue.url(trained.run_url),
             "threshold": MetadataValue.float(ref.threshold),
         }

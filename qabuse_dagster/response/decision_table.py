@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qabuse_dagster.response.decisions import HIGH_IMPACT_ACTIONS
-from qabuse_dagster.response.records import LedgerEntry, LedgerRecord, Mode
+from qabuse_dagster.response.records import MODEL_EVENTS, LedgerEntry, LedgerRecord, Mode
 
 __all__ = [
     "ALLOW",
@@ -453,6 +453,8 @@ class DecisionTable:
             return sorted(self._keys)
 
     def _fold(self, seq: int, entry: LedgerEntry) -> None:
+        if entry.action in MODEL_EVENTS:
+            return  # about the served model, not a key's access
         key = self._keys.get(entry.api_key_id)
         if key is None:
             key = self._keys[entry.api_key_id] = _Key()

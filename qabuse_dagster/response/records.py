@@ -26,10 +26,12 @@ from qabuse_dagster.response.decisions import ACTIONS
 
 __all__ = [
     "ENTRY_ACTIONS",
+    "MODEL_EVENTS",
     "WORKFLOW_EVENTS",
     "LedgerEntry",
     "LedgerRecord",
     "Mode",
+    "model_subject",
 ]
 
 Mode = Literal["enforce", "shadow"]
@@ -46,7 +48,15 @@ WORKFLOW_EVENTS = (
     # trail shows who escalated it and why
     "escalate",
 )
-ENTRY_ACTIONS: tuple[str, ...] = (*ACTIONS, *WORKFLOW_EVENTS)
+#: A person moving the served model's @champion by hand: ``api_key_id`` is
+#: `model_subject` of the registered model, ``model_version`` the version now champion.
+MODEL_EVENTS = ("promote_model", "rollback_model")
+ENTRY_ACTIONS: tuple[str, ...] = (*ACTIONS, *WORKFLOW_EVENTS, *MODEL_EVENTS)
+
+
+def model_subject(model_name: str) -> str:
+    """What a model event names in place of an api key."""
+    return f"model:{model_name}"
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,13 @@ def test_a_second_pass_on_the_same_home_dedups_and_registers_a_new_version(
         model_registry.resolve_alias(settings.CHAMPION_ALIAS).version == result.trained.ref.version
     )
     assert result.failed_checks == []
+    # The promotion remembers the champion it replaced: where a rollback returns.
+    replaced = model_registry.configure().get_model_version(
+        result.trained.ref.name, result.trained.ref.version
+    )
+    assert replaced.tags[model_registry.PREVIOUS_CHAMPION_TAG] == (
+        pipeline_run.result.trained.ref.version
+    )
 
 
 def test_backtest_job_reports_every_family_beside_the_baseline(pipeline_run) -> None:
