@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from support.cli_home import restore_home_after
+from support.cli_home import restore_home_after, run_qabuse
 
 from qabuse_dagster import settings
-from qabuse_dagster.cli import main
 from qabuse_dagster.response.alert_store import AlertStore, alerts_path
 from qabuse_dagster.response.alerts import Alert, alert_id, example_alert
 from qabuse_dagster.response.ledger import open_ledger
@@ -27,11 +25,6 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         monkeypatch.delenv(name, raising=False)
     restore_home_after(monkeypatch)
     return tmp_path
-
-
-def _qabuse(home: Path, *args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["--home", str(home), *args])
-    return result.exit_code, result.output
 
 
 def _alerts(home: Path) -> tuple[Alert, Alert]:
@@ -59,25 +52,25 @@ def _alerts(home: Path) -> tuple[Alert, Alert]:
 
 def test_list_show_and_act_on_alerts(home: Path) -> None:
     throttled, other = _alerts(home)
-    code, token = _qabuse(home, "tokens", "add", "ada", "--role=analyst")
+    code, token = run_qabuse(home, "tokens", "add", "ada", "--role=analyst")
     assert code == 0, token
-    code, output = _qabuse(home, "alerts", "list", "--json")
+    code, output = run_qabuse(home, "alerts", "list", "--json")
     assert code == 0, output
     # By score, highest first.
     assert [json.loads(line)["alert_id"] for line in output.splitlines()] == [
         throttled.alert_id,
         other.alert_id,
     ]
-    code, output = _qabuse(home, "alerts", "list", "--action", "challenge")
+    code, output = run_qabuse(home, "alerts", "list", "--action", "challenge")
     assert code == 0 and other.alert_id[:12] in output and throttled.alert_id[:12] not in output
-    code, output = _qabuse(home, "alerts", "show", throttled.alert_id[:10])
+    code, output = run_qabuse(home, "alerts", "show", throttled.alert_id[:10])
     assert code == 0 and Alert.model_validate_json(output) == throttled
 
-    code, output = _qabuse(
+    code, output = run_qabuse(
         home, "alerts", "act", throttled.alert_id, "release", "--token", token.strip()
     )
     assert code == 0 and "released by ada" in output, output
-    code, output = _qabuse(
+    code, output = run_qabuse(
         home,
         "alerts",
         "act",
@@ -96,24 +89,24 @@ def test_list_show_and_act_on_alerts(home: Path) -> None:
     assert ("release", "ada") in steps and ("label", "ada") in steps
     (label,) = read_labels(settings.Paths(home).analyst_labels)
     assert label.kind == "false_positive" and list(label.api_key_ids or ()) == [other.api_key_id]
-    code, output = _qabuse(home, "alerts", "list")
+    code, output = run_qabuse(home, "alerts", "list")
     assert code == 0 and output.startswith("no open alerts")
-    code, output = _qabuse(home, "alerts", "list", "--status", "all", "--json")
+    code, output = run_qabuse(home, "alerts", "list", "--status", "all", "--json")
     assert len(output.splitlines()) == 2
-    code, output = _qabuse(home, "alerts", "outbox")
+    code, output = run_qabuse(home, "alerts", "outbox")
     assert code == 0 and "jsonl: 2 waiting, 0 delivered" in output
 
 
 def test_acting_needs_a_known_token_and_alert(home: Path) -> None:
     throttled, _ = _alerts(home)
-    code, output = _qabuse(home, "alerts", "act", throttled.alert_id, "release")
+    code, output = run_qabuse(home, "alerts", "act", throttled.alert_id, "release")
     assert code != 0 and "give your token" in output
-    code, token = _qabuse(home, "tokens", "add", "gate", "--role=gateway")
-    code, output = _qabuse(
+    code, token = run_qabuse(home, "tokens", "add", "gate", "--role=gateway")
+    code, output = run_qabuse(
         home, "alerts", "act", throttled.alert_id, "release", "--token", token.strip()
     )
     assert code != 0 and "gate needs the role" in output
-    code, output = _qabuse(home, "alerts", "show", "0123456789")
+    code, output = run_qabuse(home, "alerts", "show", "0123456789")
     assert code != 0 and "no alert '0123456789'" in output
-    code, output = _qabuse(home, "alerts", "list", "--status", "maybe")
+    code, output = run_qabuse(home, "alerts", "list", "--status", "maybe")
     assert code != 0 and "--status" in output

@@ -6,12 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from support.cli_home import restore_home_after
+from support.cli_home import add_token, restore_home_after, run_qabuse
 
 from models.ensemble import EnsembleDetector
 from qabuse_dagster import model_registry, settings
-from qabuse_dagster.cli import main
 from qabuse_dagster.response.decision_table import DecisionTable
 from qabuse_dagster.response.ledger import open_ledger, verify_ledger
 
@@ -41,39 +39,28 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _qabuse(home: Path, *args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["--home", str(home), *args])
-    return result.exit_code, result.output
-
-
-def _token(home: Path, name: str, *roles: str) -> str:
-    code, output = _qabuse(home, "tokens", "add", name, *(f"--role={r}" for r in roles))
-    assert code == 0, output
-    return output.strip()
-
-
 def _champion() -> str:
     return model_registry.resolve_alias(settings.CHAMPION_ALIAS).version
 
 
 def test_promote_and_roll_back_with_a_ledger_entry_each(home: Path) -> None:
-    carol = _token(home, "carol", "approver")
+    carol = add_token(home, "carol", "approver")
     name = settings.model_name()
 
-    code, output = _qabuse(home, "model", "promote", "1", "--reason", "first", "--token", carol)
+    code, output = run_qabuse(home, "model", "promote", "1", "--reason", "first", "--token", carol)
     assert code == 0, output
     assert "none -> v1" in output and _champion() == "1"
-    code, output = _qabuse(home, "model", "promote", "2", "--reason", "better", "--token", carol)
+    code, output = run_qabuse(home, "model", "promote", "2", "--reason", "better", "--token", carol)
     assert code == 0, output
     assert "v1 -> v2" in output and _champion() == "2"
-    code, output = _qabuse(home, "model", "promote", "2", "--reason", "again", "--token", carol)
+    code, output = run_qabuse(home, "model", "promote", "2", "--reason", "again", "--token", carol)
     assert code == 0 and "nothing changed" in output
 
-    code, output = _qabuse(home, "model", "rollback", "--reason", "regressed", "--token", carol)
+    code, output = run_qabuse(home, "model", "rollback", "--reason", "regressed", "--token", carol)
     assert code == 0, output
     assert "v2 -> v1" in output and _champion() == "1"
     # v1 replaced no champion: nothing further back.
-    code, output = _qabuse(home, "model", "rollback", "--reason", "again", "--token", carol)
+    code, output = run_qabuse(home, "model", "rollback", "--reason", "again", "--token", carol)
     assert code == 1 and "nothing to roll back to" in output
     assert _champion() == "1"
 
@@ -95,15 +82,15 @@ def test_promote_and_roll_back_with_a_ledger_entry_each(home: Path) -> None:
 
 
 def test_only_approvers_move_models_and_unknown_versions_are_refused(home: Path) -> None:
-    dave = _token(home, "dave", "analyst")
-    carol = _token(home, "carol", "approver")
-    code, output = _qabuse(home, "model", "promote", "1", "--reason", "x", "--token", dave)
+    dave = add_token(home, "dave", "analyst")
+    carol = add_token(home, "carol", "approver")
+    code, output = run_qabuse(home, "model", "promote", "1", "--reason", "x", "--token", dave)
     assert code == 2 and "not an approver" in output
-    code, output = _qabuse(home, "model", "promote", "9", "--reason", "x", "--token", carol)
+    code, output = run_qabuse(home, "model", "promote", "9", "--reason", "x", "--token", carol)
     assert code == 1 and "no version '9'" in output
-    code, output = _qabuse(home, "model", "promote", "1", "--reason", "x")
+    code, output = run_qabuse(home, "model", "promote", "1", "--reason", "x")
     assert code == 2 and "token" in output
-    code, output = _qabuse(home, "model", "rollback", "--reason", "x", "--token", carol)
+    code, output = run_qabuse(home, "model", "rollback", "--reason", "x", "--token", carol)
     assert code == 1 and "alias @champion" in output  # no champion yet
     with pytest.raises(model_registry.ModelNotFoundError):
         _champion()
@@ -112,9 +99,9 @@ def test_only_approvers_move_models_and_unknown_versions_are_refused(home: Path)
 def test_a_move_the_ledger_cannot_record_does_not_happen(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    carol = _token(home, "carol", "approver")
+    carol = add_token(home, "carol", "approver")
     monkeypatch.setenv(settings.SIGNING_KEY_ENV, "too short")
-    code, output = _qabuse(home, "model", "promote", "1", "--reason", "x", "--token", carol)
+    code, output = run_qabuse(home, "model", "promote", "1", "--reason", "x", "--token", carol)
     assert code == 1, output
     assert "the ledger cannot record the move" in output
     with pytest.raises(model_registry.ModelNotFoundError):

@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from support.cli_home import restore_home_after
+from support.cli_home import add_token, restore_home_after, run_qabuse
 
 from qabuse_dagster import settings
-from qabuse_dagster.cli import main
 from qabuse_dagster.response.ledger import open_ledger
 from qabuse_dagster.response.records import LedgerEntry
 
@@ -27,17 +25,6 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _qabuse(home: Path, *args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["--home", str(home), *args])
-    return result.exit_code, result.output
-
-
-def _token(home: Path, name: str, *roles: str) -> str:
-    code, output = _qabuse(home, "tokens", "add", name, *(f"--role={r}" for r in roles))
-    assert code == 0, output
-    return output.strip()
-
-
 def _append(home: Path, *entries: LedgerEntry) -> None:
     url = f"sqlite:///{home / 'ledger' / 'decisions.db'}"
     with open_ledger(url, key=SIGNING_KEY.encode()) as ledger:
@@ -45,33 +32,35 @@ def _append(home: Path, *entries: LedgerEntry) -> None:
 
 
 def test_tokens_are_printed_once_and_stored_as_hashes(home: Path) -> None:
-    token = _token(home, "alice", "analyst", "approver")
+    token = add_token(home, "alice", "analyst", "approver")
     assert len(token) >= 32
     stored = (home / "secrets" / "tokens.json").read_text()
     assert token not in stored and "alice" in stored
-    code, output = _qabuse(home, "tokens", "add", "bob", "--role=owner", "--key=nothex")
+    code, output = run_qabuse(home, "tokens", "add", "bob", "--role=owner", "--key=nothex")
     assert code == 2 and "hex" in output
 
 
 def test_the_queue_is_listed_and_a_second_principal_approves(home: Path) -> None:
-    alice = _token(home, "alice", "analyst", "approver")
-    bob = _token(home, "bob", "approver")
+    alice = add_token(home, "alice", "analyst", "approver")
+    bob = add_token(home, "bob", "approver")
     _append(home, LedgerEntry(1_000, KEY, "revoke", "system", "20 failed challenges"))
-    code, output = _qabuse(home, "review", "list", "--json")
+    code, output = run_qabuse(home, "review", "list", "--json")
     assert code == 0, output
     (item,) = json.loads(output)
     assert (item["seq"], item["waits_for"], item["api_key_id"]) == (1, "approval", KEY)
 
-    code, output = _qabuse(home, "review", "propose", OTHER, "--token", alice, "--reason", "leak")
+    code, output = run_qabuse(
+        home, "review", "propose", OTHER, "--token", alice, "--reason", "leak"
+    )
     assert code == 0, output
-    code, output = _qabuse(home, "review", "approve", "2", "--token", alice)
+    code, output = run_qabuse(home, "review", "approve", "2", "--token", alice)
     assert code == 1 and "second principal" in output
-    code, output = _qabuse(home, "review", "approve", "2", "--token", bob, "--reason", "agreed")
+    code, output = run_qabuse(home, "review", "approve", "2", "--token", bob, "--reason", "agreed")
     assert code == 0 and "approve" in output and "by bob" in output
-    code, output = _qabuse(home, "review", "approve", "1", "--token", bob)
+    code, output = run_qabuse(home, "review", "approve", "1", "--token", bob)
     assert code == 0, output
-    assert _qabuse(home, "review")[1].strip() == "the review queue is empty"
-    assert _qabuse(home, "audit", "verify")[0] == 0
+    assert run_qabuse(home, "review")[1].strip() == "the review queue is empty"
+    assert run_qabuse(home, "audit", "verify")[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -85,9 +74,12 @@ def test_the_queue_is_listed_and_a_second_principal_approves(home: Path) -> None
     ],
 )
 def test_review_refusals_say_why(home: Path, args: list[str], message: str) -> None:
-    tokens = {"{alice}": _token(home, "alice", "analyst"), "{bob}": _token(home, "bob", "approver")}
+    tokens = {
+        "{alice}": add_token(home, "alice", "analyst"),
+        "{bob}": add_token(home, "bob", "approver"),
+    }
     _append(home, LedgerEntry(1_000, KEY, "revoke", "system", "x"))
-    code, output = _qabuse(home, "review", *(tokens.get(a, a) for a in args))
+    code, output = run_qabuse(home, "review", *(tokens.get(a, a) for a in args))
     assert code != 0 and message in output
 
 
@@ -108,7 +100,9 @@ def test_the_shadow_report_counts_legitimate_keys_from_labels(home: Path) -> Non
     }
     labels.write_text(json.dumps(label) + "\n")
     out = home / "shadow.json"
-    code, output = _qabuse(home, "response", "report", "--labels", str(labels), "--json", str(out))
+    code, output = run_qabuse(
+        home, "response", "report", "--labels", str(labels), "--json", str(out)
+    )
     assert code == 0, output
     assert "throttle" in output and "challenge" in output
     rows = {row["action"]: row for row in json.loads(out.read_text())["rows"]}

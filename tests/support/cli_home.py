@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +17,20 @@ def restore_home_after(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(settings.HOME_ENV, raising=False)
     else:
         monkeypatch.setenv(settings.HOME_ENV, home)
+
+
+def run_qabuse(home: Path, *args: str) -> tuple[int, str]:
+    """``qabuse --home HOME ARGS...`` in process: its exit code and output."""
+    from click.testing import CliRunner
+
+    from qabuse_dagster.cli import main
+
+    result = CliRunner().invoke(main, ["--home", str(home), *args])
+    return result.exit_code, result.output
+
+
+def add_token(home: Path, name: str, *roles: str) -> str:
+    """``qabuse tokens add NAME --role=...``: the printed token."""
+    code, output = run_qabuse(home, "tokens", "add", name, *(f"--role={r}" for r in roles))
+    assert code == 0, output
+    return output.strip()
