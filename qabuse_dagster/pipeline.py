@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from qabuse_dagster import settings
@@ -72,12 +73,28 @@ def export_dagster_home() -> str:
     """Point ``DAGSTER_HOME`` at ``$QABUSE_HOME/dagster`` (SQLite run and event storage)."""
     home = settings.paths().dagster_home
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        # Telemetry off: this machine reaches no network, and a user's runs are their own.
-        config.write_text("telemetry:\n  enabled: false\n")
+    _quiet_instance(home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)
     return str(home)
+
+
+def _quiet_instance(config: Path) -> None:
+    """Dagster's telemetry and its first-visit dialog off, whatever else the file says.
+
+    Telemetry: this machine reaches no network, and a user's runs are their own. The
+    dialog (``nux``) would greet every fresh home's UI before the asset graph.
+    """
+    import yaml
+
+    current = yaml.safe_load(config.read_text()) if config.exists() else None
+    found = current if isinstance(current, dict) else {}
+    wanted = {"telemetry": {"enabled": False}, "nux": {"enabled": False}}
+    if all(isinstance(found.get(k), dict) and found[k].get("enabled") is False for k in wanted):
+        return
+    for key, value in wanted.items():
+        section = found.get(key)
+        found[key] = {**(section if isinstance(section, dict) else {}), **value}
+    config.write_text(yaml.safe_dump(found, sort_keys=False))
 
 
 class NothingToMaterialise(ValueError):
