@@ -93,11 +93,8 @@ def feature_drift_asset(
     if rows.empty:
         raise Failure(f"no api-key window rows in {paths.api_key_windows} to compare")
     inputs = {name: bins for name, bins in reference.items() if name in rows.columns}
-    drift = feature_drift(inputs, rows).sort_values("psi", ascending=False)
-    drift["level"] = [
-        "error" if psi >= config.psi_error else "warn" if psi >= config.psi_warn else "ok"
-        for psi in drift["psi"].fillna(0.0)
-    ]
+    drift = feature_drift(inputs, rows, config.psi_warn, config.psi_error)
+    drift = drift.sort_values("psi", ascending=False)
     warned = drift.index[drift["level"] != "ok"].tolist()
     failed = drift.index[drift["level"] == "error"].tolist()
     plot = drift_png(drift, Path(paths.reports) / f"drift-{context.run.run_id[:8]}.png")

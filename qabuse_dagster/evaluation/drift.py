@@ -125,13 +125,20 @@ def population_stability_index(
     return float(np.sum((c - r) * np.log(c / r)))
 
 
-def feature_drift(reference: Mapping[str, Mapping[str, Any]], rows: pd.DataFrame) -> pd.DataFrame:
+def feature_drift(
+    reference: Mapping[str, Mapping[str, Any]],
+    rows: pd.DataFrame,
+    warn: float = PSI_WARN,
+    error: float = PSI_ERROR,
+) -> pd.DataFrame:
     """PSI and Jensen-Shannon distance of each reference feature over ``rows``.
 
     Args:
         reference: what `reference_bins` returned (possibly read back from JSON).
         rows: the current rows; a feature missing from them is an error, NaN values are
             left out.
+        warn: the PSI from which a feature's level is ``warn`` (`drift_level`).
+        error: the PSI from which it is ``error``.
 
     Returns:
         One row per feature (the index), with columns ``psi``, ``js_distance``,
@@ -140,8 +147,10 @@ def feature_drift(reference: Mapping[str, Mapping[str, Any]], rows: pd.DataFrame
         A feature with no finite current value has NaN statistics and level ``ok``.
 
     Raises:
-        ValueError: a reference feature is not a column of ``rows``.
+        ValueError: a reference feature is not a column of ``rows``, or ``warn`` exceeds
+            ``error``.
     """
+    drift_level(0.0, warn, error)  # refuse bad levels before any work
     records = []
     for name, bins in reference.items():
         edges = np.asarray(bins["edges"], dtype=np.float64)
@@ -158,7 +167,7 @@ def feature_drift(reference: Mapping[str, Mapping[str, Any]], rows: pd.DataFrame
                 "feature": name,
                 "psi": psi,
                 "js_distance": js,
-                "level": drift_level(psi),
+                "level": drift_level(psi, warn, error),
                 "rows": len(values),
                 "reference_shares": ref.tolist(),
                 "current_shares": cur.tolist(),

@@ -122,3 +122,19 @@ def test_levels_follow_the_customary_psi_bands() -> None:
     assert drift_level(0.15, warn=0.2, error=0.3) == "ok"
     with pytest.raises(ValueError, match="must not exceed"):
         drift_level(0.1, warn=0.3, error=0.2)
+
+
+def test_feature_drift_reads_levels_at_the_given_bounds(training: pd.DataFrame) -> None:
+    reference = reference_bins(training, ["shots"])
+    shifted = training.assign(shots=training["shots"] * 1.3)
+    psi = feature_drift(reference, shifted).loc["shots", "psi"]
+    assert (
+        feature_drift(reference, shifted, warn=psi / 2, error=psi * 2).loc["shots", "level"]
+        == "warn"
+    )
+    assert feature_drift(reference, shifted, warn=0.0, error=0.0).loc["shots", "level"] == "error"
+    assert (
+        feature_drift(reference, shifted, warn=psi + 1, error=psi + 2).loc["shots", "level"] == "ok"
+    )
+    with pytest.raises(ValueError, match="must not exceed"):
+        feature_drift(reference, shifted, warn=0.3, error=0.2)
