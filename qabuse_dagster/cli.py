@@ -76,7 +76,8 @@ def main(home: Path | None, verbose: bool) -> None:
     help="Comma-separated abuse scenarios, or 'all', placed in the second half of the "
     "horizon with the legitimate look-alikes (classrooms, benchmarking); or 'reference' "
     "for the reference deployment: benign tenants and one runaway CI from 70% of the "
-    "horizon (what `qabuse demo` runs).",
+    "horizon (what `qabuse demo` runs). A population shift (sdk_release) joins by name, "
+    "e.g. 'all,sdk_release': benign tenants change their use mid horizon, without abuse.",
 )
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option(
@@ -108,6 +109,7 @@ def simulate(
     """Write contract telemetry and incident labels of a simulated shared backend."""
     from qabuse_dagster.simulation import SCENARIOS
     from qabuse_dagster.simulation import simulate as run_simulation
+    from qabuse_dagster.simulation.shifts import SHIFTS
     from qabuse_dagster.simulation.twin import DEFAULT_START
 
     if hours is not None and days is not None:
@@ -117,11 +119,11 @@ def simulate(
     names = None
     if scenarios.strip() != "reference":
         names = [n.strip() for n in scenarios.split(",") if n.strip()]
-        unknown = sorted(set(names) - set(SCENARIOS) - {"all"})
+        unknown = sorted(set(names) - set(SCENARIOS) - set(SHIFTS) - {"all"})
         if unknown or not names:
             raise click.BadParameter(
                 f"unknown scenario(s) {unknown}; known: all, reference, "
-                f"{', '.join(sorted(SCENARIOS))}",
+                f"{', '.join(sorted(SCENARIOS))}; population shifts: {', '.join(sorted(SHIFTS))}",
                 param_hint="--scenarios",
             )
     begin = (

@@ -39,6 +39,7 @@ from qabuse_dagster.simulation.jobs import (
     sample_jobs,
     submit_times,
 )
+from qabuse_dagster.simulation.shifts import SHIFTS
 from qabuse_dagster.simulation.tenants import SDK_VERSIONS, Tenant, make_identity
 from qabuse_dagster.telemetry.hashing import KeyedHasher
 from qabuse_dagster.telemetry.labels import IncidentLabel
@@ -300,7 +301,7 @@ def register_scenario(name: str, factory: ScenarioFactory) -> ScenarioFactory:
     Raises:
         ValueError: If ``name`` is taken or reserved.
     """
-    if name == "all" or name in SCENARIOS:
+    if name in ("all", "reference") or name in SCENARIOS or name in SHIFTS:
         raise ValueError(f"scenario name {name!r} is already taken")
     SCENARIOS[name] = factory
     return factory
@@ -310,7 +311,9 @@ def resolve_scenarios(names: Sequence[str]) -> list[str]:
     """Expand ``all`` and check every name against the registry.
 
     Args:
-        names: Scenario names, or ``["all"]`` for every registered one.
+        names: Scenario names, or ``["all"]`` for every registered abuse scenario. The
+            names of population shifts (`qabuse_dagster.simulation.shifts.SHIFTS`) are
+            accepted too; ``all`` leaves them out, as they change the benign deployment.
 
     Returns:
         The names to run, in order.
@@ -324,10 +327,11 @@ def resolve_scenarios(names: Sequence[str]) -> list[str]:
     for name in names:
         if name == "all":
             resolved.extend(SCENARIOS)
-        elif name in SCENARIOS:
+        elif name in SCENARIOS or name in SHIFTS:
             resolved.append(name)
         else:
-            raise ValueError(f"unknown scenario {name!r}; known: {', '.join(['all', *SCENARIOS])}")
+            known = ", ".join(["all", *SCENARIOS, *SHIFTS])
+            raise ValueError(f"unknown scenario {name!r}; known: {known}")
     return resolved
 
 

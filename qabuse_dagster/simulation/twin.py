@@ -48,6 +48,7 @@ from qabuse_dagster.simulation.scenarios import (
     resolve_scenarios,
     runaway_ci,
 )
+from qabuse_dagster.simulation.shifts import SHIFTS
 from qabuse_dagster.simulation.tenants import Tenant, benign_roster, lookalike_roster
 from qabuse_dagster.telemetry.hashing import KeyedHasher
 from qabuse_dagster.telemetry.labels import IncidentLabel, write_labels
@@ -339,12 +340,18 @@ def build_plan(
         tenants.extend(lookalike_roster(hasher, np.random.default_rng([seed, 1]), seed=seed))
     tenant_rngs = rng.spawn(len(tenants))
     api_keys = {t.identity.api_key_id: t.kind for t in tenants}
-    n_actors = len(tenants) + (0 if scenarios is None else len(scenarios))
+    n_actors = len(tenants) + sum(name not in SHIFTS for name in scenarios or ())
     advance = new_task("simulating tenants", n_actors) if new_task else None
     batches: list[JobBatch] = []
     actor_kinds: list[str] = []
-    for tenant, tenant_rng in zip(tenants, tenant_rngs, strict=True):
-        batches.append(tenant.generate(horizon, tenant_rng))
+    shifts = [SHIFTS[name]() for name in scenarios or () if name in SHIFTS]
+    for index, (tenant, tenant_rng) in enumerate(zip(tenants, tenant_rngs, strict=True)):
+        jobs = tenant.generate(horizon, tenant_rng)
+        for shift in shifts:  # benign tenants and look-alikes; abusers come after
+            # Its own stream per (shift, tenant): the roster's draws stay as they were.
+            shift_rng = np.random.default_rng([seed, zlib.crc32(shift.kind.encode()), index])
+            jobs = shift.apply(jobs, horizon, hasher, shift_rng)
+        batches.append(jobs)
         actor_kinds.append(tenant.kind)
         if advance:
             advance(1)
@@ -352,7 +359,8 @@ def build_plan(
         labels = [incident.label(horizon)]
     else:
         context = ScenarioContext(hasher=hasher, seed=seed, horizon=horizon, tenants=tuple(tenants))
-        scenario_batches, labels, kinds = _run_scenarios(scenarios, context, api_keys, advance)
+        abuse = [name for name in scenarios if name not in SHIFTS]
+        scenario_batches, labels, kinds = _run_scenarios(abuse, context, api_keys, advance)
         batches.extend(scenario_batches)
         actor_kinds.extend(kinds)
     actor = np.repeat(np.arange(len(batches)), [len(b) for b in batches])
