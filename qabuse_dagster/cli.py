@@ -229,9 +229,14 @@ def materialize(no_train: bool) -> None:
         f"({len(result.telemetry_run_ids)} run(s) of consecutive hours)"
     )
     if result.trained is not None:
+        held = [name.partition(":")[2] for name in result.failed_checks if "ensemble" in name]
         click.echo(
             f"model {result.trained.ref.name} v{result.trained.ref.version}; "
-            f"@champion {'promoted' if result.champion_promoted else 'NOT promoted'}"
+            + (
+                "@champion promoted"
+                if result.champion_promoted
+                else f"kept as @challenger ({', '.join(held) or 'see the Dagster UI'} failed)"
+            )
         )
 
 

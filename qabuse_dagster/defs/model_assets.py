@@ -11,9 +11,11 @@ The bodies call `qabuse_dagster.evaluation`: no model logic lives here.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
+import numpy as np
 import pandas as pd
 from dagster import (
     AssetCheckResult,
@@ -23,6 +25,7 @@ from dagster import (
     AssetIn,
     AssetsDefinition,
     Config,
+    Failure,
     MaterializeResult,
     MetadataValue,
     Output,
@@ -41,10 +44,13 @@ from qabuse_dagster.evaluation.families import (
     calibration_rows,
     calibration_start,
     detector_inputs,
+    drift_reference_rows,
+    ensemble_scored,
     family_scores,
     fit_ensemble,
     fit_family,
 )
+from qabuse_dagster.evaluation.gate import GateTolerance, champion_gate
 from qabuse_dagster.evaluation.plots import png_markdown, score_timeline_png
 from qabuse_dagster.evaluation.report import BacktestReport, judge
 from qabuse_dagster.ingest.partitions import read_raw
@@ -63,9 +69,16 @@ class TrainedDetector:
 
 
 class HistoryConfig(Config):
-    """Which part of the stored telemetry trains (the rest evaluates)."""
+    """Which part of the stored telemetry trains (the rest evaluates).
+
+    By default the first half trains. ``eval_hours`` instead evaluates on the last that
+    many hours and trains on everything before: a drift retraining (``drift_sensor``)
+    evaluates on the window whose drift started it, and learns the new population from
+    the hours of it that came before.
+    """
 
     train_fraction: float = 0.5
+    eval_hours: float | None = None
     alert_budget: float = DEFAULT_ALERT_BUDGET
     random_state: int = 0
 
@@ -91,7 +104,10 @@ def detector_history(config: HistoryConfig, storage: QabuseStorage) -> Output[Hi
     if telemetry.num_rows == 0:
         raise ValueError("no raw telemetry: materialise raw_telemetry first")
     stamps = pd.to_datetime(telemetry["timestamp"].to_pandas(), utc=True)
-    cutoff = time_cutoff(stamps, config.train_fraction)
+    if config.eval_hours is None:
+        cutoff = time_cutoff(stamps, config.train_fraction)
+    else:
+        cutoff = _cutoff_before_last(stamps, config.eval_hours)
     inputs = detector_inputs(telemetry, list(families()))
     params = TrainingParams(alert_budget=config.alert_budget, random_state=config.random_state)
     return Output(
@@ -102,6 +118,19 @@ def detector_history(config: HistoryConfig, storage: QabuseStorage) -> Output[Hi
             "families": MetadataValue.json(list(families())),
         },
     )
+
+
+def _cutoff_before_last(stamps: pd.Series, eval_hours: float) -> datetime:
+    """The instant ``eval_hours`` before the newest record, which must leave history before."""
+    if not eval_hours > 0:
+        raise Failure(f"eval_hours must be positive, got {eval_hours}")
+    cutoff = (stamps.max() - pd.Timedelta(hours=eval_hours)).to_pydatetime()
+    if cutoff <= stamps.min().to_pydatetime():
+        raise Failure(
+            f"eval_hours {eval_hours} leaves no history to train on: the telemetry spans "
+            f"{stamps.min().isoformat()} to {stamps.max().isoformat()}"
+        )
+    return cutoff
 
 
 class EvaluationFloors(Config):
@@ -117,28 +146,39 @@ class EvaluationFloors(Config):
     max_benign_key_day_alert_rate: float = 0.05
 
 
-def _evaluate(
-    context: AssetExecutionContext,
+def _judge(
     name: str,
     scored: pd.DataFrame,
-    trained: TrainedDetector,
+    threshold: float,
+    cutoff: datetime,
     history: History,
     storage: QabuseStorage,
-    mlflow_store: MlflowResource,
-    floors: EvaluationFloors,
-):
-    """Judge ``scored`` rows, log the figures to the version's run, yield output and check."""
-    import mlflow
-
+) -> BacktestReport:
+    """The report of ``scored`` rows against every stored label (the twin's, analysts')."""
     labels = [
         label
         for path in (storage.paths().labels, storage.paths().analyst_labels)
         if path.exists()
         for label in read_labels(path)
     ]
-    report = judge(
-        name, scored, trained.ref.threshold, history.inputs.telemetry, labels, trained.cutoff
-    )
+    return judge(name, scored, threshold, history.inputs.telemetry, labels, cutoff)
+
+
+def _evaluate(
+    context: AssetExecutionContext,
+    name: str,
+    report: BacktestReport,
+    trained: TrainedDetector,
+    storage: QabuseStorage,
+    mlflow_store: MlflowResource,
+    floors: EvaluationFloors,
+    *,
+    extra_metrics: dict[str, float] | None = None,
+    extra_metadata: dict[str, Any] | None = None,
+):
+    """Log a report's figures to the version's run, yield the output and the floors check."""
+    import mlflow
+
     png = score_timeline_png(
         report.scored,
         trained.ref.threshold,
@@ -158,6 +198,7 @@ def _evaluate(
     if report.analyst is not None and report.analyst.precision is not None:
         # Beside the twin's figures: how the version does on what analysts labelled.
         metrics["analyst_label_precision"] = report.analyst.precision
+    metrics.update(extra_metrics or {})
     model_registry.configure(mlflow_store.tracking_uri)
     with mlflow.start_run(run_id=trained.ref.run_id):
         mlflow.log_metrics(metrics)
@@ -184,6 +225,7 @@ def _evaluate(
                 incidents.to_markdown(index=False) if not incidents.empty else "(no labels)"
             ),
             "scores": MetadataValue.md(png_markdown(png, "scores over time")),
+            **(extra_metadata or {}),
         },
     )
     if not report.incidents:
@@ -321,9 +363,10 @@ def family_assets(name: str) -> list[AssetsDefinition]:
         scored = future[["api_key_id", "event_timestamp"]].copy()
         scored["score"] = family_scores(family, loaded.detector, detector_history.inputs, future)
         scored["alert"] = scored["score"] > loaded.ref.threshold
-        yield from _evaluate(
-            context, name, scored, trained, detector_history, storage, mlflow_store, config
+        report = _judge(
+            name, scored, loaded.ref.threshold, trained.cutoff, detector_history, storage
         )
+        yield from _evaluate(context, name, report, trained, storage, mlflow_store, config)
 
     @asset(
         name=f"{name}_alias",
@@ -372,18 +415,27 @@ def ensemble_model(
     train = calibration_rows(history.inputs, history.cutoff, history.params)
     scores = train[["api_key_id", "event_timestamp"]].copy()
     refs = {}
+    loaded_detectors = {}
     for name in families():
         loaded = model_registry.load_detector(
             CHALLENGER_ALIAS, model_registry.family_model_name(name), mlflow_store.tracking_uri
         )
         refs[name] = loaded.ref
+        loaded_detectors[name] = loaded.detector
         scores[name] = family_scores(get_family(name), loaded.detector, history.inputs, train)
     ensemble = fit_ensemble(scores, list(refs), history.params)
     # What the version saw: the drift of later rows is measured against it.
+    seen = drift_reference_rows(history.inputs, history.cutoff)
+    seen_scores = np.column_stack(
+        [
+            family_scores(get_family(name), loaded_detectors[name], history.inputs, seen)
+            for name in refs
+        ]
+    )
     reference = model_reference(
-        train,
+        seen,
         sorted({n for name in families() for n in get_family(name).feature_names}),
-        ensemble.decision_function(scores[list(refs)].to_numpy(dtype="float64")),
+        ensemble.decision_function(seen_scores),
     )
     ref, experiment_id = model_registry.log_detector(
         ensemble,
@@ -406,9 +458,36 @@ def ensemble_model(
 
 
 class ChampionFloors(EvaluationFloors):
-    """The ensemble champion must detect every labelled incident."""
+    """The ensemble champion must detect every labelled incident, and a challenger must
+    not be worse than the current champion on the same window (`evaluation.gate`)."""
 
     min_recall: float = 1.0
+    gate_recall_tolerance: float = GateTolerance.recall
+    gate_precision_at_k_tolerance: float = GateTolerance.precision_at_k
+    gate_benign_key_day_alert_rate_tolerance: float = GateTolerance.benign_key_day_alert_rate
+
+    def tolerance(self) -> GateTolerance:
+        return GateTolerance(
+            recall=self.gate_recall_tolerance,
+            precision_at_k=self.gate_precision_at_k_tolerance,
+            benign_key_day_alert_rate=self.gate_benign_key_day_alert_rate_tolerance,
+        )
+
+
+GATE_CHECK = "not_worse_than_champion"
+
+
+def _current_champion(
+    trained: TrainedDetector, mlflow_store: MlflowResource
+) -> model_registry.LoadedChampion | None:
+    """The @champion the challenger must not be worse than; None for the first version."""
+    try:
+        current = model_registry.load_champion(
+            CHAMPION_ALIAS, trained.ref.name, mlflow_store.tracking_uri
+        )
+    except model_registry.ModelNotFoundError:
+        return None
+    return None if current.ref.version == trained.ref.version else current
 
 
 @asset(
@@ -422,10 +501,19 @@ class ChampionFloors(EvaluationFloors):
             blocking=True,
             description="The ensemble detects every labelled incident within the benign "
             "key-day alert budget; a failure blocks its promotion to @champion.",
-        )
+        ),
+        AssetCheckSpec(
+            GATE_CHECK,
+            asset="ensemble_evaluation",
+            blocking=True,
+            description="The challenger is not worse than the current @champion on the same "
+            "window and labels (recall, precision@k, benign key-day alert rate, each within "
+            "its tolerance); a failure keeps it @challenger.",
+        ),
     ],
     description="The ensemble challenger replayed after the cutoff and judged on the "
-    "incident labels: detection, time to detect, precision@k, benign alert rates.",
+    "incident labels (detection, time to detect, precision@k, benign alert rates), beside "
+    "the current @champion replayed on the same rows.",
 )
 def ensemble_evaluation(
     context: AssetExecutionContext,
@@ -435,22 +523,69 @@ def ensemble_evaluation(
     storage: QabuseStorage,
     mlflow_store: MlflowResource,
 ):
-    champion = model_registry.load_champion(
+    challenger = model_registry.load_champion(
         CHALLENGER_ALIAS, trained.ref.name, mlflow_store.tracking_uri
     )
-    _check_version(champion.ref, trained.ref)
+    _check_version(challenger.ref, trained.ref)
     inputs = detector_history.inputs
     rows = inputs.key_rows
     future = rows[rows["event_timestamp"] >= trained.cutoff]
-    scores = future[["api_key_id", "event_timestamp"]].copy()
-    for name, member in champion.members.items():
-        scores[name] = family_scores(get_family(name), member.detector, inputs, future)
-    matrix = scores[list(champion.members)].to_numpy(dtype=float)
-    scored = scores[["api_key_id", "event_timestamp"]].copy()
-    scored["score"] = champion.ensemble.decision_function(matrix) if len(matrix) else []
-    scored["alert"] = scored["score"] > champion.ensemble.threshold_
+    report = _judge(
+        ENSEMBLE,
+        ensemble_scored(challenger, inputs, future),
+        trained.ref.threshold,
+        trained.cutoff,
+        detector_history,
+        storage,
+    )
+    current = _current_champion(trained, mlflow_store)
+    champion_figures = None
+    if current is not None:
+        champion_report = _judge(
+            f"{ENSEMBLE} v{current.ref.version}",
+            ensemble_scored(current, inputs, future),
+            current.ref.threshold,
+            trained.cutoff,
+            detector_history,
+            storage,
+        )
+        champion_figures = asdict(champion_report.overall)
+    verdict = champion_gate(asdict(report.overall), champion_figures, config.tolerance())
+    against = "none" if current is None else f"{current.ref.name} v{current.ref.version}"
+    context.log.info(
+        "v%s against the champion (%s): %s",
+        trained.ref.version,
+        against,
+        "not worse" if verdict.passed else f"worse on {', '.join(verdict.worse)}",
+    )
+    champion_metrics = {
+        f"champion_{name}": float(value)
+        for name, value in (champion_figures or {}).items()
+        if name in verdict.table.index and value is not None
+    }
     yield from _evaluate(
-        context, ENSEMBLE, scored, trained, detector_history, storage, mlflow_store, config
+        context,
+        ENSEMBLE,
+        report,
+        trained,
+        storage,
+        mlflow_store,
+        config,
+        extra_metrics=champion_metrics,
+        extra_metadata={
+            "champion": MetadataValue.text(against),
+            "versus_champion": MetadataValue.md(verdict.markdown()),
+        },
+    )
+    yield AssetCheckResult(
+        check_name=GATE_CHECK,
+        passed=verdict.passed,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "champion": against,
+            "worse_on": ", ".join(verdict.worse) or "none",
+            "versus_champion": MetadataValue.md(verdict.markdown()),
+        },
     )
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,9 @@ from qabuse_dagster.features.definitions import (
 from qabuse_dagster.features.windows import minute_sequences, window_features
 from qabuse_dagster.settings import DEFAULT_ALERT_BUDGET
 
+if TYPE_CHECKING:
+    from qabuse_dagster.model_registry import LoadedChampion
+
 __all__ = [
     "ENSEMBLE",
     "DetectorInputs",
@@ -46,6 +49,8 @@ __all__ = [
     "calibration_rows",
     "calibration_start",
     "detector_inputs",
+    "drift_reference_rows",
+    "ensemble_scored",
     "fit_ensemble",
     "fit_families",
     "resolve_names",
@@ -287,6 +292,25 @@ def calibration_rows(
     return history[history["event_timestamp"] >= start] if start < cutoff else history
 
 
+#: The span of rows a version's drift reference describes: one whole daily cycle.
+REFERENCE_SPAN = timedelta(days=1)
+
+
+def drift_reference_rows(inputs: DetectorInputs, cutoff: datetime) -> pd.DataFrame:
+    """The api key rows a version's drift reference describes (`evaluation.drift`).
+
+    The last `REFERENCE_SPAN` before the cutoff, of rows whose day-long features are
+    whole (a day after the telemetry's first record): later windows are a day of whole
+    rows too, so a reference of the first, cold-start hours would read as drift. With
+    less history, every row before the cutoff.
+    """
+    rows = inputs.key_rows
+    before = rows[rows["event_timestamp"] < cutoff]
+    whole = warmed_up(inputs, before, TrainingParams(warm_up=WARM_UP))
+    recent = whole[whole["event_timestamp"] >= cutoff - REFERENCE_SPAN]
+    return recent if not recent.empty else before
+
+
 def fit_family(
     family: DetectorFamily,
     inputs: DetectorInputs,
@@ -343,6 +367,21 @@ def family_scores(
         floor = score_floor(detector)
         return joined["score"].fillna(floor).to_numpy(dtype=np.float64)
     return _decision(family, detector, inputs, rows)
+
+
+def ensemble_scored(
+    champion: LoadedChampion, inputs: DetectorInputs, rows: pd.DataFrame
+) -> pd.DataFrame:
+    """``rows`` (api key rows of ``inputs``) scored by an ensemble version and the member
+    versions it pins: ``api_key_id, event_timestamp, score, alert``."""
+    scores = rows[KEY_COLUMNS].copy()
+    for name, member in champion.members.items():
+        scores[name] = family_scores(get_family(name), member.detector, inputs, rows)
+    matrix = scores[list(champion.members)].to_numpy(dtype=np.float64)
+    scored = rows[KEY_COLUMNS].copy()
+    scored["score"] = champion.ensemble.decision_function(matrix) if len(matrix) else []
+    scored["alert"] = scored["score"] > champion.ensemble.threshold_
+    return scored
 
 
 def _decision(
