@@ -14,14 +14,15 @@ from qabuse_dagster.defs import (
 )
 from qabuse_dagster.defs.jobs import (
     backtest_job,
-    hourly_drift_schedule,
+    evaluation_job,
+    hourly_monitoring_schedule,
     monitoring_job,
     telemetry_job,
     training_job,
     weekly_training_schedule,
 )
 from qabuse_dagster.defs.resources import FeastResource, MlflowResource, QabuseStorage
-from qabuse_dagster.defs.sensors import drift_sensor, landed_telemetry_sensor
+from qabuse_dagster.defs.sensors import drift_sensor, label_sensor, landed_telemetry_sensor
 
 
 def build_definitions(home: Path | None = None) -> Definitions:
@@ -32,9 +33,9 @@ def build_definitions(home: Path | None = None) -> Definitions:
         assets=load_assets_from_modules(
             [telemetry_assets, feature_assets, model_assets, backtest_assets, monitoring_assets]
         ),
-        jobs=[telemetry_job, training_job, backtest_job, monitoring_job],
-        schedules=[weekly_training_schedule, hourly_drift_schedule],
-        sensors=[landed_telemetry_sensor, drift_sensor],
+        jobs=[telemetry_job, training_job, backtest_job, monitoring_job, evaluation_job],
+        schedules=[weekly_training_schedule, hourly_monitoring_schedule],
+        sensors=[landed_telemetry_sensor, drift_sensor, label_sensor],
         resources={
             "storage": QabuseStorage(home=str(home)),
             "feast": FeastResource(repo_path=str(settings.feature_repo_dir()), home=str(home)),

@@ -199,6 +199,57 @@ def log_detector(
     return ref, experiment_id
 
 
+#: Where the champion's hourly figures go: one run per champion version.
+MONITORING_EXPERIMENT = "qabuse-continuous-evaluation"
+#: The tag naming the version a continuous-evaluation run follows (``name vN``).
+MONITORED_VERSION_TAG = "qabuse.monitored_version"
+
+
+def log_window_metrics(
+    ref: ModelVersionRef,
+    metrics: Mapping[str, float],
+    at_ms: int,
+    tracking_uri: str | None = None,
+) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """Add one window's figures to the time series of ``ref``'s continuous evaluation.
+
+    The series lives in one MLflow run per model version, under `MONITORING_EXPERIMENT`;
+    each figure is logged at step ``at_ms // 3_600_000`` (the window's hour), stamped
+    ``at_ms``, so re-evaluating a window adds a point at the same step.
+
+    Returns:
+        The run's id and, per figure, its whole series as ``(at_ms, value)`` in time order.
+    """
+    from mlflow.entities import Metric
+
+    client = configure(tracking_uri)
+    experiment_id = ensure_experiment(client, MONITORING_EXPERIMENT)
+    version = f"{ref.name} v{ref.version}"
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{MONITORED_VERSION_TAG}` = '{version}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(
+            experiment_id,
+            run_name=f"continuous-{ref.name}-v{ref.version}",
+            tags={MONITORED_VERSION_TAG: version, "qabuse.model_run_id": ref.run_id},
+        ).info.run_id
+    step = at_ms // 3_600_000
+    client.log_batch(
+        run_id,
+        metrics=[Metric(name, float(value), at_ms, step) for name, value in metrics.items()],
+    )
+    series = {
+        name: sorted((m.timestamp, m.value) for m in client.get_metric_history(run_id, name))
+        for name in metrics
+    }
+    return run_id, series
+
+
 def set_alias(ref: ModelVersionRef, alias: str, tracking_uri: str | None = None) -> None:
     configure(tracking_uri).set_registered_model_alias(ref.name, alias, ref.version)
 

@@ -1,5 +1,5 @@
-"""Jobs: the hourly telemetry slice, the train-evaluate-promote chain, drift monitoring;
-and their schedules."""
+"""Jobs: the hourly telemetry slice, the train-evaluate-promote chain, monitoring (drift
+and continuous evaluation); and their schedules."""
 
 from dagster import AssetSelection, DefaultScheduleStatus, ScheduleDefinition, define_asset_job
 
@@ -30,7 +30,15 @@ backtest_job = define_asset_job(
 monitoring_job = define_asset_job(
     "monitoring_job",
     selection=AssetSelection.groups("monitoring"),
-    description="Measure the drift of the champion's inputs over the last day of window rows.",
+    description="Measure the drift of the champion's inputs and score over the last day of "
+    "window rows, and judge its alerts of the last hour against the labels.",
+)
+
+evaluation_job = define_asset_job(
+    "evaluation_job",
+    selection=AssetSelection.assets("continuous_evaluation"),
+    description="Judge the champion's alerts of a recent window against the labels (what "
+    "label_sensor starts when analysts have labelled enough new alerts).",
 )
 
 #: Retraining on a calendar, whatever the drift: Mondays 03:00 UTC. Stopped until turned
@@ -44,11 +52,12 @@ weekly_training_schedule = ScheduleDefinition(
     description="Retrain every family and the ensemble weekly (Monday 03:00 UTC).",
 )
 
-hourly_drift_schedule = ScheduleDefinition(
-    name="hourly_drift_schedule",
+hourly_monitoring_schedule = ScheduleDefinition(
+    name="hourly_monitoring_schedule",
     job=monitoring_job,
     cron_schedule="15 * * * *",
     execution_timezone="UTC",
     default_status=DefaultScheduleStatus.STOPPED,
-    description="Measure input drift every hour, a quarter past (after the hour's windows).",
+    description="Measure drift and evaluate the champion's last hour every hour, a quarter "
+    "past (after the hour's windows).",
 )

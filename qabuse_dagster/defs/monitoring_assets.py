@@ -2,16 +2,21 @@
 
 ``feature_drift`` compares the last day of api-key window rows (the rows the detectors
 score: those with demand) with the bins of the rows the ``@champion`` version was
-trained on, logged with that version (`qabuse_dagster.evaluation.drift`). Its checks
-warn at PSI 0.1 and fail at 0.25 on any feature, both configurable.
+trained on, logged with that version (`qabuse_dagster.evaluation.drift`), and the
+champion's scores of that day with its scores of its training rows. Its checks warn at
+PSI 0.1 and fail at 0.25 on any input or the score, both configurable; the drift
+sensor counts the inputs at the error level.
 """
 
 # No `from __future__ import annotations`: Dagster reads the config class off the
 # signature at definition time.
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import pyarrow as pa
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -19,6 +24,7 @@ from dagster import (
     AssetExecutionContext,
     Config,
     Failure,
+    MaterializeResult,
     MetadataValue,
     Output,
     asset,
@@ -26,17 +32,27 @@ from dagster import (
 
 from qabuse_dagster import model_registry, settings
 from qabuse_dagster.defs.resources import MlflowResource, QabuseStorage
+from qabuse_dagster.evaluation.continuous import window_figures
 from qabuse_dagster.evaluation.drift import (
     PSI_ERROR,
     PSI_WARN,
     SCORE_FEATURE,
     feature_drift,
+    newest_row_time,
     recent_rows,
 )
-from qabuse_dagster.evaluation.plots import drift_png, png_markdown
+from qabuse_dagster.evaluation.families import WARM_UP, detector_inputs, ensemble_scored
+from qabuse_dagster.evaluation.plots import drift_png, png_markdown, series_png
 from qabuse_dagster.features.definitions import has_demand
+from qabuse_dagster.ingest.partitions import read_raw
+from qabuse_dagster.telemetry.labels import read_labels
 
-__all__ = ["DriftConfig", "feature_drift_asset"]
+__all__ = [
+    "DriftConfig",
+    "EvaluationWindowConfig",
+    "continuous_evaluation_asset",
+    "feature_drift_asset",
+]
 
 WARN_CHECK = "psi_below_warn"
 ERROR_CHECK = "psi_below_error"
@@ -54,8 +70,9 @@ class DriftConfig(Config):
     name="feature_drift",
     group_name="monitoring",
     kinds={"mlflow", "pandas"},
-    description="PSI and Jensen-Shannon distance of every champion input: the last day of "
-    "api-key window rows against the bins of the rows the @champion was trained on.",
+    description="PSI and Jensen-Shannon distance of every champion input, and of the "
+    "champion's own score: the last day of api-key window rows against the bins of the "
+    "rows the @champion was trained on.",
     check_specs=[
         AssetCheckSpec(
             WARN_CHECK,
@@ -88,29 +105,46 @@ def feature_drift_asset(
             "trained before drift monitoring; run training_job to register one that has"
         )
     paths = storage.paths()
-    rows = recent_rows(paths.api_key_windows, timedelta(hours=config.window_hours))
+    span = timedelta(hours=config.window_hours)
+    rows = recent_rows(paths.api_key_windows, span)
     rows = rows[has_demand(rows)] if not rows.empty else rows
     if rows.empty:
         raise Failure(f"no api-key window rows in {paths.api_key_windows} to compare")
     inputs = {name: bins for name, bins in reference.items() if name in rows.columns}
     drift = feature_drift(inputs, rows, config.psi_warn, config.psi_error)
     drift = drift.sort_values("psi", ascending=False)
-    warned = drift.index[drift["level"] != "ok"].tolist()
     failed = drift.index[drift["level"] == "error"].tolist()
+    if SCORE_FEATURE in reference:
+        newest = pd.to_datetime(rows["event_timestamp"], utc=True).max().to_pydatetime()
+        scored = _champion_scored(paths, _load_champion(mlflow_store), newest, span)
+        score = feature_drift(
+            {SCORE_FEATURE: reference[SCORE_FEATURE]},
+            scored.rows.rename(columns={"score": SCORE_FEATURE}),
+            config.psi_warn,
+            config.psi_error,
+        )
+        drift = pd.concat([score, drift])
+    # The checks read the score with the inputs; the sensor counts inputs alone.
+    warned = drift.index[drift["level"] != "ok"].tolist()
+    errors = drift.index[drift["level"] == "error"].tolist()
     plot = drift_png(drift, Path(paths.reports) / f"drift-{context.run.run_id[:8]}.png")
     table = drift[["psi", "js_distance", "level", "rows"]].round(4)
     metadata: dict[str, Any] = {
         "champion": f"{champion.name} v{champion.version}",
         "rows_compared": len(rows),
         "window_hours": config.window_hours,
-        "features": len(drift),
-        "features_warn_or_worse": len(warned),
+        "features": len(inputs),
+        "features_warn_or_worse": len([name for name in warned if name != SCORE_FEATURE]),
         "features_error": len(failed),
-        "max_psi": float(drift["psi"].max()) if len(drift) else 0.0,
+        "max_psi": float(drift.loc[list(inputs), "psi"].max()) if inputs else 0.0,
         "drift": MetadataValue.md(table.to_markdown()),
         "plot": MetadataValue.md(png_markdown(plot, "reference against current bins")),
         "not_compared": ", ".join(sorted(set(reference) - set(inputs) - {SCORE_FEATURE})) or "none",
     }
+    if SCORE_FEATURE in drift.index:
+        metadata["score_psi"] = float(drift.loc[SCORE_FEATURE, "psi"])
+        metadata["score_js_distance"] = float(drift.loc[SCORE_FEATURE, "js_distance"])
+        metadata["score_level"] = str(drift.loc[SCORE_FEATURE, "level"])
     yield Output(drift.drop(columns=["reference_shares", "current_shares"]), metadata=metadata)
     yield AssetCheckResult(
         check_name=WARN_CHECK,
@@ -120,7 +154,145 @@ def feature_drift_asset(
     )
     yield AssetCheckResult(
         check_name=ERROR_CHECK,
-        passed=not failed,
+        passed=not errors,
         severity=AssetCheckSeverity.ERROR,
-        metadata={"features": ", ".join(failed) or "none", "psi_error": config.psi_error},
+        metadata={"features": ", ".join(errors) or "none", "psi_error": config.psi_error},
     )
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """The champion's verdicts on a recent window, and the telemetry they came from."""
+
+    rows: pd.DataFrame  # api_key_id, event_timestamp, score, alert
+    telemetry: pa.Table
+    start: datetime
+    end: datetime
+
+
+def _champion_scored(
+    paths: settings.Paths,
+    champion: model_registry.LoadedChampion,
+    newest: datetime,
+    span: timedelta,
+) -> _Scored:
+    """The @champion's scores of the api-key rows with demand in ``(newest - span, newest]``.
+
+    The rows are recomputed from raw telemetry with a day of history before the window,
+    so that day-long features are whole, as the families saw them in training, and every
+    family gets the inputs it reads (sequences, campaign views), not only window rows.
+    """
+    start = newest - span
+    telemetry = read_raw(paths.raw_telemetry, start - WARM_UP, newest + timedelta(minutes=1))
+    inputs = detector_inputs(telemetry, list(champion.members))
+    recomputed = inputs.key_rows
+    at = pd.to_datetime(recomputed["event_timestamp"], utc=True)
+    inside = (at > pd.Timestamp(start)) & (at <= pd.Timestamp(newest))
+    wanted = recomputed[inside & has_demand(recomputed)]
+    return _Scored(
+        rows=ensemble_scored(champion, inputs, wanted),
+        telemetry=telemetry,
+        start=start,
+        end=newest + timedelta(seconds=1),
+    )
+
+
+def _load_champion(mlflow_store: MlflowResource) -> model_registry.LoadedChampion:
+    return model_registry.load_champion(
+        settings.CHAMPION_ALIAS, mlflow_store.model_name, mlflow_store.tracking_uri
+    )
+
+
+class EvaluationWindowConfig(Config):
+    """How much recent data the hourly evaluation judges."""
+
+    window_hours: float = 1.0
+
+
+@asset(
+    name="continuous_evaluation",
+    group_name="monitoring",
+    kinds={"mlflow", "pandas"},
+    description="The @champion's alerts of the last hour against the labels active in it "
+    "(the twin's and analysts'): key-level precision, benign alert rate and recall, one "
+    "point per run in the version's MLflow time series.",
+)
+def continuous_evaluation_asset(
+    context: AssetExecutionContext,
+    config: EvaluationWindowConfig,
+    storage: QabuseStorage,
+    mlflow_store: MlflowResource,
+) -> MaterializeResult:
+    if not config.window_hours > 0:
+        raise Failure(f"window_hours must be positive, got {config.window_hours}")
+    paths = storage.paths()
+    newest = newest_row_time(paths.api_key_windows)
+    if newest is None:
+        raise Failure(f"no api-key window rows in {paths.api_key_windows} to evaluate")
+    champion = _load_champion(mlflow_store)
+    scored = _champion_scored(paths, champion, newest, timedelta(hours=config.window_hours))
+    labels = [
+        label
+        for path in (paths.labels, paths.analyst_labels)
+        if path.exists()
+        for label in read_labels(path)
+    ]
+    pairs = scored.telemetry.select(["user", "api_key_id"]).to_pandas().drop_duplicates()
+    user_keys = pairs.groupby("user")["api_key_id"].agg(list).to_dict()
+    figures = window_figures(scored.rows, labels, scored.start, scored.end, user_keys)
+    at_ms = int(scored.end.timestamp() * 1000)
+    # The hourly series keeps the plain names; a longer window (a label-driven run) has
+    # its own series, so that one point never mixes an hour with a week.
+    suffix = "" if config.window_hours == 1.0 else f"_{config.window_hours:g}h"
+    run_id, series = model_registry.log_window_metrics(
+        champion.ref,
+        {f"{name}{suffix}": value for name, value in figures.metrics().items()},
+        at_ms,
+        mlflow_store.tracking_uri,
+    )
+    shown = {
+        name: series[f"{name}{suffix}"] for name in SERIES_SHOWN if f"{name}{suffix}" in series
+    }
+    plot = series_png(
+        shown,
+        Path(paths.reports) / f"continuous-{context.run.run_id[:8]}.png",
+        title=f"{champion.ref.name} v{champion.ref.version}: hourly evaluation",
+    )
+    table = (
+        pd.DataFrame({name: dict(points) for name, points in shown.items()})
+        .sort_index()
+        .tail(SERIES_ROWS)
+    )
+    table.index = pd.to_datetime(table.index, unit="ms", utc=True).strftime("%Y-%m-%d %H:%M")
+    context.log.info(
+        "%s v%s over %s: %d of %d active keys alerted",
+        champion.ref.name,
+        champion.ref.version,
+        f"{scored.start:%Y-%m-%d %H:%M}..{scored.end:%H:%M}",
+        figures.alerted_keys,
+        figures.active_keys,
+    )
+    metadata: dict[str, Any] = {
+        "champion": f"{champion.ref.name} v{champion.ref.version}",
+        "window": f"{scored.start.isoformat()} .. {scored.end.isoformat()}",
+        **{name: MetadataValue.float(value) for name, value in figures.metrics().items()},
+        "labelled_incident_in_window": figures.incident_keys > 0,
+        "series": MetadataValue.md(table.round(4).to_markdown()),
+        "plot": MetadataValue.md(png_markdown(plot, "hourly precision and benign alert rate")),
+        "mlflow_run": MetadataValue.url(
+            model_registry.run_url(
+                run_id,
+                model_registry.ensure_experiment(
+                    model_registry.configure(mlflow_store.tracking_uri),
+                    model_registry.MONITORING_EXPERIMENT,
+                ),
+                mlflow_store.ui_url,
+            )
+        ),
+    }
+    return MaterializeResult(metadata=metadata)
+
+
+#: The figures the metadata's table and plot show, and how many hours of them.
+SERIES_SHOWN = ("precision", "benign_alert_rate", "recall")
+SERIES_ROWS = 24

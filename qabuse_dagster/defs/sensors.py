@@ -1,5 +1,6 @@
 """Sensors: landed telemetry turns into runs of the hourly slice, once per landed state;
-drift of the champion's inputs turns into one retraining per drift episode."""
+drift of the champion's inputs turns into one retraining per drift episode; enough new
+analyst labels turn into a re-evaluation of the champion on the window they cover."""
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,9 +18,11 @@ from dagster import (
 )
 
 from qabuse_dagster import settings
-from qabuse_dagster.defs.jobs import telemetry_job, training_job
+from qabuse_dagster.defs.jobs import evaluation_job, telemetry_job, training_job
 from qabuse_dagster.defs.partitions import partition_key, split_by_partitions
+from qabuse_dagster.evaluation.drift import newest_row_time
 from qabuse_dagster.ingest.partitions import landing_hours, partition_dir
+from qabuse_dagster.telemetry.labels import IncidentLabel, read_labels
 
 #: An hour is complete this long after it ends; later records start another run.
 GRACE = timedelta(minutes=2)
@@ -112,6 +115,7 @@ class DriftReading:
     champion: str  # "name vN", the version whose inputs drifted
     features_error: int
     features: int
+    window_hours: float = 24.0  # the span of recent rows compared
 
 
 def drift_decision(
@@ -143,9 +147,14 @@ def drift_decision(
         )
     return RunRequest(
         run_key=f"drift/{reading.champion}",
+        # Evaluated on the drifted window, trained on everything before it: the new
+        # version learns the hours of the new population that came before the window,
+        # and is judged beside the champion on the rows that showed the drift.
+        run_config={"ops": {"detector_history": {"config": {"eval_hours": reading.window_hours}}}},
         tags={
             "qabuse/trigger": DRIFT_TRIGGER,
             "qabuse/drifted_inputs": str(reading.features_error),
+            "qabuse/drifted_champion": reading.champion,
         },
     )
 
@@ -171,6 +180,7 @@ def drift_sensor(context: SensorEvaluationContext) -> RunRequest | SkipReason:
         champion=str(metadata["champion"].value),
         features_error=int(str(metadata["features_error"].value)),
         features=int(str(metadata["features"].value)),
+        window_hours=float(str(metadata["window_hours"].value)),
     )
     return drift_decision(reading, _last_drift_retrain(context), datetime.now(UTC))
 
@@ -186,3 +196,62 @@ def _last_drift_retrain(context: SensorEvaluationContext) -> datetime | None:
         limit=1,
     )
     return records[0].create_timestamp.astimezone(UTC) if records else None
+
+
+#: New analyst labels (triage verdicts, upheld appeals) that make a re-evaluation worth
+#: running: one verdict is an anecdote, a handful says how the champion does now.
+LABEL_MIN_NEW = 5
+#: The longest window a label-driven evaluation judges.
+LABEL_MAX_WINDOW = timedelta(days=7)
+LABEL_TRIGGER = "label_sensor"
+
+
+def label_decision(
+    labels: list[IncidentLabel],
+    seen: int,
+    newest_row: datetime | None,
+    *,
+    min_new: int = LABEL_MIN_NEW,
+) -> RunRequest | SkipReason:
+    """Re-evaluate the champion once ``min_new`` labels arrived after the first ``seen``.
+
+    The analyst label file only grows, so the labels past ``seen`` are the new ones. The
+    evaluation window runs from the earliest new label's start to the newest window row
+    (at least an hour, at most `LABEL_MAX_WINDOW`); the run key is the label count, so
+    one set of labels is evaluated once.
+    """
+    new = labels[seen:]
+    if len(new) < min_new:
+        return SkipReason(
+            f"{len(new)} new analyst label(s) since the last evaluation; {min_new} start one"
+        )
+    if newest_row is None:
+        return SkipReason(f"{len(new)} new analyst labels, but no window rows to evaluate")
+    earliest = min(label.start for label in new)
+    span = min(max(newest_row - earliest, HOUR), LABEL_MAX_WINDOW)
+    hours = -(-span // HOUR)  # whole hours, rounded up
+    return RunRequest(
+        run_key=f"labels/{len(labels)}",
+        run_config={"ops": {"continuous_evaluation": {"config": {"window_hours": float(hours)}}}},
+        tags={"qabuse/trigger": LABEL_TRIGGER, "qabuse/new_labels": str(len(new))},
+    )
+
+
+@sensor(
+    job=evaluation_job,
+    minimum_interval_seconds=300,
+    default_status=DefaultSensorStatus.RUNNING,
+    description=f"Starts evaluation_job when analysts have given at least {LABEL_MIN_NEW} new "
+    "labels (triage verdicts, upheld appeals): the champion is judged again on the window "
+    "they cover, once per set of labels (run key).",
+)
+def label_sensor(context: SensorEvaluationContext) -> RunRequest | SkipReason:
+    paths = settings.paths()
+    labels = read_labels(paths.analyst_labels) if paths.analyst_labels.exists() else []
+    seen = int(context.cursor or 0)
+    if seen > len(labels):  # the file was replaced: its labels are all new
+        seen = 0
+    decision = label_decision(labels, seen, newest_row_time(paths.api_key_windows))
+    if isinstance(decision, RunRequest):
+        context.update_cursor(str(len(labels)))
+    return decision

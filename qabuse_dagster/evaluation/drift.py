@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "drift_level",
     "feature_drift",
     "model_reference",
+    "newest_row_time",
     "population_stability_index",
     "recent_rows",
     "reference_bins",
@@ -186,6 +187,14 @@ def drift_level(psi: float, warn: float = PSI_WARN, error: float = PSI_ERROR) ->
     if not np.isfinite(psi) or psi < warn:
         return "ok"
     return "warn" if psi < error else "error"
+
+
+def newest_row_time(folder: Path, timestamp: str = "event_timestamp") -> datetime | None:
+    """The instant of the newest window row in ``folder`` (None when it holds none)."""
+    rows = recent_rows(folder, timedelta(hours=1), timestamp)
+    if rows.empty:
+        return None
+    return pd.to_datetime(rows[timestamp], utc=True).max().to_pydatetime()
 
 
 def recent_rows(folder: Path, span: timedelta, timestamp: str = "event_timestamp") -> pd.DataFrame:

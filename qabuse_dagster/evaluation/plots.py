@@ -92,3 +92,34 @@ def drift_png(drift: pd.DataFrame, path: Path, *, shown: int = 6) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def series_png(
+    series: dict[str, list[tuple[int, float]]], path: Path, *, title: str, shown: int = 168
+) -> Path:
+    """Each figure's last ``shown`` points over time (``(epoch ms, value)`` pairs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.2), dpi=100)
+    for name, points in series.items():
+        points = points[-shown:]
+        if not points:
+            continue
+        at = pd.to_datetime([ms for ms, _ in points], unit="ms", utc=True)
+        ax.plot(at, [value for _, value in points], marker="o", markersize=3, label=name)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("share of keys", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7, loc="best")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,10 +1,13 @@
-"""Drift monitoring in Dagster: ``feature_drift`` against the champion's stored reference."""
+"""Monitoring in Dagster: ``feature_drift`` against the champion's stored reference, the
+hourly ``continuous_evaluation``, the drift and label sensors, and the schedules."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from models.registry import families
@@ -15,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 def _run(config: dict[str, Any] | None = None) -> Any:
-    from dagster import DagsterInstance
+    """``feature_drift`` alone, through ``monitoring_job``."""
+    from dagster import AssetKey, DagsterInstance
 
     from qabuse_dagster.definitions import build_definitions
     from qabuse_dagster.pipeline import QUIET_RUN_CONFIG
@@ -25,8 +29,24 @@ def _run(config: dict[str, Any] | None = None) -> Any:
         run_config["ops"] = {"feature_drift": {"config": config}}
     job = build_definitions().resolve_job_def("monitoring_job")
     return job.execute_in_process(
-        instance=DagsterInstance.get(), run_config=run_config, raise_on_error=False
+        instance=DagsterInstance.get(),
+        run_config=run_config,
+        asset_selection=[AssetKey("feature_drift")],
+        raise_on_error=False,
     )
+
+
+@pytest.fixture(scope="module")
+def default_drift(pipeline_run: Any) -> Any:
+    """One ``feature_drift`` run at the default levels on the session twin, shared."""
+    return _run()
+
+
+def _metadata(result: Any, asset: str) -> Any:
+    (event,) = [
+        e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == asset
+    ]
+    return event.materialization.metadata
 
 
 def _checks(result: Any) -> dict[str, Any]:
@@ -50,12 +70,11 @@ def test_the_champion_version_carries_its_drift_reference(pipeline_run: Any) -> 
 
 
 def test_feature_drift_reports_every_input_with_a_table_a_plot_and_its_checks(
-    pipeline_run: Any,
+    default_drift: Any,
 ) -> None:
-    result = _run()
+    result = default_drift
     assert result.success
-    (event,) = result.get_asset_materialization_events()
-    metadata = event.materialization.metadata
+    metadata = _metadata(result, "feature_drift")
     assert metadata["features"].value >= 20
     assert metadata["rows_compared"].value > 1000
     assert metadata["drift"].value.count("\n") >= metadata["features"].value
@@ -66,6 +85,34 @@ def test_feature_drift_reports_every_input_with_a_table_a_plot_and_its_checks(
     warned = metadata["features_warn_or_worse"].value
     assert checks["psi_below_warn"].passed == (warned == 0)
     assert checks["psi_below_error"].passed == (metadata["features_error"].value == 0)
+
+
+def test_the_drift_reading_includes_the_champions_own_score(default_drift: Any) -> None:
+    metadata = _metadata(default_drift, "feature_drift")
+    assert metadata["score_level"].value in {"ok", "warn", "error"}
+    assert metadata["score_psi"].value >= 0.0
+    assert "| model_score" in metadata["drift"].value
+    # The sensor counts inputs only: the score is not one of them.
+    assert metadata["features"].value == metadata["drift"].value.count("\n") - 2
+
+
+def test_without_drift_the_sensor_starts_no_training(default_drift: Any) -> None:
+    from dagster import DagsterInstance, SkipReason
+    from support.sensor_daemon import runs_of
+
+    from qabuse_dagster.defs.sensors import DRIFT_MIN_FEATURES
+
+    # The session twin has no population shift: the last day (abuse included) reads as
+    # the day the champion's reference describes, at the default levels. (Before the
+    # tests below, which materialise drift at made-up levels.)
+    result = default_drift
+    assert result.success
+    metadata = _metadata(result, "feature_drift")
+    assert metadata["features_error"].value < DRIFT_MIN_FEATURES, metadata["drift"].value
+    quiet, _ = _tick(None)
+    assert isinstance(quiet, SkipReason)
+    assert "make a drift episode" in str(quiet.skip_message)
+    assert runs_of(DagsterInstance.get(), "drift_sensor") == []
 
 
 def test_the_check_levels_are_configurable(pipeline_run: Any) -> None:
@@ -136,3 +183,129 @@ def test_a_drift_retraining_cools_down() -> None:
     few = DriftReading(champion="qabuse-api-key-detector v3", features_error=2, features=30)
     assert isinstance(drift_decision(few, None, now), SkipReason)
     assert isinstance(drift_decision(few, None, now, min_features=2), RunRequest)
+
+
+def test_continuous_evaluation_keeps_a_time_series_in_mlflow(pipeline_run: Any) -> None:
+    from dagster import DagsterInstance
+
+    from qabuse_dagster.definitions import build_definitions
+    from qabuse_dagster.pipeline import QUIET_RUN_CONFIG
+
+    job = build_definitions().resolve_job_def("evaluation_job")
+    for hours in (1.0, 24.0):
+        result = job.execute_in_process(
+            instance=DagsterInstance.get(),
+            run_config={
+                **QUIET_RUN_CONFIG,
+                "ops": {"continuous_evaluation": {"config": {"window_hours": hours}}},
+            },
+        )
+        assert result.success
+    metadata = _metadata(result, "continuous_evaluation")
+    champion = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
+    assert metadata["champion"].value == f"{champion.name} v{champion.version}"
+    # The session twin's runaway CI runs to its end: the last day holds it, alerted on.
+    assert metadata["labelled_incident_in_window"].value is True
+    assert metadata["recall"].value == 1.0
+    assert 0.0 < metadata["precision"].value <= 1.0
+    assert 0.0 <= metadata["benign_alert_rate"].value <= 0.05
+    assert metadata["plot"].value.startswith("![hourly precision and benign alert rate](data:")
+    client = model_registry.configure()
+    experiment = client.get_experiment_by_name(model_registry.MONITORING_EXPERIMENT)
+    assert experiment is not None
+    (run,) = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{model_registry.MONITORED_VERSION_TAG}` = "
+        f"'{champion.name} v{champion.version}'",
+    )
+    # The hour and the day are two series: a point never mixes the two windows.
+    assert {"benign_alert_rate", "benign_alert_rate_24h", "recall_24h"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "benign_alert_rate")) >= 1
+
+
+def test_the_schedules_ask_for_their_jobs_at_their_times() -> None:
+    from dagster import RunRequest, build_schedule_context
+
+    from qabuse_dagster.defs.jobs import hourly_monitoring_schedule, weekly_training_schedule
+
+    monday = datetime(2026, 12, 7, 3, tzinfo=UTC)
+    for schedule, job in (
+        (weekly_training_schedule, "training_job"),
+        (hourly_monitoring_schedule, "monitoring_job"),
+    ):
+        (request,) = (
+            schedule.evaluate_tick(
+                build_schedule_context(scheduled_execution_time=monday)
+            ).run_requests
+            or []
+        )
+        assert isinstance(request, RunRequest)
+        assert schedule.job_name == job
+    assert weekly_training_schedule.cron_schedule == "0 3 * * 1"
+    assert hourly_monitoring_schedule.cron_schedule == "15 * * * *"
+
+
+# --- the label sensor: enough new analyst labels re-evaluate the champion --------------
+
+
+def _label(i: int, start: datetime) -> Any:
+    from qabuse_dagster.telemetry.labels import IncidentLabel
+
+    return IncidentLabel(
+        incident_id=f"analyst-{i}",
+        kind="key_leak",
+        start=start,
+        end=start + timedelta(hours=1),
+        api_key_ids=(f"{i:064x}",),
+    )
+
+
+def test_a_handful_of_new_labels_starts_one_evaluation_over_their_window() -> None:
+    from dagster import RunRequest, SkipReason
+
+    from qabuse_dagster.defs.sensors import LABEL_MAX_WINDOW, LABEL_MIN_NEW, label_decision
+
+    newest = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    labels = [_label(i, newest - timedelta(hours=30 - i)) for i in range(LABEL_MIN_NEW + 2)]
+    few = label_decision(labels[: LABEL_MIN_NEW - 1], 0, newest)
+    assert isinstance(few, SkipReason) and f"{LABEL_MIN_NEW} start one" in str(few.skip_message)
+    request = label_decision(labels, 2, newest)  # 5 new past the 2 already seen
+    assert isinstance(request, RunRequest)
+    assert request.run_key == f"labels/{len(labels)}"
+    window = request.run_config["ops"]["continuous_evaluation"]["config"]["window_hours"]
+    assert window == 28.0  # from the earliest new label's start (28 h before) to the newest row
+    assert isinstance(label_decision(labels, len(labels), newest), SkipReason)
+    old = [_label(i, newest - timedelta(days=30)) for i in range(LABEL_MIN_NEW)]
+    capped = label_decision(old, 0, newest)
+    assert isinstance(capped, RunRequest)
+    config = capped.run_config["ops"]["continuous_evaluation"]["config"]
+    assert config["window_hours"] == LABEL_MAX_WINDOW / timedelta(hours=1)
+    assert isinstance(label_decision(labels, 0, None), SkipReason)
+
+
+def test_the_label_sensor_reads_the_analyst_label_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dagster import RunRequest, SkipReason, build_sensor_context
+
+    from qabuse_dagster.defs.sensors import LABEL_MIN_NEW, label_sensor
+    from qabuse_dagster.telemetry.labels import write_labels
+
+    monkeypatch.setenv(settings.HOME_ENV, str(tmp_path))
+    paths = settings.paths()
+    newest = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    paths.api_key_windows.mkdir(parents=True)
+    pd.DataFrame({"api_key_id": ["a" * 64], "event_timestamp": [pd.Timestamp(newest)]}).to_parquet(
+        paths.api_key_windows / "2026-12-07-12.parquet"
+    )
+    paths.analyst_labels.parent.mkdir(parents=True, exist_ok=True)
+    labels = [_label(i, newest - timedelta(hours=3)) for i in range(LABEL_MIN_NEW)]
+    write_labels(labels[:2], paths.analyst_labels)
+    context = build_sensor_context()
+    assert isinstance(label_sensor(context), SkipReason)
+    assert context.cursor is None  # nothing asked: the two labels still count as new
+    write_labels(labels, paths.analyst_labels)
+    request = label_sensor(context)
+    assert isinstance(request, RunRequest) and request.run_key == f"labels/{LABEL_MIN_NEW}"
+    assert context.cursor == str(LABEL_MIN_NEW)
+    assert isinstance(label_sensor(context), SkipReason)
