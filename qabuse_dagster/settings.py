@@ -7,6 +7,7 @@ Nothing here imports a heavy library, so the telemetry client and the CLI stay f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from dataclasses import dataclass
@@ -260,14 +261,20 @@ def signing_key() -> bytes:
     path = paths().secrets / "signing.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # O_EXCL: two processes starting together keep the same (first) key.
+        # Written whole under a private name, then linked into place: a process starting
+        # at the same time sees no key file or the whole key, never an empty file, and
+        # the link fails if another process linked its key first, which all then keep.
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_hex(32))
+                out.flush()
+                os.fsync(out.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        finally:
+            draft.unlink(missing_ok=True)
     key = path.read_text().strip()
     if len(key) < 32:
         raise ValueError(f"{path} holds {len(key)} characters: delete it to get a new key")
