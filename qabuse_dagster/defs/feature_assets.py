@@ -1,7 +1,7 @@
 """Window features per entity and hour, the Feast store they feed, and the training set."""
 
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -100,15 +100,19 @@ def window_features_asset(entity: str) -> AssetsDefinition:
         paths = storage.paths()
         folder = paths.entity_windows(entity)
         window = context.partition_time_window
-        telemetry = read_raw(paths.raw_telemetry, window.start - LOOKBACK, window.end)
-        rows = window_features(telemetry, window.start, window.end, entity_column=entity_column)
+        # The hour now open ends in the future: its rows stop at the present minute, since
+        # a row past it would claim that no record arrives until then (and would outrank the
+        # stream worker's fresher rows online). The hour is run again once it is complete.
+        end = min(window.end, _present_minute() + timedelta(minutes=1))
+        telemetry = read_raw(paths.raw_telemetry, window.start - LOOKBACK, end)
+        rows = window_features(telemetry, window.start, end, entity_column=entity_column)
         per_hour = _write_hours(rows, folder, window.start, window.end)
         # Only the features the rows have: a missing one fails the schema check, not the run.
         specs = [f for f in FEATURES if f.name in rows.column_names]
         frame = rows.to_pandas()
         names = [f.name for f in specs]
         schema_problems = _schema_problems(rows.schema, entity_column)
-        lag_s = _lag_behind_raw_s(telemetry, rows, window.start, window.end)
+        lag_s = _lag_behind_raw_s(telemetry, rows, window.start, end)
         nulls = int(frame[names].isna().sum().sum())
         out_of_range = _range_violations(frame)
         summary = frame[names].describe().T[["mean", "50%", "max"]].reset_index(names="feature")
@@ -154,6 +158,10 @@ def window_features_asset(entity: str) -> AssetsDefinition:
 
 api_key_window_features = window_features_asset("api_key")
 user_window_features = window_features_asset("user")
+
+
+def _present_minute() -> datetime:
+    return datetime.now(UTC).replace(second=0, microsecond=0)
 
 
 def _write_hours(

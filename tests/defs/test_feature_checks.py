@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from qabuse_dagster.defs import feature_assets
@@ -120,3 +123,40 @@ def test_freshness_is_met_by_rows_covering_the_newest_record_and_fails_on_stale_
     # A record of the last minute is first seen by the next hour's rows.
     late = _raw(59.5)
     assert _lag_behind_raw_s(late, window_features(late, HOUR, END), HOUR, END) is None
+
+
+@pytest.mark.integration
+def test_the_open_hour_has_no_row_past_the_present_minute(tmp_path: Path) -> None:
+    """A row after now would claim that no record comes until then, and would outrank the
+    stream worker's fresher rows in the online store."""
+    from dagster import materialize
+    from support.records import record
+
+    from qabuse_dagster import settings
+    from qabuse_dagster.defs.partitions import partition_key
+    from qabuse_dagster.defs.resources import QabuseStorage
+    from qabuse_dagster.ingest.partitions import (
+        hour_of,
+        partition_dir,
+        records_to_table,
+        write_parquet_atomic,
+    )
+
+    now = datetime.now(UTC)
+    records = [record(f"job-{i}", now - timedelta(minutes=i)) for i in range(1, 40)]
+    raw = settings.Paths(tmp_path).raw_telemetry
+    for hour in sorted({hour_of(r.timestamp) for r in records}):
+        table = records_to_table([r for r in records if hour_of(r.timestamp) == hour])
+        write_parquet_atomic(table, partition_dir(raw, hour) / "part-0.parquet")
+    result = materialize(
+        [feature_assets.api_key_window_features],
+        partition_key=partition_key(now),
+        resources={"storage": QabuseStorage(home=str(tmp_path))},
+    )
+    assert result.success
+    written = pq.read_table(settings.Paths(tmp_path).api_key_windows).to_pandas()
+    stamps = pd.to_datetime(written["event_timestamp"], utc=True)
+    assert len(stamps) > 0
+    assert stamps.max() <= pd.Timestamp(now)
+    # Up to the present minute, not short of it: the newest row is this minute's.
+    assert stamps.max() >= pd.Timestamp(now).floor("min") - pd.Timedelta(minutes=1)
