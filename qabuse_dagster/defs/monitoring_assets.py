@@ -37,6 +37,7 @@ from qabuse_dagster.evaluation.drift import (
     PSI_ERROR,
     PSI_WARN,
     SCORE_FEATURE,
+    entity_weights,
     feature_drift,
     newest_row_time,
     recent_rows,
@@ -59,11 +60,19 @@ ERROR_CHECK = "psi_below_error"
 
 
 class DriftConfig(Config):
-    """How much recent data to compare, and the PSI levels of the two checks."""
+    """How much recent data to compare, the PSI levels of the two checks, and the fewest
+    active api keys whose drift is judged.
+
+    Every key weighs the same (`entity_weights`), so the keys are the sample: the decile
+    shares of a handful of keys are noise, and a deployment of ten keys reads as drifting
+    whenever one of them changes its week. Under ``min_keys`` the figures are shown and
+    the checks pass, saying why.
+    """
 
     window_hours: float = 24.0
     psi_warn: float = PSI_WARN
     psi_error: float = PSI_ERROR
+    min_keys: int = 30
 
 
 @asset(
@@ -111,7 +120,11 @@ def feature_drift_asset(
     if rows.empty:
         raise Failure(f"no api-key window rows in {paths.api_key_windows} to compare")
     inputs = {name: bins for name, bins in reference.items() if name in rows.columns}
-    drift = feature_drift(inputs, rows, config.psi_warn, config.psi_error)
+    # Every key weighs the same, as in the reference: a key's attack is not the
+    # population's drift (`entity_weights`).
+    drift = feature_drift(
+        inputs, rows, config.psi_warn, config.psi_error, weights=entity_weights(rows)
+    )
     drift = drift.sort_values("psi", ascending=False)
     failed = drift.index[drift["level"] == "error"].tolist()
     if SCORE_FEATURE in reference:
@@ -122,11 +135,21 @@ def feature_drift_asset(
             scored.rows.rename(columns={"score": SCORE_FEATURE}),
             config.psi_warn,
             config.psi_error,
+            weights=entity_weights(scored.rows),
         )
         drift = pd.concat([score, drift])
     # The checks read the score with the inputs; the sensor counts inputs alone.
     warned = drift.index[drift["level"] != "ok"].tolist()
     errors = drift.index[drift["level"] == "error"].tolist()
+    keys = int(rows["api_key_id"].nunique())
+    judged = keys >= config.min_keys
+    verdict: dict[str, Any] = {"keys": keys, "judged": judged}
+    if not judged:
+        verdict["why"] = (
+            f"{keys} active api keys, under the {config.min_keys} whose drift is judged: "
+            "the shares of so few keys are noise"
+        )
+        context.log.info("drift not judged: %s", verdict["why"])
     plot = drift_png(drift, Path(paths.reports) / f"drift-{context.run.run_id[:8]}.png")
     table = drift[["psi", "js_distance", "level", "rows"]].round(4)
     metadata: dict[str, Any] = {
@@ -140,6 +163,7 @@ def feature_drift_asset(
         "drift": MetadataValue.md(table.to_markdown()),
         "plot": MetadataValue.md(png_markdown(plot, "reference against current bins")),
         "not_compared": ", ".join(sorted(set(reference) - set(inputs) - {SCORE_FEATURE})) or "none",
+        **verdict,
     }
     if SCORE_FEATURE in drift.index:
         metadata["score_psi"] = float(drift.loc[SCORE_FEATURE, "psi"])
@@ -148,15 +172,23 @@ def feature_drift_asset(
     yield Output(drift.drop(columns=["reference_shares", "current_shares"]), metadata=metadata)
     yield AssetCheckResult(
         check_name=WARN_CHECK,
-        passed=not warned,
+        passed=not (judged and warned),
         severity=AssetCheckSeverity.WARN,
-        metadata={"features": ", ".join(warned) or "none", "psi_warn": config.psi_warn},
+        metadata={
+            "features": ", ".join(warned) or "none",
+            "psi_warn": config.psi_warn,
+            **verdict,
+        },
     )
     yield AssetCheckResult(
         check_name=ERROR_CHECK,
-        passed=not errors,
+        passed=not (judged and errors),
         severity=AssetCheckSeverity.ERROR,
-        metadata={"features": ", ".join(errors) or "none", "psi_error": config.psi_error},
+        metadata={
+            "features": ", ".join(errors) or "none",
+            "psi_error": config.psi_error,
+            **verdict,
+        },
     )
 
 

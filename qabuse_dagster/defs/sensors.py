@@ -116,6 +116,7 @@ class DriftReading:
     features_error: int
     features: int
     window_hours: float = 24.0  # the span of recent rows compared
+    judged: bool = True  # enough active keys for the drift to be judged
 
 
 def drift_decision(
@@ -134,6 +135,10 @@ def drift_decision(
     challenger leaves the same champion, so the drift that is still there trains nothing
     more until a person acts.
     """
+    if not reading.judged:
+        return SkipReason(
+            f"the drift of {reading.champion}'s inputs was not judged: too few active keys"
+        )
     if reading.features_error < min_features:
         return SkipReason(
             f"{reading.features_error} of {reading.features} inputs of {reading.champion} at "
@@ -181,6 +186,7 @@ def drift_sensor(context: SensorEvaluationContext) -> RunRequest | SkipReason:
         features_error=int(str(metadata["features_error"].value)),
         features=int(str(metadata["features"].value)),
         window_hours=float(str(metadata["window_hours"].value)),
+        judged=bool(metadata["judged"].value) if "judged" in metadata else True,
     )
     return drift_decision(reading, _last_drift_retrain(context), datetime.now(UTC))
 

@@ -10,8 +10,10 @@ Two statistics per feature, on the same bins:
   bin cannot make it explode as it makes PSI; a second opinion for heavy-tailed
   features, whose mass moves between a few bins.
 
-The bins are the reference's deciles (`reference_bins`), so each holds about a tenth of
-the training rows; a feature with few distinct values (counts, flags) gets fewer bins,
+Rows are weighted so that every api key weighs the same (`entity_weights`): drift is a
+change in how the keys behave, not in how many rows one busy key writes. The bins are the
+reference's weighted deciles (`reference_bins`), so each holds about a tenth of the
+training keys' weight; a feature with few distinct values (counts, flags) gets fewer bins,
 as its deciles collapse onto its ties. The reference is small and JSON:
 it is stored with the model version it describes, and the drift of any later rows is
 computed against it (`feature_drift`).
@@ -45,6 +47,7 @@ __all__ = [
     "SCORE_FEATURE",
     "DriftReference",
     "drift_level",
+    "entity_weights",
     "feature_drift",
     "model_reference",
     "newest_row_time",
@@ -67,8 +70,23 @@ SCORE_FEATURE = "model_score"
 DriftReference = dict[str, dict[str, list[float]]]
 
 
+def entity_weights(rows: pd.DataFrame, entity: str = "api_key_id") -> NDArray[np.float64]:
+    """Each row's weight so that every entity weighs the same: 1 / its number of rows.
+
+    A population is its keys, not its rows: a key submitting every minute has 1,440 rows
+    a day and a research group's key a few dozen, so by rows one runaway script would be
+    a fifth of a small deployment's day, and its attack would read as the population's
+    drift. By key, it is one key among all.
+    """
+    counts = rows.groupby(entity)[entity].transform("size").to_numpy(dtype=np.float64)
+    return 1.0 / counts
+
+
 def reference_bins(
-    rows: pd.DataFrame, features: Iterable[str], n_bins: int = DEFAULT_BINS
+    rows: pd.DataFrame,
+    features: Iterable[str],
+    n_bins: int = DEFAULT_BINS,
+    weights: Sequence[float] | NDArray[np.float64] | None = None,
 ) -> DriftReference:
     """Each feature's quantile bins over ``rows`` and the share of the rows in each.
 
@@ -76,6 +94,7 @@ def reference_bins(
         rows: the training rows (one column per feature; NaN values are left out).
         features: the columns to describe.
         n_bins: quantile bins per feature (fewer when its values tie).
+        weights: each row's weight (`entity_weights`); equal weights when None.
 
     Returns:
         ``{feature: {"edges": inner edges, "shares": one share per bin}}``, JSON-ready.
@@ -88,14 +107,16 @@ def reference_bins(
         raise ValueError(f"n_bins must be at least 2, got {n_bins}")
     out: DriftReference = {}
     for name in features:
-        values = _finite(rows, name)
+        values, weight = _finite(rows, name, weights)
         if not len(values):
             raise ValueError(f"feature {name!r} has no finite value in the reference rows")
-        quantiles = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
+        quantiles = np.quantile(
+            values, np.linspace(0, 1, n_bins + 1)[1:-1], weights=weight, method="inverted_cdf"
+        )
         edges = np.unique(quantiles)
         out[name] = {
             "edges": edges.tolist(),
-            "shares": _shares(values, edges).tolist(),
+            "shares": _shares(values, edges, weight).tolist(),
         }
     return out
 
@@ -107,11 +128,13 @@ def model_reference(
     n_bins: int = DEFAULT_BINS,
 ) -> DriftReference:
     """A model version's reference: its input features' bins over ``rows`` and the bins of
-    its own ``scores`` of them (under `SCORE_FEATURE`), so both can drift."""
+    its own ``scores`` of them (under `SCORE_FEATURE`), so both can drift; every api key
+    weighs the same (`entity_weights`)."""
     present = [name for name in features if name in rows.columns]
-    reference = reference_bins(rows, present, n_bins)
+    weights = entity_weights(rows)
+    reference = reference_bins(rows, present, n_bins, weights)
     score_rows = pd.DataFrame({SCORE_FEATURE: np.asarray(scores, dtype=np.float64)})
-    reference.update(reference_bins(score_rows, [SCORE_FEATURE], n_bins))
+    reference.update(reference_bins(score_rows, [SCORE_FEATURE], n_bins, weights))
     return reference
 
 
@@ -131,6 +154,7 @@ def feature_drift(
     rows: pd.DataFrame,
     warn: float = PSI_WARN,
     error: float = PSI_ERROR,
+    weights: Sequence[float] | NDArray[np.float64] | None = None,
 ) -> pd.DataFrame:
     """PSI and Jensen-Shannon distance of each reference feature over ``rows``.
 
@@ -140,6 +164,7 @@ def feature_drift(
             left out.
         warn: the PSI from which a feature's level is ``warn`` (`drift_level`).
         error: the PSI from which it is ``error``.
+        weights: each row's weight, as the reference was weighted; equal when None.
 
     Returns:
         One row per feature (the index), with columns ``psi``, ``js_distance``,
@@ -156,9 +181,9 @@ def feature_drift(
     for name, bins in reference.items():
         edges = np.asarray(bins["edges"], dtype=np.float64)
         ref = np.asarray(bins["shares"], dtype=np.float64)
-        values = _finite(rows, name)
+        values, weight = _finite(rows, name, weights)
         if len(values):
-            cur = _shares(values, edges)
+            cur = _shares(values, edges, weight)
             psi = population_stability_index(ref, cur)
             js = float(jensenshannon(ref, cur, base=2))
         else:
@@ -215,14 +240,24 @@ def recent_rows(folder: Path, span: timedelta, timestamp: str = "event_timestamp
     return rows[stamps > stamps.max() - pd.Timedelta(span)].reset_index(drop=True)
 
 
-def _finite(rows: pd.DataFrame, name: str) -> NDArray[np.float64]:
+def _finite(
+    rows: pd.DataFrame, name: str, weights: Sequence[float] | NDArray[np.float64] | None
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The finite values of a column, and their weights (ones when None)."""
     if name not in rows.columns:
         raise ValueError(f"feature {name!r} is not a column of the rows")
     values = pd.to_numeric(rows[name], errors="coerce").to_numpy(dtype=np.float64)
-    return values[np.isfinite(values)]
+    weight = np.ones(len(values)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if weight.shape != values.shape:
+        raise ValueError(f"{len(weight)} weights for {len(values)} rows")
+    finite = np.isfinite(values)
+    return values[finite], weight[finite]
 
 
-def _shares(values: NDArray[np.float64], edges: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Share of ``values`` in each bin; a value on an edge belongs to the bin above it."""
-    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
-    return counts / max(len(values), 1)
+def _shares(
+    values: NDArray[np.float64], edges: NDArray[np.float64], weights: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """Weighted share of ``values`` in each bin; a value on an edge belongs to the bin above."""
+    bins = np.searchsorted(edges, values, side="right")
+    totals = np.bincount(bins, weights=weights, minlength=len(edges) + 1)
+    return totals / max(float(weights.sum()), 1e-300)

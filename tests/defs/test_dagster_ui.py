@@ -28,8 +28,9 @@ EVALUATION = "ensemble_evaluation"
 METRICS = ("recall", "precision_at_k", "benign_key_day_alert_rate")
 DRIFT = "feature_drift"
 #: Levels that split the two checks (every input is over PSI 0, none is near 100), so the
-#: page must show each check its own result, with the level this run used.
-DRIFT_LEVELS = {"psi_warn": 0.0, "psi_error": 100.0}
+#: page must show each check its own result, with the level this run used; judged, for
+#: the page, on the session twin's few keys.
+DRIFT_LEVELS = {"psi_warn": 0.0, "psi_error": 100.0, "min_keys": 1}
 
 
 class CheckShown(NamedTuple):

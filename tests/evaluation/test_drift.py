@@ -14,6 +14,7 @@ from qabuse_dagster.evaluation.drift import (
     PSI_ERROR,
     PSI_WARN,
     drift_level,
+    entity_weights,
     feature_drift,
     population_stability_index,
     reference_bins,
@@ -138,3 +139,31 @@ def test_feature_drift_reads_levels_at_the_given_bounds(training: pd.DataFrame) 
     )
     with pytest.raises(ValueError, match="must not exceed"):
         feature_drift(reference, shifted, warn=0.3, error=0.2)
+
+
+def _keys(n_keys: int, rows_each: int, rate: float, rng: np.random.Generator) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "api_key_id": np.repeat([f"k{rate}-{i}" for i in range(n_keys)], rows_each),
+            "rate": rng.normal(rate, 0.2, n_keys * rows_each),
+        }
+    )
+
+
+def test_one_busy_key_is_one_key_not_the_populations_drift() -> None:
+    rng = np.random.default_rng(5)
+    quiet = _keys(200, 20, 1.0, rng)  # 200 keys, 20 rows each
+    reference = reference_bins(quiet, ["rate"], weights=entity_weights(quiet))
+    later = _keys(200, 20, 1.0, rng)
+    # One runaway script: a row a minute for a day, far from everyone else.
+    attacked = pd.concat([later, _keys(1, 1440, 8.0, rng)], ignore_index=True)
+    by_rows = feature_drift(reference, attacked)
+    by_keys = feature_drift(reference, attacked, weights=entity_weights(attacked))
+    assert by_rows.loc["rate", "level"] == "error"  # 26% of the rows moved
+    assert by_keys.loc["rate", "psi"] < PSI_WARN  # 1 key in 201
+    # Most keys moving is drift, however it is weighed.
+    shifted = _keys(200, 20, 2.0, rng)
+    moved = feature_drift(reference, shifted, weights=entity_weights(shifted))
+    assert moved.loc["rate", "level"] == "error"
+    with pytest.raises(ValueError, match="3 weights for"):
+        feature_drift(reference, shifted, weights=[1.0, 1.0, 1.0])
