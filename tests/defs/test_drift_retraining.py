@@ -1,12 +1,13 @@
 """A drift episode end to end: an SDK release shifts most tenants, drift is measured, the
 drift sensor retrains once, and the new version replaces the champion only if the gate
-finds it not worse on the same window.
+finds it not worse on the same window; before the release, no drift and no run.
 
-The twin (3 days, `sdk_release` at half the horizon, a runaway CI and a credential
-stuffing after it) lives in a home of its own: the champion is trained on the days before
-the release, then the rest lands. Dagster's own APIs take every step: the jobs run in
-process on the home's instance, the sensor is evaluated with `build_sensor_context`, and
-its run requests go through the daemon's run-key rule (`support.sensor_daemon`).
+The twin (3.5 days; an SDK release at 48 h; a runaway CI and a credential stuffing after
+it; about 390 keys with the legitimate look-alikes) lives in a home of its own. The
+champion is trained on the two days before the release, then the rest lands. Dagster's
+own APIs take every step: the jobs run in process on the home's instance, the sensor is
+evaluated with `build_sensor_context`, and its run requests go through the daemon's
+run-key rule (`support.sensor_daemon`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,12 @@ from qabuse_dagster import model_registry, settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-HOURS = 72
+HOURS = 84
+ONSET_H = 48
 SEED = 11
-SCENARIOS = ["sdk_release", "runaway_ci", "credential_stuffing"]
+#: The library's sdk_release, landing after two whole days (a registered variant).
+RELEASE = "sdk_release_at_48h"
+SCENARIOS = [RELEASE, "runaway_ci", "credential_stuffing"]
 SENSOR = "drift_sensor"
 
 
@@ -36,6 +41,8 @@ class Episode:
     """What each step of the episode produced."""
 
     first_champion: model_registry.ModelVersionRef
+    calm: Any  # the monitoring run before the release
+    calm_tick: Any  # the drift sensor's answer to it
     drift: Any  # the monitoring run after the release landed
     tick: Any  # the drift sensor's answer to it
     launched: list[Launched]
@@ -88,36 +95,54 @@ def episode(qabuse_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     from qabuse_dagster.ingest.partitions import hours_between
     from qabuse_dagster.pipeline import QUIET_RUN_CONFIG, run_pipeline
     from qabuse_dagster.simulation import simulate
-    from qabuse_dagster.simulation.jobs import Horizon
-    from qabuse_dagster.simulation.shifts import SdkRelease
+    from qabuse_dagster.simulation.shifts import SHIFTS, SdkRelease, register_shift
     from qabuse_dagster.telemetry.hashing import KeyedHasher
 
     home = tmp_path_factory.mktemp("drift-home")
+    register_shift(RELEASE, lambda: SdkRelease(onset=ONSET_H / HOURS))
     with pytest.MonkeyPatch.context() as patch:  # this module's home; the session's after
         patch.setenv(settings.HOME_ENV, str(home))
         patch.setenv("DAGSTER_HOME", str(home / "dagster"))
-        sim = simulate(
-            hours=HOURS,
-            seed=SEED,
-            out=home / "simulation",
-            hasher=KeyedHasher.demo(),
-            scenarios=SCENARIOS,
-        )
-        onset = SdkRelease().onset_at(Horizon(sim.start, sim.end))
+        try:
+            sim = simulate(
+                hours=HOURS,
+                seed=SEED,
+                out=home / "simulation",
+                hasher=KeyedHasher.demo(),
+                scenarios=SCENARIOS,
+            )
+        finally:
+            SHIFTS.pop(RELEASE)
+        onset = sim.start + timedelta(hours=ONSET_H)
         before, after = _split(sim.telemetry_path, pd.Timestamp(onset), home)
         paths = settings.paths()
         ingest_telemetry([before], paths)
         ingest_labels(sim.labels_path, paths)
-        first = run_pipeline(hours_between(sim.start, onset))
-        assert first.champion_promoted, first.checks
+        run_pipeline(hours_between(sim.start, onset), train=False)
+        definitions = build_definitions()
+        instance = DagsterInstance.get()
+        # The first champion learns the two days before the release: it is judged on the
+        # last hour of them (no incident yet), and its drift reference is the day before.
+        first = definitions.resolve_job_def("training_job").execute_in_process(
+            instance=instance,
+            run_config={
+                **QUIET_RUN_CONFIG,
+                "ops": {"detector_history": {"config": {"eval_hours": 1.0}}},
+            },
+            raise_on_error=False,
+        )
+        assert any(
+            e.asset_key.path[-1] == "champion_model"
+            for e in first.get_asset_materialization_events()
+        )
         first_champion = model_registry.resolve_alias(settings.CHAMPION_ALIAS)
+        calm = _monitor(definitions, instance)
+        calm_tick, cursor = _tick(instance, None)
 
         ingest_telemetry([after], paths)
         run_pipeline(hours_between(onset, sim.end), train=False)
-        definitions = build_definitions()
-        instance = DagsterInstance.get()
         drift = _monitor(definitions, instance)
-        tick, cursor = _tick(instance, None)
+        tick, cursor = _tick(instance, cursor)
         requests = [tick] if isinstance(tick, RunRequest) else []
         launched = launch(instance, definitions, SENSOR, "training_job", requests, QUIET_RUN_CONFIG)
         relaunched = launch(
@@ -127,6 +152,8 @@ def episode(qabuse_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         later_tick, _ = _tick(instance, cursor)
         yield Episode(
             first_champion=first_champion,
+            calm=calm,
+            calm_tick=calm_tick,
             drift=drift,
             tick=tick,
             launched=launched,
@@ -150,6 +177,20 @@ def _checks(result: Any, asset: str) -> dict[str, Any]:
         for e in result.get_asset_check_evaluations()
         if e.asset_key.path[-1] == asset
     }
+
+
+def test_before_the_release_there_is_no_drift_and_no_run(episode: Episode) -> None:
+    from dagster import SkipReason
+
+    from qabuse_dagster.defs.sensors import DRIFT_MIN_FEATURES
+
+    assert episode.calm.success
+    metadata = _materialization(episode.calm, "feature_drift").metadata
+    assert metadata["judged"].value is True and metadata["keys"].value >= 50
+    assert metadata["features_error"].value < DRIFT_MIN_FEATURES, metadata["drift"].value
+    assert _checks(episode.calm, "feature_drift")["psi_below_error"].passed
+    assert isinstance(episode.calm_tick, SkipReason)
+    assert "make a drift episode" in str(episode.calm_tick.skip_message)
 
 
 def test_the_release_raises_the_drift_checks_on_shots_and_submission_inputs(
@@ -205,7 +246,7 @@ def test_the_retrained_version_is_judged_beside_the_champion_on_the_same_window(
     # lies in the twin's last minute.
     history = _materialization(result, "detector_history").metadata
     cutoff = pd.Timestamp(history["cutoff"].value)
-    end = pd.Timestamp("2026-11-05", tz="UTC")  # DEFAULT_START + 72 h
+    end = pd.Timestamp("2026-11-02", tz="UTC") + pd.Timedelta(hours=HOURS)  # DEFAULT_START
     assert pd.Timedelta(hours=24) < end - cutoff <= pd.Timedelta(hours=24, minutes=1)
     # Both sides' figures are in the new version's MLflow run.
     challenger = model_registry.resolve_alias(settings.CHALLENGER_ALIAS)
