@@ -7,12 +7,16 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
 from rich.table import Table
 
 from qabuse_dagster import settings
+
+if TYPE_CHECKING:
+    from qabuse_dagster.pipeline import Instigator, MonitoringResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,7 +51,7 @@ def run_demo(*, hours: float = 96.0, seed: int = 7, calls: int = 200) -> int:
     """Simulate → ingest → materialise via Dagster → serve → score → report. Returns exit code."""
     from qabuse_dagster.ingest.files import ingest_labels, ingest_telemetry
     from qabuse_dagster.ingest.partitions import hours_between
-    from qabuse_dagster.pipeline import run_pipeline
+    from qabuse_dagster.pipeline import instigators, run_monitoring, run_pipeline
     from qabuse_dagster.serving.server import scoring_server
     from qabuse_dagster.simulation import simulate
     from qabuse_dagster.telemetry.hashing import KeyedHasher
@@ -58,12 +62,17 @@ def run_demo(*, hours: float = 96.0, seed: int = 7, calls: int = 200) -> int:
         f"[bold]qabuse demo[/bold]: state in {paths.home} "
         "(identifiers hashed with the public demo key)"
     )
+    # Up to the present minute, so that the online vectors are as fresh as the pipeline
+    # is quick, as they are for a provider whose telemetry arrives live.
+    end = datetime.now(UTC).replace(second=0, microsecond=0)
     sim = _step(
         console,
-        f"simulate {hours:g} h of a shared backend (seed {seed})",
+        f"simulate the {hours:g} h of a shared backend up to {end:%Y-%m-%d %H:%M} UTC "
+        f"(seed {seed})",
         lambda: simulate(
             hours=hours,
             seed=seed,
+            start=end - timedelta(hours=hours),
             out=paths.home / "simulation" / f"seed-{seed}",
             hasher=KeyedHasher.demo(),
         ),
@@ -81,6 +90,11 @@ def run_demo(*, hours: float = 96.0, seed: int = 7, calls: int = 200) -> int:
         lambda: run_pipeline(hours_between(sim.start, sim.end)),
     )
 
+    monitoring = _step(
+        console,
+        "measure drift and judge the champion's last hour (monitoring_job)",
+        run_monitoring,
+    )
     evaluation, trained = result.evaluation, result.trained
     incident_keys = list(sim.incident_api_key_ids)
     benign_keys = [k for k, kind in sim.api_keys.items() if k not in incident_keys]
@@ -102,6 +116,7 @@ def run_demo(*, hours: float = 96.0, seed: int = 7, calls: int = 200) -> int:
     _print_report(
         console, sim, report, evaluation, trained, result, scored, incident_keys, latencies
     )
+    _print_monitoring(console, monitoring, instigators())
     incident_top = min(scored[k].score for k in incident_keys) > max(
         scored[k].score for k in benign_keys
     )
@@ -193,8 +208,53 @@ def _print_report(
             _age(response.feature_age_s, response.stale),
         )
     console.print(keys)
-    if any(response.stale for response in scored.values()):
-        console.print(
-            "Simulated telemetry lies in the past, so every online vector is older than "
-            "QABUSE_ONLINE_MAX_AGE_S: /score still scores it (fail open) and flags it stale."
+    fresh = sum(not response.stale for response in scored.values())
+    console.print(
+        f"{fresh} of {len(scored)} keys have online features younger than "
+        f"QABUSE_ONLINE_MAX_AGE_S ({settings.online_max_age_seconds():.0f} s): those active "
+        "in the last minutes. A quieter key's latest row is older; /score still scores it "
+        "(fail open) and flags it stale."
+    )
+
+
+def _print_monitoring(
+    console: Console, monitoring: MonitoringResult, states: list[Instigator]
+) -> None:
+    drift, evaluation = monitoring.drift, monitoring.evaluation
+    table = Table(title="monitoring (monitoring_job)", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    if drift:
+        table.add_row(
+            "input drift",
+            f"{drift['features_error']} of {drift['features']} inputs at PSI ≥ 0.25, "
+            f"{drift['features_warn_or_worse']} at ≥ 0.1 (max PSI {drift['max_psi']:.3f}); "
+            f"last {drift['window_hours']:g} h, {drift['rows_compared']:,} rows, against "
+            f"{drift['champion']}'s training rows",
         )
+        if drift.get("judged") is False:
+            table.add_row("", f"not judged: {drift['why']}")
+        if "score_psi" in drift:
+            table.add_row("score drift", f"PSI {drift['score_psi']:.3f} ({drift['score_level']})")
+    else:
+        table.add_row("input drift", "not measured: see the monitoring_job run in the UI")
+    for name, passed in sorted(monitoring.checks.items()):
+        table.add_row(f"check {name}", "passed" if passed else "FAILED")
+    if evaluation:
+        figures = ", ".join(
+            f"{name.replace('_', ' ')} {evaluation[name]:.2f}"
+            for name in ("precision", "benign_alert_rate", "recall")
+            if name in evaluation
+        )
+        table.add_row(
+            "last hour",
+            f"{evaluation['alerted_keys']:.0f} of {evaluation['active_keys']:.0f} active keys "
+            f"alerted; {figures}",
+        )
+    console.print(table)
+    runners = Table(title="schedules and sensors (run under `make up`)", title_justify="left")
+    for column in ("kind", "name", "starts", "cadence", "status"):
+        runners.add_column(column)
+    for state in states:
+        runners.add_row(state.kind, state.name, state.job, state.cadence, state.status)
+    console.print(runners)

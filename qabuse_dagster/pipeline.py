@@ -195,3 +195,97 @@ def _output(result: Any, node: str) -> Any:
         return result.output_for_node(node)
     except Exception:  # the step failed or was skipped: no output to show
         return None
+
+
+@dataclass(frozen=True)
+class MonitoringResult:
+    """What one run of ``monitoring_job`` found: drift and the last hour's evaluation."""
+
+    run_id: str
+    success: bool
+    #: ``feature_drift``'s and ``continuous_evaluation``'s metadata, as plain values.
+    drift: dict[str, Any]
+    evaluation: dict[str, Any]
+    checks: dict[str, bool]
+
+
+def run_monitoring() -> MonitoringResult:
+    """Run ``monitoring_job`` (drift, the champion's last hour) on the persistent instance."""
+    from dagster import DagsterInstance
+
+    from qabuse_dagster.definitions import build_definitions
+
+    export_dagster_home()
+    result = (
+        build_definitions()
+        .resolve_job_def("monitoring_job")
+        .execute_in_process(
+            instance=DagsterInstance.get(), run_config=QUIET_RUN_CONFIG, raise_on_error=False
+        )
+    )
+    found: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        metadata = event.materialization.metadata
+        if event.asset_key is not None:
+            found[event.asset_key.to_user_string()] = {k: v.value for k, v in metadata.items()}
+    return MonitoringResult(
+        run_id=result.run_id,
+        success=result.success,
+        drift=found.get("feature_drift", {}),
+        evaluation=found.get("continuous_evaluation", {}),
+        checks=_checks(result),
+    )
+
+
+@dataclass(frozen=True)
+class Instigator:
+    """A schedule or sensor: what it starts, how often, and whether it is running."""
+
+    kind: str  # "schedule" or "sensor"
+    name: str
+    job: str
+    cadence: str
+    status: str  # "running" or "stopped": the instance's, else the default
+
+
+def instigators() -> list[Instigator]:
+    """Every schedule and sensor with its state in the persistent instance.
+
+    A state a person set (in the UI, ``dagster schedule start``) is the instance's; one
+    never touched is the definition's default. Either takes effect under the daemon
+    (``qabuse up``).
+    """
+    from dagster import DagsterInstance, DefaultScheduleStatus, DefaultSensorStatus
+
+    from qabuse_dagster.definitions import build_definitions
+
+    export_dagster_home()
+    repository = build_definitions().get_repository_def()
+    stored = {
+        state.instigator_name: state.status.value.lower()
+        for state in DagsterInstance.get().all_instigator_state()
+    }
+    found = []
+    for schedule in repository.schedule_defs:
+        default = schedule.default_status == DefaultScheduleStatus.RUNNING
+        found.append(
+            Instigator(
+                "schedule",
+                schedule.name,
+                schedule.job_name,
+                f"cron {schedule.cron_schedule} {schedule.execution_timezone or 'UTC'}",
+                stored.get(schedule.name, "running" if default else "stopped"),
+            )
+        )
+    for sensor in repository.sensor_defs:
+        default = sensor.default_status == DefaultSensorStatus.RUNNING
+        found.append(
+            Instigator(
+                "sensor",
+                sensor.name,
+                ", ".join(target.job_name for target in sensor.targets),
+                f"every {sensor.minimum_interval_seconds or 30} s",
+                stored.get(sensor.name, "running" if default else "stopped"),
+            )
+        )
+    return found
