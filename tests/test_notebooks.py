@@ -32,7 +32,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 class Expected:
     """What a run of one notebook must show, beyond running."""
 
-    #: Seconds the whole notebook may take: a guard against a hang, several times its time.
+    #: Seconds any cell may take: a guard against a hang, several times its time.
     timeout_s: int
     #: Plots (``image/png`` outputs) it draws.
     plots: int
@@ -50,8 +50,6 @@ EXPECTED = {
     "models": Expected(timeout_s=240, plots=2, shows=("gru_autoencoder", "weights.safetensors")),
     "scoring-server": Expected(timeout_s=420, plots=2, shows=("is @champion", "arrived", "429")),
 }
-#: The quick ones run in `make test-fast` too.
-SLOW = {"models", "scoring-server"}
 
 
 def _notebook(name: str) -> Any:
@@ -94,36 +92,64 @@ def _text(output: Any) -> str:
     return str(data.get("text/plain", "")) + str(data.get("text/html", ""))
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=[pytest.mark.timeout(expected.timeout_s)]
-            + ([pytest.mark.slow] if name in SLOW else []),
-        )
-        for name, expected in EXPECTED.items()
-    ],
-)
-def test_the_notebook_runs_top_to_bottom(name: str, tmp_path: Path) -> None:
-    expected = EXPECTED[name]
-    notebook = _notebook(name)
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    client = NotebookClient(
-        notebook,
-        km=_kernel(tmp_path),
-        timeout=expected.timeout_s,
-        startup_timeout=120,
-        resources={"metadata": {"path": str(workdir)}},
-    )
-    try:
-        client.execute(env=_kernel_env())
-    except CellExecutionError as exc:
-        pytest.fail(f"{name}.ipynb failed:\n{_ANSI.sub('', str(exc))}", pytrace=False)
+@dataclass(frozen=True)
+class Executed:
+    """One notebook after its run: the cells with their outputs, or why it failed."""
 
-    outputs = _outputs(notebook)
+    notebook: Any
+    workdir: Path
+    failure: str | None
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Executed]:
+    """The four notebooks run at once: each kernel is a process of its own, so the quick
+    ones run beside the scoring server's training instead of after it."""
+    import asyncio
+
+    runs = {}
+    for name, expected in EXPECTED.items():
+        root = tmp_path_factory.mktemp(f"notebook-{name}")
+        workdir = root / "cwd"
+        workdir.mkdir()
+        notebook = _notebook(name)
+        client = NotebookClient(
+            notebook,
+            km=_kernel(root),
+            timeout=expected.timeout_s,
+            startup_timeout=120,
+            resources={"metadata": {"path": str(workdir)}},
+        )
+        runs[name] = (notebook, workdir, client)
+
+    async def run(client: NotebookClient) -> str | None:
+        try:
+            await client.async_execute(env=_kernel_env())
+        except CellExecutionError as exc:
+            return _ANSI.sub("", str(exc))
+        return None
+
+    async def run_all() -> list[str | None]:
+        return await asyncio.gather(*(run(client) for _, _, client in runs.values()))
+
+    failures = asyncio.run(run_all())
+    return {
+        name: Executed(notebook, workdir, failure)
+        for (name, (notebook, workdir, _)), failure in zip(runs.items(), failures, strict=True)
+    }
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(max(expected.timeout_s for expected in EXPECTED.values()))
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_the_notebook_runs_top_to_bottom(name: str, executed: dict[str, Executed]) -> None:
+    expected = EXPECTED[name]
+    run = executed[name]
+    if run.failure is not None:
+        pytest.fail(f"{name}.ipynb failed:\n{run.failure}", pytrace=False)
+
+    outputs = _outputs(run.notebook)
     errors = [out for out in outputs if out.output_type == "error"]
     assert not errors, [f"{e.ename}: {e.evalue}" for e in errors]
     plots = [out for out in outputs if "image/png" in out.get("data", {})]
@@ -132,4 +158,4 @@ def test_the_notebook_runs_top_to_bottom(name: str, tmp_path: Path) -> None:
     missing = [text for text in expected.shows if text not in shown]
     assert not missing, f"{name}: the outputs lack {missing}"
     # It leaves nothing behind in the working directory (its state lives in a temporary one).
-    assert not any(workdir.iterdir()), sorted(p.name for p in workdir.iterdir())
+    assert not any(run.workdir.iterdir()), sorted(p.name for p in run.workdir.iterdir())
