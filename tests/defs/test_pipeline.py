@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -167,17 +168,33 @@ def test_runs_and_materialisations_are_in_the_instance_the_ui_reads(pipeline_run
     assert instance.get_latest_materialization_event(AssetKey("champion_model")) is not None
 
 
-def test_dagster_cli_loads_the_code_location() -> None:
-    dagster = Path(sys.executable).parent / "dagster"
+def _dagster(*args: str, home: Path) -> str:
     completed = subprocess.run(
-        [str(dagster), "definitions", "validate", "-w", "workspace.yaml"],
+        [str(Path(sys.executable).parent / "dagster"), *args, "-w", "workspace.yaml"],
         cwd=settings.PROJECT_ROOT,
+        env={**os.environ, "DAGSTER_HOME": str(home)},
         capture_output=True,
         text=True,
         timeout=180,
     )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert "qabuse" in completed.stdout + completed.stderr
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    return output
+
+
+def test_dagster_cli_validates_the_code_location_and_lists_its_schedules_and_sensors(
+    tmp_path: Path,
+) -> None:
+    assert "Validation successful for code location qabuse" in _dagster(
+        "definitions", "validate", home=tmp_path
+    )
+    # A fresh instance: what each starts as until a person turns it on or off.
+    schedules = _dagster("schedule", "list", home=tmp_path)
+    for name in ("weekly_training_schedule", "hourly_monitoring_schedule"):
+        assert f"Schedule: {name} [STOPPED]" in schedules
+    sensors = _dagster("sensor", "list", home=tmp_path)
+    for name in ("drift_sensor", "label_sensor", "landed_telemetry_sensor"):
+        assert f"Sensor: {name} [RUNNING]" in sensors
 
 
 def test_a_second_pass_on_the_same_home_stores_replayed_records_once(pipeline_run) -> None:
