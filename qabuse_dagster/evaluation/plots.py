@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -49,11 +50,7 @@ def score_timeline_png(
     ax.set_title("Detector scores per api key, evaluation window")
     ax.legend(loc="upper left", fontsize=7, ncol=2)
     fig.autofmt_xdate()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def png_markdown(path: Path, alt: str) -> str:
@@ -87,11 +84,7 @@ def drift_png(drift: pd.DataFrame, path: Path, *, shown: int = 6) -> Path:
     if len(top):
         axes.ravel()[0].legend(fontsize=7)
     fig.suptitle("Input drift: the most shifted features", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _saved(fig, path)
 
 
 def series_png(
@@ -118,6 +111,13 @@ def series_png(
     if series:
         ax.legend(fontsize=7, loc="best")
     fig.autofmt_xdate()
+    return _saved(fig, path)
+
+
+def _saved(fig: Any, path: Path) -> Path:
+    """Lay out, write and close a figure; the PNG's path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
