@@ -40,8 +40,13 @@ class OnlineRead:
 
     values: dict[str, Any]
     user_values: dict[str, Any] | None
+    #: Seconds since the oldest event time of the views the stream worker feeds (or of
+    #: every view, when none of them is): what ``stale`` is judged on.
     age_s: float | None
     stale: bool
+    #: Seconds since the oldest event time of the views only the batch job writes (the
+    #: campaign graph): as fresh as the last materialisation, whatever the stream does.
+    batch_age_s: float | None = None
 
     @property
     def known(self) -> bool:
@@ -128,26 +133,35 @@ class OnlineInputs:
         self, store: Any, api_key_id: str, user: str | None, *, max_age: timedelta
     ) -> OnlineRead:
         values, stamps = self._read(store, self.key_views, "api_key_id", api_key_id)
-        age_s = None
-        if stamps:
-            age_s = (datetime.now(UTC) - min(stamps)).total_seconds()
+        now = datetime.now(UTC)
+        streamed = [stamp for view, stamp in stamps if view.stream_source is not None]
+        batch = [stamp for view, stamp in stamps if view.stream_source is None]
+        judged = streamed or batch
+        age_s = (now - min(judged)).total_seconds() if judged else None
+        batch_age_s = (now - min(batch)).total_seconds() if batch else None
         user_values = None
         if user is not None and self.user_views:
             user_values, _ = self._read(store, self.user_views, "user", user)
         stale = age_s is None or age_s > max_age.total_seconds()
-        return OnlineRead(values=values, user_values=user_values, age_s=age_s, stale=stale)
+        return OnlineRead(
+            values=values,
+            user_values=user_values,
+            age_s=age_s,
+            stale=stale,
+            batch_age_s=batch_age_s,
+        )
 
     def _read(
         self, store: Any, views: ViewReads, join_key: str, value: str
-    ) -> tuple[dict[str, Any], list[datetime]]:
-        """Each feature's value (None when absent), and the event time of each view read."""
+    ) -> tuple[dict[str, Any], list[tuple[Any, datetime]]]:
+        """Each feature's value (None when absent), and each view read with its event time."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
         from feast.type_map import feast_value_type_to_python_type
 
         entity = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
         values: dict[str, Any] = {}
-        stamps: list[datetime] = []
+        stamps: list[tuple[Any, datetime]] = []
         for view, names in views:
             # A copy: the Redis store appends its timestamp field to the list it is given.
             ((stamp, found),) = self.online_store.online_read(
@@ -161,7 +175,8 @@ class OnlineInputs:
                 proto = found.get(name)
                 values[name] = feast_value_type_to_python_type(proto) if proto else None
             if stamp is not None and any(values[name] is not None for name in names):
-                stamps.append(stamp.astimezone(UTC) if stamp.tzinfo else stamp.replace(tzinfo=UTC))
+                at = stamp.astimezone(UTC) if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+                stamps.append((view, at))
         return values, stamps
 
     def warm_up(self, members: dict[str, BaseDetector]) -> None:

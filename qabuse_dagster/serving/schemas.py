@@ -57,8 +57,16 @@ class ScoreResponse(BaseModel):
         "the key was scored anyway, on what it did then, not now."
     )
     feature_age_s: float | None = Field(
-        description="Seconds since the event time of the oldest feature used; null when "
-        "the store gave no event time.",
+        description="Seconds since the event time of the oldest feature used that the "
+        "stream worker keeps current (all of them when none is); null when the store gave "
+        "no event time. `stale` is judged on it.",
         # BentoML publishes only the first branch of anyOf; say that null is allowed.
+        json_schema_extra={"nullable": True},
+    )
+    batch_feature_age_s: float | None = Field(
+        default=None,
+        description="Seconds since the event time of the oldest feature used that only the "
+        "batch job writes (the campaign graph views): as fresh as the last "
+        "materialisation; null when the model reads none or the store holds none.",
         json_schema_extra={"nullable": True},
     )

@@ -175,6 +175,7 @@ def score_key(
         # Fails open: a vector older than the bound is still scored, and flagged.
         stale=online.stale,
         feature_age_s=online.age_s,
+        batch_feature_age_s=online.batch_age_s,
     )
 
 
@@ -188,4 +189,10 @@ def _overlaid(
     user_values = online.user_values
     if user_values is not None and user_row is not None:
         user_values = {name: user_row.get(name, v) for name, v in user_values.items()}
-    return OnlineRead(values=values, user_values=user_values, age_s=0.0, stale=False)
+    return OnlineRead(
+        values=values,
+        user_values=user_values,
+        age_s=0.0,
+        stale=False,
+        batch_age_s=online.batch_age_s,  # the overlay is a window row: the graph is as read
+    )

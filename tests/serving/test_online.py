@@ -37,6 +37,23 @@ def _generic(store, refs: list[str], entity: dict[str, str]) -> tuple[dict, list
     return values, seconds
 
 
+def _refs_by_feed(inputs: OnlineInputs) -> tuple[list[str], list[str]]:
+    """The key references of the views the stream worker feeds, and of the others."""
+    streamed, batch = [], []
+    for view, names in inputs.key_views:
+        refs = streamed if view.stream_source is not None else batch
+        refs.extend(f"{view.name}:{name}" for name in names)
+    return streamed, batch
+
+
+def _age(seconds: list[int]) -> float:
+    return (datetime.now(UTC) - datetime.fromtimestamp(min(seconds), UTC)).total_seconds()
+
+
+def _close(read_age: float, feast_age: float) -> bool:
+    return feast_age - 2 <= read_age <= feast_age + 1
+
+
 def test_every_key_and_user_reads_the_same_values_as_feast(pipeline_run, online) -> None:
     store, inputs = online
     sim = pipeline_run.simulation
@@ -46,21 +63,25 @@ def test_every_key_and_user_reads_the_same_values_as_feast(pipeline_run, online)
             record = json.loads(line)
             pairs.setdefault(record["api_key_id"], record["user"])
     assert inputs.user_views and inputs.key_views
+    streamed, batch = _refs_by_feed(inputs)
+    assert streamed and batch  # the windows and sequences; the campaign graph
     known = 0
     for key, user in pairs.items():
         read = inputs.read(store, key, user, max_age=timedelta(days=365))
-        values, seconds = _generic(store, inputs.key_refs, {"api_key_id": key})
+        values, _ = _generic(store, inputs.key_refs, {"api_key_id": key})
         assert read.values == values, key
         user_values, _ = _generic(store, inputs.user_refs, {"user": user})
         assert read.user_values == user_values, user
+        _, seconds = _generic(store, streamed, {"api_key_id": key})
+        _, batch_seconds = _generic(store, batch, {"api_key_id": key})
         if seconds:
             known += 1
-            oldest = datetime.fromtimestamp(min(seconds), UTC)
-            expected = (datetime.now(UTC) - oldest).total_seconds()
             # Feast's seconds are whole; the direct read keeps the fraction.
-            assert read.age_s is not None and expected - 2 <= read.age_s <= expected + 1
+            assert read.age_s is not None and _close(read.age_s, _age(seconds))
         else:
-            assert read.age_s is None and read.stale
+            assert read.stale
+        if batch_seconds:
+            assert read.batch_age_s is not None and _close(read.batch_age_s, _age(batch_seconds))
     # Array features (the sequence view) and the campaign view are among those compared.
     assert known >= len(pairs) // 2
     names = {name for _, names in inputs.key_views for name in names}
@@ -72,3 +93,31 @@ def test_an_unknown_key_reads_nothing(online) -> None:
     read = inputs.read(store, "f" * 64, "e" * 64, max_age=timedelta(minutes=5))
     assert not read.known and read.age_s is None and read.stale
     assert read.user_values is not None and set(read.user_values.values()) == {None}
+
+
+def test_a_key_the_stream_keeps_current_is_fresh_however_old_its_campaign_row(online) -> None:
+    """The stream worker pushes window rows as they close; only the batch job writes the
+    campaign graph. A live key's features are fresh, and the graph's age is told apart."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from models.campaign import CAMPAIGN_FEATURES
+    from qabuse_dagster.features.push import push_online
+
+    store, inputs = online
+    key = "c" * 64  # a key of this test alone
+    now = datetime.now(UTC)
+    window = pd.read_parquet(settings.paths().api_key_windows).tail(1)
+    window["api_key_id"] = key
+    window["event_timestamp"] = pd.Timestamp(now - timedelta(seconds=30))
+    assert push_online(store, pa.Table.from_pandas(window, preserve_index=False)) == 1
+    view, names = next((v, n) for v, n in inputs.key_views if v.stream_source is None)
+    assert set(names) <= set(CAMPAIGN_FEATURES)
+    graph = {name: [0.0] for name in names}
+    graph.update(api_key_id=[key], event_timestamp=[pd.Timestamp(now - timedelta(days=2))])
+    store.write_to_online_store(view.name, pd.DataFrame(graph))
+
+    read = inputs.read(store, key, None, max_age=timedelta(minutes=5))
+    assert read.known and not read.stale
+    assert read.age_s is not None and 25 <= read.age_s <= 120
+    assert read.batch_age_s is not None and read.batch_age_s >= timedelta(days=2).total_seconds()
