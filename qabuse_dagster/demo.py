@@ -7,7 +7,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
@@ -54,6 +54,7 @@ def run_demo(*, hours: float = 96.0, seed: int = 7, calls: int = 200) -> int:
     from qabuse_dagster.pipeline import instigators, run_monitoring, run_pipeline
     from qabuse_dagster.serving.server import scoring_server
     from qabuse_dagster.simulation import simulate
+    from qabuse_dagster.simulation.twin import replay_at
     from qabuse_dagster.telemetry.hashing import KeyedHasher
 
     console = Console()
@@ -62,19 +63,19 @@ def run_demo(*, hours: float = 96.0, seed: int = 7, calls: int = 200) -> int:
         f"[bold]qabuse demo[/bold]: state in {paths.home} "
         "(identifiers hashed with the public demo key)"
     )
-    # Up to the present minute, so that the online vectors are as fresh as the pipeline
-    # is quick, as they are for a provider whose telemetry arrives live.
+    # The same twin every run (a fixed start: its tenants keep UTC working hours and
+    # weekends), replayed to end at the present minute, so that the online vectors are
+    # as fresh as the pipeline is quick, as for a provider whose telemetry arrives live.
     end = datetime.now(UTC).replace(second=0, microsecond=0)
+    folder = paths.home / "simulation" / f"seed-{seed}"
     sim = _step(
         console,
-        f"simulate the {hours:g} h of a shared backend up to {end:%Y-%m-%d %H:%M} UTC "
-        f"(seed {seed})",
-        lambda: simulate(
-            hours=hours,
-            seed=seed,
-            start=end - timedelta(hours=hours),
-            out=paths.home / "simulation" / f"seed-{seed}",
-            hasher=KeyedHasher.demo(),
+        f"simulate {hours:g} h of a shared backend (seed {seed}), replayed to end at "
+        f"{end:%Y-%m-%d %H:%M} UTC",
+        lambda: replay_at(
+            simulate(hours=hours, seed=seed, out=folder / "simulated", hasher=KeyedHasher.demo()),
+            end,
+            folder,
         ),
     )
     report = _step(
@@ -160,6 +161,19 @@ def _print_report(
             f"{trained.ref.name} v{trained.ref.version} "
             f"({'@champion' if result.champion_promoted else 'not promoted'}); "
             f"trained on rows before {trained.cutoff:%Y-%m-%d %H:%M} UTC",
+        )
+    if result.held_families:
+        held = result.held_families
+        summary.add_row(
+            "families held",
+            f"{', '.join(held)}: "
+            + (
+                "missed its floors on this twin, so its @champion alias did not move "
+                "(the ensemble still combines its challenger)"
+                if len(held) == 1
+                else "missed their floors on this twin, so their @champion aliases did not "
+                "move (the ensemble still combines their challengers)"
+            ),
         )
     if evaluation is not None:
         for outcome in evaluation.incidents:

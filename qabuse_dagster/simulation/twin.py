@@ -50,6 +50,7 @@ from qabuse_dagster.simulation.scenarios import (
 )
 from qabuse_dagster.simulation.shifts import SHIFTS
 from qabuse_dagster.simulation.tenants import Tenant, benign_roster, lookalike_roster
+from qabuse_dagster.telemetry.contract import format_rfc3339_utc
 from qabuse_dagster.telemetry.hashing import KeyedHasher
 from qabuse_dagster.telemetry.labels import IncidentLabel, write_labels
 
@@ -62,6 +63,7 @@ __all__ = [
     "TwinManifest",
     "build_plan",
     "progress_bar",
+    "replay_at",
     "shared_queue",
     "simulate",
 ]
@@ -305,6 +307,53 @@ def simulate(
         end=horizon.end,
         incidents=labels,
         decisions=decisions,
+    )
+
+
+def replay_at(result: SimulationResult, end: datetime, out: Path) -> SimulationResult:
+    """The twin moved in time, whole minutes, so that it ends at ``end``; written to ``out``.
+
+    The twin's tenants keep UTC working hours and weekends, so a twin simulated to end
+    now would differ with the time of day and the weekday it runs at, and so would what
+    the detectors make of it. Simulated at a fixed start and replayed to end now, it is
+    the same twin every time, only later: every record and label moves by the same whole
+    minutes, so the window rows and the detectors' verdicts are the same, and the newest
+    records are minutes old.
+
+    Args:
+        result: A simulated twin (its files are read, not changed).
+        end: Where the replayed twin ends; floored to the minute.
+        out: Directory for the moved ``telemetry.jsonl`` and ``incidents.jsonl``.
+
+    Returns:
+        The moved twin. Its manifest is not written: a closed-loop rerun rebuilds a twin
+        from its simulated start, so it reruns the original, not the replay.
+    """
+    end = end.astimezone(UTC).replace(second=0, microsecond=0)
+    shift = end - result.end
+    out.mkdir(parents=True, exist_ok=True)
+    telemetry_path, labels_path = out / TELEMETRY_FILE, out / INCIDENTS_FILE
+    with (
+        result.telemetry_path.open(encoding="utf-8") as source,
+        telemetry_path.open("w", encoding="utf-8") as moved,
+    ):
+        for line in source:
+            record = json.loads(line)
+            at = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+            record["timestamp"] = format_rfc3339_utc(at + shift)
+            moved.write(json.dumps(record, separators=(",", ":")) + "\n")
+    labels = [
+        label.model_copy(update={"start": label.start + shift, "end": label.end + shift})
+        for label in result.incidents
+    ]
+    write_labels(labels, labels_path)
+    return dataclasses.replace(
+        result,
+        telemetry_path=telemetry_path,
+        labels_path=labels_path,
+        start=result.start + shift,
+        end=end,
+        incidents=labels,
     )
 
 

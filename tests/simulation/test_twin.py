@@ -304,3 +304,25 @@ def test_progress_bar_and_custom_start(tmp_path: Path) -> None:
 def test_rejects_bad_arguments(hours: float, start: datetime, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         simulate(hours=hours, seed=1, out=tmp_path, hasher=HASHER, start=start)
+
+
+def test_a_replay_is_the_same_twin_moved_to_end_at_the_given_minute(tmp_path: Path) -> None:
+    from qabuse_dagster.simulation.twin import replay_at
+
+    result = simulate(hours=HOURS, seed=SEED, out=tmp_path / "sim", hasher=HASHER)
+    end = datetime(2026, 12, 7, 21, 33, 42, tzinfo=UTC)
+    replay = replay_at(result, end, tmp_path / "replay")
+    assert replay.end == datetime(2026, 12, 7, 21, 33, tzinfo=UTC)  # floored to the minute
+    shift = replay.end - result.end
+    assert replay.start == result.start + shift and shift % timedelta(minutes=1) == timedelta(0)
+    before, after = _lines(result.telemetry_path), _lines(replay.telemetry_path)
+    assert len(after) == len(before) == replay.n_records
+    for old, new in zip(before, after, strict=True):
+        validate_record(new)  # still a contract record
+        moved = pd.Timestamp(new.pop("timestamp")) - pd.Timestamp(old.pop("timestamp"))
+        assert moved == shift and new == old  # the time moves, nothing else
+    labels = read_labels(replay.labels_path)
+    assert [(label.start, label.end) for label in labels] == [
+        (label.start + shift, label.end + shift) for label in result.incidents
+    ]
+    assert result.telemetry_path.exists()  # the simulated twin is left as it was
