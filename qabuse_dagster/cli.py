@@ -238,6 +238,11 @@ def materialize(no_train: bool) -> None:
                 else f"kept as @challenger ({', '.join(held) or 'see the Dagster UI'} failed)"
             )
         )
+    if result.held_families:
+        click.echo(
+            f"families that missed their floors (their @champion did not move): "
+            f"{', '.join(result.held_families)}"
+        )
 
 
 @main.command()
