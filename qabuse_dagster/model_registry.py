@@ -210,7 +210,7 @@ def log_window_metrics(
     metrics: Mapping[str, float],
     at_ms: int,
     tracking_uri: str | None = None,
-) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+) -> tuple[str, str, dict[str, list[tuple[int, float]]]]:
     """Add one window's figures to the time series of ``ref``'s continuous evaluation.
 
     The series lives in one MLflow run per model version, under `MONITORING_EXPERIMENT`;
@@ -218,7 +218,8 @@ def log_window_metrics(
     ``at_ms``, so re-evaluating a window adds a point at the same step.
 
     Returns:
-        The run's id and, per figure, its whole series as ``(at_ms, value)`` in time order.
+        The run's id, its experiment's id and, per figure, its whole series as
+        ``(at_ms, value)`` in time order.
     """
     from mlflow.entities import Metric
 
@@ -247,7 +248,7 @@ def log_window_metrics(
         name: sorted((m.timestamp, m.value) for m in client.get_metric_history(run_id, name))
         for name in metrics
     }
-    return run_id, series
+    return run_id, experiment_id, series
 
 
 def set_alias(ref: ModelVersionRef, alias: str, tracking_uri: str | None = None) -> None:

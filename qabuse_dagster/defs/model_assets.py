@@ -55,7 +55,6 @@ from qabuse_dagster.evaluation.plots import png_markdown, score_timeline_png
 from qabuse_dagster.evaluation.report import BacktestReport, judge
 from qabuse_dagster.ingest.partitions import read_raw
 from qabuse_dagster.settings import CHALLENGER_ALIAS, CHAMPION_ALIAS, DEFAULT_ALERT_BUDGET
-from qabuse_dagster.telemetry.labels import read_labels
 
 
 @dataclass(frozen=True)
@@ -155,13 +154,7 @@ def _judge(
     storage: QabuseStorage,
 ) -> BacktestReport:
     """The report of ``scored`` rows against every stored label (the twin's, analysts')."""
-    labels = [
-        label
-        for path in (storage.paths().labels, storage.paths().analyst_labels)
-        if path.exists()
-        for label in read_labels(path)
-    ]
-    return judge(name, scored, threshold, history.inputs.telemetry, labels, cutoff)
+    return judge(name, scored, threshold, history.inputs.telemetry, storage.labels(), cutoff)
 
 
 def _evaluate(

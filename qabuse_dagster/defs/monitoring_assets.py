@@ -44,9 +44,9 @@ from qabuse_dagster.evaluation.drift import (
 )
 from qabuse_dagster.evaluation.families import WARM_UP, detector_inputs, ensemble_scored
 from qabuse_dagster.evaluation.plots import drift_png, png_markdown, series_png
+from qabuse_dagster.evaluation.report import users_keys
 from qabuse_dagster.features.definitions import has_demand
 from qabuse_dagster.ingest.partitions import read_raw
-from qabuse_dagster.telemetry.labels import read_labels
 
 __all__ = [
     "DriftConfig",
@@ -263,20 +263,13 @@ def continuous_evaluation_asset(
         raise Failure(f"no api-key window rows in {paths.api_key_windows} to evaluate")
     champion = _load_champion(mlflow_store)
     scored = _champion_scored(paths, champion, newest, timedelta(hours=config.window_hours))
-    labels = [
-        label
-        for path in (paths.labels, paths.analyst_labels)
-        if path.exists()
-        for label in read_labels(path)
-    ]
-    pairs = scored.telemetry.select(["user", "api_key_id"]).to_pandas().drop_duplicates()
-    user_keys = pairs.groupby("user")["api_key_id"].agg(list).to_dict()
-    figures = window_figures(scored.rows, labels, scored.start, scored.end, user_keys)
+    user_keys = users_keys(scored.telemetry.select(["user", "api_key_id"]).to_pandas())
+    figures = window_figures(scored.rows, storage.labels(), scored.start, scored.end, user_keys)
     at_ms = int(scored.end.timestamp() * 1000)
     # The hourly series keeps the plain names; a longer window (a label-driven run) has
     # its own series, so that one point never mixes an hour with a week.
     suffix = "" if config.window_hours == 1.0 else f"_{config.window_hours:g}h"
-    run_id, series = model_registry.log_window_metrics(
+    run_id, experiment_id, series = model_registry.log_window_metrics(
         champion.ref,
         {f"{name}{suffix}": value for name, value in figures.metrics().items()},
         at_ms,
@@ -312,14 +305,7 @@ def continuous_evaluation_asset(
         "series": MetadataValue.md(table.round(4).to_markdown()),
         "plot": MetadataValue.md(png_markdown(plot, "hourly precision and benign alert rate")),
         "mlflow_run": MetadataValue.url(
-            model_registry.run_url(
-                run_id,
-                model_registry.ensure_experiment(
-                    model_registry.configure(mlflow_store.tracking_uri),
-                    model_registry.MONITORING_EXPERIMENT,
-                ),
-                mlflow_store.ui_url,
-            )
+            model_registry.run_url(run_id, experiment_id, mlflow_store.ui_url)
         ),
     }
     return MaterializeResult(metadata=metadata)

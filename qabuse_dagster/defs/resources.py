@@ -12,6 +12,8 @@ from qabuse_dagster import settings
 if TYPE_CHECKING:
     from feast import FeatureStore
 
+    from qabuse_dagster.telemetry.labels import IncidentLabel
+
 
 class QabuseStorage(ConfigurableResource):
     """State directory (``QABUSE_HOME``): raw partitions, landing, labels, features."""
@@ -20,6 +22,18 @@ class QabuseStorage(ConfigurableResource):
 
     def paths(self) -> settings.Paths:
         return settings.Paths(Path(self.home))
+
+    def labels(self) -> list[IncidentLabel]:
+        """Every stored label: the incidents ingested and what analysts labelled."""
+        from qabuse_dagster.telemetry.labels import read_labels
+
+        paths = self.paths()
+        return [
+            label
+            for path in (paths.labels, paths.analyst_labels)
+            if path.exists()
+            for label in read_labels(path)
+        ]
 
 
 class FeastResource(ConfigurableResource):

@@ -215,11 +215,16 @@ def drift_level(psi: float, warn: float = PSI_WARN, error: float = PSI_ERROR) ->
 
 
 def newest_row_time(folder: Path, timestamp: str = "event_timestamp") -> datetime | None:
-    """The instant of the newest window row in ``folder`` (None when it holds none)."""
-    rows = recent_rows(folder, timedelta(hours=1), timestamp)
-    if rows.empty:
-        return None
-    return pd.to_datetime(rows[timestamp], utc=True).max().to_pydatetime()
+    """The instant of the newest window row in ``folder`` (None when it holds none).
+
+    Sensors ask it every tick: only the timestamp column of the newest hourly files is
+    read (the last one may be empty when its hour emptied)."""
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    for path in reversed(files[-2:]):
+        stamps = pd.read_parquet(path, columns=[timestamp])[timestamp]
+        if len(stamps):
+            return pd.to_datetime(stamps, utc=True).max().to_pydatetime()
+    return None
 
 
 def recent_rows(folder: Path, span: timedelta, timestamp: str = "event_timestamp") -> pd.DataFrame:

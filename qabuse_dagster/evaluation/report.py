@@ -78,6 +78,7 @@ __all__ = [
     "read_telemetry_jsonl",
     "run_backtest",
     "run_backtests",
+    "users_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,13 @@ BASELINE = "baseline"
 #: MLflow experiment that holds one run per backtest.
 BACKTEST_EXPERIMENT = "qabuse-backtests"
 _SCORED_COLUMNS = ["api_key_id", "event_timestamp", "score", "alert"]
+
+
+def users_keys(records: pd.DataFrame) -> dict[str, list[str]]:
+    """Each user's api keys in ``records`` (``user`` and ``api_key_id`` columns): what a
+    label that names users covers (`detection.label_keys`)."""
+    pairs = records[["user", "api_key_id"]].drop_duplicates()
+    return pairs.groupby("user")["api_key_id"].agg(list).to_dict()
 
 
 class BacktestError(ValueError):
@@ -277,7 +285,7 @@ def run_backtests(
             f"the telemetry spans {first.isoformat()} .. {last.isoformat()}"
         )
     pairs = frame[["user", "api_key_id"]].drop_duplicates()
-    user_keys: dict[str, list[str]] = pairs.groupby("user")["api_key_id"].agg(list).to_dict()
+    user_keys = users_keys(pairs)
     _check_labels(labels, set(pairs["api_key_id"]), set(user_keys))
     try:
         wanted = list(detectors)
@@ -338,8 +346,7 @@ def judge(
     judges freshly fitted ones: the figures are computed by the same code.
     """
     frame = telemetry.select(["user", "api_key_id", "timestamp"]).to_pandas()
-    pairs = frame[["user", "api_key_id"]].drop_duplicates()
-    user_keys: dict[str, list[str]] = pairs.groupby("user")["api_key_id"].agg(list).to_dict()
+    user_keys = users_keys(frame)
     last = pd.to_datetime(frame["timestamp"], utc=True).max()
     return _judge(name, scored, threshold, train_rows, labels, cutoff, last, user_keys, key_kinds)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -167,3 +168,16 @@ def test_one_busy_key_is_one_key_not_the_populations_drift() -> None:
     assert moved.loc["rate", "level"] == "error"
     with pytest.raises(ValueError, match="3 weights for"):
         feature_drift(reference, shifted, weights=[1.0, 1.0, 1.0])
+
+
+def test_the_newest_row_time_reads_the_newest_hour(tmp_path: Path) -> None:
+    from qabuse_dagster.evaluation.drift import newest_row_time
+
+    assert newest_row_time(tmp_path / "missing") is None
+    hours = pd.date_range("2026-11-02 10:00", periods=3, freq="h", tz="UTC")
+    for hour in hours:
+        rows = pd.DataFrame(
+            {"api_key_id": ["k", "k"], "event_timestamp": [hour, hour + pd.Timedelta(minutes=59)]}
+        )
+        rows.to_parquet(tmp_path / f"{hour:%Y-%m-%d-%H}.parquet")
+    assert newest_row_time(tmp_path) == (hours[-1] + pd.Timedelta(minutes=59)).to_pydatetime()
