@@ -35,10 +35,10 @@ import importlib.metadata
 import itertools
 import json
 import logging
+import os
 import re
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -423,6 +423,18 @@ class Instrumentor(ABC):
         self.client_agent = (
             f"qabuse-{self.sdk}/{INSTRUMENTOR_VERSION} {self.sdk}/{self.sdk_version}"
         )
+        # Every field of a record in the contract's order, those that never change filled
+        # in: `record` copies it and sets the others, which keeps that order.
+        self._record_template: dict[str, Any] = dict.fromkeys(_RECORD_FIELDS)
+        self._record_template.update(
+            schema_version=1,
+            user=identity.user,
+            api_key_id=identity.api_key_id,
+            provider=(identity.provider or "local")[:64],
+            sdk=self.sdk,
+            sdk_version=self.sdk_version[:32],
+            client_agent=self.client_agent[:128],
+        )
         self._originals: list[tuple[object, str, Any, bool]] = []
         self._depth: contextvars.ContextVar[int] = contextvars.ContextVar(
             f"qabuse_{self.sdk}_depth", default=0
@@ -543,35 +555,26 @@ class Instrumentor(ABC):
         the instant of the event, captured on the user's thread (see `stamp`).
         """
         when = timestamp or datetime.now(UTC)
-        return {
-            "schema_version": 1,
-            "job_id": job_id[:128],
-            "timestamp": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "user": self.identity.user,
-            "api_key_id": self.identity.api_key_id,
-            "provider": (self.identity.provider or "local")[:64],
-            "region": None,
-            "backend": (backend or "unknown")[:128],
-            "sdk": self.sdk,
-            "sdk_version": self.sdk_version[:32],
-            "num_circuits": num_circuits,
-            "shots": shots,
-            "num_qubits": stats.num_qubits if stats else None,
-            "depth": stats.depth if stats else None,
-            "gate_counts": dict(stats.gate_counts) if stats else None,
-            "two_qubit_gates": stats.two_qubit_gates if stats else None,
-            "submit_latency_s": submit_latency_s,
-            "queue_time_s": queue_time_s,
-            "runtime_s": runtime_s,
-            "status": status,
-            "error_code": error_code[:64] if error_code else None,
-            "retry_count": retry_count,
-            "client_agent": self.client_agent[:128],
-            "code_hash": code_hash,
-            "source_ip_hash": None,
-            "country": None,
-            "tags": None,
-        }
+        record = self._record_template.copy()
+        record["job_id"] = job_id[:128]
+        record["timestamp"] = _utc_text(when)
+        record["backend"] = (backend or "unknown")[:128]
+        record["num_circuits"] = num_circuits
+        record["shots"] = shots
+        if stats is not None:
+            record["num_qubits"] = stats.num_qubits
+            record["depth"] = stats.depth
+            record["gate_counts"] = stats.gate_counts.copy()  # a dict of the read-only counts
+            record["two_qubit_gates"] = stats.two_qubit_gates
+        record["submit_latency_s"] = submit_latency_s
+        record["queue_time_s"] = queue_time_s
+        record["runtime_s"] = runtime_s
+        record["status"] = status
+        if error_code:
+            record["error_code"] = error_code[:64]
+        record["retry_count"] = retry_count
+        record["code_hash"] = code_hash
+        return record
 
     def emit(self, record: dict[str, Any] | Deferred) -> None:
         self.emitter.emit(record)
@@ -586,8 +589,100 @@ class Instrumentor(ABC):
 
     @staticmethod
     def new_job_id() -> str:
-        """A client-side job id, for SDKs whose jobs have none."""
-        return f"qabuse-{uuid.uuid4().hex}"
+        """A client-side job id, for SDKs whose jobs have none.
+
+        ``qabuse-`` and a random (version 4) UUID in hex, as ``uuid.uuid4().hex`` writes
+        it (see `_RandomUuids`).
+        """
+        return f"qabuse-{_RANDOM_UUIDS.next_hex()}"
+
+
+#: A record's fields in the contract's order (``shared/contracts``), as records list them.
+_RECORD_FIELDS = (
+    "schema_version",
+    "job_id",
+    "timestamp",
+    "user",
+    "api_key_id",
+    "provider",
+    "region",
+    "backend",
+    "sdk",
+    "sdk_version",
+    "num_circuits",
+    "shots",
+    "num_qubits",
+    "depth",
+    "gate_counts",
+    "two_qubit_gates",
+    "submit_latency_s",
+    "queue_time_s",
+    "runtime_s",
+    "status",
+    "error_code",
+    "retry_count",
+    "client_agent",
+    "code_hash",
+    "source_ip_hash",
+    "country",
+    "tags",
+)
+
+
+def _utc_text(when: datetime) -> str:
+    """``when`` as a record's timestamp: ``when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")``.
+
+    ``isoformat`` gives the same characters for half the cost; before year 1000, where
+    ``strftime`` does not pad the year, ``strftime`` it is.
+    """
+    if when.year < 1000:
+        return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return when.isoformat(timespec="microseconds")[:26] + "Z"
+
+
+class _RandomUuids:
+    """Random (version 4) UUIDs in hex, as ``uuid.uuid4().hex``, from a pool of random bytes.
+
+    ``uuid.uuid4`` reads 16 bytes of ``os.urandom`` per id: a system call, during which
+    the thread lets go of the interpreter lock, so on the emitter's thread each job would
+    hand the lock to the user's thread and wait to get it back. The pool reads the same
+    source ``ids`` at a time and sets the version and variant bits as
+    ``uuid.UUID(bytes=..., version=4)`` does. A forked child drops its pool, so it never
+    repeats its parent's ids (the hook is registered with the first pool, not at import).
+    """
+
+    #: ``uuid.UUID(version=4)`` clears these bits, then sets variant RFC 4122, version 4.
+    _CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+    _SET = (0x8000 << 48) | (4 << 76)
+
+    def __init__(self, ids: int = 64) -> None:
+        self._size = 16 * ids
+        self._pool = b""
+        self._at = 0
+        self._lock = threading.Lock()
+        self._watching_forks = False
+
+    def next_hex(self) -> str:
+        with self._lock:
+            at = self._at
+            if at >= len(self._pool):
+                if not self._watching_forks and hasattr(os, "register_at_fork"):  # POSIX
+                    os.register_at_fork(after_in_child=self.forget)
+                self._watching_forks = True
+                self._pool = os.urandom(self._size)
+                at = 0
+            self._at = at + 16
+            chunk = self._pool[at : at + 16]
+        return f"{int.from_bytes(chunk) & self._CLEAR | self._SET:032x}"
+
+    def forget(self) -> None:
+        """Drop the pool: in a forked child, its bytes are the parent's."""
+        self._lock = threading.Lock()  # the parent's may have been held by another thread
+        self._pool = b""
+        self._at = 0
+
+
+_RANDOM_UUIDS = _RandomUuids()
 
 
 def error_code(exc: BaseException) -> str:

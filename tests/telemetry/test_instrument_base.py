@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
+from qabuse_dagster.telemetry.circuit_stats import CircuitStats
 from qabuse_dagster.telemetry.contract import validate_record
 from qabuse_dagster.telemetry.hashing import KeyedHasher
 from qabuse_dagster.telemetry.instrument import (
@@ -368,3 +373,83 @@ def test_a_structure_cache_keeps_values_by_key_bounded_and_never_a_failure() -> 
     with pytest.raises(RuntimeError):
         cache.get("d", broken)
     assert cache.get("d", compute(7)) == 7
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        Instrumentor.stamp(1_700_000_000.25),
+        Instrumentor.stamp(1_700_000_000.0),  # no microseconds: still written, as zeros
+        Instrumentor.stamp(-1.5),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),  # strftime does not pad such a year
+        datetime(2026, 3, 1, 0, 30, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(2026, 3, 1, 0, 30, 0, 7),
+    ],
+)
+def test_a_record_timestamp_is_what_strftime_writes(when: datetime) -> None:
+    assert inst._utc_text(when) == when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_a_record_lists_every_contract_field_in_the_contracts_order(device_sdk: str) -> None:
+    handle = instrument(device_sdk, MemorySink(), user_id="u", api_key_id="k", hasher=HASHER)
+    schema = json.loads(
+        (Path(inst.__file__).parent / "schemas" / "telemetry-record.v1.schema.json").read_text()
+    )
+    stats = CircuitStats(2, 3, MappingProxyType({"cx": 1, "h": 1}), 1)
+    first, second = (
+        handle.instrumentor.record(
+            job_id="j",
+            status="failed",
+            backend="b",
+            num_circuits=1,
+            shots=5,
+            stats=stats,
+            code_hash="0123456789abcdef",
+            error_code="quota_exceeded",
+            retry_count=2,
+        )
+        for _ in range(2)
+    )
+    assert list(first) == list(schema["properties"])
+    assert (first["error_code"], first["retry_count"], first["gate_counts"]) == (
+        "quota_exceeded",
+        2,
+        {"cx": 1, "h": 1},
+    )
+    first["gate_counts"]["cx"] = 99  # each record has its own counts
+    assert second["gate_counts"] == {"cx": 1, "h": 1}
+    validate_record(second)
+
+
+def test_new_job_ids_are_random_uuid4s_as_uuid_writes_them() -> None:
+    ids = [Instrumentor.new_job_id() for _ in range(1_000)]  # several pools
+    assert len(set(ids)) == len(ids)
+    for job_id in ids:
+        assert job_id.startswith("qabuse-")
+        value = uuid.UUID(hex=job_id.removeprefix("qabuse-"))
+        assert (value.version, value.variant) == (4, uuid.RFC_4122)
+        assert value.hex == job_id.removeprefix("qabuse-")
+    pool = inst._RandomUuids(ids=2)
+    for _ in range(50):
+        chunk = os.urandom(16)
+        pool._pool, pool._at = chunk, 0
+        assert pool.next_hex() == uuid.UUID(bytes=chunk, version=4).hex
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_repeats_none_of_its_parents_job_ids() -> None:
+    Instrumentor.new_job_id()  # the parent holds a pool, most of it unused
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, then out without pytest's teardown
+        try:
+            os.write(write, Instrumentor.new_job_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    parents = {Instrumentor.new_job_id() for _ in range(64)}  # the rest of its pool, and more
+    assert child.startswith("qabuse-") and child not in parents

@@ -7,6 +7,7 @@ import importlib
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -530,3 +531,61 @@ def test_figures_are_computed_once_per_structure_and_stay_right_after_a_mutation
         assert (record["depth"], record["num_qubits"]) == (stats.depth, stats.num_qubits)
         assert record["two_qubit_gates"] == stats.two_qubit_gates
     assert records[0]["code_hash"] == records[1]["code_hash"] != records[2]["code_hash"]
+
+
+def test_a_moment_replaced_in_place_between_submissions_gives_the_new_figures(
+    cirq_sdk: tuple[Handle, MemorySink],
+) -> None:
+    handle, sink = cirq_sdk
+    simulator = cirq.Simulator(seed=7)
+    a, b, c = cirq.LineQubit.range(3)
+    circuit = cirq.Circuit(cirq.H(a), cirq.CNOT(a, b), cirq.measure(a, b, c))
+    first = circuit.copy()
+    simulator.run(circuit, repetitions=3)
+    simulator.run(circuit, repetitions=3)  # its moments' prints are known now
+    circuit[1] = cirq.Moment([cirq.CZ(a, c)])  # same length, one moment swapped
+    simulator.run(circuit, repetitions=3)
+    records = _records(handle, sink)[::2]
+
+    instrumentor = handle.instrumentor
+    for record, expected in zip(records, [first, first, circuit], strict=True):
+        stats = cirq_circuit_stats(expected)
+        assert record["gate_counts"] == dict(stats.gate_counts)
+        assert (record["depth"], record["num_qubits"]) == (stats.depth, stats.num_qubits)
+        assert record["two_qubit_gates"] == stats.two_qubit_gates
+        assert record["code_hash"] == instrumentor.code_hash(
+            [cirq_instrumentor._structure(expected)]
+        )
+    assert records[0]["code_hash"] == records[1]["code_hash"] != records[2]["code_hash"]
+
+
+def test_moment_prints_are_kept_by_moment_object_and_equal_those_read_afresh() -> None:
+    a, b, c = cirq.LineQubit.range(3)
+    circuit = _circuit()
+    snapshot = cirq_instrumentor._snapshot(circuit)
+    prints = cirq_instrumentor._MomentPrints(size=64)
+    key = cirq_instrumentor._fingerprint(snapshot, prints)
+    assert key == cirq_instrumentor._fingerprint(snapshot, cirq_instrumentor._MomentPrints())
+    assert key == cirq_instrumentor._fingerprint(snapshot, prints)  # looked up this time
+    grown = circuit + cirq.Circuit(cirq.X(a))  # shares the first moments
+    assert cirq_instrumentor._fingerprint(
+        cirq_instrumentor._snapshot(grown), prints
+    ) == cirq_instrumentor._fingerprint(
+        cirq_instrumentor._snapshot(grown), cirq_instrumentor._MomentPrints()
+    )
+
+    # An entry left by a moment that died, under the id a new moment now has, is not its.
+    alive, new = cirq.Moment([cirq.H(a)]), cirq.Moment([cirq.CZ(b, c)])
+    prints._entries[id(new)] = (weakref.ref(alive), prints.get(alive))
+    assert prints.get(new) == hash(cirq_instrumentor._moment_print(new))
+    assert prints.get(new) != prints.get(alive)
+
+    # A sub-circuit is counted from what it holds: no print for its moment, nor its program.
+    sub = cirq.Circuit(cirq.CircuitOperation(cirq.FrozenCircuit(cirq.H(a))))
+    assert prints.get(sub.moments[0]) is None
+    assert cirq_instrumentor._fingerprint(cirq_instrumentor._snapshot(sub), prints) is None
+
+    small = cirq_instrumentor._MomentPrints(size=2)
+    for moment in grown.moments:
+        small.get(moment)
+    assert len(small._entries) == 2

@@ -383,3 +383,51 @@ def test_figures_are_computed_once_per_structure_and_differ_where_specs_differs(
     for records, tape in zip(by_job[2:], tapes, strict=True):
         assert_stats(records[0], pennylane_circuit_stats(tape))
     assert by_job[2][0]["gate_counts"] != by_job[3][0]["gate_counts"]
+
+
+def test_controlled_wires_are_read_in_their_two_parts_and_tell_tapes_apart(
+    telemetry: tuple[Handle, MemorySink],
+) -> None:
+    handle, sink = telemetry
+    reads = instrumentor_module._reads
+    assert reads(qml.CNOT) == (False, True)  # Controlled.wires: control + target
+    assert reads(qml.Hadamard) == (False, False)
+    assert reads(qml.MultiControlledX) == (False, False)  # its own wires property
+    assert reads(type(qml.ctrl(qml.MultiRZ(FIXED, wires=[1, 2]), 0))) == (True, True)
+
+    class Counted(qml.resource.ResourcesOperation):
+        num_wires = 1
+
+        def resources(self) -> Any:
+            raise NotImplementedError
+
+    assert reads(Counted) is None
+
+    def tape(*ops: Any) -> QuantumScript:
+        return QuantumScript([qml.Hadamard(0), *ops], [qml.probs(wires=[0, 1, 2])])
+
+    fingerprint = instrumentor_module._fingerprint
+    tapes = [
+        tape(qml.CNOT([0, 1])),
+        tape(qml.CNOT([1, 0])),
+        tape(qml.CNOT([0, 2])),
+        tape(qml.ctrl(qml.RX(FIXED, 2), [0, 1])),
+        tape(qml.ctrl(qml.RX(FIXED, 1), [0, 2])),
+        tape(qml.ctrl(qml.MultiRZ(FIXED, wires=[1, 2]), 0)),
+        tape(qml.ctrl(qml.MultiRZ(FIXED, wires=[2]), [0, 1])),
+        tape(qml.MultiControlledX(wires=[0, 1, 2])),
+    ]
+    prints = [fingerprint(t) for t in tapes]
+    assert len(set(prints)) == len(prints)
+    assert fingerprint(tape(qml.CNOT([1, 0]))) == prints[1]
+
+    device = qml.device("default.qubit", wires=3)
+    for t in tapes:
+        device.execute([t])
+    by_job = list(jobs(handle, sink).values())
+    assert_one_job_per_call({str(i): records for i, records in enumerate(by_job)})
+    instrumentor = handle.instrumentor
+    for records, t in zip(by_job, tapes, strict=True):
+        assert_stats(records[0], pennylane_circuit_stats(t))
+        expected_hash = instrumentor.code_hash([instrumentor_module._structure(t)])
+        assert records[0]["code_hash"] == records[1]["code_hash"] == expected_hash

@@ -498,3 +498,43 @@ def test_figures_are_computed_once_per_structure_and_stay_right_after_a_mutation
     _assert_stats(records[2], [changed])
     assert records[0]["code_hash"] == records[1]["code_hash"] != records[2]["code_hash"]
     assert handle.instrumentor.structures.hits == 1
+
+
+def test_a_fingerprint_reads_bits_as_wires_and_what_it_keys_is_right(
+    handle: Handle, sink: MemorySink
+) -> None:
+    from qiskit.circuit import QuantumRegister, Qubit
+
+    from qabuse_dagster.telemetry.instrumentors import qiskit as module
+
+    def fingerprint(circuit: QuantumCircuit) -> Any:
+        return module._fingerprint(module._snapshot(circuit), handle.instrumentor._conditions)
+
+    register = QuantumRegister(3, "q")
+    anonymous_bits = [Qubit() for _ in range(3)]
+    forward = QuantumCircuit(register)
+    backward = QuantumCircuit(list(reversed(register)))  # same bits, listed the other way
+    anonymous = QuantumCircuit(anonymous_bits)
+    for qc, (a, b, c) in ((forward, register), (backward, register), (anonymous, anonymous_bits)):
+        qc.h(a)
+        qc.cx(a, b)
+        qc.barrier(a, b, c)
+        qc.cz(b, c)
+    # The same instructions on the same wires: one key, and the figures it keys are right
+    # for both circuits (the code hash renumbers qubits by first use).
+    assert fingerprint(forward) == fingerprint(backward)
+    assert fingerprint(_ansatz(ANGLE)) == fingerprint(_ansatz(0.5))
+    assert fingerprint(_ansatz(ANGLE)) != fingerprint(_ansatz(ANGLE, (0, 2, 1)))
+    assert fingerprint(anonymous) != fingerprint(forward)  # other bits: another key
+
+    backend = BasicSimulator()
+    circuits = [forward, backward, anonymous, _ansatz(ANGLE, (0, 2, 1))]
+    for qc in circuits:
+        backend.run(qc, shots=5, seed_simulator=SEED).result()
+    records = _records(handle, sink)[::2]
+    instrumentor = handle.instrumentor
+    for record, qc in zip(records, circuits, strict=True):
+        _assert_stats(record, [qc])
+        assert record["code_hash"] == instrumentor.code_hash([module._structure(qc)])
+    assert records[0]["code_hash"] == records[1]["code_hash"] == records[2]["code_hash"]
+    assert instrumentor.structures.hits == 1  # backward reused forward's figures

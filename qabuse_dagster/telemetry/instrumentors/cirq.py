@@ -56,7 +56,9 @@ given as a mutable container (a list of dicts) and changed right after the call 
 counted as changed. Each program's statistics and the code hash are computed once per
 structure (`StructureCache`, keyed by `_fingerprint`: per moment, the class naming each
 operation and its qubits), so a sweep or a loop resubmitting one structure costs a
-fingerprint.
+fingerprint; and a moment's part of it is read once per moment object (`_MomentPrints`),
+so resubmitting a circuit, or one that shares moments with an earlier one, costs a
+lookup per moment.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -75,7 +78,14 @@ from qabuse_dagster.telemetry.circuit_stats import (
     cirq_gate_name,
     frozen_counts,
 )
-from qabuse_dagster.telemetry.instrument import Instrumentor, Memo, combine_stats
+from qabuse_dagster.telemetry.hashing import KeyedHasher
+from qabuse_dagster.telemetry.instrument import (
+    Emitter,
+    Identity,
+    Instrumentor,
+    Memo,
+    combine_stats,
+)
 from qabuse_dagster.telemetry.instrument import error_code as _error_code
 
 if TYPE_CHECKING:
@@ -100,7 +110,7 @@ _MAX_CIRCUITS = 1_000_000
 _MISSING: Any = object()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per job; frozen would cost 4x to build
 class _Figures:
     """What the emitter's thread computes once per job, for both of its records."""
 
@@ -110,7 +120,7 @@ class _Figures:
     code_hash: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per job; frozen would cost 4x to build
 class _Job:
     """What both records of one sampler call share."""
 
@@ -154,6 +164,11 @@ class CirqInstrumentor(Instrumentor):
     sdk = "cirq"
     distribution = "cirq-core"
     supported = ((1, 0), (2, 0))
+
+    def __init__(self, identity: Identity, hasher: KeyedHasher, emitter: Emitter) -> None:
+        super().__init__(identity, hasher, emitter)
+        #: Each moment's part of a `_fingerprint` (emitter's thread).
+        self.moments = _MomentPrints()
 
     def patch_points(self) -> list[tuple[object, str, Callable[[Any], Any]]]:
         import cirq
@@ -277,7 +292,7 @@ class CirqInstrumentor(Instrumentor):
     def _figures(self, programs: list[Any], sweeps: list[Any]) -> _Figures:
         """The job's figures: run once, on the emitter's thread."""
         executions = [1 if params is _ONE else _executions(params) for params in sweeps]
-        prints = [_fingerprint(program) for program in programs]
+        prints = [_fingerprint(program, self.moments) for program in programs]
         key = None if None in prints else tuple(prints)
         per_program, code_hash = self.structures.get(
             key, functools.partial(self._programs_figures, programs)
@@ -384,40 +399,81 @@ def _thaw(program: Any) -> Any:
     return program
 
 
-def _fingerprint(program: Any) -> Hashable | None:
+def _fingerprint(program: Any, moments: _MomentPrints) -> Hashable | None:
     """What a snapshot's statistics and code hash depend on; None when it is more than that.
 
-    Per moment, per operation: the class that names it (`cirq_gate_name`: the gate's, else
-    the operation's), its qubits and, for one on two qubits, whether it is a measurement.
-    Parameter values are not read. A sub-circuit or a classically controlled operation is
-    named and counted from what it holds: a program with one has none.
+    Per moment, the hash of its `_moment_print`, looked up by moment object in
+    ``moments``: `StructureCache` keeps figures by the key's hash either way, and a tuple
+    of ints hashes without hashing every qubit again.
     """
     import cirq
 
     if isinstance(program, _Moments):
-        moments: Sequence[cirq.Moment] = program
+        held: Sequence[cirq.Moment] = program
     elif isinstance(program, cirq.FrozenCircuit):
-        moments = program.moments
+        held = program.moments
     else:
         return None
-    key = []
-    for moment in moments:
-        operations = []
-        for operation in moment.operations:
-            bare = operation.untagged
-            if isinstance(bare, cirq.CircuitOperation | cirq.ClassicallyControlledOperation):
-                return None
-            gate = bare.gate
-            qubits = bare.qubits
-            operations.append(
-                (
-                    type(bare) if gate is None else type(gate),
-                    qubits,
-                    len(qubits) == 2 and cirq.is_measurement(operation),
-                )
+    key = tuple([moments.get(moment) for moment in held])
+    return None if None in key else key
+
+
+def _moment_print(moment: cirq.Moment) -> Hashable | None:
+    """One moment's part of a `_fingerprint`; None when its figures depend on more.
+
+    Per operation: the class that names it (`cirq_gate_name`: the gate's, else the
+    operation's), its qubits and, for one on two qubits, whether it is a measurement.
+    Parameter values are not read. A sub-circuit or a classically controlled operation is
+    named and counted from what it holds: a moment with one has none.
+    """
+    import cirq
+
+    operations = []
+    for operation in moment.operations:
+        bare = operation.untagged
+        if isinstance(bare, cirq.CircuitOperation | cirq.ClassicallyControlledOperation):
+            return None
+        gate = bare.gate
+        qubits = bare.qubits
+        operations.append(
+            (
+                type(bare) if gate is None else type(gate),
+                qubits,
+                len(qubits) == 2 and cirq.is_measurement(operation),
             )
-        key.append(tuple(operations))
-    return tuple(key)
+        )
+    return tuple(operations)
+
+
+class _MomentPrints:
+    """The hash of the `_moment_print` of moments seen lately, by moment object (None for
+    a moment that has none); on the emitter's thread only.
+
+    A ``cirq.Moment`` is immutable, and a circuit submitted again (the same object, or a
+    copy, or one that grew by a moment) holds the same moment objects: their prints are
+    looked up rather than read again from every operation. Entries are keyed by ``id``
+    and hold the moment by a weak reference, so a moment is never kept alive here and one
+    that died is not mistaken for a new moment given its id. The oldest entry goes when
+    ``size`` are held.
+    """
+
+    __slots__ = ("_entries", "size")
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: dict[int, tuple[weakref.ref[cirq.Moment], int | None]] = {}
+
+    def get(self, moment: cirq.Moment) -> int | None:
+        key = id(moment)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is moment:
+            return entry[1]
+        printed = _moment_print(moment)
+        value = None if printed is None else hash(printed)
+        self._entries[key] = (weakref.ref(moment), value)
+        if len(self._entries) > self.size:
+            del self._entries[next(iter(self._entries))]
+        return value
 
 
 def _with_subclasses(cls: type) -> list[type]:

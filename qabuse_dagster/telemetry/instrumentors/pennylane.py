@@ -73,7 +73,7 @@ EXECUTION_METHODS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per job; frozen would cost 4x to build
 class _Figures:
     """What the emitter's thread computes once per job, for all of its records."""
 
@@ -82,7 +82,7 @@ class _Figures:
     code_hash: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per job; frozen would cost 4x to build
 class _Batch:
     """What the records of one execution say about its tapes."""
 
@@ -158,9 +158,7 @@ class PennyLaneInstrumentor(Instrumentor):
         return result
 
     def _batch(self, device: Any, circuits: Any) -> _Batch | None:
-        from pennylane.tape import QuantumScript
-
-        if isinstance(circuits, QuantumScript):
+        if isinstance(circuits, _tape_class()):
             tapes: list[QuantumScript] = [circuits]
         elif isinstance(circuits, Sequence):  # never consume an iterator the device needs
             tapes = list(circuits)
@@ -233,6 +231,14 @@ class PennyLaneInstrumentor(Instrumentor):
         )
 
 
+@functools.cache
+def _tape_class() -> type[QuantumScript]:
+    """``QuantumScript``, imported once: an import statement costs a µs on each call."""
+    from pennylane.tape import QuantumScript
+
+    return QuantumScript
+
+
 def _structure(tape: QuantumScript) -> list[tuple[str, tuple[Any, ...]]]:
     """A tape's operations as (lower-case name, wires): no parameter value is read."""
     return [(op.name.lower(), tuple(op.wires)) for op in tape.operations]
@@ -248,19 +254,41 @@ def _fingerprint(tape: QuantumScript) -> Hashable | None:
     thread may be waiting on. An operation that counts its own resources
     (``ResourcesOperation``) and a measurement of a mid-circuit value give None.
     """
-    from pennylane.ops import Controlled, ControlledOp
-    from pennylane.resource import ResourcesOperation
-
     operations = []
     for op in tape.operations:
-        if isinstance(op, ResourcesOperation):
+        kind: type = type(op)
+        reads = _reads(kind)
+        if reads is None:
             return None
-        kind = type(op)
-        controls = len(op.control_wires) if kind is Controlled or kind is ControlledOp else 0
-        operations.append((kind, op.name, op.wires.labels, controls))
+        counts_controls, joins_wires = reads
+        controls = len(op.control_wires) if counts_controls else 0
+        # Controlled.wires joins the two parts into a new Wires on each read (a few µs,
+        # the most of a fingerprint): the parts say the same for less.
+        wires = (
+            (op.control_wires.labels, op.target_wires.labels) if joins_wires else op.wires.labels
+        )
+        operations.append((kind, op.name, wires, controls))
     measurements = []
     for mp in tape.measurements:
         if getattr(mp, "mv", None) is not None:
             return None
         measurements.append((type(mp), mp.wires.labels))
     return tuple(operations), tuple(measurements)
+
+
+@functools.cache
+def _reads(kind: type) -> tuple[bool, bool] | None:
+    """What `_fingerprint` reads of an operation of class ``kind``, decided once per class.
+
+    None for a ``ResourcesOperation`` (it counts its own resources: no fingerprint), else
+    whether ``specs`` names it by its control count (a plain ``Controlled`` or
+    ``ControlledOp``) and whether its ``wires`` is ``Controlled.wires``, which is
+    ``control_wires + target_wires``.
+    """
+    from pennylane.ops import Controlled, ControlledOp
+    from pennylane.resource import ResourcesOperation
+
+    if issubclass(kind, ResourcesOperation):
+        return None
+    joins_wires = issubclass(kind, Controlled) and getattr(kind, "wires", None) is Controlled.wires
+    return kind is Controlled or kind is ControlledOp, joins_wires

@@ -32,8 +32,8 @@ thread rebuilds a circuit from it (``QuantumCircuit.from_circuit_data``). The fi
 those of the circuit as submitted. On a Qiskit without that pair the snapshot is
 ``circuit.copy()``. Statistics and code hash are computed once per structure
 (`StructureCache`, keyed by `_fingerprint` of the snapshot: each instruction's name and
-bit indices), so a loop resubmitting one structure with new parameters costs a
-fingerprint and no rebuilt circuit.
+bits), so a loop resubmitting one structure with new parameters costs a fingerprint and
+no rebuilt circuit.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class _Figures:
     code_hash: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per job; frozen would cost 4x to build
 class _Submission:
     """What both records of one submission say about it."""
 
@@ -478,10 +478,13 @@ def _patch_run(instrumentor: Instrumentor, wrap: Callable[[Any], Any], cls: type
 def _fingerprint(snapshot: _Data | QuantumCircuit, conditions: bool) -> Hashable | None:
     """What a snapshot's statistics and code hash depend on; None when it is more than that.
 
-    Per instruction: its name, whether it is a directive (not counted in the depth) and the
-    indices of its qubits and clbits (the depth counts both); with the circuit's width.
-    Parameter values are not read. Control flow, ``store`` and (Qiskit 1) classical
-    conditions (``conditions``: this Qiskit has them) make the depth depend on classical
+    Per instruction: its name, whether it is a directive (not counted in the depth) and
+    its qubits and clbits (the depth counts both); with the circuit's width. The bits are
+    Qiskit's own objects, not their indices: within a circuit two of them are equal only
+    if they are the same wire, which is all the figures read of them (the code hash
+    renumbers qubits by first use), and an index would cost a lookup per bit. Parameter
+    values are not read. Control flow, ``store`` and (Qiskit 1) classical conditions
+    (``conditions``: this Qiskit has them) make the depth depend on classical
     expressions: such a circuit has none.
     """
     if not isinstance(snapshot, _Data):
@@ -489,23 +492,15 @@ def _fingerprint(snapshot: _Data | QuantumCircuit, conditions: bool) -> Hashable
     data = snapshot.data
     if data.has_control_flow_op():
         return None
-    qubits = {bit: i for i, bit in enumerate(data.qubits)}
-    clbits = {bit: i for i, bit in enumerate(data.clbits)}
-    instructions = []
+    instructions: list[tuple[str, bool, tuple[Any, ...], tuple[Any, ...]]] = []
+    append = instructions.append
     for instruction in data:
         name = instruction.name
         if name == "store" or (
             conditions and getattr(instruction.operation, "condition", None) is not None
         ):
             return None
-        instructions.append(
-            (
-                name,
-                instruction.is_directive(),
-                tuple([qubits[q] for q in instruction.qubits]),
-                tuple([clbits[c] for c in instruction.clbits]),
-            )
-        )
+        append((name, instruction.is_directive(), instruction.qubits, instruction.clbits))
     return data.num_qubits, tuple(instructions)
 
 
@@ -554,7 +549,7 @@ def _materialise(
     value = args[0] if args else kwargs.get(name)
     if (
         value is None
-        or isinstance(value, _circuit_class() | Sequence)
+        or isinstance(value, (_circuit_class(), Sequence))
         or not isinstance(value, Iterable)
     ):
         return args, kwargs
