@@ -49,7 +49,7 @@ QUICK_ONLINE_LOOKUP = online_lookup.Settings(api_keys=50, lookups=200, warmup=20
 QUICK_INSTRUMENTATION = instrumentation.Settings(calls=20, blocks=2)
 QUICK_COLLECTOR = collector.Settings(records=3_000, batch=500, rounds=1)
 #: Without ``--scoring-home`` a quick run still builds (and trains) a home: a minute or two.
-QUICK_SCORING = scoring.Settings(calls=100, warmup=20)
+QUICK_SCORING = scoring.Settings(calls=100, warmup=20, seconds=1.0, rounds=1)
 #: The live run waits for a minute boundary: the quick run replays only.
 QUICK_AUTHORIZE = authorize.Settings(calls=200, warmup=20, api_keys=500, seconds=1.0)
 QUICK_STREAM_LATENCY = stream_latency.Settings(

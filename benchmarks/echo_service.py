@@ -13,10 +13,12 @@ import bentoml
 from pydantic import Field
 
 from qabuse_dagster.serving.schemas import HEX_ID_PATTERN
+from qabuse_dagster.serving.server import scorer_workers
 
 
-# The scorer's settings (one worker, same timeout), so the two differ only in the work done.
-@bentoml.service(name="qabuse_echo", workers=1, traffic={"timeout": 10})
+# The scorer's settings (its workers, QABUSE_SCORER_WORKERS, and timeout), so the two
+# differ only in the work done.
+@bentoml.service(name="qabuse_echo", workers=scorer_workers(), traffic={"timeout": 10})
 class Echo:
     """Answers ``POST /score`` with the key it was sent."""
 

@@ -10,10 +10,10 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["available", "post_script", "run_wrk"]
+__all__ = ["available", "post_cycle_script", "post_script", "run_wrk"]
 
 _POST_SCRIPT = """
 wrk.method = "POST"
@@ -37,6 +37,29 @@ def post_script(body: str, headers: Mapping[str, str] | None = None) -> str:
         f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in (headers or {}).items()
     )
     return _POST_SCRIPT.format(body=_lua_string(body), headers=lines)
+
+
+_CYCLE_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+{headers}
+local bodies = {{ {bodies} }}
+local next_body = 0
+request = function()
+  next_body = next_body % #bodies + 1
+  return wrk.format(nil, nil, nil, bodies[next_body])
+end
+"""
+
+
+def post_cycle_script(bodies: Sequence[str], headers: Mapping[str, str] | None = None) -> str:
+    """A wrk script that POSTs the JSON ``bodies`` in turn, one per request, on a loop."""
+    if not bodies:
+        raise ValueError("expected at least one body")
+    lines = "\n".join(
+        f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in (headers or {}).items()
+    )
+    return _CYCLE_SCRIPT.format(bodies=", ".join(map(_lua_string, bodies)), headers=lines)
 
 
 def run_wrk(

@@ -279,11 +279,18 @@ def features(window: str | None, as_json: bool) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=3001, show_default=True)
-def serve(host: str, port: int) -> None:
-    """Serve POST /score with BentoML (foreground)."""
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes on the port [default: QABUSE_SCORER_WORKERS, else one per core, "
+    "at most 4].",
+)
+def serve(host: str, port: int, workers: int | None) -> None:
+    """Serve POST /score and POST /score/batch with BentoML (foreground)."""
     from qabuse_dagster.serving.server import serve_forever
 
-    sys.exit(serve_forever(host, port))
+    sys.exit(serve_forever(host, port, workers))
 
 
 @main.command()

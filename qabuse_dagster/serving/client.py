@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import httpx
 
-from qabuse_dagster.serving.schemas import ScoreResponse
+from qabuse_dagster.serving.schemas import BatchScoreResponse, ScoreResponse
 
 DEFAULT_URL = "http://127.0.0.1:3001"
 
@@ -20,12 +21,14 @@ class ScoringError(RuntimeError):
 
 
 class ScoringClient:
-    """Calls ``POST /score`` on a running ``qabuse serve``.
+    """Calls ``POST /score`` and ``POST /score/batch`` on a running ``qabuse serve``.
 
     Example:
         >>> client = ScoringClient("http://127.0.0.1:3001")  # doctest: +SKIP
         >>> client.score("0123456789abcdef").anomalous  # doctest: +SKIP
         False
+        >>> client.score_batch(["0123456789abcdef"]).not_online  # doctest: +SKIP
+        []
     """
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float = 10.0) -> None:
@@ -37,6 +40,18 @@ class ScoringClient:
         if response.status_code != 200:
             raise ScoringError(response.status_code, response.text[:500])
         return ScoreResponse.model_validate(response.json())
+
+    def score_batch(self, keys: Sequence[str | tuple[str, str | None]]) -> BatchScoreResponse:
+        """Score many keys in one request: api key ids, or (api key id, user) pairs.
+
+        At most `qabuse_dagster.serving.schemas.MAX_BATCH_KEYS` keys a call.
+        """
+        pairs = [(key, None) if isinstance(key, str) else key for key in keys]
+        body = {"keys": [{"api_key_id": key, "user": user} for key, user in pairs]}
+        response = self._http.post("/score/batch", json=body)
+        if response.status_code != 200:
+            raise ScoringError(response.status_code, response.text[:500])
+        return BatchScoreResponse.model_validate(response.json())
 
     def ready(self) -> bool:
         try:

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
 
 from qabuse_dagster.telemetry.contract import HEX_HASH_PATTERN
 
 HEX_ID_PATTERN = HEX_HASH_PATTERN
+#: Keys one ``POST /score/batch`` may ask for: a request is answered whole, so its size
+#: bounds how long it holds a worker (about a millisecond a key) and its answer's size.
+MAX_BATCH_KEYS = 256
+
+ApiKeyId = Annotated[
+    str,
+    Field(
+        pattern=HEX_ID_PATTERN,
+        description="Keyed hash of the API key's id, as in the telemetry contract.",
+        examples=["0123456789abcdef" * 4],
+    ),
+]
+UserId = Annotated[
+    str | None,
+    Field(
+        pattern=HEX_ID_PATTERN,
+        description="Keyed hash of the submitting user, when the caller knows it: "
+        "the user-level family then scores the user's rows too.",
+        json_schema_extra={"nullable": True},
+    ),
+]
+
+
+class ScoreRequest(BaseModel):
+    """One key to score, as ``POST /score`` takes it."""
+
+    api_key_id: ApiKeyId
+    user: UserId = None
 
 
 class FeatureContribution(BaseModel):
@@ -69,4 +99,17 @@ class ScoreResponse(BaseModel):
         "batch job writes (the campaign graph views): as fresh as the last "
         "materialisation; null when the model reads none or the store holds none.",
         json_schema_extra={"nullable": True},
+    )
+
+
+class BatchScoreResponse(BaseModel):
+    """What ``POST /score/batch`` answers."""
+
+    answers: list[ScoreResponse] = Field(
+        description="One answer per key the online store holds features for, in the order "
+        "asked; each is what POST /score answers for that key."
+    )
+    not_online: list[str] = Field(
+        description="The keys asked for that have no online features (POST /score answers "
+        "them 404), in the order asked."
     )

@@ -2,7 +2,8 @@
 
 `Champion` loads the ensemble behind ``@champion``, its member families and their online
 inputs once, and follows the alias when it moves; `score_key` reads the key's (and its
-user's) online features and scores them with every member, as the endpoint answers.
+user's) online features and scores them with every member, as the endpoint answers;
+`score_keys` does so for many keys with one online read (``POST /score/batch``).
 Both ``POST /score`` (`qabuse_dagster.serving.service`) and the stream worker
 (`qabuse_dagster.serving.stream_worker`) call these, so a decision taken from the stream
 reads exactly like an answer of the endpoint.
@@ -14,7 +15,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from qabuse_dagster.serving.schemas import ScoreResponse
 if TYPE_CHECKING:
     from qabuse_dagster.serving.online import OnlineRead
 
-__all__ = ["Champion", "ChampionUnavailable", "KeyNotOnline", "score_key"]
+__all__ = ["Champion", "ChampionUnavailable", "KeyNotOnline", "score_key", "score_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,6 @@ def score_key(
     Raises:
         KeyNotOnline: The online store holds no features for ``api_key_id``.
     """
-    ref = loaded.ref
     online = inputs.read(store, api_key_id, user, max_age=max_age)
     if overlay is not None:
         online = _overlaid(online, *overlay)
@@ -145,6 +145,38 @@ def score_key(
             f"api key {api_key_id} has no online features: it is unknown, or has not "
             "submitted since the last materialisation"
         )
+    return _answer(loaded, inputs, api_key_id, online)
+
+
+def score_keys(
+    loaded: Any,
+    store: Any,
+    inputs: Any,
+    keys: Sequence[tuple[str, str | None]],
+    *,
+    max_age: timedelta,
+) -> list[ScoreResponse | None]:
+    """`score_key` of each (api key, user or None) pair, read from the store in one go.
+
+    Each key is scored on its own, as `score_key` scores it, so each answer is the one
+    ``POST /score`` gives for that key; the batch shares the online read and the request.
+
+    Returns:
+        One answer per pair, in order; None for a key the online store holds nothing for.
+    """
+    # A pair asked for twice is read and scored once: the same read gives the same answer.
+    unique = list(dict.fromkeys(keys))
+    reads = inputs.read_many(store, unique, max_age=max_age)
+    answers = {
+        pair: _answer(loaded, inputs, pair[0], online) if online.known else None
+        for pair, online in zip(unique, reads, strict=True)
+    }
+    return [answers[pair] for pair in keys]
+
+
+def _answer(loaded: Any, inputs: Any, api_key_id: str, online: OnlineRead) -> ScoreResponse:
+    """Score one key's online read with every member; the answer of ``/score``."""
+    ref = loaded.ref
     raw = {
         name: float(inputs.score(name, member.detector, online))
         for name, member in loaded.members.items()
@@ -154,7 +186,8 @@ def score_key(
     score = float(loaded.ensemble.decision_function(matrix)[0])
     top = str(loaded.ensemble.members[int(standardised.argmax())])
     contributions = inputs.explain(top, loaded.members[top].detector, online)
-    demand = bool(has_demand(online.scalars))
+    scalars = online.scalars  # a property that builds the dict: once per answer
+    demand = bool(has_demand(scalars))
     return ScoreResponse(
         api_key_id=api_key_id,
         score=score,
@@ -162,7 +195,7 @@ def score_key(
         threshold=ref.threshold,
         model_name=ref.name,
         model_version=ref.version,
-        feature_service=",".join(inputs.services),
+        feature_service=inputs.feature_service,
         family_scores=raw,
         family_standardised={
             name: float(z) for name, z in zip(loaded.ensemble.members, standardised, strict=True)
@@ -170,7 +203,7 @@ def score_key(
         family_versions={name: m.ref.version for name, m in loaded.members.items()},
         top_family=top,
         top_features=contributions,
-        features=online.scalars,
+        features=scalars,
         demand=demand,
         # Fails open: a vector older than the bound is still scored, and flagged.
         stale=online.stale,

@@ -18,6 +18,32 @@ from qabuse_dagster.serving.client import ScoringClient
 logger = logging.getLogger(__name__)
 
 SERVICE = "qabuse_dagster.serving.service:Scorer"
+WORKERS_ENV = "QABUSE_SCORER_WORKERS"
+#: Each worker holds the whole champion and its caches (a few hundred MB): past a few,
+#: a machine gains more from replicas than from more workers in one.
+MAX_DEFAULT_WORKERS = 4
+
+
+def scorer_workers() -> int:
+    """Worker processes ``bentoml serve`` starts for the scorer, each on the same port.
+
+    ``QABUSE_SCORER_WORKERS`` when set, else one per CPU core this process may use (at
+    most `MAX_DEFAULT_WORKERS`): a /score request is CPU work under the GIL, so one
+    process uses one core.
+    """
+    text = os.environ.get(WORKERS_ENV, "").strip()
+    if not text:
+        usable = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        )
+        return max(1, min(usable or 1, MAX_DEFAULT_WORKERS))
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ValueError(f"{WORKERS_ENV}={text!r}: expected a whole number of workers, 1 or more")
+    return workers
 
 
 def console_script(name: str) -> str:
@@ -56,13 +82,20 @@ def start_server(
 
 @contextlib.contextmanager
 def scoring_server(
-    host: str = "127.0.0.1", port: int | None = None, ready_timeout: float = 180.0
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    ready_timeout: float = 180.0,
+    workers: int | None = None,
 ) -> Iterator[ScoringClient]:
-    """Run ``bentoml serve`` for the block; yields a client once ``/readyz`` answers."""
+    """Run ``bentoml serve`` for the block; yields a client once ``/readyz`` answers.
+
+    ``workers`` defaults to `scorer_workers` (``QABUSE_SCORER_WORKERS``).
+    """
     port = port or free_port(host)
     log = settings.paths().run / "bentoml.log"
+    env = {WORKERS_ENV: str(workers)} if workers is not None else None
     with ChildProcesses() as children:
-        process = start_server(children, bentoml_command(host, port), log)
+        process = start_server(children, bentoml_command(host, port), log, env=env)
         with contextlib.closing(ScoringClient(f"http://{host}:{port}")) as client:
             deadline = time.monotonic() + ready_timeout
             while not client.ready():
@@ -83,10 +116,15 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def serve_forever(host: str, port: int) -> int:
-    """``qabuse serve``: BentoML in the foreground until it exits, Ctrl-C or SIGTERM."""
+def serve_forever(host: str, port: int, workers: int | None = None) -> int:
+    """``qabuse serve``: BentoML in the foreground until it exits, Ctrl-C or SIGTERM.
+
+    Args:
+        workers: Worker processes; default `scorer_workers` (``QABUSE_SCORER_WORKERS``).
+    """
+    env = {WORKERS_ENV: str(workers)} if workers is not None else None
     with ChildProcesses() as children:
-        process = start_server(children, bentoml_command(host, port))
+        process = start_server(children, bentoml_command(host, port), env=env)
         try:
             return process.wait()
         except KeyboardInterrupt:  # bentoml and its workers are already stopped

@@ -10,7 +10,7 @@ from feast.online_response import TIMESTAMP_POSTFIX
 
 from qabuse_dagster import model_registry, settings
 from qabuse_dagster.features.store import open_store
-from qabuse_dagster.serving.online import OnlineInputs
+from qabuse_dagster.serving.online import OnlineInputs, SqliteRows, StoreRows
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +121,55 @@ def test_a_key_the_stream_keeps_current_is_fresh_however_old_its_campaign_row(on
     assert read.known and not read.stale
     assert read.age_s is not None and 25 <= read.age_s <= 120
     assert read.batch_age_s is not None and read.batch_age_s >= timedelta(days=2).total_seconds()
+
+
+def test_the_direct_sqlite_read_equals_feasts_own_online_read(pipeline_run, online) -> None:
+    """The default store is SQLite: `SqliteRows` reads it, and gives what Feast's
+    ``online_read`` of every view gives, values and event times, key by key."""
+    from feast.infra.online_stores.helpers import get_online_store_from_config
+
+    store, inputs = online
+    assert isinstance(inputs.key_rows, SqliteRows) and isinstance(inputs.user_rows, SqliteRows)
+    feast_store = get_online_store_from_config(store.config.online_store)
+    users = sorted(set(_key_users(pipeline_run).values()))
+    keys = [*pipeline_run.simulation.api_keys, "f" * 64]
+    for rows, views, join_key, values in (
+        (inputs.key_rows, inputs.key_views, "api_key_id", keys),
+        (inputs.user_rows, inputs.user_views, "user", [*users, "e" * 64]),
+    ):
+        feast = StoreRows(views, join_key, feast_store).read(store, values)
+        direct = rows.read(store, values)
+        assert [v for v, _ in direct] == [v for v, _ in feast]
+        assert [_named(s) for _, s in direct] == [_named(s) for _, s in feast]
+        # One key at a time, and a key asked for twice, read the same.
+        assert rows.read(store, values[:1] * 2) == [direct[0], direct[0]]
+
+
+def test_read_many_reads_each_key_as_read_does(pipeline_run, online) -> None:
+    store, inputs = online
+    users = _key_users(pipeline_run)
+    keys = list(pipeline_run.simulation.api_keys)[:6]
+    # With and without a user, a key twice, an unknown key with an unknown user.
+    pairs = [(key, users[key]) for key in keys] + [(key, None) for key in keys[:3]]
+    pairs += [("f" * 64, "e" * 64)]
+    many = inputs.read_many(store, pairs, max_age=timedelta(days=365))
+    for (key, user), read in zip(pairs, many, strict=True):
+        one = inputs.read(store, key, user, max_age=timedelta(days=365))
+        assert read.values == one.values and read.user_values == one.user_values
+        assert read.stale == one.stale
+        for age, again in ((read.age_s, one.age_s), (read.batch_age_s, one.batch_age_s)):
+            assert (age is None) == (again is None)
+            assert age is None or again is None or abs(age - again) < 5
+
+
+def _key_users(pipeline_run) -> dict[str, str]:
+    users: dict[str, str] = {}
+    with pipeline_run.simulation.telemetry_path.open() as lines:
+        for line in lines:
+            record = json.loads(line)
+            users.setdefault(record["api_key_id"], record["user"])
+    return users
+
+
+def _named(stamps: list) -> list:
+    return [(view.name, at) for view, at in stamps]

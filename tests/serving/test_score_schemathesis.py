@@ -138,6 +138,18 @@ def test_every_known_key_is_answered_as_declared(
         assert response.status_code == 200, response.text[:300]
 
 
+def test_a_batch_of_known_keys_is_answered_as_declared(
+    pipeline_run, endpoint: ScoringClient, published_schema: schemathesis.BaseSchema
+) -> None:
+    operation = published_schema["/score/batch"]["POST"]
+    keys = [{"api_key_id": key} for key in pipeline_run.simulation.api_keys]
+    response = operation.Case(body={"keys": [*keys, {"api_key_id": "ab" * 32}]}).call_and_validate(
+        base_url=endpoint.url, timeout=30
+    )
+    assert response.status_code == 200, response.text[:300]
+    assert len(response.json()["answers"]) == len(keys)
+
+
 def test_a_null_feature_age_matches_the_declared_schema(
     pipeline_run, endpoint: ScoringClient, published_schema: schemathesis.BaseSchema
 ) -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from models.registry import families, get_family
 from qabuse_dagster import model_registry, settings
 from qabuse_dagster.serving.client import ScoringError
+from qabuse_dagster.serving.schemas import MAX_BATCH_KEYS, ScoreResponse
 from qabuse_dagster.serving.server import scoring_server
 
 pytestmark = pytest.mark.integration
+
+JSON = "application/json"
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +93,66 @@ def test_malformed_requests_get_a_4xx_never_a_500(client, body: bytes, content_t
 def test_server_still_scores_after_hostile_requests(pipeline_run, client) -> None:
     (incident_key,) = pipeline_run.simulation.incident_api_key_ids
     assert client.score(incident_key).anomalous
+
+
+def _key_users(pipeline_run) -> dict[str, str]:
+    users: dict[str, str] = {}
+    with pipeline_run.simulation.telemetry_path.open() as lines:
+        for line in lines:
+            record = json.loads(line)
+            users.setdefault(record["api_key_id"], record["user"])
+    return users
+
+
+def _scored(answer: ScoreResponse) -> dict:
+    """An answer less the fields that depend on the instant it was given."""
+    return answer.model_dump(exclude={"feature_age_s", "batch_feature_age_s"})
+
+
+def test_batch_answers_each_key_as_score_does(pipeline_run, client) -> None:
+    (incident_key,) = pipeline_run.simulation.incident_api_key_ids
+    unknown = "ab" * 32
+    users = _key_users(pipeline_run)
+    asked = [(key, None) for key in pipeline_run.simulation.api_keys]
+    # A key with its user (the user-level family scores the user's rows), an unknown key,
+    # and a key asked for twice.
+    asked += [(incident_key, users[incident_key]), (unknown, None), (incident_key, None)]
+    batch = client.score_batch(asked)
+    known = [(key, user) for key, user in asked if key != unknown]
+    assert [a.api_key_id for a in batch.answers] == [key for key, _ in known]
+    assert batch.not_online == [unknown]
+    for (key, user), answer in zip(known, batch.answers, strict=True):
+        single = httpx.post(
+            f"{client.url}/score", json={"api_key_id": key, "user": user}, timeout=30
+        )
+        assert _scored(answer) == _scored(ScoreResponse.model_validate(single.json())), key
+    with_user = batch.answers[-2]
+    assert with_user.family_scores != batch.answers[-1].family_scores  # the user's rows count
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "says"),
+    [
+        ({"keys": [{"api_key_id": "ab" * 32}] * (MAX_BATCH_KEYS + 1)}, JSON, "at most"),
+        ({"keys": []}, JSON, "at least"),
+        ({"keys": [{"api_key_id": "not-a-hash"}]}, JSON, "pattern"),
+        ({"keys": ["ab" * 32]}, JSON, "keys"),
+        ({"api_key_id": "ab" * 32}, JSON, "keys"),
+        ({"keys": [{"api_key_id": "ab" * 32}]}, "application/xml", "application/json"),
+    ],
+    ids=["too-many", "none", "bad-pattern", "bare-strings", "single-shape", "xml"],
+)
+def test_a_malformed_batch_gets_a_4xx_that_says_why(
+    client, body: dict, content_type: str, says: str
+) -> None:
+    response = httpx.post(
+        f"{client.url}/score/batch",
+        content=json.dumps(body).encode(),
+        headers={"content-type": content_type},
+        timeout=30,
+    )
+    assert 400 <= response.status_code < 500, response.text[:300]
+    assert says in response.text, response.text[:300]
 
 
 def test_a_promotion_reaches_the_running_endpoint(pipeline_run, client) -> None:
