@@ -520,22 +520,60 @@ def demo(hours: float, seed: int, calls: int) -> None:
 @click.option("--serve-port", type=int, default=3001, show_default=True)
 @click.option("--collector-port", type=int, default=8787, show_default=True)
 @click.option("--gateway-port", type=int, default=8181, show_default=True)
+@click.option(
+    "--profile",
+    type=click.Choice(settings.PROFILES),
+    envvar=settings.PROFILE_ENV,
+    default=settings.PROFILES[0],
+    show_default=True,
+    help="embedded: every store under QABUSE_HOME. production: PostgreSQL, Redis (and "
+    "NATS) servers given by URL (QABUSE_DAGSTER_PG_URL, QABUSE_MLFLOW_TRACKING_URI, "
+    "QABUSE_LEDGER_URL, QABUSE_REDIS, QABUSE_BUS_URL); env QABUSE_PROFILE.",
+)
+@click.option(
+    "--only",
+    metavar="NAMES",
+    default=None,
+    help="Start only these, comma-separated: dagster, mlflow, bentoml, collector, stream, "
+    "gateway (e.g. the UIs on one machine, collectors and stream workers on others).",
+)
 def up(
-    dagster_port: int, mlflow_port: int, serve_port: int, collector_port: int, gateway_port: int
+    dagster_port: int,
+    mlflow_port: int,
+    serve_port: int,
+    collector_port: int,
+    gateway_port: int,
+    profile: str,
+    only: str | None,
 ) -> None:
     """Start every server until Ctrl-C: the UIs, /score, the collector, stream and gateway."""
-    from qabuse_dagster.stack import run_stack
+    import os
 
-    sys.exit(
-        run_stack(
+    from qabuse_dagster.profile import ProfileError
+    from qabuse_dagster.stack import STACK_SERVERS, run_stack
+
+    names = None if only is None else [name.strip() for name in only.split(",") if name.strip()]
+    if names is not None and (not names or set(names) - set(STACK_SERVERS)):
+        unknown = sorted(set(names) - set(STACK_SERVERS))
+        raise click.BadParameter(
+            f"{'unknown ' + ', '.join(unknown) if unknown else 'no name'}: expected some of "
+            f"{', '.join(STACK_SERVERS)}",
+            param_hint="--only",
+        )
+    os.environ[settings.PROFILE_ENV] = profile  # the servers started inherit it
+    try:
+        code = run_stack(
             dagster_port,
             mlflow_port,
             serve_port,
             click.echo,
             collector_port=collector_port,
             gateway_port=gateway_port,
+            only=names,
         )
-    )
+    except ProfileError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
 
 
 @main.command()

@@ -77,32 +77,81 @@ def _family_gate(check: str) -> str | None:
     return asset.removesuffix("_evaluation")
 
 
+#: The production instance's storage: runs, events and schedule/sensor state on PostgreSQL
+#: (dagster-postgres). Dagster reads the URL from the environment itself, so the file
+#: never holds a password and follows ``QABUSE_DAGSTER_PG_URL`` wherever it is set.
+POSTGRES_STORAGE: dict[str, Any] = {
+    "postgres": {"postgres_url": {"env": settings.DAGSTER_PG_URL_ENV}}
+}
+#: How many queued runs (a backfill's hours, the sensor's hours) the daemon launches at
+#: once on a production instance: Dagster's own default, written out to be tuned here.
+PRODUCTION_RUN_CONCURRENCY: dict[str, Any] = {"runs": {"max_concurrent_runs": 10}}
+#: Keys that choose how runs are queued; a ``dagster.yaml`` that sets any keeps its own.
+_RUN_QUEUE_KEYS = ("concurrency", "run_queue", "run_coordinator")
+
+
 def export_dagster_home() -> str:
-    """Point ``DAGSTER_HOME`` at ``$QABUSE_HOME/dagster`` (SQLite run and event storage)."""
+    """Point ``DAGSTER_HOME`` at ``$QABUSE_HOME/dagster`` and write its ``dagster.yaml``.
+
+    The embedded profile's instance is SQLite in that folder. The production profile's
+    (:mod:`qabuse_dagster.profile`, checked here, so every Dagster command refuses a
+    broken one) keeps runs, events and schedule and sensor state on PostgreSQL
+    (`POSTGRES_STORAGE`), and its run queue launches `PRODUCTION_RUN_CONCURRENCY` runs at
+    once, so the hourly partitions the sensor or a backfill requests run in parallel.
+    Each run's steps run in processes of their own (``QABUSE_DAGSTER_EXECUTOR``, see
+    :mod:`qabuse_dagster.definitions`). Anything else in the file is kept: a
+    ``run_launcher`` (dagster-k8s's ``K8sRunLauncher``, a Celery one) or a run queue of
+    the operator's own is a change to this file only.
+
+    Raises:
+        ProfileError: the production profile's settings are missing or malformed.
+    """
+    from qabuse_dagster.profile import check_profile
+
+    servers = check_profile()
+    if servers is not None:
+        # The psycopg2 spelling (`profile.dagster_sqlalchemy_url`), which this process and
+        # every one it starts (dagster dev, a run's steps) hand to dagster-postgres.
+        os.environ[settings.DAGSTER_PG_URL_ENV] = servers.dagster_postgres_url
     home = settings.paths().dagster_home
     home.mkdir(parents=True, exist_ok=True)
-    _quiet_instance(home / "dagster.yaml")
+    _write_instance(home / "dagster.yaml", production=servers is not None)
     os.environ["DAGSTER_HOME"] = str(home)
     return str(home)
 
 
-def _quiet_instance(config: Path) -> None:
-    """Dagster's telemetry and its first-visit dialog off, whatever else the file says.
+def _write_instance(config: Path, *, production: bool) -> None:
+    """Dagster's telemetry and its first-visit dialog off, whatever else the file says;
+    the profile's storage and run queue.
 
     Telemetry: this machine reaches no network, and a user's runs are their own. The
-    dialog (``nux``) would greet every fresh home's UI before the asset graph.
+    dialog (``nux``) would greet every fresh home's UI before the asset graph. A home
+    moved back to the embedded profile loses the production storage and queue this wrote
+    (its runs stay in PostgreSQL), never settings of the operator's own.
     """
+    import copy
+
     import yaml
 
     current = yaml.safe_load(config.read_text()) if config.exists() else None
     found = current if isinstance(current, dict) else {}
-    wanted = {"telemetry": {"enabled": False}, "nux": {"enabled": False}}
-    if all(isinstance(found.get(k), dict) and found[k].get("enabled") is False for k in wanted):
-        return
-    for key, value in wanted.items():
-        section = found.get(key)
-        found[key] = {**(section if isinstance(section, dict) else {}), **value}
-    config.write_text(yaml.safe_dump(found, sort_keys=False))
+    wanted = copy.deepcopy(found)
+    for key in ("telemetry", "nux"):
+        section = wanted.get(key)
+        wanted[key] = {**(section if isinstance(section, dict) else {}), "enabled": False}
+    if production:
+        wanted["storage"] = POSTGRES_STORAGE
+        if not any(key in wanted for key in _RUN_QUEUE_KEYS):
+            wanted["concurrency"] = PRODUCTION_RUN_CONCURRENCY
+    else:
+        for key, written in (
+            ("storage", POSTGRES_STORAGE),
+            ("concurrency", PRODUCTION_RUN_CONCURRENCY),
+        ):
+            if wanted.get(key) == written:
+                del wanted[key]
+    if wanted != found:
+        config.write_text(yaml.safe_dump(wanted, sort_keys=False))
 
 
 class NothingToMaterialise(ValueError):

@@ -2,6 +2,8 @@
 
 State lives under ``QABUSE_HOME`` (default ``./.qabuse``): raw telemetry partitions,
 features, the Feast registry and online store, the MLflow store and the Dagster instance.
+``QABUSE_PROFILE=production`` moves the stores onto servers given by URL instead
+(:mod:`qabuse_dagster.profile`), with no fallback to the embedded ones.
 Nothing here imports a heavy library, so the telemetry client and the CLI stay fast.
 """
 
@@ -37,6 +39,17 @@ ALERT_WEBHOOK_SECRET_ENV = "QABUSE_ALERT_WEBHOOK_SECRET"
 DAGSTER_UI_URL_ENV = "QABUSE_DAGSTER_UI_URL"
 MLFLOW_UI_URL_ENV = "QABUSE_MLFLOW_UI_URL"
 TRIAGE_URL_ENV = "QABUSE_TRIAGE_URL"
+PROFILE_ENV = "QABUSE_PROFILE"
+DAGSTER_PG_URL_ENV = "QABUSE_DAGSTER_PG_URL"
+MLFLOW_ARTIFACTS_ENV = "QABUSE_MLFLOW_ARTIFACTS"
+DAGSTER_EXECUTOR_ENV = "QABUSE_DAGSTER_EXECUTOR"
+BUS_URL_ENV = "QABUSE_BUS_URL"
+BUS_SHARDS_ENV = "QABUSE_BUS_SHARDS"
+
+#: Where state lives: ``embedded`` (the default: every store under ``QABUSE_HOME``, no
+#: server to install) or ``production`` (PostgreSQL, Redis and NATS servers given by URL;
+#: see :mod:`qabuse_dagster.profile`).
+PROFILES = ("embedded", "production")
 
 #: The first hour of the raw partitions, and so the earliest telemetry accepted.
 DEFAULT_TELEMETRY_START = "2026-01-01T00:00:00Z"
@@ -167,16 +180,72 @@ def feature_repo_dir() -> Path:
     return Path(os.environ.get(FEATURE_REPO_ENV, PROJECT_ROOT / "feature_repo")).resolve()
 
 
+def profile() -> str:
+    """The deployment profile: ``embedded`` (default) or ``production``, from ``QABUSE_PROFILE``.
+
+    Each server setting below (the MLflow store, the ledger, the Redis online store, the
+    Dagster instance's PostgreSQL) is used whenever it is given; ``embedded`` falls back to
+    a store under ``QABUSE_HOME`` when it is not, ``production`` refuses to.
+    """
+    chosen = os.environ.get(PROFILE_ENV, "").strip().lower() or PROFILES[0]
+    if chosen not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV}={chosen!r}: expected one of {PROFILES}")
+    return chosen
+
+
+def _server_setting(name: str) -> str | None:
+    """The environment's ``name``; None when unset, which the production profile refuses."""
+    given = os.environ.get(name, "").strip()
+    if given:
+        return given
+    if profile() == "production":
+        raise ValueError(
+            f"{PROFILE_ENV}=production needs {name}: a production deployment never falls back "
+            "to an embedded store under QABUSE_HOME"
+        )
+    return None
+
+
 def mlflow_tracking_uri() -> str:
     """MLflow tracking + registry store: SQLite under ``QABUSE_HOME`` unless overridden."""
-    override = os.environ.get(MLFLOW_URI_ENV)
-    if override:
-        return override
-    return f"sqlite:///{paths().mlflow / 'mlflow.db'}"
+    return _server_setting(MLFLOW_URI_ENV) or f"sqlite:///{paths().mlflow / 'mlflow.db'}"
 
 
 def mlflow_artifact_root() -> str:
-    return (paths().mlflow / "artifacts").as_uri()
+    """Where new experiments keep their artifacts, as a URI.
+
+    ``QABUSE_MLFLOW_ARTIFACTS`` (a URI such as ``s3://bucket/mlflow``, or a local folder),
+    else ``$QABUSE_HOME/mlflow/artifacts``, in either profile: the tracking store holds
+    where each run's artifacts are, not the artifacts.
+    """
+    given = os.environ.get(MLFLOW_ARTIFACTS_ENV, "").strip()
+    if not given:
+        return (paths().mlflow / "artifacts").as_uri()
+    if "://" in given:
+        return given
+    return Path(given).expanduser().resolve().as_uri()
+
+
+def dagster_postgres_url() -> str | None:
+    """The Dagster instance's PostgreSQL (runs, events, schedules), ``QABUSE_DAGSTER_PG_URL``.
+
+    None in the embedded profile when unset: the instance is SQLite under ``QABUSE_HOME``.
+    """
+    return _server_setting(DAGSTER_PG_URL_ENV)
+
+
+#: The executor of every job's launched runs: steps in parallel processes on one machine.
+DEFAULT_DAGSTER_EXECUTOR = "dagster:multiprocess_executor"
+
+
+def dagster_executor() -> str:
+    """The executor launched runs use, as ``module:attribute`` (``QABUSE_DAGSTER_EXECUTOR``).
+
+    Default ``dagster:multiprocess_executor``; ``dagster_k8s:k8s_job_executor`` or
+    ``dagster_celery:celery_executor`` spread steps over a cluster instead, with no code
+    change. In-process runs (``qabuse demo``, ``qabuse materialize``) ignore it.
+    """
+    return os.environ.get(DAGSTER_EXECUTOR_ENV, "").strip() or DEFAULT_DAGSTER_EXECUTOR
 
 
 def model_name() -> str:
@@ -193,16 +262,29 @@ ONLINE_STORES = ("sqlite", "redis")
 
 
 def online_store() -> str:
-    """Which Feast online store to use: ``sqlite`` (embedded, default) or ``redis``."""
-    chosen = os.environ.get(ONLINE_STORE_ENV, ONLINE_STORES[0]).strip().lower()
+    """Which Feast online store to use: ``sqlite`` (embedded, default) or ``redis``.
+
+    The production profile's is Redis, and it refuses ``sqlite``.
+    """
+    production = profile() == "production"
+    default = "redis" if production else ONLINE_STORES[0]
+    chosen = os.environ.get(ONLINE_STORE_ENV, default).strip().lower()
     if chosen not in ONLINE_STORES:
         raise ValueError(f"{ONLINE_STORE_ENV}={chosen!r}: expected one of {ONLINE_STORES}")
+    if production and chosen != "redis":
+        raise ValueError(
+            f"{ONLINE_STORE_ENV}={chosen!r}: {PROFILE_ENV}=production serves features from "
+            "Redis (leave it unset, or set it to redis)"
+        )
     return chosen
 
 
 def redis_connection_string() -> str:
-    """Feast's Redis ``connection_string``: ``host:port[,db=0,password=...,ssl=true]``."""
-    return os.environ.get(REDIS_ENV, "localhost:6379")
+    """Feast's Redis ``connection_string``: ``host:port[,db=0,password=...,ssl=true]``.
+
+    Default ``localhost:6379``, except in production, which needs ``QABUSE_REDIS``.
+    """
+    return _server_setting(REDIS_ENV) or "localhost:6379"
 
 
 def online_max_age_seconds() -> float:

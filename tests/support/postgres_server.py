@@ -167,3 +167,13 @@ def local_postgres(host: str = "127.0.0.1", startup_timeout_s: float = 30.0) -> 
                 process.kill()
                 process.wait()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create database ``name`` on the server at ``server_url`` (a superuser's); its URL."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return f"{server_url.rsplit('/', 1)[0]}/{name}"
