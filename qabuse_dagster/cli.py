@@ -377,6 +377,14 @@ def serve(host: str, port: int, workers: int | None) -> None:
     help="A tenant trusted with every API key (a provider's own gateway): it claims none and "
     "is refused none. Other tenants may report the keys they reported first. Repeatable.",
 )
+@click.option(
+    "--bus",
+    "bus_url",
+    metavar="NATS_URL",
+    default=None,
+    help="Publish accepted batches to the ingest bus (NATS JetStream) at this URL, in "
+    "QABUSE_BUS_SHARDS shards [default: QABUSE_BUS_URL; unset, no bus: the spool alone].",
+)
 def collector(
     host: str,
     port: int,
@@ -392,6 +400,7 @@ def collector(
     body_timeout: float,
     max_connections: int | None,
     trusted_tenants: tuple[str, ...],
+    bus_url: str | None,
 ) -> None:
     """Serve POST /v1/telemetry for HttpSink clients (foreground).
 
@@ -421,6 +430,9 @@ def collector(
         f"spool under {settings.paths().home / 'collector'}",
         err=True,
     )
+    bus_url = bus_url or settings.bus_url()
+    if bus_url:
+        click.echo(f"publishing to the ingest bus at {bus_url}", err=True)
     serve(
         host,
         port,
@@ -438,6 +450,8 @@ def collector(
         body_timeout_s=body_timeout,
         max_connections=max_connections,
         trusted_tenants=trusted_tenants,
+        bus_url=bus_url,
+        bus_shards=settings.bus_shards() if bus_url else 1,
     )
 
 
@@ -464,19 +478,41 @@ def collector(
     default=None,
     help="The mitigation ladder's settings (JSON or YAML); default the built-in ladder.",
 )
-def stream(lateness: float, poll: float, ladder_file: Path | None) -> None:
+@click.option(
+    "--bus",
+    "bus_url",
+    metavar="NATS_URL",
+    default=None,
+    help="Read the ingest bus (NATS JetStream) at this URL instead of the spool "
+    "[default: QABUSE_BUS_URL; unset, the collector's spool].",
+)
+@click.option(
+    "--shard",
+    default="0/1",
+    show_default=True,
+    metavar="I/N",
+    help="On the bus: run as worker I of N (0-based); it computes the keys and users of its "
+    "shards, and reads the others' records for backend load and code-hash sharing only.",
+)
+def stream(
+    lateness: float, poll: float, ladder_file: Path | None, bus_url: str | None, shard: str
+) -> None:
     """Tail the collector's spool: push features online, score, decide (foreground).
 
     Each closed minute's rows go to the Feast online store; each key that got one is
     scored with @champion, and the mitigation engine's decisions are appended to the
     decision ledger (in shadow mode as QABUSE_ENFORCE says). Stops on SIGTERM or Ctrl-C
     after the batch in progress; figures in $QABUSE_HOME/run/stream-stats.json.
+
+    With the ingest bus (--bus or QABUSE_BUS_URL) it reads the collectors' NATS JetStream
+    stream instead, as worker I of N (--shard): the keys and users of its shards are its own.
     """
     from datetime import timedelta
 
     import yaml
     from pydantic import ValidationError
 
+    from qabuse_dagster.ingest.bus import WorkerShard
     from qabuse_dagster.response.ladder import Ladder
     from qabuse_dagster.serving.stream_worker import StreamOptions, run_stream
 
@@ -486,7 +522,26 @@ def stream(lateness: float, poll: float, ladder_file: Path | None) -> None:
             ladder = Ladder.model_validate(yaml.safe_load(ladder_file.read_text()) or {})
         except (yaml.YAMLError, ValidationError) as exc:
             raise click.BadParameter(str(exc), param_hint="--ladder") from None
-    options = StreamOptions(allowed_lateness=timedelta(seconds=lateness), poll_s=poll)
+    try:
+        worker_shard = WorkerShard.parse(shard)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard") from None
+    bus_url = bus_url or settings.bus_url()
+    if worker_shard.count > 1 and not bus_url:
+        raise click.UsageError(f"--shard {shard} needs the bus: --bus or {settings.BUS_URL_ENV}")
+    if bus_url and worker_shard.count > settings.bus_shards():
+        raise click.BadParameter(
+            f"{worker_shard.count} workers but {settings.bus_shards()} bus shards "
+            f"({settings.BUS_SHARDS_ENV}): some workers would own none",
+            param_hint="--shard",
+        )
+    options = StreamOptions(
+        allowed_lateness=timedelta(seconds=lateness),
+        poll_s=poll,
+        bus_url=bus_url,
+        shard=worker_shard,
+        bus_shards=settings.bus_shards() if bus_url else 1,
+    )
     sys.exit(run_stream(options, ladder, say=lambda line: click.echo(line, err=True)))
 
 

@@ -324,8 +324,36 @@ def max_clock_skew_seconds() -> float:
 
 
 def ledger_url() -> str:
-    """Where the decision ledger lives: ``sqlite:///PATH`` (default) or ``postgresql://...``."""
-    return os.environ.get(LEDGER_URL_ENV) or f"sqlite:///{paths().ledger}"
+    """Where the decision ledger lives: ``sqlite:///PATH`` (default) or ``postgresql://...``.
+
+    Production needs ``QABUSE_LEDGER_URL``: there is no embedded default to fall back on.
+    """
+    return _server_setting(LEDGER_URL_ENV) or f"sqlite:///{paths().ledger}"
+
+
+#: Shards of the ingest bus when ``QABUSE_BUS_SHARDS`` is unset: room for up to 16 workers.
+DEFAULT_BUS_SHARDS = 16
+
+
+def bus_url() -> str | None:
+    """The ingest bus's NATS server (``nats://host:4222``), ``QABUSE_BUS_URL``; None: no bus.
+
+    With no bus, collectors keep what they accept in their spool and one stream worker
+    tails it (`qabuse_dagster.ingest.bus`).
+    """
+    return os.environ.get(BUS_URL_ENV, "").strip() or None
+
+
+def bus_shards() -> int:
+    """The ingest bus's shard count, ``QABUSE_BUS_SHARDS`` (default 16).
+
+    Fixed for a deployment: collectors and stream workers must agree on it, and it bounds
+    the number of stream workers.
+    """
+    shards = int(os.environ.get(BUS_SHARDS_ENV, "").strip() or DEFAULT_BUS_SHARDS)
+    if shards < 1:
+        raise ValueError(f"{BUS_SHARDS_ENV}={shards}: expected at least 1")
+    return shards
 
 
 def signing_key() -> bytes:

@@ -460,8 +460,10 @@ class StreamingWindows:
             `definitions.SEQUENCE_COLUMNS` (lists of 60 ints) after the features, as
             `windows.minute_sequences` computes them for the same instants.
 
-    One consumer feeds an instance (it is not thread-safe); shard by entity to scale
-    (the cross-entity features, backend load and code-hash sharing, then see one shard).
+    One consumer feeds an instance (it is not thread-safe). To shard by entity, each shard's
+    instance gets its own entities' records through `update` and every other record through
+    `update_cross_entity`, so that the cross-entity aggregates (backend load, code-hash and
+    network sharing) count every entity (`qabuse_dagster.ingest.bus`).
 
     Example:
         >>> from datetime import UTC, datetime, timedelta
@@ -511,6 +513,8 @@ class StreamingWindows:
         self._sharing = _SharingIndex(_CODES, _CODES, _SHARE)
         self._network_auth = _SharingIndex(_AUTH_NETS, _ALL_NETS, _NET_AUTH)
         self._late_reported = 0
+        # Entities fed through `update_cross_entity`: another instance emits their rows.
+        self._cross_only: set[str] = set()
 
     @property
     def watermark(self) -> datetime | None:
@@ -607,6 +611,22 @@ class StreamingWindows:
                 bucket[_RUNTIMES].append(float(runtime))
         return True
 
+    def update_cross_entity(self, record: StreamRecord | Mapping[str, Any]) -> bool:
+        """Add a record of an entity whose rows another instance computes (another shard).
+
+        It counts where entities meet when its minute closes (backend load, code-hash and
+        network sharing) and moves the watermark, as `update` does; its entity gets no rows
+        here. An entity is fed through one of the two methods only, always the same.
+        """
+        entity = (
+            getattr(record, self.entity_column)
+            if isinstance(record, tuple)
+            else record.get(self.entity_column)
+        )
+        if entity is not None:
+            self._cross_only.add(entity)
+        return self.update(record)
+
     def advance(self, now: datetime | None = None) -> pa.Table:
         """Emit every row the watermark has made final since the last call.
 
@@ -674,7 +694,12 @@ class StreamingWindows:
         rows: list[tuple[Any, ...]] = []
         for entity in list(self._active):
             state = self._entities[entity]
-            _emit_entity(entity, state, until, rows, self.sequences)
+            if entity in self._cross_only:
+                # Its closed minutes have counted for the others: drop them.
+                while state.pending and state.pending[0] < until:
+                    del state.buckets[heapq.heappop(state.pending)]
+            else:
+                _emit_entity(entity, state, until, rows, self.sequences)
             if not state.windows[5].buckets and not state.pending:
                 self._active.discard(entity)
                 expiry = state.last_minute + ACTIVITY_LOOKBACK_MINUTES + 2
@@ -689,6 +714,7 @@ class StreamingWindows:
                 and idle.last_minute + ACTIVITY_LOOKBACK_MINUTES + 2 <= until
             ):
                 del self._entities[entity]
+                self._cross_only.discard(entity)
         if self.late_records > self._late_reported:
             logger.warning(
                 "%d late records not counted since the last advance (%d in all)",

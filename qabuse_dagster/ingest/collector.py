@@ -43,7 +43,9 @@ Answers:
 
 Run it with ``qabuse collector`` (tokens from ``QABUSE_COLLECTOR_TOKENS``, ``tenant:token``
 pairs separated by commas), or `serve`. The spool is compacted into the landing area every
-few seconds while it runs.
+few seconds while it runs. With a bus (``bus_url``), what the spool accepts is published to
+NATS JetStream for sharded stream workers, after the commit, by a `BusPublisher` that
+follows the spool with its own cursor (`qabuse_dagster.ingest.bus`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from qabuse_dagster.ingest.bus import BusPublisher
 from qabuse_dagster.ingest.files import INT64_MAX, MAX_LINE_BYTES, Rejection, _beyond_int64
 from qabuse_dagster.ingest.http_limits import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -744,6 +747,8 @@ def create_app(
     max_connections: int | None = None,
     trusted_tenants: Sequence[str] = (),
     accepted_range: AcceptedRange | None = None,
+    bus_url: str | None = None,
+    bus_shards: int = 1,
 ) -> FastAPI:
     """The collector as an ASGI app.
 
@@ -770,6 +775,8 @@ def create_app(
             they claim none and are refused none.
         accepted_range: timestamps accepted (default from the settings,
             `qabuse_dagster.ingest.time_range`); a record outside is rejected.
+        bus_url: if set, publish the accepted batches to the ingest bus at this NATS URL
+            (`qabuse_dagster.ingest.bus`), in ``bus_shards`` shards.
 
     The last three apply where uvicorn serves the app with
     `qabuse_dagster.ingest.http_limits.LimitedHttpProtocol`, as `serve` does: the app's
@@ -794,16 +801,22 @@ def create_app(
     junk = RejectionBudget(limits_database, rejections_per_minute)
     quarantine = Quarantine(paths.quarantine)
     spool = Spool(spool_path(paths))
+    publisher = BusPublisher(spool_path(paths), bus_url, shards=bus_shards) if bus_url else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         task = None
         if compact_every_s is not None:
             task = asyncio.create_task(_compact_forever(paths, compact_every_s))
+        stop_publishing = asyncio.Event()
+        publishing = asyncio.create_task(publisher.run(stop_publishing)) if publisher else None
         guard = ConnectionGuard(limits)
         try:
             yield {GUARD_STATE_KEY: guard}
         finally:
+            if publishing is not None:
+                stop_publishing.set()
+                await publishing
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -906,6 +919,8 @@ def create_app(
             return _error(400, str(exc))
         except TooManyRecords as exc:
             return _error(413, str(exc))
+        if publisher is not None and answer.accepted:
+            publisher.wake()
         if answer.rejected_total:
             logger.info(
                 "%s: %d records rejected (%d not quarantined)",
@@ -983,6 +998,8 @@ def serve(
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     max_connections: int | None = None,
     trusted_tenants: Sequence[str] = (),
+    bus_url: str | None = None,
+    bus_shards: int = 1,
 ) -> None:
     """Run the collector with uvicorn until interrupted; the options are `create_app`'s.
 
@@ -1007,6 +1024,8 @@ def serve(
         "body_timeout_s": body_timeout_s,
         "max_connections": max_connections,
         "trusted_tenants": list(trusted_tenants),
+        "bus_url": bus_url,
+        "bus_shards": bus_shards,
     }
     if workers < 1:
         raise ValueError("workers must be at least 1")
@@ -1046,6 +1065,8 @@ def _app_from_options(options: dict[str, Any]) -> FastAPI:
         body_timeout_s=options["body_timeout_s"],
         max_connections=options["max_connections"],
         trusted_tenants=options["trusted_tenants"],
+        bus_url=options.get("bus_url"),
+        bus_shards=options.get("bus_shards", 1),
     )
 
 

@@ -27,6 +27,16 @@ first rows after a restart read the same history as the batch features. Keys und
 mitigation are re-examined every `StreamOptions.tick_s`, so that time-based decisions
 (release when quiet, expiry) are taken without new records.
 
+On the ingest bus (`StreamOptions.bus_url`, ``qabuse stream --bus --shard i/n``) the worker
+reads the messages of its durable consumer instead of the spool, and acknowledges them
+where it would commit its cursor (`qabuse_dagster.ingest.bus`): the rows, scores and
+decisions of the api keys (and users) of its shard are its own, while the records of the
+other shards count only in the cross-entity aggregates of its windows
+(`StreamingWindows.update_cross_entity`). The windows are then rebuilt at start from the
+bus's messages up to the consumer's acknowledgement floor. On either source a record whose
+(api_key_id, job_id, status) was counted already (a batch published twice, the same record
+accepted by two collectors) is dropped and counted in ``duplicate_records``.
+
 Latency: rows are per minute, and the row at minute ``T`` reads the records before
 ``T``; it is final, and pushed, once the watermark passes ``T``: with live records,
 ``allowed_lateness`` after ``T`` on the wall clock. So that a decision need not wait for
@@ -51,7 +61,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -67,6 +77,13 @@ from qabuse_dagster.features.definitions import ENTITY_COLUMNS, TIMESTAMP_COLUMN
 from qabuse_dagster.features.push import PUSH_SOURCES, latest_per_key, push_online
 from qabuse_dagster.features.streaming import StreamingWindows, StreamRecord
 from qabuse_dagster.features.windows import LOOKBACK
+from qabuse_dagster.ingest.bus import (
+    IDENTITY_MEMORY,
+    BusBatch,
+    BusConsumer,
+    RecordIdentities,
+    WorkerShard,
+)
 from qabuse_dagster.ingest.partitions import (
     hours_between,
     landing_hours,
@@ -205,19 +222,27 @@ class StreamOptions:
     stats_every_s: float = 5.0
     #: Seconds between log lines of figures.
     log_every_s: float = 60.0
-    #: The spool consumer's name.
+    #: The spool consumer's name; on the bus, the prefix of the durable consumer's.
     consumer: str = CONSUMER
     #: Rebuild the windows from the last day of stored telemetry at start.
     warm_up: bool = True
     #: With live records, seconds between provisional scores of the keys whose records
     #: wait in the still-open minute; 0 waits for the minute's final row.
     provisional_s: float = 0.5
+    #: Read the ingest bus at this NATS URL instead of the spool (`settings.bus_url`).
+    bus_url: str | None = None
+    #: On the bus, which of the workers this one is: the entities whose rows it computes.
+    shard: WorkerShard = field(default_factory=WorkerShard)
+    #: The bus's shard count (`settings.bus_shards`): entities map to shards by it.
+    bus_shards: int = 1
 
     def __post_init__(self) -> None:
         if self.allowed_lateness < timedelta(0):
             raise ValueError("allowed_lateness must not be negative")
         if self.poll_s <= 0 or self.tick_s <= 0 or self.batches_per_poll < 1:
             raise ValueError("poll_s and tick_s must be positive, batches_per_poll at least 1")
+        if self.bus_shards < 1 or (self.shard.count > 1 and not self.bus_url):
+            raise ValueError("a sharded worker reads the bus (bus_url), of one shard or more")
 
 
 @dataclass
@@ -251,6 +276,8 @@ class _Counters:
     batches: int = 0
     records: int = 0
     malformed_records: int = 0
+    #: Records dropped as copies of records counted before (see the module docstring).
+    duplicate_records: int = 0
     rows_pushed: dict[str, int] = field(default_factory=lambda: {_API_KEY: 0, _USER: 0})
     keys_scored: int = 0
     #: Scores of a provisional row, the open minute's as if it closed now.
@@ -300,8 +327,16 @@ class StreamWorker:
         self.stop = threading.Event()
         self._clock = clock
         self._lateness_ms = self.options.allowed_lateness // timedelta(milliseconds=1)
-        self._conn = connect(spool_path(self.paths))
-        self.cursor = register_consumer(self._conn, self.options.consumer)
+        self.source: _SpoolSource | _BusSource = (
+            _BusSource(
+                self.options.bus_url, self.options.shard.consumer_name(self.options.consumer)
+            )
+            if self.options.bus_url
+            else _SpoolSource(self.paths, self.options.consumer)
+        )
+        self.cursor = self.source.position
+        #: The records counted, to drop a second copy (at-least-once delivery).
+        self.identities = RecordIdentities(self.options.allowed_lateness + IDENTITY_MEMORY)
         self.store = store if store is not None else open_store()
         if not {PUSH_SOURCES[_API_KEY], PUSH_SOURCES[_USER]} <= {
             source.name for source in self.store.list_data_sources()
@@ -390,7 +425,7 @@ class StreamWorker:
         """
         if self._outbox or self._applied is not None:
             self._publish_and_commit()
-        batches = read_batches(self._conn, self.cursor, self.options.batches_per_poll)
+        batches = self.source.read(self.options.batches_per_poll)
         for batch in batches:
             if self.stop.is_set():
                 break
@@ -410,9 +445,7 @@ class StreamWorker:
         if now >= self._next_stats:
             self._next_stats = now + self.options.stats_every_s
             self.write_stats()
-            # A heartbeat, even with nothing new: compaction takes a consumer that stays
-            # silent for spool.CONSUMER_TIMEOUT for gone, and stops waiting for it.
-            commit_consumer(self._conn, self.options.consumer, self.cursor)
+            self.source.heartbeat()
         if now >= self._next_log:
             self._next_log = now + self.options.log_every_s
             self._log_minute()
@@ -427,7 +460,7 @@ class StreamWorker:
             closing = getattr(sink, "close", None)
             if closing is not None:
                 closing()
-        self._conn.close()
+        self.source.close()
         if self._owns_ledger:
             self.ledger.close()
         if self._owns_alerts:
@@ -435,7 +468,7 @@ class StreamWorker:
 
     # Batches.
 
-    def _apply(self, batch: SpoolBatch) -> None:
+    def _apply(self, batch: SpoolBatch | BusBatch) -> None:
         """Feed one batch's records to the windows and queue the rows they make final."""
         table, bad = batch_table(batch.records)
         for index, reason in bad:
@@ -446,15 +479,17 @@ class StreamWorker:
         newest_ms: int | None = None
         for record in table.select(_FIELDS).to_pylist():
             try:
-                counted = self.key_windows.update(record)
-                self.user_windows.update(record)
+                counted = self._feed(record)
             except ValueError as exc:  # validated on the way in: should never happen
                 logger.error("spool batch %d: record skipped: %s", batch.seq, exc)
                 self.counters.malformed_records += 1
                 continue
             at_ms = _ms(record["timestamp"])
-            self.activity.note(record, at_ms)
+            # Every record, so that the workers of all shards agree on live or replay.
             newest_ms = at_ms if newest_ms is None else max(newest_ms, at_ms)
+            if counted is None:  # a copy of a record counted before, or another shard's
+                continue
+            self.activity.note(record, at_ms)
             state = self._state(record[_API_KEY])
             state.user = record[_USER]
             state.last_seen_ms = max(state.last_seen_ms, at_ms)
@@ -466,6 +501,9 @@ class StreamWorker:
                 bisect.insort(state.refusals_ms, at_ms)
         self.counters.batches += 1
         self.counters.records += table.num_rows
+        watermark = self.key_windows.watermark
+        if watermark is not None:
+            self.identities.forget(_ms(watermark))
         if newest_ms is not None:
             lag = timedelta(milliseconds=accepted_ms - newest_ms)
             live = lag <= self.options.live_lag
@@ -480,6 +518,29 @@ class StreamWorker:
         self._outbox.append(self._advance(live=bool(self._live)))
         self._applied = batch.seq
 
+    def _feed(self, record: dict[str, Any]) -> bool | None:
+        """Feed one record to the windows: whether it counted in its key's windows (False:
+        too late), or None when it is a copy of a counted record or another shard's key's.
+
+        Records of another shard's key (or user) count in the cross-entity aggregates only.
+        """
+        key, job = record[_API_KEY], record["job_id"]
+        if job is not None and not self.identities.first(
+            (key, job, record["status"]), _ms(record["timestamp"])
+        ):
+            self.counters.duplicate_records += 1
+            return None
+        shard, shards = self.options.shard, self.options.bus_shards
+        user = record[_USER]
+        if user is None or shard.owns_entity(user, shards):
+            self.user_windows.update(record)
+        else:
+            self.user_windows.update_cross_entity(record)
+        if not shard.owns_entity(key, shards):
+            self.key_windows.update_cross_entity(record)
+            return None
+        return self.key_windows.update(record)
+
     def _advance(self, *, live: bool) -> tuple[pa.Table, pa.Table]:
         now = datetime.fromtimestamp(self._clock(), UTC) if live else None
         return self.key_windows.advance(now), self.user_windows.advance(now)
@@ -490,7 +551,7 @@ class StreamWorker:
             self._publish(keys, users)
             self._outbox.pop(0)
         if self._applied is not None:
-            commit_consumer(self._conn, self.options.consumer, self._applied)
+            self.source.commit(self._applied)
             self.cursor, self._applied = self._applied, None
 
     def _publish(self, keys: pa.Table, users: pa.Table) -> None:
@@ -769,40 +830,46 @@ class StreamWorker:
     # Start.
 
     def _warm_up(self) -> None:
-        """Rebuild the windows from the telemetry they saw before: the last day of raw and
-        landing partitions and the processed batches still in the spool.
+        """Rebuild the windows from the telemetry they saw before.
 
-        Compaction stages only batches every consumer processed, so these hold exactly the
-        records fed before the cursor; the rows they make final were published then.
+        From the spool: the last day of raw and landing partitions and the processed
+        batches still in the spool. Compaction stages only batches every consumer
+        processed, so these hold exactly the records fed before the cursor; the rows they
+        make final were published then. From the bus: its messages of the last day up to
+        the consumer's acknowledgement floor (the stream keeps them longer than that).
         """
         started = time.perf_counter()
         now = datetime.fromtimestamp(self._clock(), UTC)
         start = now - LOOKBACK - timedelta(minutes=1)
         end = now + timedelta(seconds=settings.max_clock_skew_seconds())
-        parts = [read_raw(self.paths.raw_telemetry, start, end).select(_FIELDS)]
-        hours = set(hours_between(start, end))
-        for hour in landing_hours(self.paths.landing):
-            if hour in hours:
-                for path in sorted(partition_dir(self.paths.landing, hour).glob("batch-*.parquet")):
-                    parts.append(pq.read_table(path, columns=_FIELDS))
-        after = 0
-        while after < self.cursor:
-            batches = [b for b in read_batches(self._conn, after, 256) if b.seq <= self.cursor]
-            if not batches:
-                break
-            parts += [batch_table(b.records)[0].select(_FIELDS) for b in batches]
-            after = batches[-1].seq
+        parts: list[pa.Table] = []
+        if isinstance(self.source, _SpoolSource):  # the bus holds the lookback itself
+            parts.append(read_raw(self.paths.raw_telemetry, start, end).select(_FIELDS))
+            hours = set(hours_between(start, end))
+            for hour in landing_hours(self.paths.landing):
+                if hour in hours:
+                    folder = partition_dir(self.paths.landing, hour)
+                    for path in sorted(folder.glob("batch-*.parquet")):
+                        parts.append(pq.read_table(path, columns=_FIELDS))
+        parts += [batch_table(b.records)[0].select(_FIELDS) for b in self.source.history(start)]
+        if not parts:
+            return
         table = pa.concat_tables([p.cast(parts[0].schema) for p in parts])
         inside = pc.and_(
             pc.greater_equal(table["timestamp"], pa.scalar(start, table["timestamp"].type)),
             pc.less(table["timestamp"], pa.scalar(end, table["timestamp"].type)),
         )
         table = table.filter(inside).sort_by("timestamp")
-        for record in table.to_pylist():
-            self.key_windows.update(record)
-            self.user_windows.update(record)
+        for i, record in enumerate(table.to_pylist()):
+            if i % 1024 == 0 and self.key_windows.watermark is not None:
+                self.identities.forget(_ms(self.key_windows.watermark))
+            if self._feed(record) is None:
+                continue
             self._state(record[_API_KEY]).user = record[_USER]
             self.activity.note(record, _ms(record["timestamp"]))
+        watermark = self.key_windows.watermark
+        if watermark is not None:
+            self.identities.forget(_ms(watermark))
         self.key_windows.advance()
         self.user_windows.advance()
         if table.num_rows:
@@ -824,6 +891,7 @@ class StreamWorker:
             "updated_at": datetime.fromtimestamp(self._clock(), UTC).isoformat(),
             "started_at": datetime.fromtimestamp(self.started_at, UTC).isoformat(),
             "consumer": self.options.consumer,
+            "source": self.source.where,
             "cursor": self.cursor,
             "records_are": {True: "live", False: "replay", None: "unknown"}[self._live],
             "watermark": None if watermark is None else watermark.isoformat(),
@@ -831,6 +899,7 @@ class StreamWorker:
             "batches": counters.batches,
             "records": counters.records,
             "malformed_records": counters.malformed_records,
+            "duplicate_records": counters.duplicate_records,
             "late_records": self.key_windows.late_records,
             "rows_pushed": dict(counters.rows_pushed),
             "keys_scored": counters.keys_scored,
@@ -882,6 +951,69 @@ class StreamWorker:
         return round(self._clock() * 1000)
 
 
+class _SpoolSource:
+    """The collector's spool, tailed after the consumer's cursor (the default source)."""
+
+    def __init__(self, paths: settings.Paths, consumer: str) -> None:
+        self.consumer = consumer
+        self.where = str(spool_path(paths))
+        self._conn = connect(spool_path(paths))
+        self.position = register_consumer(self._conn, consumer)
+
+    def read(self, limit: int) -> list[SpoolBatch]:
+        return read_batches(self._conn, self.position, limit)
+
+    def commit(self, seq: int) -> None:
+        commit_consumer(self._conn, self.consumer, seq)
+        self.position = seq
+
+    def heartbeat(self) -> None:
+        """Commit even with nothing new: compaction takes a consumer that stays silent for
+        spool.CONSUMER_TIMEOUT for gone, and stops waiting for it."""
+        commit_consumer(self._conn, self.consumer, self.position)
+
+    def history(self, since: datetime) -> Iterator[SpoolBatch]:
+        """The processed batches still in the spool (those before are in the partitions)."""
+        after = 0
+        while after < self.position:
+            batches = [b for b in read_batches(self._conn, after, 256) if b.seq <= self.position]
+            if not batches:
+                return
+            yield from batches
+            after = batches[-1].seq
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class _BusSource:
+    """The worker's consumer on the ingest bus; the acknowledgement floor is its cursor."""
+
+    #: Seconds a read waits for the first message (the worker's poll waits too).
+    WAIT_S = 0.05
+
+    def __init__(self, url: str, name: str) -> None:
+        self.where = f"{url} as {name}"
+        self._consumer = BusConsumer(url, name)
+        self.position = self._consumer.position
+
+    def read(self, limit: int) -> list[BusBatch]:
+        return self._consumer.fetch(limit, self.WAIT_S)
+
+    def commit(self, seq: int) -> None:
+        self._consumer.commit(seq)
+        self.position = seq
+
+    def heartbeat(self) -> None:
+        """Nothing to do: a durable consumer waits for its worker however long."""
+
+    def history(self, since: datetime) -> Iterator[BusBatch]:
+        return self._consumer.history(since)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 def _insert(decisions: list[Decision], decision: Decision) -> None:
     """Insert ``decision`` in time order (after any of the same instant)."""
     at = bisect.bisect_right([d.at_ms for d in decisions], decision.at_ms)
@@ -929,7 +1061,7 @@ def run_stream(
         try:
             worker.stop = stop
             (say or logger.info)(
-                f"stream worker on {spool_path(worker.paths)} from seq {worker.cursor}; "
+                f"stream worker on {worker.source.where} from seq {worker.cursor}; "
                 f"figures in {stats_path(worker.paths)}"
             )
             running = True
