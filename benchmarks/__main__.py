@@ -25,7 +25,11 @@ from benchmarks import (
     stream_latency,
     streaming,
 )
+from benchmarks.goals import goal_rows, goal_table
 from benchmarks.report import RESULTS_DIR, BenchmarkResult, comparison_table, write_json
+
+#: Where ``make test`` records its wall time (tests/conftest.py), under the results folder.
+SUITE_TIMES = "test_suite.json"
 
 BENCHMARKS = (
     feature_windows.NAME,
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"wrote {path}")
     console.rule("summary")
     console.print(summary_table(results))
+    console.print(goal_table(goal_rows(results, args.results_dir / SUITE_TIMES)))
     return 0 if all(r.ok for r in results) else 1
 
 

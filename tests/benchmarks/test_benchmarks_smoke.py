@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def quick_run(
         capture_output=True,
         text=True,
         timeout=300,
+        # Wide enough that rich wraps no cell of the goal table.
+        env={**os.environ, "COLUMNS": "400"},
     )
     return done, results
 
@@ -54,6 +57,21 @@ def test_quick_run_exits_zero(quick_run: tuple[subprocess.CompletedProcess, Path
     done, _ = quick_run
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "summary" in done.stdout.lower()
+
+
+@pytest.mark.slow
+def test_the_goal_table_has_a_verdict_for_every_goal_the_run_measured(
+    quick_run: tuple[subprocess.CompletedProcess, Path],
+) -> None:
+    done, _ = quick_run
+    table = done.stdout[done.stdout.index("Goals (ours beside its baseline") :]
+    rows = [line for line in table.splitlines() if line.startswith("│")]
+    verdicts = [row.rstrip("│ ").rsplit("│", 1)[-1].strip() for row in rows]
+    # Eight goal rows: 1M and 10M batch, emit, collector, instrumentation, /score and
+    # /score/batch, the suite; the quick run has no 10M run and no suite time recorded.
+    assert len(verdicts) == 8, table
+    assert verdicts.count("not run") == 2, table
+    assert all(v in ("met", "not run") or v.startswith("gap: ") for v in verdicts), verdicts
 
 
 @pytest.mark.slow
@@ -155,6 +173,11 @@ def test_scoring_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> 
     # The absolute bound is recorded, never asserted: a test machine's times are not the spec.
     assert result["p99_bound_ms"] > 0 and isinstance(result["p99_within_bound"], bool)
     assert result["ratio_ours_over_echo"]["p99"] > 0
+    # Under wrk: /score, the echo and /score/batch, each with its gap to the goal.
+    assert {"scorer", "echo", "batch"} <= result["wrk"].keys()
+    for side in ("scorer", "batch"):
+        assert isinstance(result["goal_under_load"][side]["met"], bool), side
+    assert result["wrk"]["scorer"]["non_2xx"] == 0 and result["wrk"]["batch"]["non_2xx"] == 0
 
 
 def test_stream_latency_result(quick_run: tuple[subprocess.CompletedProcess, Path]) -> None:
