@@ -6,21 +6,24 @@ for every row at once, and `definitions.derive` turns them into features (the st
 engine, `qabuse_dagster.features.streaming`, feeds the same `derive`).
 
 How: records are summed per (entity, minute) *cell* once. Cells sorted by entity, then
-minute, put the cells of one entity's window in one contiguous run, found by binary
-search, so
+minute, put the cells of one entity's window in one contiguous run. The rows, sorted the
+same way, go through in chunks; each window slides forward over the cells as the rows
+advance (compiled loops, `qabuse_dagster.features.window_kernels`), so
 
-* sums are differences of two prefix sums (integers, exact);
-* maxima are sparse-table range-maximum queries (a window holds at most 60 cells);
+* sums are differences of two prefix sums (integers, exact), every summed quantity of a
+  window read at once;
+* maxima come from a monotonic queue of the window's cells;
 * the estimated cost is a whole number of hundredths, so its float prefix sums are exact
   below 2**53 (beyond, cells are summed in time order, at most 60 per window);
-* distinct counts use disjoint per-value covers and a running sum;
-* medians and percentiles are range k-th-smallest queries on a wavelet matrix, all rows
-  descending one bit level at a time.
+* distinct counts keep a count per value in the window;
+* medians are k-th-smallest searches in a Fenwick tree of the window's runtime ranks, per
+  entity; the rate percentile is a range k-th-smallest query on a wavelet matrix.
 
-The cost is O(n log n) in the records, independent of window length. The engine was
-chosen by measurement: the DuckDB ``RANGE``-window SQL it replaced (kept as
-``benchmarks/duckdb_windows.py``, checked to give the same rows for the features it has)
-and a pandas resample/rolling pipeline are both slower (``python -m benchmarks``).
+Each row's values go straight to its place in the output (by time, then entity), in
+columns allocated once. The cost is O(n log n) in the records, independent of window
+length. The engine was chosen by measurement: the DuckDB ``RANGE``-window SQL it replaced
+(kept as ``benchmarks/duckdb_windows.py``, checked to give the same rows for the features
+it has) and a pandas resample/rolling pipeline are both slower (``python -m benchmarks``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
@@ -92,19 +96,22 @@ _JOB_MEMORY_US = JOB_MEMORY_MINUTES * 60_000_000
 FEATURE_SCHEMA = feature_schema(ENTITY_COLUMN)
 
 _MINUTE_US = 60_000_000
-#: Rows whose aggregates are computed together (about 0.5 GB of aggregates).
-_CHUNK_ROWS = 1 << 20
+#: Rows whose aggregates are computed together (about 30 MB of aggregates: a chunk's
+#: temporaries stay in the processor's caches).
+_CHUNK_ROWS = 1 << 16
 _DTYPES = {f.name: np.int64 if f.integer else np.float64 for f in FEATURES}
 #: Quantities summed per cell (window sums are prefix-sum differences).
 _SUMMED = ("subs", "shots_sum", "shots_n", "outcomes", "failures", "rejected", "auth", "load")
+#: Quantities summed over the hour before the last minute, for the z-scores.
+_HISTORY = ("subs", "subs_sq", "failures", "failures_sq")
 # Cells get this many spare minutes on each side, so a window never reaches the cells
 # of the previous entity.
 _PAD = ACTIVITY_LOOKBACK_MINUTES + 10
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 #: Records without a job id are submissions when of these statuses.
-_SUBMISSION = pa.array(["submitted", "rejected"])
-_OUTCOME = pa.array(["completed", "failed", "cancelled", "rejected"])
-_FAILURE = pa.array(["failed", "rejected"])
+_SUBMISSION = ("submitted", "rejected")
+_OUTCOME = ("completed", "failed", "cancelled", "rejected")
+_FAILURE = ("failed", "rejected")
 #: Columns read when present; a table without one reads as all null.
 _OPTIONAL = {
     "job_id": pa.string(),
@@ -181,27 +188,33 @@ def window_features(
     events = _Events.read(telemetry, entity_column, start_us - _ROW_HISTORY_US, end_us)
     grid = _Grid(events)
     rows = grid.rows(start_us, end_us)
-    # Rows in chunks, so the aggregates of only one chunk are held at a time.
     needed = aggregates_for(names)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    # The grid builds what the aggregates read on first use: build it, then drop the
+    # per-record arrays, before the output takes memory.
+    grid.aggregates(rows[:1], needed)
+    grid.release_records()
+    entity_names = events.entity_names
+    del events
+    # Rows are computed in cell order (entity, then time: the window searches walk forward
+    # through the cells); the output is by time, then entity (entities rank by name), so
+    # each chunk's values go straight to their output positions.
+    position = _kernels().time_major_positions(rows, grid.n_minutes)
+    row_entity = np.empty(len(rows), dtype=np.int64)
+    row_entity[position] = rows // grid.n_minutes
+    row_us = _arrow_backed(len(rows), np.int64)
+    row_us[position] = (rows % grid.n_minutes + grid.minute0) * _MINUTE_US
+    values = {name: _arrow_backed(len(rows), _DTYPES[name]) for name in names}
+    # Rows in chunks, so the aggregates of only one chunk are held at a time.
     for at in range(0, len(rows), _CHUNK_ROWS):
-        chunk = grid.aggregates(rows[at : at + _CHUNK_ROWS], needed)
-        for name, values in derive(chunk, names).items():
-            parts[name].append(values)
-
-    row_entity, row_minute = rows // grid.n_minutes, rows % grid.n_minutes + grid.minute0
-    # Rows were computed in cell order (entity, then time: binary searches run fastest
-    # on sorted queries); the output is by time, then entity (entities rank by name).
-    order = np.lexsort((row_entity, row_minute))
+        chunk = slice(at, at + _CHUNK_ROWS)
+        for name, derived in derive(grid.aggregates(rows[chunk], needed), names).items():
+            values[name][position[chunk]] = derived
+    del position
     columns = [
-        events.entity_names.take(pa.array(row_entity[order])),
-        pa.array(row_minute[order] * _MINUTE_US, type=_TIMESTAMP),
+        entity_names.take(_arrow(row_entity)),
+        _arrow(row_us).view(_TIMESTAMP),
+        *(_arrow(values.pop(name)) for name in names),
     ]
-    for name in names:  # a column at a time: its chunks go as the column comes
-        chunks = parts.pop(name)
-        values = np.concatenate(chunks) if chunks else np.zeros(0, _DTYPES[name])
-        columns.append(pa.array(values[order]))
-        del chunks, values
     result = pa.Table.from_arrays(columns, schema=feature_schema(entity_column, names))
     logger.debug("window_features(%s): %d rows for [%s, %s)", entity_column, len(rows), start, end)
     return result
@@ -365,56 +378,73 @@ class _Events:
         are read too, to tell which records are their job's submission."""
         ts = pc.cast(pc.cast(telemetry["timestamp"], _TIMESTAMP), pa.int64())
         keep = pc.and_(pc.greater_equal(ts, from_us - _JOB_MEMORY_US), pc.less(ts, to_us))
-        table = telemetry.filter(keep)
+        # Only the columns read, and filtered only when records fall outside: a filter
+        # copies every column it keeps.
+        table = telemetry.select([name for name in telemetry.column_names if name in INPUT_TYPES])
+        if keep.null_count or pc.all(keep).as_py() is not True:  # a null instant is dropped
+            table, ts = table.filter(keep), ts.filter(keep)
         n = table.num_rows
 
-        def column(name: str) -> pa.Array:
+        def column(name: str) -> pa.ChunkedArray:
             if name in table.column_names:
-                return table[name].combine_chunks()
-            return pa.nulls(n, _OPTIONAL[name])
+                return table[name]
+            return pa.chunked_array([pa.nulls(n, _OPTIONAL[name])])
 
-        entities = pc.dictionary_encode(table[entity_column].combine_chunks())
+        def numbers(name: str, null: float) -> np.ndarray:
+            return _numpy(pc.fill_null(column(name), null))
+
+        entity_codes, entity_names = _encode(table[entity_column])
         # Number the entities in name order, so ordering by number orders by name.
-        by_name = pc.sort_indices(entities.dictionary).to_numpy()
+        by_name = pc.sort_indices(entity_names).to_numpy()
         rank = np.empty(len(by_name), dtype=np.int64)
         rank[by_name] = np.arange(len(by_name))
-        entity = rank[_numpy(entities.indices)]
-        us = _numpy(ts.filter(keep))
-        status = table["status"]
+        entity = rank[entity_codes]
+        us = _numpy(ts)
+        status_codes, statuses = _encode(table["status"])
+        status_names = statuses.to_pylist()
+
+        def status_in(names: Sequence[str]) -> np.ndarray:
+            # -1 (a null status) reads the trailing False.
+            return np.array([name in names for name in status_names] + [False])[status_codes]
+
+        precedence = np.array(
+            [
+                SUBMISSION_PRECEDENCE.get(name or "", len(SUBMISSION_PRECEDENCE))
+                for name in status_names
+            ]
+            + [len(SUBMISSION_PRECEDENCE)],
+            dtype=np.int64,
+        )[status_codes]
         is_submission = _first_of_job(
-            entity, _codes(pc.dictionary_encode(column("job_id"))), us, status
+            entity, _encode(column("job_id"))[0], us, precedence, status_in(_SUBMISSION)
         )
-        is_rejected = _numpy(pc.equal(status, "rejected").fill_null(False))
+        is_rejected = status_in(("rejected",))
         shots = column("shots")
-        shots_np = _numpy(pc.fill_null(shots, 0)).astype(np.int64)
+        shots_np = numbers("shots", 0).astype(np.int64)
         has_shots = _numpy(pc.is_valid(shots))
-        backend = pc.dictionary_encode(column("backend"))
+        backend_code, backends = _encode(column("backend"))
         weights = np.array(
-            [backend_cost_weight(b) for b in backend.dictionary.to_pylist()]
-            + [backend_cost_weight(None)],
+            [backend_cost_weight(b) for b in backends.to_pylist()] + [backend_cost_weight(None)],
             dtype=np.float64,
         )
-        backend_code = _codes(backend)
-        circuits = _numpy(pc.fill_null(column("num_circuits"), 1)).astype(np.float64)
-        depth = _numpy(pc.fill_null(column("depth"), 1)).astype(np.float64)
         cost = (
             np.where(has_shots, shots_np, 1).astype(np.float64)
-            * circuits
-            * np.maximum(depth, 1.0)
+            * numbers("num_circuits", 1).astype(np.float64)
+            * np.maximum(numbers("depth", 1).astype(np.float64), 1.0)
             * weights[backend_code]  # -1 (no backend) reads the trailing weight
         )
         runtime = _numpy(pc.fill_null(pc.cast(column("runtime_s"), pa.float64()), np.nan))
-        completed = _numpy(pc.equal(status, "completed").fill_null(False))
+        completed = status_in(("completed",))
         # The job memory's records only decided the submissions: drop them.
         span = us >= from_us
         return cls(
             entity=entity[span],
-            entity_names=entities.dictionary.take(pa.array(by_name)),
+            entity_names=entity_names.take(pa.array(by_name)),
             minute=us[span] // _MINUTE_US,
             ms=us[span] // 1000,
             is_submission=is_submission[span],
-            is_outcome=_numpy(pc.is_in(status, _OUTCOME))[span],
-            is_failure=_numpy(pc.is_in(status, _FAILURE))[span],
+            is_outcome=status_in(_OUTCOME)[span],
+            is_failure=status_in(_FAILURE)[span],
             is_rejected=is_rejected[span],
             is_auth_failure=_numpy(pc.equal(column("error_code"), "auth_failed").fill_null(False))[
                 span
@@ -424,38 +454,53 @@ class _Events:
             cost=np.where(is_submission & ~is_rejected, cost, 0.0)[span],
             runtime=np.where(completed, runtime, np.nan)[span],
             backend=backend_code[span],
-            codes=_codes(pc.dictionary_encode(column("code_hash")))[span],
-            networks=_codes(pc.dictionary_encode(column("source_ip_hash")))[span],
-            agents=_codes(pc.dictionary_encode(column("client_agent")))[span],
+            codes=_encode(column("code_hash"))[0][span],
+            networks=_encode(column("source_ip_hash"))[0][span],
+            agents=_encode(column("client_agent"))[0][span],
         )
 
 
 def _first_of_job(
-    entity: np.ndarray, job: np.ndarray, us: np.ndarray, status: pa.ChunkedArray
+    entity: np.ndarray,
+    job: np.ndarray,
+    us: np.ndarray,
+    precedence: np.ndarray,
+    without_job: np.ndarray,
 ) -> np.ndarray:
     """Per record, whether it is its job's submission (`definitions` conventions).
 
-    Records of one (entity, job) sorted by instant, then `SUBMISSION_PRECEDENCE`: a record
-    is the submission when the one before it lies more than `JOB_MEMORY_MINUTES` earlier,
-    or there is none. Without a job id, ``submitted`` and ``rejected`` records are.
+    Records of one (entity, job) sorted by instant, then `SUBMISSION_PRECEDENCE` (each
+    record's rank in ``precedence``): a record is the submission when the one before it
+    lies more than `JOB_MEMORY_MINUTES` earlier, or there is none. Without a job id
+    (``job`` -1), the records ``without_job`` marks are.
     """
-    encoded = pc.dictionary_encode(status.combine_chunks())
-    precedence = np.array(
-        [
-            SUBMISSION_PRECEDENCE.get(name, len(SUBMISSION_PRECEDENCE))
-            for name in encoded.dictionary.to_pylist()
-        ]
-        + [len(SUBMISSION_PRECEDENCE)],
-        dtype=np.int64,
-    )
-    order = np.lexsort((precedence[_codes(encoded)], us, job, entity))
-    e, j, t = entity[order], job[order], us[order]
+    with_job = np.flatnonzero(job >= 0)
+    if len(with_job) == 0:
+        return without_job
+    e, j, t = entity[with_job], job[with_job], us[with_job]
+    order = np.lexsort((precedence[with_job], t, j, e))
+    e, j, t = e[order], j[order], t[order]
     earliest = np.ones(len(order), dtype=bool)
     earliest[1:] = (e[1:] != e[:-1]) | (j[1:] != j[:-1]) | (t[1:] - t[:-1] > _JOB_MEMORY_US)
-    first = np.empty(len(order), dtype=bool)
-    first[order] = earliest
-    without_job = _numpy(pc.is_in(status, _SUBMISSION))
-    return np.where(job >= 0, first, without_job)
+    first = without_job.copy()
+    first[with_job[order]] = earliest
+    return first
+
+
+@dataclass(frozen=True)
+class _Runtimes:
+    """The runtimes of the grid's records, in cell order."""
+
+    cells: np.ndarray
+    #: Each runtime's rank among its entity's (ties in cell order), and where its entity's
+    #: runtimes start and how many there are.
+    rank: np.ndarray
+    group_start: np.ndarray
+    group_size: np.ndarray
+    #: Per entity, from its start, its runtimes ascending.
+    by_rank: np.ndarray
+    #: Fenwick trees of the entities' sliding windows (all zeros between uses).
+    tree: np.ndarray
 
 
 class _Grid:
@@ -472,13 +517,15 @@ class _Grid:
         self.n_minutes = last - self.minute0 + _PAD
         self.offset = e.minute - self.minute0
         self.event_cell = e.entity * self.n_minutes + self.offset
-        self.cells, self.inverse = _unique_inverse(self.event_cell)
+        #: The records in cell order.
+        self.by_cell = np.argsort(self.event_cell, kind="stable")
+        self.cells, self.inverse = _unique_inverse(self.event_cell, self.by_cell)
         self.n_cells = len(self.cells)
         self.subs = self._per_cell(e.is_submission)
         # Built on first use, so a subset of the features builds only what it reads.
-        self._prefixes: dict[str, np.ndarray] = {}
-        self._max_tables: dict[str, _SparseMax] = {}
-        self._distinct: dict[tuple[str, int], _DistinctCounter] = {}
+        self._prefixes: dict[tuple[str, ...], np.ndarray] = {}
+        self._cell_maxima: dict[str, np.ndarray] = {}
+        self._occurrences: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
         self._bounds: dict[tuple[int, str], np.ndarray] = {}
 
     def _cell_sums(self, name: str) -> np.ndarray:
@@ -503,25 +550,27 @@ class _Grid:
         }[name]()
         return self._per_cell(values)
 
-    def prefix(self, name: str) -> np.ndarray:
-        if name not in self._prefixes:
-            self._prefixes[name] = _prefix(self._cell_sums(name))
-        return self._prefixes[name]
+    def release_records(self) -> None:
+        """Drops the per-record arrays: `aggregates` reads only what it built from them
+        (on its first call) from then on."""
+        del self.events, self.event_cell, self.offset, self.by_cell, self.inverse
 
-    def max_table(self, name: str) -> _SparseMax:
-        if name not in self._max_tables:
+    def window_max(self, name: str, rows: np.ndarray, window: int) -> np.ndarray:
+        """Per row, the largest per-cell ``name`` of its last ``window`` minutes (0: none)."""
+        if name not in self._cell_maxima:
             e = self.events
-            values = {
+            self._cell_maxima[name] = {
                 "shots_max": lambda: self._cell_max(e.is_submission & e.has_shots, e.shots),
                 "peak_subs": lambda: self.subs,
                 "share_max": self._code_sharing,
                 "net_auth": self._network_auth_failures,
             }[name]()
-            self._max_tables[name] = _SparseMax(values)
-        return self._max_tables[name]
+        return _kernels().window_max(self.cells, self._cell_maxima[name], rows, window)
 
-    def distinct(self, name: str, window: int) -> _DistinctCounter:
-        if (name, window) not in self._distinct:
+    def distinct(self, name: str, rows: np.ndarray, window: int) -> np.ndarray:
+        """Per row, the distinct values of ``name`` its submissions of the last ``window``
+        minutes carry."""
+        if name not in self._occurrences:
             e = self.events
             codes = {
                 "codes": e.codes,
@@ -529,15 +578,11 @@ class _Grid:
                 "agents": e.agents,
                 "hours": e.minute // 60 % 24,  # the hour of the day
             }[name]
-            mask = e.is_submission & (codes >= 0)
-            self._distinct[name, window] = _DistinctCounter(
-                group=e.entity[mask],
-                value=codes[mask],
-                offset=self.offset[mask],
-                window=window,
-                n_minutes=self.n_minutes,
-            )
-        return self._distinct[name, window]
+            at = self.by_cell[(e.is_submission & (codes >= 0))[self.by_cell]]
+            n_values = int(codes[at].max()) + 1 if len(at) else 1
+            self._occurrences[name] = (self.event_cell[at], codes[at], n_values)
+        cells, values, n_values = self._occurrences[name]
+        return _kernels().window_distinct(cells, values, n_values, rows, window)
 
     @cached_property
     def cost(self) -> np.ndarray:
@@ -550,16 +595,27 @@ class _Grid:
         return _prefix(self.cost) if exact else None
 
     @cached_property
-    def runtimes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, _Wavelet]:
-        """Runtimes sorted by cell then value: cells, values, values by rank, wavelet."""
+    def runtimes(self) -> _Runtimes:
         e = self.events
-        has_runtime = ~np.isnan(e.runtime)
-        cells, values = self.event_cell[has_runtime], e.runtime[has_runtime]
-        order = np.lexsort((values, cells))
-        cells, values = cells[order], values[order]
-        rank = np.empty(len(values), dtype=np.int64)
-        rank[np.argsort(values, kind="stable")] = np.arange(len(values))
-        return cells, values, np.sort(values), _Wavelet(rank)
+        at = self.by_cell[~np.isnan(e.runtime[self.by_cell])]
+        cells, values = self.event_cell[at], e.runtime[at]
+        entity = cells // self.n_minutes
+        new = np.ones(len(cells), dtype=bool)
+        np.not_equal(entity[1:], entity[:-1], out=new[1:])
+        starts = np.flatnonzero(new)
+        group = np.cumsum(new) - 1
+        sizes = np.diff(np.append(starts, len(cells)))
+        by_value = np.lexsort((values, entity))  # entities stay in place
+        position = np.empty(len(cells), dtype=np.int64)
+        position[by_value] = np.arange(len(cells))
+        return _Runtimes(
+            cells=cells,
+            rank=position - starts[group],
+            group_start=starts[group],
+            group_size=sizes[group],
+            by_rank=values[by_value],
+            tree=np.zeros(len(cells), dtype=np.int64),
+        )
 
     @cached_property
     def subs_wavelet(self) -> _Wavelet:
@@ -594,14 +650,33 @@ class _Grid:
         if not mask.any():
             return out
         code, entity, offset = e.codes[mask], e.entity[mask], self.offset[mask]
-        sharing = _DistinctCounter(
-            group=code,
-            value=entity,
-            offset=offset,
-            window=SHARING_MINUTES,
-            n_minutes=self.n_minutes,
-        ).at(code * self.n_minutes + offset + 1)  # the row after m reads m - 59 .. m
+        sharing = self._distinct_in_hour(code, entity, offset, code, offset)
         np.maximum.at(out, self.inverse[mask], sharing - 1)
+        return out
+
+    def _distinct_in_hour(
+        self,
+        group: np.ndarray,
+        value: np.ndarray,
+        offset: np.ndarray,
+        query_group: np.ndarray,
+        query_offset: np.ndarray,
+    ) -> np.ndarray:
+        """Per query, the distinct values of its group in minutes ``m - 59 .. m`` (its own
+        minute ``m`` included), `SHARING_MINUTES` long."""
+        if len(value) == 0:
+            return np.zeros(len(query_group), dtype=np.int64)
+        keys = group * self.n_minutes + offset
+        by_key = np.argsort(keys)  # any order within a key: the counts are the same
+        # The row after m reads m - 59 .. m.
+        queries = query_group * self.n_minutes + query_offset + 1
+        same = query_group is group and query_offset is offset
+        by_query = by_key if same else np.argsort(queries)
+        counted = _kernels().window_distinct(
+            keys[by_key], value[by_key], int(value.max()) + 1, queries[by_query], SHARING_MINUTES
+        )
+        out = np.empty(len(queries), dtype=np.int64)
+        out[by_query] = counted
         return out
 
     def sequence_channels(self) -> np.ndarray:
@@ -631,22 +706,18 @@ class _Grid:
         if not failed.any():
             return out
         n_entities = int(e.entity.max()) + 1
-        window = {"window": SHARING_MINUTES, "n_minutes": self.n_minutes}
-        entities = _DistinctCounter(
-            group=e.networks[failed], value=e.entity[failed], offset=self.offset[failed], **window
-        )
-        itself = _DistinctCounter(
-            group=e.networks[failed] * n_entities + e.entity[failed],
-            value=np.zeros(int(failed.sum()), dtype=np.int64),
-            offset=self.offset[failed],
-            **window,
-        )
+        network, entity, offset = e.networks[failed], e.entity[failed], self.offset[failed]
         sent = e.networks >= 0
-        network, entity, at = e.networks[sent], e.entity[sent], self.offset[sent] + 1
-        others = entities.at(network * self.n_minutes + at) - itself.at(
-            (network * n_entities + entity) * self.n_minutes + at
+        sent_network, sent_entity, sent_offset = e.networks[sent], e.entity[sent], self.offset[sent]
+        entities = self._distinct_in_hour(network, entity, offset, sent_network, sent_offset)
+        itself = self._distinct_in_hour(
+            network * n_entities + entity,
+            np.zeros(len(entity), dtype=np.int64),
+            offset,
+            sent_network * n_entities + sent_entity,
+            sent_offset,
         )
-        np.maximum.at(out, self.inverse[sent], others)
+        np.maximum.at(out, self.inverse[sent], entities - itself)
         return out
 
     @cached_property
@@ -678,8 +749,8 @@ class _Grid:
     def _interarrival(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row, the span (ms) of its last hour's submissions and their squared gaps."""
         cells, ms, prefixes = self.submission_times
-        first = np.searchsorted(cells, rows - 60, side="left")
-        last = np.searchsorted(cells, rows - 1, side="right")
+        search = _kernels().sorted_search
+        first, last = search(cells, rows, 60, False), search(cells, rows, 1, True)
         some = last - first >= 2
         span = np.zeros(len(rows), dtype=np.int64)
         sq = np.zeros(len(rows), dtype=np.int64)
@@ -696,8 +767,8 @@ class _Grid:
         reaches back before the day) left out.
         """
         cells, _, prefixes = self.submission_times
-        first = np.searchsorted(cells, rows - DAY_MINUTES, side="left")
-        last = np.searchsorted(cells, rows - 1, side="right")
+        search = _kernels().sorted_search
+        first, last = search(cells, rows, DAY_MINUTES, False), search(cells, rows, 1, True)
         start = np.minimum(first + 1, last)
         return {
             name: prefixes[key][last] - prefixes[key][start]
@@ -721,48 +792,66 @@ class _Grid:
     def _edge(self, rows: np.ndarray, back: int, side: Literal["left", "right"]) -> np.ndarray:
         # Windows share edges (every window ends at t - 1): search each edge once.
         if (back, side) not in self._bounds:
-            self._bounds[back, side] = np.searchsorted(self.cells, rows - back, side=side)
+            self._bounds[back, side] = _kernels().sorted_search(
+                self.cells, rows, back, side == "right"
+            )
         return self._bounds[back, side]
 
-    def window_sum(self, name: str, rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        first, last = self.bounds(rows, lo, hi)
-        prefix = self.prefix(name)
-        return prefix[last] - prefix[first]
+    def _window_sums(
+        self, rows: np.ndarray, sums: list[tuple[str, str, int, int]]
+    ) -> dict[str, np.ndarray]:
+        """Per ``(aggregate, quantity, lo, hi)``, the quantity's sum over each row's minutes
+        ``t - lo .. t - hi``: differences of prefix sums, every quantity of one window
+        at once (a row's prefixes lie side by side)."""
+        summed = tuple(sorted({quantity for _, quantity, _, _ in sums}))
+        if summed not in self._prefixes:
+            self._prefixes.clear()  # one set of features per grid: never more than one
+            prefix = np.zeros((self.n_cells + 1, len(summed)), dtype=np.int64)
+            for column, quantity in enumerate(summed):
+                prefix[1:, column] = self._cell_sums(quantity)
+            np.cumsum(prefix[1:], axis=0, out=prefix[1:])
+            self._prefixes[summed] = prefix
+        prefix = self._prefixes[summed]
+        agg: dict[str, np.ndarray] = {}
+        for lo, hi in dict.fromkeys((lo, hi) for _, _, lo, hi in sums):
+            window = _kernels().window_sums(prefix, *self.bounds(rows, lo, hi))
+            agg |= {
+                name: window[summed.index(quantity)]
+                for name, quantity, at_lo, at_hi in sums
+                if (at_lo, at_hi) == (lo, hi)
+            }
+        return agg
 
     def aggregates(
         self, rows: np.ndarray, needed: frozenset[str] = frozenset(AGGREGATES)
     ) -> dict[str, np.ndarray]:
         """The aggregates of `definitions.AGGREGATES` in ``needed``, one value per row."""
         self._bounds = {}  # per set of rows
-        agg: dict[str, np.ndarray] = {}
+        # Sums as (aggregate, summed quantity, minutes back: first, last).
+        sums = [
+            (f"{prefix}{name}_{w}", name, lo, hi)
+            for w in WINDOWS.values()
+            for prefix, lo, hi in (("", w, 1), ("prev_", 2 * w, w + 1))
+            for name in _SUMMED
+        ]
+        sums += [(f"hist_{name}", name, 60, 2) for name in _HISTORY]  # the previous 59 minutes
+        sums.append(("subs_day", "subs", DAY_MINUTES, 1))
+        agg = self._window_sums(rows, [s for s in sums if s[0] in needed])
         medians = self._median_runtimes(
             rows, [w for w in WINDOWS.values() if f"median_runtime_{w}" in needed]
         )
         for w in WINDOWS.values():
             first, last = self.bounds(rows, w, 1)
-            for name in _SUMMED:
-                if f"{name}_{w}" in needed:
-                    agg[f"{name}_{w}"] = self.window_sum(name, rows, w, 1)
-                if f"prev_{name}_{w}" in needed:
-                    agg[f"prev_{name}_{w}"] = self.window_sum(name, rows, 2 * w, w + 1)
             for name in ("shots_max", "peak_subs", "share_max"):
                 if f"{name}_{w}" in needed:
-                    agg[f"{name}_{w}"] = self.max_table(name).query(first, last)
+                    agg[f"{name}_{w}"] = self.window_max(name, rows, w)
             for name in ("codes", "networks", "agents"):
                 if f"{name}_{w}" in needed:
-                    agg[f"{name}_{w}"] = self.distinct(name, w).at(rows)
+                    agg[f"{name}_{w}"] = self.distinct(name, rows, w)
             if f"cost_{w}" in needed:
                 agg[f"cost_{w}"] = self._cost_sum(first, last)
             if w in medians:
                 agg[f"median_runtime_{w}"] = medians[w]
-        for name, summed in (
-            ("hist_subs", "subs"),
-            ("hist_subs_sq", "subs_sq"),
-            ("hist_failures", "failures"),
-            ("hist_failures_sq", "failures_sq"),
-        ):
-            if name in needed:  # the previous 59 minutes
-                agg[name] = self.window_sum(summed, rows, 60, 2)
         if "p95_subs" in needed:
             agg["p95_subs"] = self._rate_percentile(rows)
         if "iat_span_ms" in needed or "iat_sq_ms" in needed:
@@ -775,13 +864,11 @@ class _Grid:
                 if name in needed:
                     agg[name] = values
         if "net_auth_max" in needed:
-            agg["net_auth_max"] = self.max_table("net_auth").query(*self.bounds(rows, 60, 1))
-        if "subs_day" in needed:
-            agg["subs_day"] = self.window_sum("subs", rows, DAY_MINUTES, 1)
+            agg["net_auth_max"] = self.window_max("net_auth", rows, 60)
         if "cost_day" in needed:
             agg["cost_day"] = self._cost_sum(*self.bounds(rows, DAY_MINUTES, 1))
         if "active_hours_day" in needed:
-            agg["active_hours_day"] = self.distinct("hours", DAY_MINUTES).at(rows)
+            agg["active_hours_day"] = self.distinct("hours", rows, DAY_MINUTES)
         first, last = self.bounds(rows, ACTIVITY_LOOKBACK_MINUTES, 1)
         if "first_seen_min" in needed:
             agg["first_seen_min"] = rows - self.cells[first]
@@ -798,40 +885,15 @@ class _Grid:
     def _median_runtimes(self, rows: np.ndarray, windows: list[int]) -> dict[int, np.ndarray]:
         """Per window length, the median runtime of each row's window (0 when empty).
 
-        Runtimes are sorted by cell, then value: a 1-minute window is one cell, so its
-        middle values are read directly; longer windows span cells and go through the
-        wavelet matrix together.
+        The windows slide over each entity's runtimes, counted by rank
+        (`window_kernels.window_medians`).
         """
         out: dict[int, np.ndarray] = {}
-        if not windows:
-            return out
-        cells, values, by_rank, wavelet = self.runtimes
-        queries: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-        last = np.searchsorted(cells, rows - 1, side="right")
+        r = self.runtimes
         for w in windows:
-            first = np.searchsorted(cells, rows - w, side="left")
-            n = last - first
-            out[w] = np.zeros(len(rows), dtype=np.float64)
-            some = np.flatnonzero(n)
-            f, m = first[some], n[some]
-            if w == 1:
-                out[w][some] = (values[f + (m - 1) // 2] + values[f + m // 2]) / 2
-            else:
-                queries.append((w, some, f, m))
-        if queries and len(values):
-            f = np.concatenate([q[2] for q in queries])
-            m = np.concatenate([q[3] for q in queries])
-            # Consecutive rows of an entity mostly see the same runtimes: ask once per range.
-            ranges, inverse = _unique_inverse(f * (len(values) + 1) + m)
-            f, m = ranges // (len(values) + 1), ranges % (len(values) + 1)
-            lower, upper = wavelet.kth(
-                np.tile(f, 2), np.tile(f + m, 2), np.concatenate([(m - 1) // 2, m // 2])
-            ).reshape(2, -1)
-            medians = ((by_rank[lower] + by_rank[upper]) / 2)[inverse]
-            at = 0
-            for w, some, _, _ in queries:
-                out[w][some] = medians[at : at + len(some)]
-                at += len(some)
+            out[w] = _kernels().window_medians(
+                r.cells, r.rank, r.group_start, r.group_size, r.by_rank, rows, w, r.tree
+            )
         return out
 
     def _cost_sum(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
@@ -856,71 +918,6 @@ class _Grid:
         return out
 
 
-class _SparseMax:
-    """Range maxima over at most 64 consecutive values, by a sparse table (0 when empty)."""
-
-    LEVELS = 7  # spans 1 .. 64
-
-    def __init__(self, values: np.ndarray) -> None:
-        self.levels = [values]
-        for level in range(1, self.LEVELS):
-            prev, half = self.levels[-1], 1 << (level - 1)
-            shifted = np.zeros_like(prev)
-            shifted[: max(len(prev) - half, 0)] = prev[half:]
-            self.levels.append(np.maximum(prev, shifted))
-
-    def query(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
-        length = last - first
-        out = np.zeros(len(first), dtype=self.levels[0].dtype)
-        level = np.frexp(np.maximum(length, 1))[1] - 1  # floor(log2(length))
-        for k in np.unique(level[length > 0]):
-            at = (level == k) & (length > 0)
-            table = self.levels[int(k)]
-            out[at] = np.maximum(table[first[at]], table[last[at] - (1 << int(k))])
-        return out
-
-
-class _DistinctCounter:
-    """Distinct values per group over a sliding window of minutes, at any instant.
-
-    Each (group, value, minute) occurrence covers the instants ``minute + 1 .. minute +
-    window``; an occurrence's cover starts after the previous occurrence's of the same
-    (group, value) ends, so the covers are disjoint and the count at an instant is the
-    running sum of +1 at each cover's start and -1 past its end.
-    """
-
-    def __init__(
-        self,
-        *,
-        group: np.ndarray,
-        value: np.ndarray,
-        offset: np.ndarray,
-        window: int,
-        n_minutes: int,
-    ) -> None:
-        if len(value) == 0:
-            self.edges, self.running = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            return
-        n_values = int(value.max()) + 1
-        triples = _unique_sorted((group * n_values + value) * n_minutes + offset)
-        pair, minute = triples // n_minutes, triples % n_minutes
-        base = (pair // n_values) * n_minutes
-        same_pair = np.concatenate([[False], pair[1:] == pair[:-1]])
-        previous = np.concatenate([[0], minute[:-1]])
-        cover_from = np.where(same_pair, np.maximum(minute + 1, previous + window + 1), minute + 1)
-        edges = np.concatenate([base + cover_from, base + minute + window + 1])
-        steps = np.concatenate([np.ones(len(minute), np.int64), -np.ones(len(minute), np.int64)])
-        by_edge = np.argsort(edges, kind="stable")
-        self.edges, self.running = edges[by_edge], np.cumsum(steps[by_edge])
-
-    def at(self, queries: np.ndarray) -> np.ndarray:
-        """Per query ``g * n_minutes + t``: distinct values of ``g`` in ``t - window .. t - 1``."""
-        if len(self.edges) == 0:
-            return np.zeros(len(queries), dtype=np.int64)
-        at = np.searchsorted(self.edges, queries, side="right") - 1
-        return np.where(at >= 0, self.running[np.maximum(at, 0)], 0)
-
-
 def _ordered_sum(values: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
     """Per row, ``sum(values[first:last])`` added left to right from 0.0 (Python's order)."""
     out = np.zeros(len(first), dtype=np.float64)
@@ -943,12 +940,14 @@ class _Wavelet:
     def __init__(self, values: np.ndarray) -> None:
         current = values.astype(np.int64)
         index = np.int32 if len(current) < 2**31 - 1 else np.int64
-        self.levels: list[tuple[int, np.ndarray]] = []
-        for level in reversed(range(int(current.max()).bit_length() if len(current) else 0)):
+        n_bits = int(current.max()).bit_length() if len(current) else 0
+        #: Per level, from the highest bit down: its bit, and the values with a 0 there
+        #: before each position.
+        self.bits = np.arange(n_bits - 1, -1, -1, dtype=np.int64)
+        self.zeros = np.zeros((n_bits, len(current) + 1), dtype=index)
+        for at, level in enumerate(self.bits):
             one = ((current >> level) & 1).astype(bool)
-            zeros = np.zeros(len(current) + 1, dtype=index)
-            np.cumsum(~one, out=zeros[1:])
-            self.levels.append((level, zeros))
+            np.cumsum(~one, out=self.zeros[at, 1:])
             current = np.concatenate([current[~one], current[one]])
 
     def kth(self, first: np.ndarray, last: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -956,18 +955,13 @@ class _Wavelet:
 
         Needs ``0 <= k < last - first``.
         """
-        a, b, k = first.astype(np.int64), last.astype(np.int64), k.astype(np.int64)
-        result = np.zeros(len(a), dtype=np.int64)
-        for level, zeros in self.levels:
-            n_zeros = int(zeros[-1])
-            za, zb = zeros[a], zeros[b]
-            in_zeros = zb - za
-            go_one = k >= in_zeros
-            k = np.where(go_one, k - in_zeros, k)
-            result |= go_one.astype(np.int64) << level
-            a = np.where(go_one, n_zeros + a - za, za)
-            b = np.where(go_one, n_zeros + b - zb, zb)
-        return result
+        return _kernels().wavelet_kth(
+            self.zeros,
+            self.bits,
+            first.astype(np.int64),
+            last.astype(np.int64),
+            k.astype(np.int64),
+        )
 
 
 def _range_kth(
@@ -984,6 +978,46 @@ def _prefix(per_cell: np.ndarray) -> np.ndarray:
 def _codes(encoded: pa.DictionaryArray) -> np.ndarray:
     """Dictionary codes as int64, -1 where null."""
     return _numpy(pc.fill_null(encoded.indices, -1)).astype(np.int64)
+
+
+def _encode(values: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Dictionary codes of a column (int64, -1 where null) and its dictionary.
+
+    The chunks are encoded as they are (one dictionary for all), not combined first: a
+    combined string column would be a copy.
+    """
+    encoded = pc.dictionary_encode(values)
+    if encoded.num_chunks == 0:
+        return np.zeros(0, dtype=np.int64), pa.array([], values.type)
+    dictionary = encoded.chunk(encoded.num_chunks - 1).dictionary
+    if any(len(chunk.dictionary) != len(dictionary) for chunk in encoded.chunks):
+        # Chunks encoded with dictionaries of their own: encode them as one.
+        encoded = pa.chunked_array([pc.dictionary_encode(values.combine_chunks())])
+        dictionary = encoded.chunk(0).dictionary
+    return np.concatenate([_codes(chunk) for chunk in encoded.chunks]), dictionary
+
+
+def _arrow_backed(n: int, dtype: type[np.generic]) -> np.ndarray:
+    """An uninitialised numpy array of ``n`` int64 or float64 in Arrow's memory pool.
+
+    The output columns are allocated there: the pool keeps pages it has touched, so the
+    next call's columns reuse them instead of faulting fresh ones (numpy's large arrays
+    ask the kernel for huge pages, slow to fault on a busy machine).
+    """
+    return np.frombuffer(pa.allocate_buffer(max(n, 1) * 8), dtype=dtype)[:n]
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    """A numpy int64 or float64 array as an Arrow array sharing its memory (no copy)."""
+    kind = pa.int64() if values.dtype == np.int64 else pa.float64()
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
+
+
+def _kernels() -> ModuleType:
+    """The compiled kernels (`window_kernels`), imported on first use: numba takes a while."""
+    from qabuse_dagster.features import window_kernels
+
+    return window_kernels
 
 
 def _numpy(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -1003,9 +1037,12 @@ def _unique_sorted(values: np.ndarray) -> np.ndarray:
     return ordered[keep]
 
 
-def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(values, return_inverse=True)``, by sorting."""
-    order = np.argsort(values, kind="stable")
+def _unique_inverse(
+    values: np.ndarray, order: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)``, by sorting (or by ``order``, its argsort)."""
+    if order is None:
+        order = np.argsort(values, kind="stable")
     ordered = values[order]
     new = np.empty(len(ordered), dtype=bool)
     new[:1] = True

@@ -30,7 +30,7 @@ from qabuse_dagster.features.definitions import (
     backend_cost_weight,
     derive,
 )
-from qabuse_dagster.features.windows import INPUT_TYPES, _range_kth, _SparseMax, window_features
+from qabuse_dagster.features.windows import INPUT_TYPES, _range_kth, window_features
 from qabuse_dagster.telemetry.contract import STATUSES
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -469,20 +469,6 @@ def test_range_kth_is_the_kth_smallest_of_the_slice(values: list[int], data: st.
     got = _range_kth(np.array(values), first, last, k)
 
     assert got.tolist() == [sorted(values[a:b])[kk] for a, b, kk in queries]
-
-
-@settings(max_examples=80, deadline=None)
-@given(values=st.lists(st.integers(0, 10**9), min_size=1, max_size=200), data=st.data())
-def test_sparse_max_is_the_max_of_the_slice(values: list[int], data: st.DataObject) -> None:
-    queries = []
-    for _ in range(20):
-        a = data.draw(st.integers(0, len(values)))
-        queries.append((a, data.draw(st.integers(a, min(len(values), a + 64)))))
-    first, last = (np.array(col) for col in zip(*queries, strict=True))
-
-    got = _SparseMax(np.array(values)).query(first, last)
-
-    assert got.tolist() == [max(values[a:b], default=0) for a, b in queries]
 
 
 @pytest.mark.parametrize(
