@@ -25,11 +25,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/qabuse demo
 
+# -n auto: a worker per core (tests/conftest.py keeps the tests of one costly fixture on
+# one worker); -n 0 runs them in this process.
+XDIST ?= -n auto
+
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 # The hostile-input suites alone (schemathesis on every OpenAPI we serve, slow clients,
 # connection floods, far timestamps, huge numbers, amplification). Each has a fixed,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +256,17 @@ GOALS: tuple[tuple[str, Callable[[BenchmarkResult | None], list[GoalRow]]], ...]
 def goal_rows(results: list[BenchmarkResult], suite_times: Path) -> list[GoalRow]:
     """Every goal row, from this run's results and the recorded suite time."""
     by_name = {result.name: result for result in results}
-    rows = [row for name, rows_of in GOALS for row in rows_of(by_name.get(name))]
+    rows = []
+    for name, rows_of in GOALS:
+        result = by_name.get(name)
+        if result is not None and not result.ok:
+            # A speed of a wrong answer is no speed: the goal reads as missed.
+            rows += [
+                replace(row, ours="its correctness cross-check failed", met=False, gap="fix it")
+                for row in rows_of(None)
+            ]
+            continue
+        rows += rows_of(result)
     return rows + suite_time(suite_times)
 
 

@@ -8,7 +8,9 @@ folder use ``settings.Paths(tmp_path)`` and never touch this home.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,108 @@ from pathlib import Path
 import pytest
 
 from qabuse_dagster import settings
+
+#: Where a whole-suite run leaves its wall time, for ``python -m benchmarks``'s goal table.
+SUITE_TIMES = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "test_suite.json"
+
+#: Fixtures whose state one xdist worker builds once: every test that uses them runs on it.
+SESSION_HOME_FIXTURES = frozenset({"qabuse_home", "pipeline_run"})
+#: Set by the controlling process of ``pytest -n``: where workers write each test's group.
+GROUPS_ENV = "QABUSE_XDIST_GROUPS"
+
+
+def test_group(item: pytest.Item) -> str:
+    """Which xdist worker unit ``item`` belongs to: ``session-home`` or its module.
+
+    The session home (a trained twin, minutes) is built by whichever worker runs the tests
+    that read it, so they are one unit. Every other test goes with its module, as
+    ``--dist loadscope`` would: module-scoped fixtures (a served champion, a drift
+    episode) are built once too.
+    """
+    if SESSION_HOME_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return "session-home"
+    return item.nodeid.split("::", 1)[0]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        import tempfile
+
+        # Workers start after this and inherit the environment.
+        os.environ[GROUPS_ENV] = tempfile.mkdtemp(prefix="qabuse-xdist-groups-")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A worker writes every test's group for the controller's scheduler.
+
+    xdist's own ``--dist loadgroup`` renames node ids, which pytest 9 no longer allows, so
+    the groups travel through a file instead: each worker collects the same tests.
+    """
+    folder = os.environ.get(GROUPS_ENV)
+    if folder is None or not hasattr(config, "workerinput"):
+        return
+    groups = {item.nodeid: test_group(item) for item in items}
+    draft = Path(folder) / f".{config.workerinput['workerid']}.json"
+    draft.write_text(json.dumps(groups), encoding="utf-8")
+    draft.rename(draft.with_name(draft.name[1:]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Schedule whole groups (`test_group`) on workers, as ``--dist loadscope`` does modules."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        _groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            # Called once collection is complete, so every worker has written its file.
+            if self._groups is None:
+                files = sorted(Path(os.environ[GROUPS_ENV]).glob("*.json"))
+                self._groups = json.loads(files[0].read_text(encoding="utf-8")) if files else {}
+            return self._groups.get(nodeid) or nodeid.split("::", 1)[0]
+
+    return GroupScheduling(config, log)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_STARTED] = time.monotonic()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Record the wall time of a whole-suite run (``make test``), one entry per worker count.
+
+    Only the controlling process of a run of every test (no paths, ``-k`` or ``-m``)
+    writes; the goal table of ``python -m benchmarks`` reads the file.
+    """
+    config = session.config
+    if hasattr(config, "workerinput") or config.args != config.getini("testpaths"):
+        return
+    if config.option.keyword or config.option.markexpr:
+        return
+    workers = getattr(config.option, "numprocesses", None) or 0
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    outcomes = {
+        outcome: len(reporter.stats.get(outcome, [])) if reporter else None
+        for outcome in ("passed", "failed", "error", "skipped")
+    }
+    try:
+        times = json.loads(SUITE_TIMES.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        times = {}
+    times[f"workers_{workers}"] = {
+        "wall_s": round(time.monotonic() - config.stash[_STARTED], 1),
+        "workers": workers,
+        "tests": session.testscollected,
+        **outcomes,
+        "exit_status": int(exitstatus),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    SUITE_TIMES.parent.mkdir(parents=True, exist_ok=True)
+    SUITE_TIMES.write_text(json.dumps(times, indent=2) + "\n", encoding="utf-8")
+
+
+_STARTED = pytest.StashKey[float]()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import PLUGINS_ENV, unregister_family
+from models.registry import PLUGINS_ENV
 from qabuse_dagster import model_registry, settings
 from qabuse_dagster.evaluation.families import (
     ENSEMBLE,
@@ -31,12 +31,10 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def toy() -> Iterator[str]:
-    import support.toy_family as module
+    from support.toy_family import registered
 
-    try:
-        yield module.NAME
-    finally:
-        unregister_family(module.NAME)
+    with registered() as name:
+        yield name
 
 
 def test_a_registered_toy_family_is_evaluated_like_the_others(pipeline_run, toy: str) -> None:

@@ -71,3 +71,11 @@ def test_the_suite_row_reads_the_latest_parallel_run_beside_the_serial_one(tmp_p
     assert row.met is True
     assert row.ours.startswith("10.0 min, 2 xdist workers")
     assert row.baseline.startswith("serial: 16.0 min")
+
+
+def test_a_result_whose_cross_check_failed_misses_its_goals(tmp_path: Path) -> None:
+    wrong = _feature_windows(ours_s=1.0, pandas_s=50.0, scale_s=10.0, rss=1 * GiB)
+    wrong.problems.append("mean_shots_1m: 3 rows differ")
+    rows = [row for row in goal_rows([wrong], tmp_path / "none.json") if "batch" in row.what]
+    assert len(rows) == 2
+    assert all(row.met is False and "cross-check failed" in row.ours for row in rows)

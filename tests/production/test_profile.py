@@ -328,8 +328,15 @@ def test_an_in_process_run_is_stored_in_postgres_too(production: ProductionDeplo
 def test_the_mlflow_registry_on_postgres_keeps_versions_and_aliases(
     production: ProductionDeployment,
 ) -> None:
-    from support.toy_family import NAME, ToyRateDetector
+    from support.toy_family import NAME, ToyRateDetector, registered
 
+    with registered():
+        _log_two_versions_and_alias_them(production, NAME, ToyRateDetector)
+
+
+def _log_two_versions_and_alias_them(
+    production: ProductionDeployment, family: str, detector: type
+) -> None:
     from qabuse_dagster.model_registry import (
         family_model_name,
         load_detector,
@@ -340,11 +347,11 @@ def test_the_mlflow_registry_on_postgres_keeps_versions_and_aliases(
 
     rows = np.random.default_rng(7).poisson(3.0, size=(200, 2)).astype(float)
     first, _ = log_detector(
-        ToyRateDetector().fit(rows), family=NAME, params={}, metrics={}, run_name="toy-1"
+        detector().fit(rows), family=family, params={}, metrics={}, run_name="toy-1"
     )
     second, _ = log_detector(
-        ToyRateDetector(spread_floor=2.0).fit(rows),
-        family=NAME,
+        detector(spread_floor=2.0).fit(rows),
+        family=family,
         params={"spread_floor": 2.0},
         metrics={},
         run_name="toy-2",
@@ -352,7 +359,7 @@ def test_the_mlflow_registry_on_postgres_keeps_versions_and_aliases(
     assert int(second.version) == int(first.version) + 1
     set_alias(first, settings.CHAMPION_ALIAS)
     set_alias(second, settings.CHALLENGER_ALIAS)
-    name = family_model_name(NAME)
+    name = family_model_name(family)
     assert resolve_alias(settings.CHAMPION_ALIAS, name).version == first.version
     loaded = load_detector(settings.CHALLENGER_ALIAS, name)
     assert loaded.ref.version == second.version and loaded.detector.spread_floor == 2.0

@@ -7,7 +7,9 @@ makes every process (the scoring server included) import and register it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from numpy.typing import NDArray
 
 from models import BaseDetector
 from models.persistence import read_metadata, write_metadata
-from models.registry import DetectorFamily, register_family
+from models.registry import DetectorFamily, register_family, unregister_family
 from models.thresholds import ThresholdStrategy
 
 NAME = "toy_rate"
@@ -65,3 +67,17 @@ FAMILY = register_family(
         description="Toy: the key's submission rate against the typical training rate.",
     )
 )
+
+
+@contextlib.contextmanager
+def registered() -> Iterator[str]:
+    """The family registered for a test, and taken out again after it (yields its name).
+
+    Importing this module registers it once per process; a test that leaves it registered
+    would add it to every later test's families, in whatever order a worker runs them.
+    """
+    register_family(FAMILY)
+    try:
+        yield NAME
+    finally:
+        unregister_family(NAME)
