@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from feast.online_response import TIMESTAMP_POSTFIX
+from support.records import key_users
 
 from qabuse_dagster import model_registry, settings
 from qabuse_dagster.features.store import open_store
@@ -131,7 +132,7 @@ def test_the_direct_sqlite_read_equals_feasts_own_online_read(pipeline_run, onli
     store, inputs = online
     assert isinstance(inputs.key_rows, SqliteRows) and isinstance(inputs.user_rows, SqliteRows)
     feast_store = get_online_store_from_config(store.config.online_store)
-    users = sorted(set(_key_users(pipeline_run).values()))
+    users = sorted(set(key_users(pipeline_run.simulation.telemetry_path).values()))
     keys = [*pipeline_run.simulation.api_keys, "f" * 64]
     for rows, views, join_key, values in (
         (inputs.key_rows, inputs.key_views, "api_key_id", keys),
@@ -147,7 +148,7 @@ def test_the_direct_sqlite_read_equals_feasts_own_online_read(pipeline_run, onli
 
 def test_read_many_reads_each_key_as_read_does(pipeline_run, online) -> None:
     store, inputs = online
-    users = _key_users(pipeline_run)
+    users = key_users(pipeline_run.simulation.telemetry_path)
     keys = list(pipeline_run.simulation.api_keys)[:6]
     # With and without a user, a key twice, an unknown key with an unknown user.
     pairs = [(key, users[key]) for key in keys] + [(key, None) for key in keys[:3]]
@@ -160,15 +161,6 @@ def test_read_many_reads_each_key_as_read_does(pipeline_run, online) -> None:
         for age, again in ((read.age_s, one.age_s), (read.batch_age_s, one.batch_age_s)):
             assert (age is None) == (again is None)
             assert age is None or again is None or abs(age - again) < 5
-
-
-def _key_users(pipeline_run) -> dict[str, str]:
-    users: dict[str, str] = {}
-    with pipeline_run.simulation.telemetry_path.open() as lines:
-        for line in lines:
-            record = json.loads(line)
-            users.setdefault(record["api_key_id"], record["user"])
-    return users
 
 
 def _named(stamps: list) -> list:

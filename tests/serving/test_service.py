@@ -6,6 +6,7 @@ import json
 
 import httpx
 import pytest
+from support.records import key_users
 
 from models.registry import families, get_family
 from qabuse_dagster import model_registry, settings
@@ -95,15 +96,6 @@ def test_server_still_scores_after_hostile_requests(pipeline_run, client) -> Non
     assert client.score(incident_key).anomalous
 
 
-def _key_users(pipeline_run) -> dict[str, str]:
-    users: dict[str, str] = {}
-    with pipeline_run.simulation.telemetry_path.open() as lines:
-        for line in lines:
-            record = json.loads(line)
-            users.setdefault(record["api_key_id"], record["user"])
-    return users
-
-
 def _scored(answer: ScoreResponse) -> dict:
     """An answer less the fields that depend on the instant it was given."""
     return answer.model_dump(exclude={"feature_age_s", "batch_feature_age_s"})
@@ -112,7 +104,7 @@ def _scored(answer: ScoreResponse) -> dict:
 def test_batch_answers_each_key_as_score_does(pipeline_run, client) -> None:
     (incident_key,) = pipeline_run.simulation.incident_api_key_ids
     unknown = "ab" * 32
-    users = _key_users(pipeline_run)
+    users = key_users(pipeline_run.simulation.telemetry_path)
     asked = [(key, None) for key in pipeline_run.simulation.api_keys]
     # A key with its user (the user-level family scores the user's rows), an unknown key,
     # and a key asked for twice.

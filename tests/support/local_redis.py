@@ -7,16 +7,15 @@ one test or benchmark run writes, and it is gone when the context exits.
 from __future__ import annotations
 
 import contextlib
-import logging
+import functools
 import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 
 from qabuse_dagster.processes import free_port
 
-logger = logging.getLogger(__name__)
+# Relative: the benchmarks import this module as tests.support.local_redis.
+from .local_server import running
 
 REDIS_SERVER = "redis-server"
 
@@ -56,26 +55,6 @@ def local_redis(host: str = "127.0.0.1", startup_timeout_s: float = 10.0) -> Ite
     port = free_port(host)
     command = [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no"]
     command += ["--loglevel", "warning"]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while not _answers_ping(host, port):
-            if process.poll() is not None:
-                output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-                raise RuntimeError(f"{REDIS_SERVER} exited with {process.returncode}: {output}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{REDIS_SERVER} gave no PONG within {startup_timeout_s}s")
-            time.sleep(0.05)
-        logger.info("redis-server pid %s on %s:%s", process.pid, host, port)
+    ready = functools.partial(_answers_ping, host, port)
+    with running(command, ready, what=REDIS_SERVER, startup_timeout_s=startup_timeout_s):
         yield f"{host}:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout:
-            process.stdout.close()

@@ -9,17 +9,15 @@ greets every connection with an ``INFO`` line.
 from __future__ import annotations
 
 import contextlib
-import logging
+import functools
 import shutil
 import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 from qabuse_dagster.processes import free_port
 
-logger = logging.getLogger(__name__)
+from .local_server import running
 
 NATS_SERVER = "nats-server"
 
@@ -57,28 +55,6 @@ def local_nats(host: str = "127.0.0.1", startup_timeout_s: float = 10.0) -> Iter
     with tempfile.TemporaryDirectory(prefix="qabuse-nats-") as store:
         port = free_port(host)
         command = [binary, "-a", host, "-p", str(port), "-js", "-sd", store]
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        try:
-            deadline = time.monotonic() + startup_timeout_s
-            while not _greets(host, port):
-                if process.poll() is not None:
-                    output = (
-                        process.stdout.read().decode(errors="replace") if process.stdout else ""
-                    )
-                    raise RuntimeError(f"{NATS_SERVER} exited with {process.returncode}: {output}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{NATS_SERVER} did not greet within {startup_timeout_s}s")
-                time.sleep(0.05)
-            logger.info("nats-server pid %s on %s:%s", process.pid, host, port)
+        ready = functools.partial(_greets, host, port)
+        with running(command, ready, what=NATS_SERVER, startup_timeout_s=startup_timeout_s):
             yield f"nats://{host}:{port}"
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout:
-                process.stdout.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from qabuse_dagster.telemetry.contract import (
@@ -45,3 +47,13 @@ def record_dict(job_id: str, at: datetime, status: str = "submitted", **extra: A
 def record(job_id: str, at: datetime, status: str = "submitted", **extra: Any) -> TelemetryRecord:
     """The same record, validated."""
     return validate_record(record_dict(job_id, at, status, **extra))
+
+
+def key_users(telemetry_path: Path) -> dict[str, str]:
+    """Each api key's user, from a JSONL telemetry file (the first record of the key)."""
+    users: dict[str, str] = {}
+    with telemetry_path.open() as lines:
+        for line in lines:
+            record = json.loads(line)
+            users.setdefault(record["api_key_id"], record["user"])
+    return users
