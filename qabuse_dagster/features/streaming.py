@@ -19,7 +19,8 @@ within the lateness bound may arrive in any order.
 Cost: a record touches one bucket (constant work). When the watermark closes a minute,
 its buckets get the cross-entity aggregates (backend load, code-hash sharing) from two
 global indexes, in constant work per record. Each emitted row moves the window edges by
-one minute: running sums (the cost too, as an exact Python int), per-value counts and
+one minute: running sums (per entity, exact Python ints, the cost too: a window's
+sums are the difference with those before its first bucket), per-value counts and
 monotonic deques for the maxima are updated per bucket entering or leaving (amortised
 constant per record), and runtimes go through a sorted list (logarithmic). Buckets leave
 memory two hours after their minute; an entity's state is dropped after a day of silence.
@@ -48,11 +49,14 @@ from qabuse_dagster.features.definitions import (
     FEATURE_NAMES,
     JOB_MEMORY_MINUTES,
     RATE_PERCENTILE_RANK,
+    ROW_FLOAT_AGGREGATES,
+    ROW_INT_AGGREGATES,
     SEQUENCE_CHANNELS,
     SEQUENCE_MINUTES,
     SHARING_MINUTES,
     SUBMISSION_PRECEDENCE,
     TIMESTAMP_COLUMN,
+    WINDOW_FLOAT_AGGREGATES,
     WINDOW_INT_AGGREGATES,
     WINDOWS,
     backend_cost_weight,
@@ -139,6 +143,9 @@ def _new_bucket() -> list[Any]:
     return [0] * _N_SUMS + [0, 0, set(), set(), set(), [], {}, [], set(), set(), 0, None]
 
 
+_RowValues = tuple[list[int], list[int], list[int], tuple[int, ...], tuple[float, float]]
+
+
 class _Window:
     """The buckets of one entity's last ``length`` minutes, with running aggregates."""
 
@@ -150,15 +157,18 @@ class _Window:
         "iat_sq",
         "length",
         "maxima",
+        "median",
+        "percentile",
+        "row_values",
         "runtimes",
-        "sums",
     )
 
     def __init__(self, length: int, full: bool) -> None:
         self.length = length
         self.full = full
-        self.buckets: deque[tuple[int, list[Any]]] = deque()
-        self.sums = [0] * _N_SUMS
+        # (minute, bucket, the entity's running sums before it): the window's sums are the
+        # entity's running sums less those before its first bucket (`_EntityState.totals`).
+        self.buckets: deque[tuple[int, list[Any], list[int]]] = deque()
         self.counts: tuple[dict[Any, int], ...] = ({}, {}, {}) if full else ()
         self.runtimes: SortedList | None = SortedList() if full else None
         # Per maxed slot, (minute, value) with values decreasing: the front is the maximum.
@@ -169,11 +179,18 @@ class _Window:
         # in ms; ``iat_sq`` sums the squared gaps between consecutive submissions.
         self.iat: deque[tuple[int, int, int]] | None = deque() if length == _HOUR else None
         self.iat_sq = 0
+        # `median_runtime` and `rate_percentile` until a bucket changes them; rows outnumber
+        # the buckets that enter or leave.
+        self.median: float | None = None
+        self.percentile: int | None = None
+        # (entity's running sums, window's base, double window's base, `_WINDOW_VALUES`,
+        # (cost, median runtime)) of the last row: the same three lists (by identity) mean
+        # the same buckets, so the same values.
+        self.row_values: _RowValues | None = None
 
-    def add(self, minute: int, bucket: list[Any]) -> None:
-        self.buckets.append((minute, bucket))
-        # zip stops at the shorter: the first _N_SUMS slots.
-        self.sums = [a + b for a, b in zip(self.sums, bucket, strict=False)]
+    def add(self, minute: int, bucket: list[Any], before: list[int]) -> None:
+        self.buckets.append((minute, bucket, before))
+        self.percentile = None
         iat = bucket[_IAT]
         if self.iat is not None and iat is not None:
             if self.iat:
@@ -187,24 +204,20 @@ class _Window:
                     counts[value] = counts.get(value, 0) + 1
             if bucket[_RUNTIMES]:
                 self.runtimes.update(bucket[_RUNTIMES])  # type: ignore[union-attr]
+                self.median = None
             for maxima, slot in zip(self.maxima, _MAXED, strict=True):
                 value = bucket[slot]
                 while maxima and maxima[-1][1] <= value:
                     maxima.pop()
                 maxima.append((minute, value))
 
-    def maximum(self, i: int) -> int:
-        """The window's maximum of the ``i``-th of `_MAXED` (0 when empty)."""
-        maxima = self.maxima[i]
-        return maxima[0][1] if maxima else 0
-
     def expire(self, t: int) -> None:
         """Drop the buckets before minute ``t - length``."""
         buckets = self.buckets
         oldest = t - self.length
         while buckets and buckets[0][0] < oldest:
-            _, old = buckets.popleft()
-            self.sums = [a - b for a, b in zip(self.sums, old, strict=False)]
+            _, old, _ = buckets.popleft()
+            self.percentile = None
             if self.iat is not None and old[_IAT] is not None:
                 _, last, squares = self.iat.popleft()
                 self.iat_sq -= squares
@@ -222,22 +235,36 @@ class _Window:
                             counts[value] = left
                         else:
                             del counts[value]
-                for runtime in old[_RUNTIMES]:
-                    self.runtimes.remove(runtime)  # type: ignore[union-attr]
-
-    def interarrival(self) -> tuple[int, int]:
-        """The span (ms) of the window's submissions, and their squared gaps' sum."""
-        iat = self.iat
-        if not iat:
-            return 0, 0
-        return iat[-1][1] - iat[0][0], self.iat_sq
+                if old[_RUNTIMES]:
+                    for runtime in old[_RUNTIMES]:
+                        self.runtimes.remove(runtime)  # type: ignore[union-attr]
+                    self.median = None
 
     def median_runtime(self) -> float:
-        runtimes = self.runtimes
-        n = len(runtimes)  # type: ignore[arg-type]
-        if not n:
-            return 0.0
-        return (runtimes[(n - 1) // 2] + runtimes[n // 2]) / 2  # type: ignore[index]
+        if self.median is None:
+            runtimes = self.runtimes
+            n = len(runtimes)  # type: ignore[arg-type]
+            self.median = (
+                (runtimes[(n - 1) // 2] + runtimes[n // 2]) / 2  # type: ignore[index]
+                if n
+                else 0.0
+            )
+        return self.median
+
+    def rate_percentile(self) -> int:
+        """The hour's `RATE_PERCENTILE_RANK`-th smallest per-minute submission count."""
+        if self.percentile is None:
+            # Idle minutes are zeros below every busy minute: the percentile is a busy
+            # minute's count only when its rank reaches past the idle ones, and then it is
+            # the (busy - rank)-th largest.
+            busy = len(self.buckets)
+            top = busy - (RATE_PERCENTILE_RANK - (_HOUR - busy))
+            self.percentile = (
+                sorted([bucket[_SUBS] for _, bucket, _ in self.buckets])[busy - top]
+                if top <= busy
+                else 0
+            )
+        return self.percentile
 
 
 class _DayWindow:
@@ -312,6 +339,7 @@ class _EntityState:
         "last_minute",
         "next_row",
         "pending",
+        "totals",
         "windows",
     )
 
@@ -321,6 +349,9 @@ class _EntityState:
         self.buckets: dict[int, list[Any]] = {}
         self.pending: list[int] = []
         self.windows = {w: _Window(w, full=w in _FULL) for w in sorted({*_FULL, *_PREVIOUS})}
+        # Sums of the first _N_SUMS slots of every bucket read so far, exact ints: one
+        # running sum per bucket instead of one per window it enters and leaves.
+        self.totals = [0] * _N_SUMS
         self.activity: deque[int] = deque()  # active minutes of the last day, read so far
         self.day = _DayWindow()
         self.next_row = 0
@@ -728,10 +759,9 @@ class StreamingWindows:
         """Rows of (entity, minute, *AGGREGATES) as feature rows, by time then entity."""
         if not rows:
             return self.schema.empty_table()
-        columns = list(zip(*rows, strict=True))
         sequence_columns: list[pa.Array] = []
         if self.sequences:
-            per_row = columns.pop()
+            per_row = [row[4] for row in rows]
             for c in range(len(SEQUENCE_CHANNELS)):
                 flat = np.fromiter(
                     (v for row in per_row for v in row[c]),
@@ -741,13 +771,14 @@ class StreamingWindows:
                 offsets = np.arange(len(per_row) + 1, dtype=np.int32) * SEQUENCE_MINUTES
                 sequence_columns.append(pa.ListArray.from_arrays(offsets, flat))
         aggregates = {
-            name: np.asarray(values) for name, values in zip(AGGREGATES, columns[2:], strict=True)
+            **_columns(_INT_AGGREGATES, [row[2] for row in rows], np.int64),
+            **_columns(_FLOAT_AGGREGATES, [row[3] for row in rows], np.float64),
         }
         features = derive(aggregates)
-        minutes = pa.array(columns[1], pa.int64())
+        minutes = pa.array([row[1] for row in rows], pa.int64())
         table = pa.Table.from_arrays(
             [
-                pa.array(columns[0], pa.string()),
+                pa.array([row[0] for row in rows], pa.string()),
                 pc.multiply(minutes, _MINUTE_US).cast(self.schema.field(TIMESTAMP_COLUMN).type),
                 *(pa.array(features[name]) for name in FEATURE_NAMES),
                 *sequence_columns,
@@ -757,7 +788,22 @@ class StreamingWindows:
         return table.sort_by([(TIMESTAMP_COLUMN, "ascending"), (self.entity_column, "ascending")])
 
 
-# The per-window integer aggregates in the order `_window_values` produces them.
+def _columns(
+    names: tuple[str, ...], rows: list[list[Any]], dtype: type[np.generic]
+) -> dict[str, np.ndarray]:
+    """Columns ``names`` of ``rows``, as `np.asarray` would make each column on its own."""
+    matrix = np.array(rows)
+    if matrix.dtype != dtype:
+        # A value of another type (a float shot count, an int past int64): numpy picks
+        # each column's type from its own values, as for a single column.
+        return {
+            name: np.asarray(column)
+            for name, column in zip(names, zip(*rows, strict=True), strict=True)
+        }
+    return dict(zip(names, matrix.T, strict=True))
+
+
+# The per-window integer aggregates in the order `_row` produces them.
 _WINDOW_VALUES = (
     "subs",
     "shots_sum",
@@ -777,31 +823,18 @@ _WINDOW_VALUES = (
     "networks",
     "agents",
 )
-assert _WINDOW_VALUES == WINDOW_INT_AGGREGATES, "keep _window_values in AGGREGATES order"
-
-
-def _window_values(window: _Window, double: _Window) -> tuple[int, ...]:
-    """A window's `_WINDOW_VALUES`; ``double`` is the window twice as long."""
-    s, d, counts = window.sums, double.sums, window.counts
-    return (
-        s[_SUBS],
-        s[_SHOTS],
-        s[_SHOTS_N],
-        s[_OUTCOMES],
-        s[_FAILURES],
-        s[_REJ],
-        s[_AUTH],
-        s[_LOAD],
-        d[_SUBS] - s[_SUBS],
-        d[_OUTCOMES] - s[_OUTCOMES],
-        d[_FAILURES] - s[_FAILURES],
-        window.maximum(0),
-        window.maximum(1),
-        window.maximum(2),
-        len(counts[0]),
-        len(counts[1]),
-        len(counts[2]),
-    )
+assert _WINDOW_VALUES == WINDOW_INT_AGGREGATES, "keep _row in AGGREGATES order"
+# `_row` gives the integer and the float aggregates apart, each in `AGGREGATES` order, so
+# that each becomes one 2-d array at once.
+_INT_AGGREGATES = (
+    *(f"{name}_{w}" for w in _FULL for name in WINDOW_INT_AGGREGATES),
+    *ROW_INT_AGGREGATES,
+)
+_FLOAT_AGGREGATES = (
+    *(f"{name}_{w}" for w in _FULL for name in WINDOW_FLOAT_AGGREGATES),
+    *ROW_FLOAT_AGGREGATES,
+)
+assert sorted((*_INT_AGGREGATES, *_FLOAT_AGGREGATES)) == sorted(AGGREGATES)
 
 
 def _emit_entity(
@@ -813,7 +846,10 @@ def _emit_entity(
 ) -> None:
     """Append the rows of one entity at instants ``state.next_row ..= until``."""
     windows, day = state.windows, state.day
-    all_windows = tuple(windows.values())
+    full = tuple(windows[w] for w in _FULL)
+    # The double windows only give the previous windows' sums, from their first bucket's
+    # running sums: a queue of buckets is all they need.
+    doubles = tuple((windows[w].buckets, w) for w in _PREVIOUS)
     five = windows[5]
     pending, buckets, activity = state.pending, state.buckets, state.activity
     t = state.next_row
@@ -830,19 +866,27 @@ def _emit_entity(
         if pending and pending[0] == minute:
             heapq.heappop(pending)
             b1 = buckets.pop(minute)  # later records of its minute are late: forget it
-            for window in all_windows:
-                window.add(minute, b1)
+            before = state.totals
+            # zip stops at the shorter: the first _N_SUMS slots.
+            state.totals = [a + b for a, b in zip(before, b1, strict=False)]
+            for window in full:
+                window.add(minute, b1, before)
+            for queue, _ in doubles:
+                queue.append((minute, b1, before))
             day.add(minute, b1)
             activity.append(minute)
-        for window in all_windows:
+        for window in full:
             if window.buckets and window.buckets[0][0] < t - window.length:
                 window.expire(t)
+        for queue, length in doubles:
+            while queue and queue[0][0] < t - length:
+                queue.popleft()
         if day.entries and day.entries[0][0] < t - DAY_MINUTES:
             day.expire(t)
         while activity and activity[0] < t - ACTIVITY_LOOKBACK_MINUTES:
             activity.popleft()
         if five.buckets:
-            row = _row(entity, t, b1, windows, activity, day)
+            row = _row(entity, t, b1, windows, state.totals, activity, day)
             rows.append((*row, _sequence(t, windows[_HOUR])) if sequences else row)
         t += 1
     state.next_row = t
@@ -853,45 +897,70 @@ def _row(
     t: int,
     b1: list[Any] | None,
     windows: dict[int, _Window],
+    totals: list[int],
     activity: deque[int],
     day: _DayWindow,
 ) -> tuple[Any, ...]:
-    """(entity, minute, *AGGREGATES) of the row at minute ``t``."""
-    values: list[Any] = [entity, t]
+    """(entity, minute, `_INT_AGGREGATES` values, `_FLOAT_AGGREGATES` values) at minute ``t``."""
+    ints: list[int] = []
+    floats: list[float] = []
     for w in _FULL:
-        values += _window_values(windows[w], windows[2 * w])
-    for w in _FULL:
-        window = windows[w]
-        values.append(float(window.sums[_COST]))  # exact int, rounded once
-        values.append(window.median_runtime())
+        window, double = windows[w], windows[2 * w]
+        # Running sums before the window's first bucket, and before the double window's.
+        b = window.buckets[0][2] if window.buckets else totals
+        p = double.buckets[0][2] if double.buckets else totals
+        cached = window.row_values
+        if cached is not None and cached[0] is totals and cached[1] is b and cached[2] is p:
+            values, window_floats = cached[3], cached[4]
+        else:
+            counts, maxima = window.counts, window.maxima
+            values = (  # `_WINDOW_VALUES`
+                totals[_SUBS] - b[_SUBS],
+                totals[_SHOTS] - b[_SHOTS],
+                totals[_SHOTS_N] - b[_SHOTS_N],
+                totals[_OUTCOMES] - b[_OUTCOMES],
+                totals[_FAILURES] - b[_FAILURES],
+                totals[_REJ] - b[_REJ],
+                totals[_AUTH] - b[_AUTH],
+                totals[_LOAD] - b[_LOAD],
+                b[_SUBS] - p[_SUBS],  # the previous window: the double one without this one
+                b[_OUTCOMES] - p[_OUTCOMES],
+                b[_FAILURES] - p[_FAILURES],
+                maxima[0][0][1] if maxima[0] else 0,
+                maxima[1][0][1] if maxima[1] else 0,
+                maxima[2][0][1] if maxima[2] else 0,
+                len(counts[0]),
+                len(counts[1]),
+                len(counts[2]),
+            )
+            # The cost: an exact int, rounded once.
+            window_floats = (float(totals[_COST] - b[_COST]), window.median_runtime())
+            window.row_values = (totals, b, p, values, window_floats)
+        ints += values
+        floats += window_floats
     hour = windows[_HOUR]
     last_subs = b1[_SUBS] if b1 is not None else 0
     last_failures = b1[_FAILURES] if b1 is not None else 0
-    # Idle minutes are zeros below every busy minute: the percentile is a busy minute's
-    # count only when its rank reaches past the idle ones, and then it is the
-    # (busy - rank)-th largest.
-    top = len(hour.buckets) - (RATE_PERCENTILE_RANK - (_HOUR - len(hour.buckets)))
-    percentile = (
-        heapq.nlargest(top, (b[_SUBS] for _, b in hour.buckets))[-1]
-        if top <= len(hour.buckets)
-        else 0
-    )
-    values += [
-        hour.sums[_SUBS] - last_subs,  # the previous 59 minutes: the hour without t - 1
-        hour.sums[_SUBS_SQ] - last_subs * last_subs,
-        hour.sums[_FAILURES] - last_failures,
-        hour.sums[_FAIL_SQ] - last_failures * last_failures,
-        percentile,
+    h = hour.buckets[0][2] if hour.buckets else totals
+    iat = hour.iat
+    ints += (
+        # The previous 59 minutes: the hour without t - 1.
+        totals[_SUBS] - h[_SUBS] - last_subs,
+        totals[_SUBS_SQ] - h[_SUBS_SQ] - last_subs * last_subs,
+        totals[_FAILURES] - h[_FAILURES] - last_failures,
+        totals[_FAIL_SQ] - h[_FAIL_SQ] - last_failures * last_failures,
+        hour.rate_percentile(),
         t - activity[0],
         activity[-1] - activity[-2] if len(activity) > 1 else ACTIVITY_LOOKBACK_MINUTES,
-        *hour.interarrival(),
+        iat[-1][1] - iat[0][0] if iat else 0,  # the span (ms) of the hour's submissions
+        hour.iat_sq if iat else 0,
         day.subs,
         day.active_hours,
-        hour.maximum(3),  # network auth failures
+        hour.maxima[3][0][1] if hour.maxima[3] else 0,  # network auth failures
         *day.gaps,
-        float(day.cost),  # exact int, rounded once
-    ]
-    return tuple(values)
+    )
+    floats.append(float(day.cost))  # exact int, rounded once
+    return entity, t, ints, floats
 
 
 # Bucket slot of each `SEQUENCE_CHANNELS` channel (distinct code hashes: the set's size).
@@ -908,7 +977,7 @@ def _sequence(t: int, hour: _Window) -> tuple[list[int], ...]:
     """Per `SEQUENCE_CHANNELS` channel, the values of minutes ``t - 60 .. t - 1``."""
     out = tuple([0] * SEQUENCE_MINUTES for _ in SEQUENCE_CHANNELS)
     start = t - SEQUENCE_MINUTES
-    for minute, bucket in hour.buckets:
+    for minute, bucket, _ in hour.buckets:
         at = minute - start
         for values, channel in zip(out, SEQUENCE_CHANNELS, strict=True):
             value = bucket[_SEQUENCE_SLOTS[channel]]
