@@ -8,6 +8,7 @@ folder use ``settings.Paths(tmp_path)`` and never touch this home.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -80,6 +81,28 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
             return self._groups.get(nodeid) or nodeid.split("::", 1)[0]
 
     return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Under ``pytest -n``, a test marked ``exclusive`` runs while no other worker runs one.
+
+    Every test holds a shared lock while it runs (its fixtures' setup and teardown too);
+    an exclusive one takes it alone. A test that asserts a wall-clock bound under load (the
+    gateway's 50 ms fail-open) measures this machine's cores, which the other worker's
+    training would share.
+    """
+    folder = os.environ.get(GROUPS_ENV)
+    if folder is None or not hasattr(item.config, "workerinput"):
+        yield
+        return
+    mode = fcntl.LOCK_EX if item.get_closest_marker("exclusive") else fcntl.LOCK_SH
+    with (Path(folder) / "exclusive.lock").open("a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

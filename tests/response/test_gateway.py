@@ -592,6 +592,7 @@ def test_a_real_server_with_a_stalled_table_answers_within_the_bound(tmp_path: P
 
 
 @pytest.mark.integration
+@pytest.mark.exclusive  # a 50 ms wall-clock bound, under 8 clients: not beside training
 def test_the_decision_store_stopping_under_load_fails_open_within_the_bound(
     tmp_path: Path,
 ) -> None:
