@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.exclusive import held
 
 from qabuse_dagster import settings
 
@@ -88,9 +89,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     """Under ``pytest -n``, a test marked ``exclusive`` runs while no other worker runs one.
 
     Every test holds a shared lock while it runs (its fixtures' setup and teardown too);
-    an exclusive one takes it alone. A test that asserts a wall-clock bound under load (the
-    gateway's 50 ms fail-open) measures this machine's cores, which the other worker's
-    training would share.
+    an exclusive one takes it alone, and a test may take it alone for a part of itself
+    (`support.exclusive.running_alone`). A test that asserts a wall-clock bound under load
+    (the gateway's 50 ms fail-open, a runaway throttled within 90 s of a 10x replay)
+    measures this machine's cores, which the other worker's training would share.
     """
     folder = os.environ.get(GROUPS_ENV)
     if folder is None or not hasattr(item.config, "workerinput"):
@@ -99,9 +101,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     mode = fcntl.LOCK_EX if item.get_closest_marker("exclusive") else fcntl.LOCK_SH
     with (Path(folder) / "exclusive.lock").open("a") as lock:
         fcntl.flock(lock, mode)
+        held.append(lock)
         try:
             yield
         finally:
+            held.pop()
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
